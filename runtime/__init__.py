@@ -1,1 +1,30 @@
-"""flare.runtime"""
+"""flare.runtime — the torch-free FLARE23 inference runtime (numpy, nibabel, ONNX Runtime / TensorRT).
+
+Public API (imported lazily so that ``import flare.runtime`` and ``flare-run --help`` stay instant)::
+
+    from flare.runtime import segment, Segmenter, split_left_right, load_bundle
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "segment": "pipeline",
+    "Segmenter": "pipeline",
+    "split_left_right": "lr_split",
+    "postprocess": "postprocess",
+    "load_bundle": "bundle",
+    "read_image": "io",
+    "write_labels": "io",
+    "FlareError": "errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -95,6 +95,18 @@ class Bundle:
         return tuple(p for p in PRECISIONS if all(p in m.files for m in self.folds))
 
 
+def default_bundle_dir() -> Path:
+    """Where ``flare-run`` looks for a bundle without ``--bundle``: ``$FLARE_BUNDLE``, else the per-user cache
+    folder ``$XDG_CACHE_HOME/flare/bundle`` (``~/.cache/flare/bundle``), where ``flare-demo`` installs one."""
+    import os
+
+    env = os.environ.get("FLARE_BUNDLE")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "flare" / "bundle"
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

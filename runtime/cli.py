@@ -1,0 +1,118 @@
+"""``flare-run``: segment one CT with a bundle, torch-free.
+
+Exit codes: 0 success, 2 bad input / bundle / output (one line on stderr, no traceback, no output file),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import FlareError, InputError, OutputError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Segment an abdominal CT (13 FLARE23 organs + tumor) with an exported flare bundle.")
+
+_NII_SUFFIXES = (".nii.gz", ".nii")
+
+
+def default_output(input_path: Path) -> Path:
+    """``ct.nii.gz`` → ``ct_seg.nii.gz`` beside the input."""
+    name = input_path.name
+    for suffix in _NII_SUFFIXES:
+        if name.endswith(suffix):
+            return input_path.with_name(name[: -len(suffix)] + "_seg.nii.gz")
+    return input_path.with_name(name + "_seg.nii.gz")
+
+
+def check_output(output: Path, input_path: Path) -> None:
+    """Fail before any work when the output cannot be written."""
+    import os
+
+    if not output.name.endswith(_NII_SUFFIXES):
+        raise OutputError(output, "output must end in .nii.gz or .nii")
+    if output.resolve() == input_path.resolve():
+        raise OutputError(output, "output would overwrite the input")
+    if output.is_dir():
+        raise OutputError(output, "output is a folder; give a file name ending in .nii.gz")
+    folder = output.parent
+    if not folder.is_dir():
+        raise OutputError(output, f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(output, f"output folder {folder} is not writable")
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("flare-run: warning: %(message)s"))
+    logger = logging.getLogger("flare.runtime")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
+@app.command()
+def run(
+    input: Annotated[Path, typer.Argument(help="CT image, .nii.gz or .nii (any orientation, HU).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output",
+                      help="Label map to write (uint8 FLARE ids). Default: INPUT_seg.nii.gz beside the input.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b",
+                      help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    folds: Annotated[Optional[int], typer.Option(min=1, help="Use the first N folds (default: all).")] = None,
+    overlap: Annotated[Optional[float], typer.Option(min=0.0, max=0.95,
+                       help="Tile overlap ratio; > 0 blends tiles with Gaussian weights (default: bundle's, 0).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 or fp16 (default: fp16 on CUDA when present).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON report (stages, crop, tiles, memory).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Segment INPUT and write the label map in INPUT's own space (shape, affine, header)."""
+    from .bundle import default_bundle_dir
+
+    _setup_logging(quiet)
+    try:
+        if not input.exists():
+            raise InputError(input, "no such file")
+        out = output if output is not None else default_output(input)
+        check_output(out, input)
+        if report is not None:
+            check_output_folder(report)
+        from .progress import run_with_progress
+
+        rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
+                                overlap=overlap, precision=precision, quiet=quiet)
+        if report is not None:
+            from .atomic import write_text_atomic
+
+            write_text_atomic(report, json.dumps(rep, indent=2) + "\n")
+    except FlareError as err:
+        typer.echo(f"flare-run: error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except MemoryError:
+        typer.echo(f"flare-run: error: {input}: out of memory", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("flare-run: interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def check_output_folder(path: Path) -> None:
+    import os
+
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(path, f"folder {folder} does not exist or is not writable")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The whole ``flare-run`` pipeline: read → locate → crop/resample → tiled ensemble → left/right split and
+post-processing → restore to the input grid → write. See docs/ARCHITECTURE.md for each step's contract."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import nibabel as nib
+
+from .bundle import Bundle, load_bundle
+from .engines import Engine, create_engine, resolve_device
+from .ensemble import infer_ensemble, planned_tiles
+from .errors import BundleError
+from .geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
+from .io import LoadedImage, read_image, to_canonical, write_labels
+from .labels import merged_to_flare
+from .locate import LocateResult, locate, whole_box
+from .lr_split import split_left_right
+from .postprocess import postprocess
+from .resample import normalise_hu, output_shape, resample_linear, resample_nearest
+
+log = logging.getLogger("flare.runtime")
+
+__all__ = ["Segmenter", "segment", "STAGES", "StageHooks"]
+
+STAGES = ("read", "locate", "crop_resample", "infer", "postprocess", "restore", "write")
+
+
+@dataclass
+class StageHooks:
+    """Progress callbacks (the CLI draws them with rich): a stage starts/ends; tiles finish."""
+    stage_start: Callable[[str], None] = lambda name: None
+    stage_end: Callable[[str, float], None] = lambda name, seconds: None
+    tiles_total: Callable[[int], None] = lambda n: None
+    tiles_done: Callable[[int], None] = lambda n: None
+
+
+def _rss_peak_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class Segmenter:
+    """Loads a bundle and its engines once; :meth:`segment` runs the pipeline on one image (warm runs)."""
+
+    def __init__(self, bundle: str | Path | Bundle, device: str = "auto", folds: int | None = None,
+                 overlap: float | None = None, precision: str | None = None, threads: int | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        n_folds = len(self.bundle.folds)
+        if folds is not None and not 1 <= folds <= n_folds:
+            raise BundleError(self.bundle.root, f"--folds {folds} asked for, the bundle has {n_folds} fold(s)")
+        self.overlap = self.bundle.overlap if overlap is None else float(overlap)
+        if not 0.0 <= self.overlap < 1.0:
+            raise BundleError(None, f"overlap must lie in [0, 1), got {self.overlap}")
+        self.blend = "gaussian" if self.overlap > 0 else self.bundle.blend
+        self.device = resolve_device(device)
+        t0 = time.perf_counter()
+        specs = self.bundle.folds[: folds or n_folds]
+        self.engines: list[Engine] = [create_engine(s, self.device, precision, threads) for s in specs]
+        self.locator: Engine | None = (create_engine(self.bundle.locator, self.device, precision, threads)
+                                       if self.bundle.locator is not None else None)
+        self.load_s = time.perf_counter() - t0
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def _locate(self, data_ras: np.ndarray, spacing: tuple[float, float, float]) -> LocateResult:
+        if self.locator is None:
+            return LocateResult(whole_box(data_ras.shape), False, tuple(data_ras.shape), 0)  # type: ignore[arg-type]
+        b = self.bundle
+        return locate(data_ras, spacing, self.locator, locator_spacing=b.locator_spacing_mm, roi=b.locator_roi,
+                      margin_mm=b.locator_margin_mm, hu_window=b.hu_window)
+
+    def _crop_resample(self, data_ras: np.ndarray, spacing: tuple[float, float, float], box: Box) -> np.ndarray:
+        region = crop(data_ras, box)
+        shape = output_shape(region.shape, spacing, self.bundle.spacing_mm)
+        return normalise_hu(resample_linear(region, shape), self.bundle.hu_window)
+
+    def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
+        b = self.bundle
+        labels = split_left_right(merged_to_flare(merged), affine_1mm)
+        return postprocess(labels, b.spacing_mm, min_tumor_voxels=b.min_tumor_voxels,
+                           largest_component=b.largest_component, z_pass=b.z_pass)
+
+    @staticmethod
+    def _restore(labels: np.ndarray, box: Box, ras_shape: tuple[int, ...], reorient: Any) -> np.ndarray:
+        crop_shape = tuple(h - l for l, h in zip(box.lo, box.hi))
+        full = uncrop(resample_nearest(labels, crop_shape), box, ras_shape)
+        return np.ascontiguousarray(reorient.undo(full))
+
+    # -- the pipeline -------------------------------------------------------------------------------------------
+    def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None,
+                hooks: StageHooks | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Segment ``image``; returns ``(labels uint8 in the input grid, input affine, report)`` and writes
+        ``output`` when given."""
+        hooks = hooks or StageHooks()
+        times: dict[str, float] = {}
+        t_start = time.perf_counter()
+
+        @contextmanager
+        def stage(name: str) -> Iterator[None]:
+            hooks.stage_start(name)
+            t0 = time.perf_counter()
+            yield
+            times[name] = round(time.perf_counter() - t0, 4)
+            hooks.stage_end(name, times[name])
+
+        with stage("read"):
+            img = image if isinstance(image, LoadedImage) else read_image(image)
+            data_ras, affine_ras, reorient = to_canonical(img)
+            spacing = spacing_from_affine(affine_ras)
+        with stage("locate"):
+            loc = self._locate(data_ras, spacing)
+        with stage("crop_resample"):
+            vol = self._crop_resample(data_ras, spacing, loc.box)
+        with stage("infer"):
+            per_fold = planned_tiles(vol.shape, self.bundle.roi, self.overlap)
+            hooks.tiles_total(per_fold * len(self.engines))
+            ens = infer_ensemble(vol, self.engines, self.bundle.roi, overlap=self.overlap, blend=self.blend,
+                                 spacing_z=self.bundle.spacing_mm[2], progress=hooks.tiles_done)
+            del vol
+        with stage("postprocess"):
+            crop_shape = tuple(h - l for l, h in zip(loc.box.lo, loc.box.hi))
+            affine_1mm = resampled_affine(cropped_affine(affine_ras, loc.box), crop_shape, ens.labels.shape)
+            labels = self._postprocess(ens.labels, affine_1mm)
+        with stage("restore"):
+            out = self._restore(labels, loc.box, data_ras.shape, reorient)
+        times["write"] = 0.0
+        if output is not None:
+            with stage("write"):
+                write_labels(output, out, like=img)
+        report = self._report(img, loc, ens, times, time.perf_counter() - t_start)
+        report["voxels"] = {str(int(v)): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
+        return out, img.affine, report
+
+    def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],
+                total: float) -> dict[str, Any]:
+        return {
+            "input": {"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
+                      "spacing": [round(float(s), 5) for s in img.spacing],
+                      "orientation": "".join(nib.aff2axcodes(img.affine)), "oblique": img.oblique},
+            "crop": {"lo": list(loc.box.lo), "hi": list(loc.box.hi), "located": loc.found,
+                     "resampled_shape": list(ens.labels.shape)},
+            "tiles": {"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,
+                      "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
+                      "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
+            "backend": {"device": self.device, "engine": self.engines[0].backend,
+                        "precision": self.engines[0].precision, "load_s": round(self.load_s, 4)},
+            "folds": ens.folds,
+            "stages": {name: times.get(name, 0.0) for name in STAGES},
+            "total_s": round(total, 4),
+            "rss_peak_mb": round(_rss_peak_mb(), 1),
+            "gpu_peak_mb": None,
+        }
+
+
+def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
+            device: str = "auto", folds: int | None = None, overlap: float | None = None,
+            precision: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``."""
+    return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision).segment(image, output)

@@ -1,0 +1,92 @@
+"""Tile plans for sliding-window inference (the scheme of MONAI ``sliding_window_inference``).
+
+Per axis: ``interval = max(1, int(roi * (1 - overlap)))``, ``n = ceil((size - roi) / interval) + 1`` tiles, start
+``i * interval`` clipped to ``size - roi``. A volume smaller than the roi along an axis is padded with zeros,
+``diff // 2`` before and the rest after. With overlap 0 (the paper's default) tiles do not overlap except the last
+one along an axis, which is shifted back to end at the volume's edge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["TilePlan", "effective_roi", "plan_tiles", "importance_map", "ceil_to"]
+
+
+def ceil_to(value: int, divisor: int) -> int:
+    return int(math.ceil(value / divisor) * divisor)
+
+
+def effective_roi(shape: tuple[int, ...], roi: tuple[int, ...], divisor: int = 16) -> tuple[int, int, int]:
+    """Per axis ``min(roi, ceil_to(size, divisor))``: never a tile bigger than the volume needs."""
+    if any(r % divisor for r in roi):
+        raise ValueError(f"roi {roi} must be divisible by {divisor}")
+    return tuple(min(int(r), ceil_to(int(s), divisor)) for s, r in zip(shape, roi))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    shape: tuple[int, int, int]          # volume shape before padding
+    padded_shape: tuple[int, int, int]
+    pad_before: tuple[int, int, int]
+    roi: tuple[int, int, int]
+    overlap: float
+    starts: tuple[tuple[int, int, int], ...]  # tile origins in the padded volume
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.starts)
+
+    def slices(self, start: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+        return tuple(slice(s, s + r) for s, r in zip(start, self.roi))  # type: ignore[return-value]
+
+    def pad(self, volume: np.ndarray) -> np.ndarray:
+        """Zero-pad ``volume`` (spatial axes last three) to ``padded_shape``; returns it unchanged when no pad."""
+        if self.padded_shape == self.shape:
+            return volume
+        lead = [(0, 0)] * (volume.ndim - 3)
+        pads = [(b, p - s - b) for b, p, s in zip(self.pad_before, self.padded_shape, self.shape)]
+        return np.pad(volume, lead + pads)
+
+    def unpad_slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(b, b + s) for b, s in zip(self.pad_before, self.shape))  # type: ignore[return-value]
+
+
+def _axis_starts(size: int, roi: int, overlap: float) -> list[int]:
+    interval = max(1, int(roi * (1.0 - overlap)))
+    n = int(math.ceil(max(size - roi, 0) / interval)) + 1
+    return sorted({min(i * interval, size - roi) for i in range(n)})
+
+
+def plan_tiles(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float = 0.0) -> TilePlan:
+    """Tile plan for a volume of ``shape`` (3 spatial dims) with tiles of ``roi``."""
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
+    shape3 = tuple(int(s) for s in shape)
+    roi3 = tuple(int(r) for r in roi)
+    padded = tuple(max(s, r) for s, r in zip(shape3, roi3))
+    before = tuple((p - s) // 2 for p, s in zip(padded, shape3))
+    per_axis = [_axis_starts(p, r, overlap) for p, r in zip(padded, roi3)]
+    starts = tuple(itertools.product(*per_axis))
+    return TilePlan(shape3, padded, before, roi3, overlap, starts)  # type: ignore[arg-type]
+
+
+def importance_map(roi: tuple[int, int, int], mode: str = "constant", sigma_scale: float = 0.125) -> np.ndarray:
+    """Blending weights of one tile: ones (``constant``) or a separable Gaussian (sigma = sigma_scale × side),
+    normalised to a maximum of 1 and floored at 1e-3 so that every voxel keeps a weight."""
+    if mode == "constant":
+        return np.ones(roi, dtype=np.float32)
+    if mode != "gaussian":
+        raise ValueError(f"blend mode must be 'constant' or 'gaussian', got {mode!r}")
+    axes = []
+    for r in roi:
+        centre = (r - 1) / 2.0
+        sigma = max(sigma_scale * r, 1e-6)
+        axes.append(np.exp(-0.5 * ((np.arange(r) - centre) / sigma) ** 2))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    w = (w / w.max()).astype(np.float32)
+    return np.maximum(w, np.float32(1e-3))
