@@ -11,6 +11,21 @@ from pathlib import Path
 from .errors import OutputError
 
 
+def ensure_writable_folder(target: str | Path) -> Path:
+    """The folder of ``target`` after checking, by really creating a file there, that it can be written
+    (``os.access`` says yes to root even on read-only file systems). Raises OutputError."""
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(target, f"output folder {folder} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputError(target, f"output folder {folder} is not writable ({exc.strerror or exc})") from None
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is renamed to ``target``, on error removed.
@@ -19,14 +34,13 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
     name (nibabel) see the right ending.
     """
     target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(target, f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(target, f"output folder {folder} is not writable")
+    folder = ensure_writable_folder(target)
     if suffix is None:
         suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=folder)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise OutputError(target, f"cannot write in {folder}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would

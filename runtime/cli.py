@@ -33,7 +33,7 @@ def default_output(input_path: Path) -> Path:
 
 def check_output(output: Path, input_path: Path) -> None:
     """Fail before any work when the output cannot be written."""
-    import os
+    from .atomic import ensure_writable_folder
 
     if not output.name.endswith(_NII_SUFFIXES):
         raise OutputError(output, "output must end in .nii.gz or .nii")
@@ -41,11 +41,7 @@ def check_output(output: Path, input_path: Path) -> None:
         raise OutputError(output, "output would overwrite the input")
     if output.is_dir():
         raise OutputError(output, "output is a folder; give a file name ending in .nii.gz")
-    folder = output.parent
-    if not folder.is_dir():
-        raise OutputError(output, f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(output, f"output folder {folder} is not writable")
+    ensure_writable_folder(output)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -82,7 +78,9 @@ def run(
         out = output if output is not None else default_output(input)
         check_output(out, input)
         if report is not None:
-            check_output_folder(report)
+            from .atomic import ensure_writable_folder
+
+            ensure_writable_folder(report)
         from .progress import run_with_progress
 
         rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
@@ -100,14 +98,6 @@ def run(
     except KeyboardInterrupt:
         typer.echo("flare-run: interrupted", err=True)
         raise typer.Exit(130) from None
-
-
-def check_output_folder(path: Path) -> None:
-    import os
-
-    folder = path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(path, f"folder {folder} does not exist or is not writable")
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ class Segmenter:
         b = self.bundle
         labels = split_left_right(merged_to_flare(merged), affine_1mm)
         return postprocess(labels, b.spacing_mm, min_tumor_voxels=b.min_tumor_voxels,
-                           largest_component=b.largest_component, z_pass=b.z_pass)
+                           largest_component=b.largest_component, z_pass=b.z_pass, copy=False)
 
     @staticmethod
     def _restore(labels: np.ndarray, box: Box, ras_shape: tuple[int, ...], reorient: Any) -> np.ndarray:

@@ -15,7 +15,8 @@ def _rich_hooks(progress: Any) -> StageHooks:
         tasks[name] = progress.add_task(name, total=None)
 
     def end(name: str, seconds: float) -> None:
-        progress.update(tasks[name], total=1, completed=1, description=f"{name} {seconds:.2f} s")
+        total = progress.tasks[tasks[name]].total or 1
+        progress.update(tasks[name], total=total, completed=total, description=f"{name} {seconds:.2f} s")
 
     def total(n: int) -> None:
         progress.update(tasks["infer"], total=n, completed=0)
@@ -43,6 +44,6 @@ def run_with_progress(input_path: Path, output: Path, bundle: Path, *, device: s
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         report = seg.segment(input_path, output, hooks=_rich_hooks(progress))[2]
-    console.print(f"flare-run: wrote {output} in {report['total_s']:.2f} s "
-                  f"({', '.join(f'{k} {report['stages'][k]:.2f}' for k in STAGES)})")
+    stages = ", ".join(f"{k} {report['stages'][k]:.2f}" for k in STAGES)
+    console.print(f"flare-run: wrote {output} in {report['total_s']:.2f} s ({stages})")
     return report
