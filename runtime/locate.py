@@ -42,7 +42,8 @@ def locate(data_ras: np.ndarray, spacing: tuple[float, float, float], engine: En
            hu_window: tuple[float, float]) -> LocateResult:
     """Crop box (in the RAS voxel grid of ``data_ras``) around the locator's organ union, full z."""
     coarse = output_shape(data_ras.shape, spacing, locator_spacing)
-    small = normalise_hu(resample_linear(data_ras, coarse), hu_window)
+    small = resample_linear(data_ras, coarse)
+    normalise_hu(small, hu_window, out=small)
     scores = np.zeros((engine.out_channels,) + small.shape, dtype=np.float32)
     plan = sliding_window(small, engine, roi, scores, overlap=0.0, blend="constant", activation="none")
     coarse_box = box_from_mask(_foreground(scores))

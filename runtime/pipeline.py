@@ -81,7 +81,8 @@ class Segmenter:
     def _crop_resample(self, data_ras: np.ndarray, spacing: tuple[float, float, float], box: Box) -> np.ndarray:
         region = crop(data_ras, box)
         shape = output_shape(region.shape, spacing, self.bundle.spacing_mm)
-        return normalise_hu(resample_linear(region, shape), self.bundle.hu_window)
+        vol = resample_linear(region, shape)
+        return normalise_hu(vol, self.bundle.hu_window, out=vol)
 
     def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
         b = self.bundle
@@ -93,7 +94,7 @@ class Segmenter:
     def _restore(labels: np.ndarray, box: Box, ras_shape: tuple[int, ...], reorient: Any) -> np.ndarray:
         crop_shape = tuple(h - l for l, h in zip(box.lo, box.hi))
         full = uncrop(resample_nearest(labels, crop_shape), box, ras_shape)
-        return np.ascontiguousarray(reorient.undo(full))
+        return reorient.undo(full)
 
     # -- the pipeline -------------------------------------------------------------------------------------------
     def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None,

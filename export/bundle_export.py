@@ -1,0 +1,207 @@
+"""Checkpoints -> bundle: export every network to ONNX (fp32, optionally fp16), optimise, verify, write bundle.json.
+
+The bundle is built in a temporary folder beside ``out_dir`` and renamed into place at the end, so a failed export
+never leaves a half-written bundle; an existing flare bundle at ``out_dir`` is replaced, any other non-empty folder
+is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from flare.runtime.bundle import FORMAT, model_entry, new_bundle_json, sha256_file, write_bundle_json
+from flare.runtime.errors import OutputError
+
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, SPATIAL_DIVISOR, export_onnx, optimise_if_helpful
+from .sources import ExportSources, ModelSource, config_hash, flare_sources
+
+Step = Callable[[str], None]
+
+
+def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, fp16: bool = False, trt: bool = False,
+                  opset: int = 17, verify: bool = True, progress: bool = True, command: str | None = None) -> Path:
+    """Export the ``flare-train`` checkpoints in ``ckpt_dir`` (locator + fold0..N) to a bundle at ``out_dir``.
+
+    Returns the bundle folder. Problems raise :class:`flare.runtime.errors.FlareError` subclasses."""
+    if trt:
+        from .trt import import_tensorrt
+
+        import_tensorrt()  # fail before the long work when TensorRT is missing
+    sources = flare_sources(ckpt_dir)
+    cmd = command or f"flare.export.export_bundle({str(ckpt_dir)!r}, {str(out_dir)!r}, fp16={fp16}, trt={trt}, " \
+                     f"opset={opset}, verify={verify})"
+    return export_sources(sources, out_dir, fp16=fp16, trt=trt, opset=opset, verify=verify, progress=progress,
+                          command=cmd)
+
+
+def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = False, trt: bool = False,
+                   opset: int = 17, verify: bool = True, progress: bool = True, command: str = "") -> Path:
+    """Export already loaded :class:`ExportSources` (flare checkpoints or an Auto3DSeg import) to ``out_dir``."""
+    out = Path(out_dir).resolve()
+    check_target(out)
+    n_steps = len(sources.models) * (2 + int(fp16) + int(verify)) + int(trt) + 1
+    with _progress(progress, n_steps) as step, _staging(out) as tmp:
+        models, optimisation = {}, {}
+        for src in sources.models:
+            models[src.name], optimisation[src.name] = export_model(src, tmp, fp16, opset, step)
+        report = verify_models(sources, tmp, models, fp16, step) if verify else {"skipped": True}
+        doc = bundle_document(sources, models, opset, command)
+        doc["verification"] = report
+        doc["provenance"]["optimisation"] = optimisation
+        if trt:
+            step("TensorRT engines")
+            from .trt import build_bundle_engines
+
+            doc["engines"] = build_bundle_engines(tmp, doc)
+        step("bundle.json")
+        write_bundle_json(tmp, doc)
+    return out
+
+
+def export_model(src: ModelSource, folder: Path, fp16: bool, opset: int,
+                 step: Step) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write ``<name>.fp32.onnx`` (and ``<name>.fp16.onnx``) into ``folder``; returns the bundle MODEL entry and
+    the optimisation measurement."""
+    step(f"{src.name}: ONNX export")
+    fp32 = export_onnx(src.net, folder / f"{src.name}.fp32.onnx", src.in_channels, opset)
+    step(f"{src.name}: graph optimisation")
+    optimisation = optimise_if_helpful(fp32, src.in_channels)
+    files = {"fp32": _file_entry(fp32, "float32")}
+    if fp16:
+        step(f"{src.name}: fp16 conversion")
+        from .fp16 import convert_to_fp16
+
+        files["fp16"] = _file_entry(convert_to_fp16(fp32, folder / f"{src.name}.fp16.onnx"), "float32")
+    entry = model_entry(src.name, files, out_channels=src.out_channels, in_channels=src.in_channels, opset=opset,
+                        spatial_divisor=SPATIAL_DIVISOR)
+    return entry, optimisation
+
+
+def _file_entry(path: Path, io_dtype: str) -> dict[str, str]:
+    return {"path": path.name, "sha256": sha256_file(path), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+            "input_dtype": io_dtype, "output_dtype": io_dtype}
+
+
+def verify_models(sources: ExportSources, folder: Path, models: dict[str, dict[str, Any]], fp16: bool,
+                  step: Step) -> dict[str, Any]:
+    """Parity of every exported file against its PyTorch network (see :mod:`flare.export.verify`)."""
+    from .verify import MIN_AGREEMENT, TOLERANCE, default_ct_path, torch_reference, verification_tiles, verify_file
+
+    ct = default_ct_path()
+    results: dict[str, Any] = {}
+    for src in sources.models:
+        step(f"{src.name}: verification")
+        tiles = verification_tiles(src.in_channels, sources.hu_window, ct)
+        refs = torch_reference(src.net, tiles)
+        results[src.name] = {p: verify_file(folder / f["path"], p, tiles, refs)
+                             for p, f in models[src.name]["files"].items()}
+    return {"passed": True, "backend": "onnxruntime CPUExecutionProvider vs PyTorch fp32 (CPU)",
+            "tolerance": {**TOLERANCE, "min_agreement": MIN_AGREEMENT},
+            "ct": str(ct) if ct else None, "models": results}
+
+
+def bundle_document(sources: ExportSources, models: dict[str, dict[str, Any]], opset: int,
+                    command: str) -> dict[str, Any]:
+    """bundle.json content (without verification) from the sources and the exported MODEL entries."""
+    folds = [models[m.name] for m in sources.folds]
+    locator = models[sources.locator.name] if sources.locator else None
+    doc = new_bundle_json(folds, locator, spacing_mm=sources.spacing_mm, hu_window=sources.hu_window,
+                          locator_spacing_mm=sources.locator_spacing_mm, locator_margin_mm=sources.locator_margin_mm,
+                          roi=sources.roi, locator_roi=sources.locator_roi, provenance=provenance(sources, opset,
+                                                                                                  command))
+    return doc
+
+
+def provenance(sources: ExportSources, opset: int, command: str) -> dict[str, Any]:
+    """Versions, checkpoint and config hashes, date, opset and command of this export."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str | None:
+        with contextlib.suppress(PackageNotFoundError):
+            return version(pkg)
+        return None
+
+    checkpoints = {m.name: {"path": m.checkpoint.relative_to(sources.root).as_posix()
+                            if m.checkpoint.is_relative_to(sources.root) else str(m.checkpoint),
+                            "sha256": sha256_file(m.checkpoint), "config_sha256": m.config_sha256, "role": m.role}
+                   for m in sources.models}
+    return {
+        "source": sources.kind,
+        "checkpoint_dir": str(sources.root),
+        "checkpoints": checkpoints,
+        "config_sha256": config_hash({m.name: m.config for m in sources.models}),
+        "torch": ver("torch"), "monai": ver("monai"), "onnx": ver("onnx"), "onnxruntime": ver("onnxruntime")
+        or ver("onnxruntime-gpu"), "flare": ver("flare-seg"),
+        "opset": opset,
+        "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": command or " ".join(sys.argv),
+        "notes": list(sources.notes),
+    }
+
+
+def is_flare_bundle(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "bundle.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_target(out: Path) -> None:
+    """Refuse an output path that exists as a file or as a non-empty folder that is not a flare bundle."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_flare_bundle(out):
+        raise OutputError(out, "folder is not empty and is not a flare bundle: refusing to overwrite it")
+    if not out.parent.is_dir():
+        raise OutputError(out, f"parent folder {out.parent} does not exist")
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that replaces ``out`` on success and is removed on failure."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(out, f"cannot create a folder beside it ({exc.strerror})") from None
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / "bundle")
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Step]:
+    """A ``step(description)`` callback that advances a rich progress bar (a no-op when quiet)."""
+    if not enabled:
+        yield lambda _desc: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<36}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task("export", total=total)
+        started = [False]
+
+        def step(desc: str) -> None:
+            bar.update(task, description=desc, advance=1 if started[0] else 0)
+            started[0] = True
+
+        yield step
+        bar.update(task, description="done", completed=total)

@@ -1,0 +1,65 @@
+"""``flare-export``: checkpoints (flare-train or MONAI Auto3DSeg) -> verified bundle."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from flare.runtime.errors import FlareError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Export flare-train (or Auto3DSeg segresnet) checkpoints to a verified ONNX bundle.")
+
+
+@app.command()
+def export(
+    checkpoint_dir: Annotated[Optional[Path], typer.Argument(  # noqa: UP045 (typer needs Optional)
+        help="flare-train checkpoint folder (locator/, fold0/ ... with model.pt + config.json)",
+        show_default=False)] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="bundle folder to write (replaced if it is a bundle)")] = ...,  # type: ignore[assignment]
+    from_auto3dseg: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--from-auto3dseg", help="MONAI Auto3DSeg work dir with segresnet_<fold>/ folders (instead of "
+                                 "CHECKPOINT_DIR)", show_default=False)] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="also write an fp16 model per network "
+                                                      "(normalisation in fp32, float32 I/O)")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="also build TensorRT engines (needs tensorrt and a GPU)")] = False,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset", min=13)] = 17,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify",
+                                         help="check ONNX Runtime CPU against PyTorch per model")] = True,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress display")] = False,
+) -> None:
+    """Write BUNDLE_DIR/bundle.json and the model files; exit code 2 with one line on stderr on any problem."""
+    if (checkpoint_dir is None) == (from_auto3dseg is None):
+        _fail("give either CHECKPOINT_DIR or --from-auto3dseg WORK_DIR (exactly one)")
+    command = "flare-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        if from_auto3dseg is not None:
+            from .auto3dseg import export_auto3dseg
+
+            bundle = export_auto3dseg(from_auto3dseg, out, fp16=fp16, trt=trt, opset=opset, verify=verify,
+                                      progress=not quiet, command=command)
+        else:
+            from .bundle_export import export_bundle
+
+            bundle = export_bundle(checkpoint_dir, out, fp16=fp16, trt=trt, opset=opset,  # type: ignore[arg-type]
+                                   verify=verify, progress=not quiet, command=command)
+    except FlareError as exc:
+        _fail(str(exc))
+    if not quiet:
+        typer.echo(f"bundle written: {bundle}")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"flare-export: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+"""Reading CT volumes, reorienting them to canonical RAS and back, and writing label maps.
+
+Reading (:func:`read_image`) is defensive: the NIfTI header is parsed first and checked before the voxel array is
+allocated, so a 300-byte file that claims a terabyte of voxels is refused with a one-line
+:class:`~flare.runtime.errors.InputError` instead of exhausting memory. Checks, in order:
+
+* the path exists, is a file, is not empty; gzip is recognised by its magic bytes (not the name) and decompressed
+  with ``isal.igzip`` when installed (about 2x faster than the standard library), else :mod:`gzip`;
+* a single-file NIfTI-1 (``n+1``) or NIfTI-2 (``n+2``) header, either byte order;
+* 3-D, or 4-D and higher with every extra dimension 1 (squeezed); every dimension >= 1; voxels <= ``max_voxels``;
+* spacing (``pixdim``) finite and > 0; the affine finite and invertible;
+* data type int8/uint8/int16/uint16/int32/uint32/int64/uint64/float32/float64;
+* plausible size: an uncompressed file must hold ``vox_offset + n * itemsize`` bytes; a gzip file must satisfy
+  ``vox_offset + n * itemsize <= 1032 * compressed size`` (deflate cannot compress better than 1032:1). The gzip
+  ISIZE trailer is not used: it is the size modulo 4 GiB, only describes the last gzip member, and is random bytes
+  in a truncated file. A truncated or corrupt stream is detected while reading (one more byte is read after the
+  voxels so that the gzip trailer and its CRC are checked).
+
+Voxel values: ``scl_slope``/``scl_inter`` are applied with nibabel's semantics (slope 0 or non-finite means no
+scaling); scaled data is float32, unscaled data keeps its dtype in native byte order. Non-finite voxels (float data
+only) are replaced, with a warning on the ``flare.runtime`` logger: NaN and -inf by the smallest finite value
+(air in a CT), +inf by the largest. Oblique affines are accepted (``oblique=True``, warning); reorientation then
+uses the closest canonical axes, as MONAI's ``Orientation`` and nibabel's ``as_closest_canonical`` do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import InputError, OutputError
+from .geometry import spacing_from_affine
+
+if TYPE_CHECKING:
+    import nibabel as nib
+
+__all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "from_array", "read_image",
+           "to_canonical", "write_labels"]
+
+log = logging.getLogger("flare.runtime")
+
+MAX_DEFLATE_RATIO = 1032
+"""Deflate's maximum compression ratio: a gzip file cannot expand to more than this times its size."""
+
+SUPPORTED_DTYPES = tuple(np.dtype(t) for t in ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+                                               "uint64", "float32", "float64"))
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_READ_CHUNK = 64 * 2**20
+_OBLIQUE_TOL_RAD = 1e-4  # axes within 0.006 degrees of the world axes count as aligned
+_LABEL_GZIP_LEVEL = 1
+
+
+@dataclass
+class LoadedImage:
+    """A validated 3-D image and what is needed to write results back in its space."""
+
+    path: Path | None
+    data: np.ndarray  # 3-D; native dtype when the header has no scaling, else float32 (scaling applied)
+    affine: np.ndarray  # 4x4 float64 (nibabel's img.affine: sform, else qform, else pixdim)
+    header: nib.Nifti1Header  # copy of the input header (Nifti1Header or Nifti2Header)
+    spacing: tuple[float, float, float]  # header zooms of the 3 spatial axes
+    oblique: bool  # affine not axis-aligned
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data.shape  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _gzip_open(path: Path) -> IO[bytes]:
+    """Open a gzip file for reading with isal when installed, else the standard library."""
+    try:
+        from isal import igzip
+    except ImportError:  # pragma: no cover - isal is in the dev/fast-io extras
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return igzip.open(path, "rb")  # type: ignore[return-value]
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes that mean corrupt compressed data (zlib's, and isal's when installed)."""
+    import zlib
+
+    classes: list[type[BaseException]] = [gzip.BadGzipFile, zlib.error]
+    with contextlib.suppress(ImportError):
+        from isal import igzip_lib
+
+        classes.append(igzip_lib.IsalError)  # type: ignore[arg-type]
+    return tuple(classes)
+
+
+@contextlib.contextmanager
+def _open_stream(path: Path, compressed: bool) -> Iterator[IO[bytes]]:
+    """A binary stream of the uncompressed file; read errors become one-line InputErrors."""
+    corrupt = _decompress_errors()
+    try:
+        with (_gzip_open(path) if compressed else open(path, "rb")) as stream:
+            yield stream
+    except EOFError:
+        raise InputError(path, "truncated gzip stream (the file ends before the end of the compressed data)")
+    except corrupt as err:
+        raise InputError(path, f"corrupt gzip data ({err})")
+    except InputError:
+        raise
+    except OSError as err:
+        raise InputError(path, f"cannot read: {err.strerror or err}")
+
+
+def _check_path(path: Path) -> tuple[int, bool]:
+    """File size and whether it is gzip-compressed; InputError for missing paths, folders, empty files."""
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a NIfTI file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as err:
+        raise InputError(path, f"cannot read: {err.strerror or err}")
+    if size == 0:
+        raise InputError(path, "empty file")
+    return size, magic == _GZIP_MAGIC
+
+
+def _read_header(path: Path, stream: IO[bytes]) -> nib.Nifti1Header:
+    """Parse a NIfTI-1 or NIfTI-2 header (and extensions); the stream is left after them."""
+    from nibabel.nifti1 import Nifti1Header
+    from nibabel.nifti2 import Nifti2Header
+    from nibabel.spatialimages import HeaderDataError
+
+    head = stream.read(4)
+    if len(head) < 4:
+        raise InputError(path, "not a NIfTI file (too short for a header)")
+    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
+    klass: type[Nifti1Header] | None = Nifti1Header if 348 in sizes else Nifti2Header if 540 in sizes else None
+    if klass is None:
+        raise InputError(path, "not a NIfTI file (no NIfTI-1/NIfTI-2 header)")
+    rest = stream.read(klass.template_dtype.itemsize - 4)
+    if len(rest) < klass.template_dtype.itemsize - 4:
+        raise InputError(path, "truncated NIfTI header")
+    hdr = klass(head + rest, check=False)  # only parses the 348/540 bytes; fields are validated below
+    magic = bytes(hdr["magic"]).rstrip(b"\x00")
+    if magic in (b"ni1", b"ni2"):
+        raise InputError(path, "is the header of a .hdr/.img pair; only single-file .nii/.nii.gz is supported")
+    if magic not in (b"n+1", b"n+2"):
+        raise InputError(path, f"not a NIfTI file (magic {magic!r})")
+    ext_flag = stream.read(4)
+    if len(ext_flag) == 4 and ext_flag[:1] != b"\x00":
+        try:
+            offset = int(hdr["vox_offset"]) - (klass.template_dtype.itemsize + 4)
+            hdr.extensions = klass.exts_klass.from_fileobj(stream, offset, hdr.endianness != _native())
+        except (ValueError, TypeError, OSError, HeaderDataError) as err:
+            raise InputError(path, f"corrupt NIfTI header extensions ({err})")
+    return hdr
+
+
+def _native() -> str:
+    return "<" if np.little_endian else ">"
+
+
+def _validate(path: Path, hdr: nib.Nifti1Header, file_size: int, compressed: bool, max_voxels: int
+              ) -> tuple[tuple[int, int, int], np.dtype, int]:
+    """Shape, on-disk dtype and data offset, after every check that can be made from the header alone."""
+    dim = [int(d) for d in hdr["dim"]]
+    ndim = dim[0]
+    if not 1 <= ndim <= 7:
+        raise InputError(path, f"invalid number of dimensions {ndim} in the header")
+    if ndim < 3:
+        raise InputError(path, f"is {ndim}-D; a 3-D volume is needed")
+    sizes = dim[1:ndim + 1]
+    if min(sizes) < 1:
+        raise InputError(path, f"invalid dimensions {tuple(sizes)}")
+    if any(n != 1 for n in sizes[3:]):
+        raise InputError(path, f"is {ndim}-D with {math.prod(sizes[3:])} volumes (shape {tuple(sizes)}); "
+                               "only a single 3-D volume is supported")
+    shape = (sizes[0], sizes[1], sizes[2])
+    n_vox = math.prod(shape)
+    if n_vox > max_voxels:
+        raise InputError(path, f"shape {shape} has {n_vox} voxels, more than the limit of {max_voxels}")
+    zooms = [float(z) for z in hdr["pixdim"][1:4]]
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        raise InputError(path, f"invalid voxel spacing {tuple(zooms)} (must be finite and > 0)")
+    try:
+        dtype = hdr.get_data_dtype()
+    except KeyError:
+        raise InputError(path, f"unknown NIfTI data type code {int(hdr['datatype'])}")
+    if dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+        raise InputError(path, f"unsupported data type {dtype.name} (supported: "
+                               f"{', '.join(d.name for d in SUPPORTED_DTYPES)})")
+    offset = int(hdr["vox_offset"])
+    offset = max(offset, hdr.template_dtype.itemsize + 4)
+    needed = offset + n_vox * dtype.itemsize
+    if compressed and needed > MAX_DEFLATE_RATIO * file_size:
+        raise InputError(path, f"header claims {needed} bytes of data, impossible for a {file_size}-byte gzip "
+                               "file (corrupt header?)")
+    if not compressed and needed > file_size:
+        raise InputError(path, f"truncated: the header needs {needed} bytes, the file has {file_size}")
+    return shape, dtype, offset
+
+
+def _read_voxels(path: Path, stream: IO[bytes], hdr: nib.Nifti1Header, shape: tuple[int, int, int],
+                 dtype: np.dtype, offset: int, compressed: bool) -> np.ndarray:
+    """Read the voxel block into one freshly allocated array (Fortran order, like nibabel)."""
+    skip = offset - stream.tell()
+    if skip > 0 and len(stream.read(skip)) < skip:
+        raise InputError(path, "truncated: the file ends before the voxel data")
+    try:
+        flat = np.empty(math.prod(shape), dtype=dtype)
+    except MemoryError:
+        raise InputError(path, f"not enough memory for the {math.prod(shape) * dtype.itemsize} bytes of voxel data")
+    view = memoryview(flat.view(np.uint8))  # type: ignore[arg-type]
+    done = 0
+    while done < view.nbytes:
+        got = stream.readinto(view[done:done + _READ_CHUNK])  # type: ignore[attr-defined]
+        if not got:
+            raise InputError(path, f"truncated: {view.nbytes - done} of {view.nbytes} bytes of voxel data missing")
+        done += got
+    if compressed:
+        stream.read(1)  # reach the gzip trailer so that a truncated or corrupt end (CRC) is reported
+    data = flat.reshape(shape, order="F")
+    if dtype.byteorder not in ("=", "|", _native()):
+        data = data.byteswap().view(dtype.newbyteorder("="))
+    return data
+
+
+def _apply_scaling(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> np.ndarray:
+    from nibabel.spatialimages import HeaderDataError
+
+    try:
+        slope, inter = hdr.get_slope_inter()
+    except HeaderDataError as err:
+        raise InputError(path, f"invalid intensity scaling: {err}")
+    if slope is None or (slope == 1.0 and inter == 0.0):
+        return data
+    out = np.multiply(data, np.float32(slope), dtype=np.float32)
+    if inter:
+        out += np.float32(inter)
+    return out
+
+
+def _replace_non_finite(path: Path | None, data: np.ndarray) -> np.ndarray:
+    """Replace NaN/-inf by the smallest finite value and +inf by the largest (in place), with a warning."""
+    if data.dtype.kind != "f":
+        return data
+    finite = np.isfinite(data)
+    if finite.all():
+        return data
+    if not finite.any():
+        raise InputError(path, "no finite voxel values (all NaN or infinite)")
+    lo, hi = float(data[finite].min()), float(data[finite].max())
+    bad = int(finite.size - np.count_nonzero(finite))
+    log.warning("%s: %d non-finite voxels replaced (NaN and -inf by %g, +inf by %g)", path or "array", bad, lo, hi)
+    if not data.flags.writeable:
+        data = data.copy()
+    np.nan_to_num(data, copy=False, nan=lo, posinf=hi, neginf=lo)
+    return data
+
+
+def _is_oblique(affine: np.ndarray) -> bool:
+    from nibabel.affines import obliquity
+
+    return bool(np.max(np.abs(obliquity(affine))) > _OBLIQUE_TOL_RAD)
+
+
+def _check_affine(path: Path | None, affine: np.ndarray) -> None:
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError(path, "the affine (sform/qform) is not a finite 4x4 matrix")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "the affine (sform/qform) is singular")
+
+
+def read_image(path: str | Path, max_voxels: int = 2**31) -> LoadedImage:
+    """Read and validate a 3-D NIfTI image (``.nii`` or ``.nii.gz``); every problem is one ``InputError``."""
+    path = Path(path)
+    file_size, compressed = _check_path(path)
+    with _open_stream(path, compressed) as stream:
+        hdr = _read_header(path, stream)
+        shape, dtype, offset = _validate(path, hdr, file_size, compressed, max_voxels)
+        data = _read_voxels(path, stream, hdr, shape, dtype, offset, compressed)
+    data = _replace_non_finite(path, _apply_scaling(path, hdr, data))
+    hdr.set_data_shape(shape)  # squeezes trailing singleton dimensions
+    affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    _check_affine(path, affine)
+    oblique = _is_oblique(affine)
+    if oblique:
+        log.warning("%s: oblique affine (axes not aligned with the world axes); using the closest canonical axes",
+                    path)
+    zooms = hdr.get_zooms()
+    spacing = (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+    return LoadedImage(path, data, affine, hdr, spacing, oblique)
+
+
+def from_array(data: np.ndarray, affine: np.ndarray) -> LoadedImage:
+    """Wrap an in-memory 3-D array and its voxel-to-world (RAS) affine as a :class:`LoadedImage`.
+
+    The header is a fresh NIfTI-1 header (sform code 2 "aligned", qform code 0, mm units); spacing is the length
+    of the affine's columns. Bool arrays become uint8. The array is not copied unless non-finite values must be
+    replaced.
+    """
+    from nibabel.nifti1 import Nifti1Header
+
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise InputError(None, f"array is {data.ndim}-D with shape {data.shape}; a 3-D volume is needed")
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    if data.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+        raise InputError(None, f"unsupported array dtype {data.dtype}")
+    affine = np.asarray(affine, dtype=np.float64)
+    _check_affine(None, affine)
+    data = _replace_non_finite(None, data)
+    hdr = Nifti1Header()
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(data.dtype)
+    hdr.set_sform(affine, code="aligned")
+    hdr.set_qform(affine, code="unknown", strip_shears=True)
+    spacing = spacing_from_affine(affine)
+    hdr.set_zooms(spacing)
+    hdr.set_xyzt_units("mm")
+    return LoadedImage(None, data, affine, hdr, spacing, _is_oblique(affine))
+
+
+# ------------------------------------------------------------------------------------------------ orientation
+@dataclass(frozen=True)
+class Reorientation:
+    """Flips and a transpose taking an image's voxel grid to the closest canonical RAS grid, and back exactly.
+
+    ``flip`` lists input axes that are reversed; RAS axis ``r`` is input axis ``perm[r]``. Only the first three
+    axes are touched (trailing axes, e.g. channels-last, pass through).
+    """
+
+    perm: tuple[int, int, int]
+    flip: tuple[int, ...]
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray) -> Reorientation:
+        from nibabel.orientations import io_orientation
+
+        ornt = io_orientation(affine)  # ornt[input axis] = (RAS axis, +1/-1)
+        perm = tuple(int(a) for a in np.argsort(ornt[:, 0]))
+        flip = tuple(int(a) for a in range(3) if ornt[a, 1] < 0)
+        return cls(perm, flip)  # type: ignore[arg-type]
+
+    @property
+    def identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not self.flip
+
+    def _axes(self, arr: np.ndarray, perm: tuple[int, ...]) -> tuple[int, ...]:
+        if arr.ndim < 3:
+            raise ValueError(f"reorientation needs at least 3 axes, got shape {arr.shape}")
+        return tuple(perm) + tuple(range(3, arr.ndim))
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        """Input grid -> RAS grid (a view)."""
+        flipped = np.flip(arr, axis=self.flip) if self.flip else arr
+        return flipped.transpose(self._axes(arr, self.perm))
+
+    def undo(self, arr: np.ndarray) -> np.ndarray:
+        """RAS grid -> input grid (a view); ``undo(apply(x))`` is ``x`` exactly."""
+        inverse = tuple(int(a) for a in np.argsort(self.perm))
+        back = arr.transpose(self._axes(arr, inverse))
+        return np.flip(back, axis=self.flip) if self.flip else back
+
+    def ras_affine(self, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The affine of the RAS grid: same world point for the same voxel."""
+        from nibabel.orientations import inv_ornt_aff
+
+        ornt = np.array([[list(self.perm).index(a), -1.0 if a in self.flip else 1.0] for a in range(3)])
+        return np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, shape[:3])
+
+
+def to_canonical(img: LoadedImage) -> tuple[np.ndarray, np.ndarray, Reorientation]:
+    """``(data_ras, affine_ras, reorientation)``: the image as views in the closest canonical RAS grid."""
+    r = Reorientation.from_affine(img.affine)
+    return r.apply(img.data), r.ras_affine(img.affine, img.data.shape), r
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _gzip_write(path: Path) -> IO[bytes]:
+    try:
+        from isal import igzip
+    except ImportError:  # pragma: no cover
+        return gzip.open(path, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
+    return igzip.open(path, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
+
+
+def _label_image(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
+    """A uint8 image carrying ``like``'s header fields (units, dim info, qform/sform and codes) and affine."""
+    import nibabel as nib
+    from nibabel.nifti2 import Nifti2Header
+
+    src = like.header
+    hdr = src.copy()
+    hdr.set_data_shape(labels.shape)
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_slope_inter(None, None)
+    klass = nib.Nifti2Image if isinstance(src, Nifti2Header) else nib.Nifti1Image
+    img = klass(labels, like.affine, hdr)
+    out = img.header
+    # nibabel rewrites the sform/qform when the affine and header disagree: keep the input's fields verbatim
+    for key in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units", "dim_info"):
+        out[key] = src[key]
+    pixdim = np.array(out["pixdim"])
+    pixdim[:4] = src["pixdim"][:4]
+    out["pixdim"] = pixdim
+    return img
+
+
+def write_labels(path: str | Path, labels: np.ndarray, like: LoadedImage) -> None:
+    """Write a label map as uint8 NIfTI in ``like``'s space (``.nii`` or ``.nii.gz`` by name), atomically.
+
+    ``labels`` must have ``like``'s shape and values in 0..255. Output problems raise ``OutputError``; a failure
+    leaves no file at ``path``.
+    """
+    path = Path(path)
+    if path.name.endswith(".nii.gz"):
+        compressed = True
+    elif path.name.endswith(".nii"):
+        compressed = False
+    else:
+        raise OutputError(path, "output name must end in .nii or .nii.gz")
+    if tuple(labels.shape) != tuple(like.data.shape):
+        raise ValueError(f"labels shape {labels.shape} does not match the image shape {like.data.shape}")
+    if labels.dtype != np.uint8:
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
+        labels = labels.astype(np.uint8)
+    img = _label_image(labels, like)
+    try:
+        with atomic_path(path) as tmp, (_gzip_write(tmp) if compressed else open(tmp, "wb")) as stream:
+            img.to_stream(stream)  # type: ignore[arg-type]
+    except OSError as err:
+        raise OutputError(path, f"cannot write: {err.strerror or err}")
+    if os.path.isdir(path):  # pragma: no cover - os.replace onto a folder already failed above
+        raise OutputError(path, "is a folder")
