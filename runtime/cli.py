@@ -65,6 +65,9 @@ def run(
     overlap: Annotated[Optional[float], typer.Option(min=0.0, max=0.95,
                        help="Tile overlap ratio; > 0 blends tiles with Gaussian weights (default: bundle's, 0).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32 or fp16 (default: fp16 on CUDA when present).")] = None,
+    gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
+                              help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
+                              ] = 4000.0,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON report (stages, crop, tiles, memory).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -84,7 +87,8 @@ def run(
         from .progress import run_with_progress
 
         rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
-                                overlap=overlap, precision=precision, quiet=quiet)
+                                overlap=overlap, precision=precision, quiet=quiet,
+                                gpu_mem_budget=gpu_mem_budget)
         if report is not None:
             from .atomic import write_text_atomic
 

@@ -65,7 +65,10 @@ def resolve_device(device: str) -> str:
         raise EngineError(None, "device cuda asked for, but ONNX Runtime has no CUDA provider "
                                 "(install onnxruntime-gpu: pip install 'flare-seg[gpu]')")
     if device == "auto":
-        return "cuda" if has_cuda else "cpu"
+        picked = "cuda" if has_cuda else "cpu"
+        log.info("device auto -> %s (%s)", picked,
+                 "ONNX Runtime CUDA provider found" if has_cuda else "no ONNX Runtime CUDA provider")
+        return picked
     return device
 
 
@@ -125,4 +128,8 @@ def create_engine(spec: ModelSpec, device: str = "cpu", precision: str | None = 
         precision = "fp16" if device == "cuda" and "fp16" in spec.files else "fp32"
     if precision not in ("fp32", "fp16"):
         raise EngineError(None, f"unknown precision {precision!r} (use fp32 or fp16)")
+    if device == "cuda":
+        from .cuda_engine import CudaOrtEngine
+
+        return CudaOrtEngine(spec, precision=precision, threads=threads)
     return OrtEngine(spec, device=device, precision=precision, threads=threads)

@@ -53,7 +53,11 @@ class Segmenter:
     """Loads a bundle and its engines once; :meth:`segment` runs the pipeline on one image (warm runs)."""
 
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", folds: int | None = None,
-                 overlap: float | None = None, precision: str | None = None, threads: int | None = None) -> None:
+                 overlap: float | None = None, precision: str | None = None, threads: int | None = None,
+                 gpu_mem_budget: float | None = None) -> None:
+        from .budget import DEFAULT_BUDGET_MB
+        from .gpu import get_xp
+
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         n_folds = len(self.bundle.folds)
         if folds is not None and not 1 <= folds <= n_folds:
@@ -63,6 +67,9 @@ class Segmenter:
             raise BundleError(None, f"overlap must lie in [0, 1), got {self.overlap}")
         self.blend = "gaussian" if self.overlap > 0 else self.bundle.blend
         self.device = resolve_device(device)
+        self.xp = get_xp(self.device)  # cupy on CUDA when available: device-resident crop/resample/ensemble
+        self.gpu_mem_budget = DEFAULT_BUDGET_MB if gpu_mem_budget is None else float(gpu_mem_budget)
+        self._precision, self._threads = precision, threads
         t0 = time.perf_counter()
         specs = self.bundle.folds[: folds or n_folds]
         self.engines: list[Engine] = [create_engine(s, self.device, precision, threads) for s in specs]
@@ -81,8 +88,27 @@ class Segmenter:
     def _crop_resample(self, data_ras: np.ndarray, spacing: tuple[float, float, float], box: Box) -> np.ndarray:
         region = crop(data_ras, box)
         shape = output_shape(region.shape, spacing, self.bundle.spacing_mm)
+        if self.xp is not np:
+            from .gpu import crop_resample_xp
+
+            return crop_resample_xp(region, shape, self.bundle.hu_window, self.xp)
         vol = resample_linear(region, shape)
         return normalise_hu(vol, self.bundle.hu_window, out=vol)
+
+    def _infer(self, vol: Any, hooks: StageHooks) -> tuple[Any, dict[str, Any] | None]:
+        """The fold ensemble: float32 on the host; on CUDA with CuPy, device-resident with the memory budget,
+        smaller tiles on out-of-memory errors, then the CPU as the last resort."""
+        kwargs = dict(overlap=self.overlap, blend=self.blend, spacing_z=self.bundle.spacing_mm[2])
+        if self.xp is np:
+            return infer_ensemble(vol, self.engines, self.bundle.roi, progress=hooks.tiles_done, **kwargs), None
+        from .gpu import infer_with_budget, to_host
+
+        def on_cpu() -> Any:
+            cpu = [create_engine(s, "cpu", "fp32", self._threads) for s in self.bundle.folds[: len(self.engines)]]
+            return infer_ensemble(to_host(vol), cpu, self.bundle.roi, **kwargs)
+
+        return infer_with_budget(vol, self.engines, self.bundle.roi, self.xp, budget_mb=self.gpu_mem_budget,
+                                 progress=hooks.tiles_done, on_cpu=on_cpu, **kwargs)
 
     def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
         b = self.bundle
@@ -124,8 +150,7 @@ class Segmenter:
         with stage("infer"):
             per_fold = planned_tiles(vol.shape, self.bundle.roi, self.overlap)
             hooks.tiles_total(per_fold * len(self.engines))
-            ens = infer_ensemble(vol, self.engines, self.bundle.roi, overlap=self.overlap, blend=self.blend,
-                                 spacing_z=self.bundle.spacing_mm[2], progress=hooks.tiles_done)
+            ens, gpu_part = self._infer(vol, hooks)
             del vol
         with stage("postprocess"):
             crop_shape = tuple(h - l for l, h in zip(loc.box.lo, loc.box.hi))
@@ -138,6 +163,9 @@ class Segmenter:
             with stage("write"):
                 write_labels(output, out, like=img)
         report = self._report(img, loc, ens, times, time.perf_counter() - t_start)
+        if gpu_part is not None:
+            report["gpu"] = gpu_part
+            report["gpu_peak_mb"] = gpu_part.get("gpu_peak_mb")
         report["voxels"] = {str(int(v)): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
         return out, img.affine, report
 
@@ -164,6 +192,8 @@ class Segmenter:
 
 def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
             device: str = "auto", folds: int | None = None, overlap: float | None = None,
-            precision: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+            precision: str | None = None, gpu_mem_budget: float | None = None
+            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``."""
-    return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision).segment(image, output)
+    return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
+                     gpu_mem_budget=gpu_mem_budget).segment(image, output)

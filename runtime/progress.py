@@ -28,16 +28,17 @@ def _rich_hooks(progress: Any) -> StageHooks:
 
 
 def run_with_progress(input_path: Path, output: Path, bundle: Path, *, device: str, folds: int | None,
-                      overlap: float | None, precision: str | None, quiet: bool) -> dict[str, Any]:
+                      overlap: float | None, precision: str | None, quiet: bool,
+                      gpu_mem_budget: float | None = None) -> dict[str, Any]:
     """Load the bundle, segment ``input_path`` into ``output`` and return the report."""
+    seg = Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
+                    gpu_mem_budget=gpu_mem_budget)
     if quiet:
-        seg = Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision)
         return seg.segment(input_path, output)[2]
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    seg = Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision)
     console.print(f"flare-run: bundle {seg.bundle.root} · {len(seg.engines)} fold(s) · device {seg.device} "
                   f"({seg.engines[0].precision}) · models loaded in {seg.load_s:.2f} s")
     columns = (SpinnerColumn(), TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
