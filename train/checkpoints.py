@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from flare.runtime.atomic import atomic_path, write_text_atomic
 
 
 def save_checkpoint(folder: str | Path, net: torch.nn.Module, config: dict[str, Any], *, epoch: int = 0,
-                    best_metric: float = float("nan"), extra: dict[str, Any] | None = None) -> Path:
+                    best_metric: float = float("nan"), extra: dict[str, Any] | None = None,
+                    filename: str = "model.pt") -> Path:
+    """Write ``folder/filename`` (default ``model.pt``) and ``folder/config.json`` atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -35,7 +36,7 @@ def save_checkpoint(folder: str | Path, net: torch.nn.Module, config: dict[str, 
                                "best_metric": float(best_metric)}
     if extra:
         payload.update(extra)
-    target = folder / "model.pt"
+    target = folder / filename
     with atomic_path(target) as tmp:
         torch.save(payload, tmp)
     write_text_atomic(folder / "config.json", json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,88 @@
+"""Training recipes as data: ``train/configs/<name>.json`` (``flare23`` = the paper, ``tiny`` = CPU demo) or a path.
+
+A config holds the fold network and its data settings at the top level and the locator's under ``locator``; the
+locator section inherits every key it does not set (``train`` and ``augment`` are merged key by key). The dict
+saved in each checkpoint (:func:`checkpoint_config`) is what ``flare-export`` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from flare.runtime.errors import InputError
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+REQUIRED = ("name", "network", "spacing_mm", "hu_window", "roi", "train", "augment", "validation", "locator")
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over``, recursing into nested dicts (inputs are not modified)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(name_or_path: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a named or file config (or copy a dict), apply ``overrides`` and check the required keys."""
+    if isinstance(name_or_path, dict):
+        cfg = copy.deepcopy(name_or_path)
+        source: str | Path = "<dict>"
+    else:
+        source = Path(name_or_path)
+        if not source.suffix and not source.exists():
+            source = CONFIG_DIR / f"{name_or_path}.json"
+        if not source.is_file():
+            raise InputError(name_or_path, f"no such config (named configs: {', '.join(available_configs())})")
+        try:
+            cfg = json.loads(source.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(source, f"cannot parse config: {err}") from None
+    if overrides:
+        cfg = deep_merge(cfg, overrides)
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise InputError(source, f"config lacks {', '.join(missing)}")
+    for key in ("roi",):
+        if any(int(v) % 16 for v in cfg[key]) or any(int(v) % 16 for v in cfg["locator"].get(key, [16])):
+            raise InputError(source, f"{key} sides must be divisible by 16")
+    return cfg
+
+
+def role_config(cfg: dict[str, Any], role: str) -> dict[str, Any]:
+    """The effective settings of ``role`` ("fold" or "locator"): the locator section over the top level."""
+    if role == "fold":
+        return {k: v for k, v in cfg.items() if k != "locator"}
+    if role == "locator":
+        base = {k: v for k, v in cfg.items() if k not in ("locator", "stage2")}
+        return deep_merge(base, cfg["locator"])
+    raise ValueError(f"unknown role {role!r}")
+
+
+def config_sha256(cfg: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_config(cfg: dict[str, Any], role: str, fold: int | None, stage: int | None) -> dict[str, Any]:
+    """The ``config`` stored in a checkpoint: the fields export and the runtime read plus the whole recipe."""
+    eff = role_config(cfg, role)
+    out: dict[str, Any] = {
+        "network": eff["network"], "role": role, "fold": fold, "stage": stage,
+        "spacing_mm": [float(v) for v in eff["spacing_mm"]], "hu_window": [float(v) for v in eff["hu_window"]],
+        "roi": [int(v) for v in eff["roi"]], "labels": eff.get("labels", "flare23-merged13"),
+        "training_config": cfg, "training_config_sha256": config_sha256(cfg),
+    }
+    if role == "locator":
+        out["locator_margin_mm"] = float(eff.get("locator_margin_mm", 20.0))
+    return out
