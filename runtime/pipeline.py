@@ -113,7 +113,7 @@ class Segmenter:
     def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
         b = self.bundle
         labels = split_left_right(merged_to_flare(merged), affine_1mm)
-        return postprocess(labels, b.spacing_mm, min_tumor_voxels=b.min_tumor_voxels,
+        return postprocess(labels, spacing_from_affine(affine_1mm), min_tumor_voxels=b.min_tumor_voxels,
                            largest_component=b.largest_component, z_pass=b.z_pass, copy=False)
 
     @staticmethod

@@ -1,0 +1,81 @@
+"""``flare-bench``: time and memory of the flare runtime, side by side with the MONAI/PyTorch reference.
+
+Exit codes: 0 success, 2 bad bundle / cases / output (one line on stderr, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from flare.runtime.errors import FlareError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Benchmark a flare bundle: cold/warm time per case, per-stage times, GPU memory (NVML) peak "
+                       "and MB·s, host RSS, against FLARE's 15 s / 4 GB and the MONAI reference.")
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path | None, typer.Option("--bundle", "-b",
+                      help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.")] = None,
+    cases: Annotated[str, typer.Option(help="'synthetic' (FLARE-size CTs built from ../shared/data, cached), a "
+                                            "folder of .nii.gz, or one .nii.gz file.")] = "synthetic",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.md, report.json, PNGs.")]
+    = Path("bench-out"),
+    reference: Annotated[bool, typer.Option("--reference/--no-reference",
+                         help="Also run the MONAI/PyTorch reference (Auto3DSeg-like) on the same weights.")] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Warm runs per case (models loaded once).")] = 3,
+    cold: Annotated[int, typer.Option(min=0, help="Cold runs per case (fresh flare-run process).")] = 1,
+    reference_repeats: Annotated[int, typer.Option(min=1, help="Reference runs per case.")] = 1,
+    reference_cases: Annotated[int | None, typer.Option(min=1, help="Run the reference on the first N cases "
+                               "(default: all on GPU, 1 on CPU).")] = None,
+    reference_folds: Annotated[int | None, typer.Option(min=1, help="Reference (and a matching runtime run) "
+                               "with the first N folds (default: all on GPU, 1 on CPU).")] = None,
+    reference_mode: Annotated[str, typer.Option(help="auto3dseg (the peer) or mirror (the runtime's steps).")]
+    = "auto3dseg",
+    checkpoints: Annotated[Path | None, typer.Option(help="Checkpoint folder for the reference "
+                           "(default: the bundle's provenance.checkpoint_dir).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (runtime and reference alike).")] = "auto",
+    cache: Annotated[Path | None, typer.Option(help="Where synthetic cases are cached "
+                     "(default ~/.cache/flare/bench-cases).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Run the benchmark and write OUTPUT/report.md, OUTPUT/report.json and OUTPUT/memory_*.png."""
+    from flare.runtime.bundle import default_bundle_dir
+    from flare.runtime.errors import OutputError
+
+    from .harness import run_benchmark
+    from .reference import MODES
+
+    try:
+        if reference_mode not in MODES:
+            raise FlareError(None, f"--reference-mode must be one of {', '.join(MODES)}, got {reference_mode!r}")
+        if output.exists() and not output.is_dir():
+            raise OutputError(output, "output must be a folder")
+        if not output.parent.is_dir():
+            raise OutputError(output, f"parent folder {output.parent} does not exist")
+        report = run_benchmark(bundle or default_bundle_dir(), cases, reference=reference, out_dir=output,
+                               repeats=repeats, device=device, cold=cold, reference_repeats=reference_repeats,
+                               reference_mode=reference_mode, reference_cases=reference_cases,
+                               reference_folds=reference_folds, checkpoints=checkpoints, cache_dir=cache,
+                               quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]))
+    except FlareError as err:
+        typer.echo(f"flare-bench: error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("flare-bench: interrupted", err=True)
+        raise typer.Exit(130) from None
+    if not quiet:
+        typer.echo(f"wrote {output / 'report.md'} ({len(report['cases'])} case(s))", err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""The benchmark harness behind ``flare-bench``: cold and warm runs of the runtime, the MONAI peer, the report.
+
+Per case:
+
+- **cold**: a fresh ``flare-run`` process (model load included — how FLARE times a container), wall time from
+  process start to exit, its JSON report (per-stage times, RSS peak), memory sampled from outside;
+- **warm**: :class:`flare.runtime.Segmenter` loaded once, ``repeats`` runs per case (no output file written);
+- **reference** (optional): the MONAI/PyTorch pipeline in ``auto3dseg`` mode on the same weights (the checkpoints
+  behind the bundle), loaded once, ``reference_repeats`` runs per case; Dice per class against the runtime's
+  output.
+
+GPU memory is sampled with NVML every 20 ms (device total − free, and the watched process), host RSS from
+``/proc``. Everything lands in ``report.json``, ``report.md`` and one PNG of memory over time per backend.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flare.runtime.bundle import Bundle, load_bundle
+from flare.runtime.errors import FlareError, InputError
+
+from .cases import resolve_cases
+from .environment import environment
+from .metrics import dice_per_class, ratio, spread
+from .sampler import MemorySampler, MemoryTrace
+
+FLARE_TIME_S = 15.0
+FLARE_GPU_MB = 4096.0
+
+
+@dataclass
+class Run:
+    """One measured run: wall seconds, the pipeline's report (stages) and the memory trace."""
+
+    wall_s: float
+    trace: MemoryTrace
+    report: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        mem = self.trace.summary()
+        return {"wall_s": self.wall_s, "error": self.error, "stages": self.report.get("stages"),
+                "report_rss_peak_mb": self.report.get("rss_peak_mb"), **mem}
+
+
+def flare_run_command() -> list[str]:
+    """``flare-run`` when installed as a console script, else ``python -m flare.runtime.cli``."""
+    exe = shutil.which("flare-run")
+    return [exe] if exe else [sys.executable, "-m", "flare.runtime.cli"]
+
+
+def cold_run(case: Path, bundle: Path, device: str, work: Path) -> Run:
+    """One fresh ``flare-run`` process on ``case``; memory of the child sampled from here."""
+    out, rep = work / "cold_seg.nii.gz", work / "cold_report.json"
+    for stale in (out, rep):
+        stale.unlink(missing_ok=True)
+    cmd = flare_run_command() + [str(case), "-o", str(out), "--bundle", str(bundle), "--device", device,
+                                 "--report", str(rep), "--quiet"]
+    child: list[int] = []
+    with MemorySampler(pids=lambda: child) as sampler:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        child.append(proc.pid)
+        _, err = proc.communicate()
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        line = (err or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        return Run(wall, sampler.trace, error=line[0])
+    return Run(wall, sampler.trace, json.loads(rep.read_text()))
+
+
+def warm_run(segmenter: Any, case: Path) -> tuple[Run, np.ndarray]:
+    """One ``Segmenter.segment`` in this process (models already loaded)."""
+    with MemorySampler() as sampler:
+        t0 = time.perf_counter()
+        labels, _, report = segmenter.segment(case)
+        wall = time.perf_counter() - t0
+    return Run(wall, sampler.trace, report), labels
+
+
+def reference_run(pipeline: Any, case: Path) -> tuple[Run, np.ndarray]:
+    """One MONAI reference run in this process (networks already loaded)."""
+    with MemorySampler() as sampler:
+        t0 = time.perf_counter()
+        res = pipeline.segment(case)
+        wall = time.perf_counter() - t0
+    return Run(wall, sampler.trace, res.report), res.labels
+
+
+def _stats(runs: list[Run], key: str) -> dict[str, Any]:
+    return spread([r.summary().get(key) for r in runs if r.error is None])
+
+
+def _stage_medians(runs: list[Run]) -> dict[str, float | None]:
+    names: list[str] = []
+    for r in runs:
+        for name in (r.report.get("stages") or {}):
+            if name not in names:
+                names.append(name)
+    return {n: spread([(r.report.get("stages") or {}).get(n) for r in runs])["median"] for n in names}
+
+
+def summarise_backend(runs: list[Run], load_s: float | None = None) -> dict[str, Any]:
+    """Median/min/max of wall time, peaks and areas; per-stage medians; errors."""
+    return {
+        "runs": len(runs),
+        "errors": [r.error for r in runs if r.error],
+        "load_s": load_s,
+        "wall_s": _stats(runs, "wall_s"),
+        "gpu_device_peak_mb": _stats(runs, "gpu_device_peak_mb"),
+        "gpu_device_mbs": _stats(runs, "gpu_device_mbs"),
+        "gpu_process_peak_mb": _stats(runs, "gpu_process_peak_mb"),
+        "gpu_process_mbs": _stats(runs, "gpu_process_mbs"),
+        "rss_peak_mb": _stats(runs, "rss_peak_mb"),
+        "stages": _stage_medians([r for r in runs if r.error is None]),
+        "samples": [r.summary() for r in runs],
+    }
+
+
+def judge(case: dict[str, Any]) -> dict[str, Any]:
+    """Pass/fail of the runtime against FLARE's 15 s (cold wall, else warm) and 4 GB (GPU device peak)."""
+    cold, warm = case.get("cold") or {}, case.get("warm") or {}
+    t = (cold.get("wall_s") or {}).get("median") or (warm.get("wall_s") or {}).get("median")
+    gpu = (cold.get("gpu_device_peak_mb") or {}).get("median") or (warm.get("gpu_device_peak_mb") or {}).get("median")
+    return {"time_s": t, "time_ok": None if t is None else t <= FLARE_TIME_S,
+            "gpu_mb": gpu, "gpu_ok": None if gpu is None else gpu <= FLARE_GPU_MB}
+
+
+def compare(case: dict[str, Any]) -> dict[str, Any]:
+    """Runtime (warm, same folds as the reference) over reference ratios of time, GPU peak, GPU area, host RSS."""
+    warm, ref = case.get("warm_same_folds") or case.get("warm") or {}, case.get("reference") or {}
+
+    def med(d: dict[str, Any], key: str) -> float | None:
+        return (d.get(key) or {}).get("median")
+
+    return {k: ratio(med(warm, k), med(ref, k))
+            for k in ("wall_s", "gpu_device_peak_mb", "gpu_device_mbs", "gpu_process_peak_mb", "rss_peak_mb")}
+
+
+Progress = Callable[[str], None]
+
+
+def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "synthetic", reference: bool = True,
+                  out_dir: str | Path = "bench-out", repeats: int = 3, device: str = "auto", *,
+                  cold: int = 1, reference_repeats: int = 1, reference_mode: str = "auto3dseg",
+                  reference_cases: int | None = None, reference_folds: int | None = None,
+                  checkpoints: str | Path | None = None, cache_dir: str | Path | None = None,
+                  quiet: bool = False, command: str | None = None) -> dict[str, Any]:
+    """Benchmark ``bundle`` on ``cases`` and write ``report.json``, ``report.md`` and PNGs into ``out_dir``.
+
+    Returns the report dictionary. ``repeats`` warm runs per case, ``cold`` fresh-process runs per case,
+    ``reference_repeats`` MONAI reference runs per case (0 or ``reference=False`` skips the peer) on the first
+    ``reference_cases`` cases with the first ``reference_folds`` folds. Both default to everything on a GPU and to
+    1 on the CPU, where PyTorch's 3-D convolutions make the Auto3DSeg-like peer far too slow for whole FLARE-size
+    CTs (measured: 0.2-1.1 s per 32^3 tile of the tiny demo network on 2 cores against ~0.05 s in ONNX Runtime).
+    With fewer folds the runtime is run once more with the same folds for the ratios and the Dice.
+    """
+    from .report import write_reports
+
+    if repeats < 1 or cold < 0 or reference_repeats < 0:
+        raise ValueError("repeats must be >= 1, cold and reference_repeats >= 0")
+    b: Bundle = load_bundle(bundle)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    case_paths = resolve_cases(cases if isinstance(cases, (list, tuple)) else str(cases),
+                               Path(cache_dir) if cache_dir else None, progress=not quiet)
+    env = environment(device)
+    runs_ref = reference_repeats if reference else 0
+    on_cpu = _runtime_device(device) == "cpu"
+    n_ref_cases = min(len(case_paths), reference_cases or (1 if on_cpu else len(case_paths)))
+    n_ref_folds = min(len(b.folds), reference_folds or (1 if on_cpu else len(b.folds)))
+    total = len(case_paths) * (cold + repeats) + n_ref_cases * (runs_ref + (n_ref_folds < len(b.folds)))
+    results: list[dict[str, Any]] = [{"case": str(p), "name": p.name} for p in case_paths]
+    keep: dict[str, dict[str, MemoryTrace]] = {"runtime": {}, "reference": {}}
+    with _progress(total, quiet) as step:
+        _cold_phase(case_paths, b, device, cold, results, keep, step)
+        labels = _warm_phase(case_paths, b, device, repeats, results, keep, step)
+        if runs_ref:
+            if n_ref_folds < len(b.folds):
+                labels = _same_folds_phase(case_paths[:n_ref_cases], b, device, n_ref_folds, results, step)
+            _reference_phase(case_paths[:n_ref_cases], b, device, runs_ref, reference_mode, n_ref_folds, checkpoints,
+                             results, labels, keep, step)
+    for case in results:
+        case["flare"] = judge(case)
+        case["ratios"] = compare(case) if "reference" in case else None
+    report = {"format": "flare-bench", "version": 1, "command": command, "bundle": str(b.root),
+              "device": device, "repeats": {"cold": cold, "warm": repeats, "reference": runs_ref},
+              "reference_mode": reference_mode if runs_ref else None,
+              "reference_scope": {"cases": n_ref_cases, "folds": n_ref_folds, "bundle_folds": len(b.folds)}
+              if runs_ref else None, "targets": {"time_s": FLARE_TIME_S,
+              "gpu_mb": FLARE_GPU_MB}, "environment": env, "cases": results}
+    write_reports(report, keep, out)
+    return report
+
+
+class _progress:
+    """Rich progress bar over all runs (a no-op when quiet)."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet = total, quiet
+        self._p: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.quiet:
+            return lambda label: None
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
+
+        self._p = RichProgress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                               TimeElapsedColumn(), transient=False)
+        self._p.start()
+        self._task = self._p.add_task("flare-bench", total=self.total)
+
+        def step(label: str) -> None:
+            self._p.update(self._task, advance=1, description=label)
+
+        return step
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+def _cold_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
+                keep: dict[str, dict[str, MemoryTrace]], step: Progress) -> None:
+    if n == 0:
+        return
+    with tempfile.TemporaryDirectory(prefix="flare-bench-") as tmp:
+        for path, res in zip(cases, results):
+            runs = []
+            for _ in range(n):
+                runs.append(cold_run(path, b.root, device, Path(tmp)))
+                step(f"cold {path.name}")
+            res["cold"] = summarise_backend(runs)
+            keep["runtime"][path.name] = runs[-1].trace
+
+
+def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
+                keep: dict[str, dict[str, MemoryTrace]], step: Progress) -> dict[str, np.ndarray]:
+    from flare.runtime.pipeline import Segmenter
+
+    seg = Segmenter(b, device=device)
+    labels: dict[str, np.ndarray] = {}
+    for path, res in zip(cases, results):
+        runs = []
+        for _ in range(n):
+            try:
+                run, labels[path.name] = warm_run(seg, path)
+            except FlareError as err:
+                run = Run(0.0, MemoryTrace(False, "not run"), error=str(err))
+            runs.append(run)
+            step(f"warm {path.name}")
+        res["warm"] = summarise_backend(runs, seg.load_s)
+        res["warm"]["backend"] = runs[-1].report.get("backend")
+        keep["runtime"].setdefault(path.name, runs[-1].trace)
+    return labels
+
+
+def _runtime_device(device: str) -> str:
+    from flare.runtime.engines import resolve_device
+
+    return resolve_device(device)
+
+
+def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, results: list[dict[str, Any]],
+                      step: Progress) -> dict[str, np.ndarray]:
+    """One warm runtime run per case with only the first ``folds`` folds: the reference's counterpart."""
+    from flare.runtime.pipeline import Segmenter
+
+    seg = Segmenter(b, device=device, folds=folds)
+    labels: dict[str, np.ndarray] = {}
+    for path, res in zip(cases, results):
+        run, labels[path.name] = warm_run(seg, path)
+        res["warm_same_folds"] = summarise_backend([run], seg.load_s)
+        res["warm_same_folds"]["folds"] = folds
+        step(f"runtime {folds} fold(s) {path.name}")
+    return labels
+
+
+def _reference_phase(cases: list[Path], b: Bundle, device: str, n: int, mode: str, folds: int,
+                     checkpoints: str | Path | None, results: list[dict[str, Any]], labels: dict[str, np.ndarray],
+                     keep: dict[str, dict[str, MemoryTrace]], step: Progress) -> None:
+    from .reference import ReferencePipeline
+
+    pipe = ReferencePipeline(b, checkpoints, device=device, mode=mode, folds=folds)
+    for path, res in zip(cases, results):
+        runs, ref_labels = [], None
+        for _ in range(n):
+            run, ref_labels = reference_run(pipe, path)
+            runs.append(run)
+            step(f"reference {path.name}")
+        res["reference"] = summarise_backend(runs, pipe.load_s)
+        res["reference"]["backend"] = runs[-1].report.get("backend")
+        keep["reference"][path.name] = runs[-1].trace
+        ours = labels.get(path.name)
+        if ours is not None and ref_labels is not None:
+            if ours.shape != ref_labels.shape:
+                raise InputError(path, f"runtime and reference outputs differ in shape {ours.shape} vs "
+                                       f"{ref_labels.shape}")
+            res["dice"] = {str(k): v for k, v in dice_per_class(ours, ref_labels).items()}
