@@ -373,7 +373,10 @@ class ReferencePipeline:
         """Segment ``path``; returns uint8 FLARE labels in the input grid, its affine and a per-stage report."""
         import torch
 
-        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            return self._segment(path)
+
+    def _segment(self, path: str | Path) -> ReferenceResult:
         if self.mode == "auto3dseg":
             return self._segment_auto3dseg(path)
         stages: dict[str, float] = {}
