@@ -73,10 +73,8 @@ def _heldout_case(phantoms: Path) -> tuple[Path, Path | None]:
     doc = json.loads((phantoms / "dataset.json").read_text())
     entries = doc.get("testing") or doc["training"]
     entry = entries[0]
-    image = phantoms / entry["image"]
     truth = entry.get("label_full") or entry.get("label")
-    full = phantoms / "labelsFull" / image.name
-    return image, full if full.is_file() else (phantoms / truth if truth else None)
+    return phantoms / entry["image"], (phantoms / truth if truth else None)
 
 
 @app.command()
@@ -118,7 +116,7 @@ def run_demo(out: Path, *, cases: int = 40, seed: int = 0, bench: bool = True, i
 
     t = time.perf_counter()
     _say(f"1/6 writing {cases} phantoms to {out / 'phantoms'}")
-    make_phantoms(out / "phantoms", cases, seed)
+    make_phantoms(out / "phantoms", cases, seed, size=96)
     step("phantoms", t)
     t = time.perf_counter()
     _say("2/6 training: locator + stage 1 + pseudo-labels + stage 2, 5 folds (config tiny)")
