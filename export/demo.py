@@ -11,11 +11,10 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import numpy as np
 import typer
-
 from flare.runtime.errors import FlareError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -56,19 +56,19 @@ def _setup_logging(quiet: bool) -> None:
 @app.command()
 def run(
     input: Annotated[Path, typer.Argument(help="CT image, .nii.gz or .nii (any orientation, HU).")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output",
+    output: Annotated[Path | None, typer.Option("-o", "--output",
                       help="Label map to write (uint8 FLARE ids). Default: INPUT_seg.nii.gz beside the input.")] = None,
-    bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b",
+    bundle: Annotated[Path | None, typer.Option("--bundle", "-b",
                       help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    folds: Annotated[Optional[int], typer.Option(min=1, help="Use the first N folds (default: all).")] = None,
-    overlap: Annotated[Optional[float], typer.Option(min=0.0, max=0.95,
+    folds: Annotated[int | None, typer.Option(min=1, help="Use the first N folds (default: all).")] = None,
+    overlap: Annotated[float | None, typer.Option(min=0.0, max=0.95,
                        help="Tile overlap ratio; > 0 blends tiles with Gaussian weights (default: bundle's, 0).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32 or fp16 (default: fp16 on CUDA when present).")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 or fp16 (default: fp16 on CUDA when present).")] = None,
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
                               help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
                               ] = 4000.0,
-    report: Annotated[Optional[Path], typer.Option(help="Write a JSON report (stages, crop, tiles, memory).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write a JSON report (stages, crop, tiles, memory).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Segment INPUT and write the label map in INPUT's own space (shape, affine, header)."""

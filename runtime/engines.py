@@ -22,7 +22,7 @@ from .errors import FlareError
 
 log = logging.getLogger("flare.runtime")
 
-__all__ = ["Engine", "EngineError", "OrtEngine", "create_engine", "resolve_device", "ort_providers"]
+__all__ = ["Engine", "EngineError", "OrtEngine", "create_engine", "ort_providers", "resolve_device"]
 
 
 class EngineError(FlareError):
@@ -106,7 +106,7 @@ class OrtEngine:
         try:
             self.session = ort.InferenceSession(str(mf.path), sess_options=_session_options(threads or env_threads),
                                                 providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise EngineError(mf.path, f"ONNX Runtime cannot load this model: {str(exc).splitlines()[0]}") from None
 
     def run(self, tile: np.ndarray) -> np.ndarray:

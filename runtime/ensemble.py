@@ -17,7 +17,7 @@ from .engines import Engine
 from .labels import MERGED_TUMOR
 from .tiling import TilePlan, effective_roi, importance_map, plan_tiles
 
-__all__ = ["sliding_window", "softmax_", "EnsembleResult", "infer_ensemble", "abdominal_z_range"]
+__all__ = ["EnsembleResult", "abdominal_z_range", "infer_ensemble", "sliding_window", "softmax_"]
 
 Progress = Callable[[int], None]  # called with the number of tiles just finished
 #: merged classes that define the abdominal z-range (the organs; not tumor)

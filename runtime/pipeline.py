@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 
 from .bundle import Bundle, load_bundle
 from .engines import Engine, create_engine, resolve_device
@@ -30,7 +30,7 @@ from .resample import normalise_hu, output_shape, resample_linear, resample_near
 
 log = logging.getLogger("flare.runtime")
 
-__all__ = ["Segmenter", "segment", "STAGES", "StageHooks"]
+__all__ = ["STAGES", "Segmenter", "StageHooks", "segment"]
 
 STAGES = ("read", "locate", "crop_resample", "infer", "postprocess", "restore", "write")
 
@@ -98,7 +98,7 @@ class Segmenter:
     def _infer(self, vol: Any, hooks: StageHooks) -> tuple[Any, dict[str, Any] | None]:
         """The fold ensemble: float32 on the host; on CUDA with CuPy, device-resident with the memory budget,
         smaller tiles on out-of-memory errors, then the CPU as the last resort."""
-        kwargs = dict(overlap=self.overlap, blend=self.blend, spacing_z=self.bundle.spacing_mm[2])
+        kwargs = {"overlap": self.overlap, "blend": self.blend, "spacing_z": self.bundle.spacing_mm[2]}
         if self.xp is np:
             return infer_ensemble(vol, self.engines, self.bundle.roi, progress=hooks.tiles_done, **kwargs), None
         from .gpu import infer_with_budget, to_host

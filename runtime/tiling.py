@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TilePlan", "effective_roi", "plan_tiles", "importance_map", "ceil_to"]
+__all__ = ["TilePlan", "ceil_to", "effective_roi", "importance_map", "plan_tiles"]
 
 
 def ceil_to(value: int, divisor: int) -> int:
@@ -58,7 +58,7 @@ class TilePlan:
 
 def _axis_starts(size: int, roi: int, overlap: float) -> list[int]:
     interval = max(1, int(roi * (1.0 - overlap)))
-    n = int(math.ceil(max(size - roi, 0) / interval)) + 1
+    n = math.ceil(max(size - roi, 0) / interval) + 1
     return sorted({min(i * interval, size - roi) for i in range(n)})
 
 

@@ -56,7 +56,6 @@ def _randomise_batchnorm(net, seed: int) -> None:
 def tiny_checkpoints(tmp_path_factory) -> Path:
     """CKPT_DIR with a tiny locator and 2 tiny folds in the flare.train.checkpoints layout (random weights)."""
     import torch
-
     from flare.train.checkpoints import save_checkpoint
     from flare.train.networks import build_network
 
@@ -78,11 +77,10 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
 
 def _export_onnx(ckpt: Path, onnx_path: Path) -> dict:
     import torch
-
     from flare.runtime.bundle import sha256_file
     from flare.train.checkpoints import load_network
 
-    net, cfg = load_network(ckpt)
+    net, _ = load_network(ckpt)
     x = torch.zeros(1, 1, 32, 32, 32)
     axes = {2: "x", 3: "y", 4: "z"}
     torch.onnx.export(net, x, str(onnx_path), input_names=["image"], output_names=["logits"],

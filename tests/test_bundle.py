@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from flare.runtime.bundle import load_bundle
 from flare.runtime.errors import BundleError
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import data_path
 
 RUN = [sys.executable, "-m", "flare.runtime.cli"]
@@ -24,7 +23,7 @@ RUN = [sys.executable, "-m", "flare.runtime.cli"]
 
 def flare_run(*args: str | Path, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "FLARE_BUNDLE": "/nonexistent-default-bundle", **(env or {})}
-    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=300, check=False)
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, names: str, *words: str) -> None:
@@ -161,6 +160,6 @@ def test_help_is_fast_and_torch_free() -> None:
             "try:\n    runpy.run_module('flare.runtime.cli', run_name='__main__')\nexcept SystemExit: pass\n"
             "bad=[m for m in ('torch','monai','onnxruntime','scipy') if m in sys.modules]\n"
             "assert not bad, bad")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "--bundle" in proc.stdout

@@ -9,11 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform, apply_orientation
-
 from conftest import data_path
 from flare.runtime import Segmenter
 from flare.runtime.io import from_array
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def segmenter(tiny_bundle: Path) -> Segmenter:
 @pytest.fixture(scope="module")
 def abdomen(segmenter: Segmenter) -> tuple[nib.Nifti1Image, np.ndarray]:
     img = nib.load(data_path("ts_abdomen_ct_3mm.nii.gz"))
-    labels, affine, report = segmenter.segment(img.get_filename())
+    labels, _, _ = segmenter.segment(img.get_filename())
     assert labels.shape == img.shape and labels.dtype == np.uint8
     assert len(np.unique(labels)) > 2, "the tiny random nets should predict several classes"
     return img, labels
@@ -45,7 +44,7 @@ def test_orientation_and_axis_order_equivariance(segmenter, abdomen, tmp_path: P
     path = tmp_path / f"ct_{codes}.nii.gz"
     nib.save(moved, path)
     out = tmp_path / "seg.nii.gz"
-    labels, affine, _ = segmenter.segment(path, output=out)
+    labels, _, _ = segmenter.segment(path, output=out)
     written = nib.load(out)
     assert written.shape == moved.shape and nib.aff2axcodes(written.affine) == tuple(codes)
     np.testing.assert_allclose(written.affine, moved.affine, atol=1e-5)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from flare.runtime.bundle import load_bundle
 from flare.runtime.engines import create_engine
 from flare.runtime.ensemble import abdominal_z_range, infer_ensemble, sliding_window

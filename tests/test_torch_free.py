@@ -13,7 +13,7 @@ FORBIDDEN = ("torch", "monai")
 
 
 def test_runtime_source_has_no_torch_imports() -> None:
-    pattern = re.compile(r"^\s*(import|from)\s+(torch|monai)\b", re.M)
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|monai)\b", re.MULTILINE)
     hits = [str(p) for p in (REPO / "runtime").rglob("*.py") if pattern.search(p.read_text())]
     assert not hits, hits
 
@@ -30,5 +30,5 @@ loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]
 assert not loaded, loaded
 print(labels.shape)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr

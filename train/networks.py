@@ -28,9 +28,10 @@ def build_network(spec: dict[str, Any]) -> torch.nn.Module:
     from monai.networks.nets import SegResNet, SegResNetDS
 
     name = spec["name"]
-    common = dict(spatial_dims=3, init_filters=int(spec["init_filters"]), in_channels=int(spec.get("in_channels", 1)),
-                  out_channels=int(spec["out_channels"]), blocks_down=tuple(int(b) for b in spec["blocks_down"]),
-                  norm=spec.get("norm", "batch"))
+    common: dict[str, Any] = {
+        "spatial_dims": 3, "init_filters": int(spec["init_filters"]), "in_channels": int(spec.get("in_channels", 1)),
+        "out_channels": int(spec["out_channels"]), "blocks_down": tuple(int(b) for b in spec["blocks_down"]),
+        "norm": spec.get("norm", "batch")}
     if name == "SegResNetDS":
         return SegResNetDS(**common, dsdepth=int(spec.get("dsdepth", 1)))
     if name == "SegResNet":
