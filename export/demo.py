@@ -179,6 +179,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    import os
+
+    # spinning OpenMP threads of a 2-thread torch are up to 15x slower on a busy 2-core box (train/results/RESULTS.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

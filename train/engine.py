@@ -22,7 +22,19 @@ from .runlog import RunLog
 
 
 def torch_setup(threads: int | None = None) -> None:
-    """CPU threads and flush-to-zero: trained weights produce denormal floats that slow CPU convolutions ~5x."""
+    """CPU threads and flush-to-zero: trained weights produce denormal floats that slow CPU convolutions ~5x.
+
+    When other processes already load the CPU (1-minute load average >= 1 before torch is imported) and
+    ``OMP_WAIT_POLICY`` is unset, idle OpenMP threads are made to sleep instead of spin (``PASSIVE``): on the shared
+    2-core box, spinning threads of a 2-thread torch waited for descheduled partners and a tiny-recipe step took
+    3.96 s instead of 0.25 s (load 4.5). On an idle CPU spinning is faster (0.11 s vs 0.17 s per step), so it is
+    kept there.
+    """
+    import os
+    import sys
+
+    if "torch" not in sys.modules and int(threads or 0) != 1 and os.getloadavg()[0] >= 1.0:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     if threads:
@@ -30,17 +42,27 @@ def torch_setup(threads: int | None = None) -> None:
     torch.set_flush_denormal(True)
 
 
-def make_loss(eff: dict[str, Any]):
-    """DiceFocal (softmax over the merged classes, or sigmoid for the 1-channel locator), deep-supervised."""
-    from monai.losses import DeepSupervisionLoss, DiceFocalLoss
+LOSSES = ("DiceFocal", "DiceCE")
 
+
+def make_loss(eff: dict[str, Any]):
+    """``train.loss`` (DiceFocal, the paper's, or DiceCE) with softmax over the merged classes or sigmoid for the
+    1-channel locator, deep-supervised; ``train.batch_dice`` computes Dice over the whole batch (MONAI ``batch``)."""
+    from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceFocalLoss
+
+    tr = eff["train"]
+    name = tr.get("loss", "DiceFocal")
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r} (expected one of {', '.join(LOSSES)})")
+    cls = DiceFocalLoss if name == "DiceFocal" else DiceCELoss
+    batch = bool(tr.get("batch_dice", False))
     if eff.get("labels") == "organ-union":
-        base = DiceFocalLoss(sigmoid=True)
+        base = cls(sigmoid=True, batch=batch)
     else:
-        base = DiceFocalLoss(to_onehot_y=True, softmax=True)
+        base = cls(to_onehot_y=True, softmax=True, batch=batch)
     net = eff["network"]
     if net["name"] == "SegResNetDS" and int(net.get("dsdepth", 1)) > 1:
-        return DeepSupervisionLoss(base, weight_mode=eff["train"].get("deep_supervision_weights", "exp"))
+        return DeepSupervisionLoss(base, weight_mode=tr.get("deep_supervision_weights", "exp"))
     return base
 
 
