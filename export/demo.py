@@ -179,10 +179,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    import os
+    from flare.train.engine import torch_setup
 
-    # spinning OpenMP threads of a 2-thread torch are up to 15x slower on a busy 2-core box (train/results/RESULTS.md)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch_setup(2)  # before anything imports torch: picks the OpenMP wait policy from the CPU load (see its doc)
     app()
 
 
