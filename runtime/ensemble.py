@@ -17,7 +17,14 @@ from .engines import Engine
 from .labels import MERGED_TUMOR
 from .tiling import TilePlan, effective_roi, importance_map, plan_tiles
 
-__all__ = ["EnsembleResult", "abdominal_z_range", "infer_ensemble", "sliding_window", "softmax_"]
+__all__ = [
+    "EnsembleResult",
+    "abdominal_z_range",
+    "infer_ensemble",
+    "sliding_window",
+    "softmax_",
+    "tile_to_target",
+]
 
 Progress = Callable[[int], None]  # called with the number of tiles just finished
 #: merged classes that define the abdominal z-range (the organs; not tumor)
@@ -40,7 +47,7 @@ def _weight_sum(plan: TilePlan, weight: np.ndarray) -> np.ndarray:
     return total
 
 
-def _tile_to_target(plan: TilePlan, start: tuple[int, int, int]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+def tile_to_target(plan: TilePlan, start: tuple[int, int, int]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
     """(slices into the tile, slices into the unpadded volume) of the part of a tile inside the volume."""
     tile_sl, vol_sl = [], []
     for s, r, b, n in zip(start, plan.roi, plan.pad_before, plan.shape):
@@ -69,7 +76,7 @@ def sliding_window(volume: np.ndarray, engine: Engine, roi: tuple[int, int, int]
         if activation == "softmax":
             softmax_(scores)
         scores *= weight / wsum[sl]
-        parts = _tile_to_target(plan, start)
+        parts = tile_to_target(plan, start)
         if parts is not None:
             tile_sl, vol_sl = parts
             out[(slice(None),) + vol_sl] += scores[(slice(None),) + tile_sl]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .ensemble import EnsembleResult, Progress, _tile_to_target, abdominal_z_range
+from .ensemble import EnsembleResult, Progress, abdominal_z_range, tile_to_target
 from .tiling import TilePlan, effective_roi, importance_map, plan_tiles
 
 log = logging.getLogger("flare.runtime")
@@ -233,7 +233,7 @@ def sliding_window_xp(volume: Array, run_tile: TileRunner, roi: Sequence[int], o
         if activation == "softmax":
             softmax_xp_(scores, xp)
         scores *= norm.factor(start)
-        parts = _tile_to_target(plan, start)
+        parts = tile_to_target(plan, start)
         if parts is not None:
             tile_sl, vol_sl = parts
             target = out[(slice(None),) + vol_sl]
