@@ -31,17 +31,16 @@ def default_output(input_path: Path) -> Path:
     return input_path.with_name(name + "_seg.nii.gz")
 
 
-def check_output(output: Path, input_path: Path) -> None:
-    """Fail before any work when the output cannot be written."""
-    from .atomic import ensure_writable_folder
+def check_output(output: Path, input_path: Path, report: Path | None = None, bundle: Path | None = None) -> None:
+    """Fail before any work when an output cannot be written or would clobber the input or another output."""
+    from .outputs import check_outputs
 
-    if not output.name.endswith(_NII_SUFFIXES):
-        raise OutputError(output, "output must end in .nii.gz or .nii")
-    if output.resolve() == input_path.resolve():
-        raise OutputError(output, "output would overwrite the input")
     if output.is_dir():
         raise OutputError(output, "output is a folder; give a file name ending in .nii.gz")
-    ensure_writable_folder(output)
+    if not output.name.endswith(_NII_SUFFIXES):
+        raise OutputError(output, "output must end in .nii.gz or .nii")
+    check_outputs([input_path] + ([bundle] if bundle is not None else []),
+                  {"segmentation": output, "report": report})
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -79,14 +78,11 @@ def run(
         if not input.exists():
             raise InputError(input, "no such file")
         out = output if output is not None else default_output(input)
-        check_output(out, input)
-        if report is not None:
-            from .atomic import ensure_writable_folder
-
-            ensure_writable_folder(report)
+        bundle = bundle or default_bundle_dir()
+        check_output(out, input, report, bundle)
         from .progress import run_with_progress
 
-        rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
+        rep = run_with_progress(input, out, bundle, device=device, folds=folds,
                                 overlap=overlap, precision=precision, quiet=quiet,
                                 gpu_mem_budget=gpu_mem_budget)
         if report is not None:

@@ -30,7 +30,8 @@ import gzip
 import logging
 import math
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -116,21 +117,35 @@ def _open_stream(path: Path, compressed: bool) -> Iterator[IO[bytes]]:
         raise InputError(path, f"cannot read: {err.strerror or err}")
 
 
+_NOT_REGULAR = ((stat.S_ISDIR, "is a folder, not a NIfTI file"),
+                (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file"),
+                (stat.S_ISCHR, "is a character device, not a regular file"),
+                (stat.S_ISBLK, "is a block device, not a regular file"),
+                (stat.S_ISSOCK, "is a socket, not a regular file"))
+
+
 def _check_path(path: Path) -> tuple[int, bool]:
-    """File size and whether it is gzip-compressed; InputError for missing paths, folders, empty files."""
-    if not path.exists():
-        raise InputError(path, "file does not exist")
-    if path.is_dir():
-        raise InputError(path, "is a folder, not a NIfTI file")
+    """File size and whether it is gzip-compressed. The file type is checked with ``os.stat`` before the file is
+    opened (opening a FIFO with no writer would block forever): only regular files are read."""
     try:
-        size = path.stat().st_size
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(path, "file does not exist")
+    except OSError as err:
+        raise InputError(path, f"cannot read: {err.strerror or err}")
+    for is_kind, problem in _NOT_REGULAR:
+        if is_kind(st.st_mode):
+            raise InputError(path, problem)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(path, "is not a regular file")
+    if st.st_size == 0:
+        raise InputError(path, "empty file")
+    try:
         with open(path, "rb") as f:
             magic = f.read(2)
     except OSError as err:
         raise InputError(path, f"cannot read: {err.strerror or err}")
-    if size == 0:
-        raise InputError(path, "empty file")
-    return size, magic == _GZIP_MAGIC
+    return st.st_size, magic == _GZIP_MAGIC
 
 
 def _read_header(path: Path, stream: IO[bytes]) -> nib.Nifti1Header:
@@ -234,7 +249,8 @@ def _read_voxels(path: Path, stream: IO[bytes], hdr: nib.Nifti1Header, shape: tu
     return data
 
 
-def _apply_scaling(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> np.ndarray:
+def _scaling(path: Path, hdr: nib.Nifti1Header) -> tuple[float, float] | None:
+    """``(slope, inter)`` when the header scales intensities (nibabel's semantics), else None."""
     from nibabel.spatialimages import HeaderDataError
 
     try:
@@ -242,7 +258,15 @@ def _apply_scaling(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> np.nd
     except HeaderDataError as err:
         raise InputError(path, f"invalid intensity scaling: {err}")
     if slope is None or (slope == 1.0 and inter == 0.0):
+        return None
+    return float(slope), float(inter or 0.0)
+
+
+def _apply_scaling(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> np.ndarray:
+    scaling = _scaling(path, hdr)
+    if scaling is None:
         return data
+    slope, inter = scaling
     out = np.multiply(data, np.float32(slope), dtype=np.float32)
     if inter:
         out += np.float32(inter)
@@ -276,22 +300,31 @@ def _is_oblique(affine: np.ndarray) -> bool:
 def _check_affine(path: Path | None, affine: np.ndarray) -> None:
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise InputError(path, "the affine (sform/qform) is not a finite 4x4 matrix")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    with np.errstate(all="ignore"):
+        det = float(np.linalg.det(affine[:3, :3]))
+    if not abs(det) >= 1e-12:
         raise InputError(path, "the affine (sform/qform) is singular")
 
 
-def read_image(path: str | Path, max_voxels: int = 2**31) -> LoadedImage:
+Preflight = Callable[[Path, tuple[int, int, int], np.ndarray, int, bool], None]
+"""``preflight(path, shape, affine, itemsize, scaled)``: called after the header checks, before any voxel array is
+allocated (e.g. :func:`flare.runtime.limits.check_grids` on the grids the pipeline will need); raises to refuse."""
+
+
+def read_image(path: str | Path, max_voxels: int = 2**31, preflight: Preflight | None = None) -> LoadedImage:
     """Read and validate a 3-D NIfTI image (``.nii`` or ``.nii.gz``); every problem is one ``InputError``."""
     path = Path(path)
     file_size, compressed = _check_path(path)
     with _open_stream(path, compressed) as stream:
         hdr = _read_header(path, stream)
         shape, dtype, offset = _validate(path, hdr, file_size, compressed, max_voxels)
+        hdr.set_data_shape(shape)  # squeezes trailing singleton dimensions
+        affine = _header_affine(path, hdr)
+        scaled = _scaling(path, hdr) is not None
+        if preflight is not None:
+            preflight(path, shape, affine, dtype.itemsize, scaled)
         data = _read_voxels(path, stream, hdr, shape, dtype, offset, compressed)
     data = _replace_non_finite(path, _apply_scaling(path, hdr, data))
-    hdr.set_data_shape(shape)  # squeezes trailing singleton dimensions
-    affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
-    _check_affine(path, affine)
     oblique = _is_oblique(affine)
     if oblique:
         log.warning("%s: oblique affine (axes not aligned with the world axes); using the closest canonical axes",
@@ -299,6 +332,17 @@ def read_image(path: str | Path, max_voxels: int = 2**31) -> LoadedImage:
     zooms = hdr.get_zooms()
     spacing = (float(zooms[0]), float(zooms[1]), float(zooms[2]))
     return LoadedImage(path, data, affine, hdr, spacing, oblique)
+
+
+def _header_affine(path: Path, hdr: nib.Nifti1Header) -> np.ndarray:
+    """nibabel's best affine (sform, else qform, else pixdim), checked finite and invertible."""
+    with np.errstate(all="ignore"):
+        try:
+            affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+        except (ValueError, ArithmeticError) as err:
+            raise InputError(path, f"invalid orientation (qform/sform) in the header: {err}")
+    _check_affine(path, affine)
+    return affine
 
 
 def from_array(data: np.ndarray, affine: np.ndarray) -> LoadedImage:

@@ -77,6 +77,14 @@ class Segmenter:
                                        if self.bundle.locator is not None else None)
         self.load_s = time.perf_counter() - t0
 
+    def check_grids(self, path: Path | None, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int,
+                    scaled: bool) -> None:
+        """Refuse (one-line InputError) an image whose grids in this pipeline would exceed the limits
+        (:mod:`flare.runtime.limits`); called from the header, before the voxels are read."""
+        from .limits import check_grids, pipeline_grids
+
+        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, self.bundle))
+
     # -- stages -------------------------------------------------------------------------------------------------
     def _locate(self, data_ras: np.ndarray, spacing: tuple[float, float, float]) -> LocateResult:
         if self.locator is None:
@@ -140,7 +148,11 @@ class Segmenter:
             hooks.stage_end(name, times[name])
 
         with stage("read"):
-            img = image if isinstance(image, LoadedImage) else read_image(image)
+            if isinstance(image, LoadedImage):
+                img = image
+                self.check_grids(img.path, img.shape, img.affine, img.data.dtype.itemsize, False)
+            else:
+                img = read_image(image, preflight=self.check_grids)
             data_ras, affine_ras, reorient = to_canonical(img)
             spacing = spacing_from_affine(affine_ras)
         with stage("locate"):
