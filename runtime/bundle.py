@@ -1,6 +1,7 @@
 """The model bundle: ``bundle.json`` plus model files, the only thing the runtime needs.
 
-Schema (format version 1)::
+Schema (format version 1; machine-checked with ``jsonschema`` against ``bundle.schema.json`` beside this module,
+with strict integers, after size and nesting-depth limits)::
 
     {
       "format": "flare-bundle", "format_version": 1,
@@ -28,6 +29,7 @@ foreground where > 0) or several (foreground where argmax > 0). Folds output mer
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -40,7 +42,6 @@ from .labels import check_snapshot
 FORMAT = "flare-bundle"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16")
-_DTYPES = {"float32", "float16"}
 
 
 @dataclass(frozen=True)
@@ -115,63 +116,127 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _get(d: dict, key: str, where: str, bundle_json: Path) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise BundleError(bundle_json, f"missing field {where}{key}")
-    return d[key]
+MAX_BUNDLE_JSON_BYTES = 4 * 2**20
+"""bundle.json larger than this is refused before it is read."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays/objects accepted in bundle.json (checked before parsing; the format needs 5)."""
+SCHEMA_FILE = Path(__file__).with_name("bundle.schema.json")
 
 
-def _triple(value: Any, key: str, bundle_json: Path, kind: type = float) -> tuple:
-    if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise BundleError(bundle_json, f"field {key} must be a list of 3 numbers")
+def _json_depth(text: str) -> int:
+    """Deepest ``[``/``{`` nesting outside strings, without parsing (so a 100k-deep file cannot recurse)."""
+    import re
+
+    import numpy as np
+
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text).encode("utf-8", "replace")
+    b = np.frombuffer(bare, dtype=np.uint8)
+    opens = (b == ord("[")) | (b == ord("{"))
+    closes = (b == ord("]")) | (b == ord("}"))
+    return int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_json(bundle_json: Path) -> Any:
+    """Parse bundle.json after bounding its size and nesting depth; NaN/Infinity are refused."""
     try:
-        out = tuple(kind(v) for v in value)
-    except (TypeError, ValueError):
-        raise BundleError(bundle_json, f"field {key} must be a list of 3 numbers") from None
-    if not all(v > 0 for v in out):
-        raise BundleError(bundle_json, f"field {key} must be positive")
-    return out
+        size = bundle_json.stat().st_size
+        if size > MAX_BUNDLE_JSON_BYTES:
+            raise BundleError(bundle_json, f"bundle.json is {size} bytes, more than the limit of "
+                                           f"{MAX_BUNDLE_JSON_BYTES}")
+        text = bundle_json.read_text(encoding="utf-8")
+        depth = _json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise BundleError(bundle_json, f"bundle.json nests {depth} levels deep, more than the limit of "
+                                           f"{MAX_JSON_DEPTH}")
+        return json.loads(text, parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BundleError(bundle_json, f"cannot parse bundle.json ({exc.__class__.__name__}: {exc})") from None
 
 
-def _model(entry: Any, where: str, root: Path, bundle_json: Path, verify: bool) -> ModelSpec:
-    if not isinstance(entry, dict):
-        raise BundleError(bundle_json, f"{where} must be an object")
-    files_raw = _get(entry, "files", f"{where}.", bundle_json)
-    if not isinstance(files_raw, dict) or not files_raw:
-        raise BundleError(bundle_json, f"{where}.files must name at least one precision")
+@functools.cache
+def _validator() -> Any:
+    """The JSON Schema validator of bundle.schema.json, with strict integers (``1.0`` and ``true`` are not)."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    base = jsonschema.validators.validator_for(schema)
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+    strict = jsonschema.validators.extend(base, type_checker=checker)
+    strict.check_schema(schema)
+    return strict(schema)
+
+
+def _where(path: Any) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def validate_bundle_json(raw: Any, bundle_json: Path) -> None:
+    """Check ``raw`` against bundle.schema.json; the most relevant violation becomes a one-line BundleError."""
+    from jsonschema.exceptions import best_match
+
+    err = best_match(_validator().iter_errors(raw))
+    if err is None:
+        return
+    where = _where(err.absolute_path)
+    if err.validator == "required":
+        missing = str(err.message).split("'")[1] if "'" in str(err.message) else str(err.message)
+        raise BundleError(bundle_json, f"missing field {where + '.' if where else ''}{missing}")
+    message = str(err.message)
+    if len(message) > 160:
+        message = message[:160] + "..."
+    raise BundleError(bundle_json, f"field {where or '(top level)'}: {message}")
+
+
+def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, verify: bool) -> ModelSpec:
+    """A schema-valid MODEL entry → ModelSpec, after the file checks (inside the bundle, present, sha256)."""
     files: dict[str, ModelFile] = {}
-    for precision, f in files_raw.items():
-        if precision not in PRECISIONS:
-            raise BundleError(bundle_json, f"{where}.files has unknown precision {precision!r}")
-        rel = str(_get(f, "path", f"{where}.files.{precision}.", bundle_json))
+    for precision, f in entry["files"].items():
+        rel = f["path"]
         path = (root / rel).resolve()
         if root.resolve() not in path.parents:
             raise BundleError(bundle_json, f"{where}.files.{precision}.path {rel!r} points outside the bundle")
-        digest = str(_get(f, "sha256", f"{where}.files.{precision}.", bundle_json))
         if not path.is_file():
             raise BundleError(path, f"model file of {where} ({precision}) is missing")
-        if verify and sha256_file(path) != digest:
+        if verify and sha256_file(path) != f["sha256"]:
             raise BundleError(path, f"sha256 mismatch for {where} ({precision}): the file was changed or corrupted")
-        dtypes = (f.get("input_dtype", "float32"), f.get("output_dtype", "float32"))
-        if not set(dtypes) <= _DTYPES:
-            raise BundleError(bundle_json, f"{where}.files.{precision} has unsupported dtypes {dtypes}")
-        files[precision] = ModelFile(path, digest, str(f.get("input_name", "image")),
-                                     str(f.get("output_name", "logits")), dtypes[0], dtypes[1])
-    try:
-        return ModelSpec(
-            name=str(entry.get("name", where)),
-            in_channels=int(entry.get("in_channels", 1)),
-            out_channels=int(_get(entry, "out_channels", f"{where}.", bundle_json)),
-            spatial_divisor=int(entry.get("spatial_divisor", 16)),
-            opset=int(entry.get("opset", 17)),
-            files=files,
-        )
-    except (TypeError, ValueError) as exc:
-        raise BundleError(bundle_json, f"{where} has a malformed field: {exc}") from None
+        files[precision] = ModelFile(path, f["sha256"], f.get("input_name", "image"), f.get("output_name", "logits"),
+                                     f.get("input_dtype", "float32"), f.get("output_dtype", "float32"))
+    return ModelSpec(name=entry.get("name", where), in_channels=entry.get("in_channels", 1),
+                     out_channels=entry["out_channels"], spatial_divisor=entry.get("spatial_divisor", 16),
+                     opset=entry.get("opset", 17), files=files)
+
+
+def _check_cross_fields(b: Bundle, bundle_json: Path) -> None:
+    """Rules between fields that a JSON Schema cannot express."""
+    from .labels import NUM_MERGED_CLASSES
+
+    if not b.hu_window[0] < b.hu_window[1]:
+        raise BundleError(bundle_json, "preprocessing.hu_window must be [low, high] with low < high")
+    for i, m in enumerate(b.folds):
+        if m.out_channels != NUM_MERGED_CLASSES:
+            raise BundleError(bundle_json, f"folds[{i}].out_channels is {m.out_channels}; the folds must output "
+                                           f"the {NUM_MERGED_CLASSES} merged classes")
+        if any(r % m.spatial_divisor for r in b.roi):
+            raise BundleError(bundle_json, f"tiling.roi {list(b.roi)} is not divisible by folds[{i}]."
+                                           f"spatial_divisor {m.spatial_divisor}")
+    if b.locator is not None and any(r % b.locator.spatial_divisor for r in b.locator_roi):
+        raise BundleError(bundle_json, f"tiling.locator_roi {list(b.locator_roi)} is not divisible by "
+                                       f"locator.spatial_divisor {b.locator.spatial_divisor}")
 
 
 def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
-    """Load and validate a bundle folder (or its ``bundle.json``). Any problem raises a one-line BundleError."""
+    """Load and validate a bundle folder (or its ``bundle.json``). Any problem raises a one-line BundleError.
+
+    Order: size and depth limits, JSON parse, format and version gate, JSON Schema (bundle.schema.json), label
+    registry, model files (inside the bundle, present, sha256), cross-field rules. The models' real inputs and
+    outputs are checked against the declaration when an engine opens them
+    (:func:`flare.runtime.bundle_contract.check_model_contract`).
+    """
     path = Path(path)
     bundle_json = path if path.name == "bundle.json" else path / "bundle.json"
     root = bundle_json.parent
@@ -179,53 +244,44 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(root, "bundle folder does not exist (run flare-export or flare-demo, or pass --bundle)")
     if not bundle_json.is_file():
         raise BundleError(bundle_json, "bundle.json is missing: not a flare bundle folder")
-    try:
-        raw = json.loads(bundle_json.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(bundle_json, f"cannot parse bundle.json ({exc.__class__.__name__}: {exc})") from None
+    raw = _read_json(bundle_json)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleError(bundle_json, f"not a flare bundle (field format must be {FORMAT!r})")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(bundle_json, f"bundle format_version {version!r} is not supported by this runtime "
-                                       f"(supports {FORMAT_VERSION}); re-export it or upgrade flare")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise BundleError(bundle_json, f"bundle format_version {json.dumps(version)} is not supported by this runtime "
+                                       f"(supports the integer {FORMAT_VERSION}); re-export it or upgrade flare")
+    validate_bundle_json(raw, bundle_json)
     try:
-        check_snapshot(_get(raw, "labels", "", bundle_json))
+        check_snapshot(raw["labels"])
     except ValueError as exc:
-        raise BundleError(bundle_json, str(exc)) from None
-    pre = _get(raw, "preprocessing", "", bundle_json)
-    folds_raw = _get(raw, "folds", "", bundle_json)
-    if not isinstance(folds_raw, list) or not folds_raw:
-        raise BundleError(bundle_json, "field folds must list at least one model")
-    folds = tuple(_model(m, f"folds[{i}]", root, bundle_json, verify_hashes) for i, m in enumerate(folds_raw))
+        raise BundleError(bundle_json, f"labels: {exc}") from None
+    except (KeyError, TypeError, AttributeError):
+        raise BundleError(bundle_json, "labels: malformed label registry snapshot") from None
+    pre, tiling, post = raw["preprocessing"], raw.get("tiling", {}), raw.get("postprocess", {})
+    folds = tuple(_model(m, f"folds[{i}]", root, bundle_json, verify_hashes) for i, m in enumerate(raw["folds"]))
     locator = raw.get("locator")
-    loc = _model(locator, "locator", root, bundle_json, verify_hashes) if locator else None
-    tiling = raw.get("tiling", {})
-    post = raw.get("postprocess", {})
-    hu = _get(pre, "hu_window", "preprocessing.", bundle_json)
-    if not isinstance(hu, (list, tuple)) or len(hu) != 2 or not float(hu[0]) < float(hu[1]):
-        raise BundleError(bundle_json, "preprocessing.hu_window must be [low, high] with low < high")
-    overlap = float(tiling.get("overlap", 0.0))
-    if not 0.0 <= overlap < 1.0:
-        raise BundleError(bundle_json, "tiling.overlap must lie in [0, 1)")
-    return Bundle(
+    hu = pre["hu_window"]
+    b = Bundle(
         root=root,
         raw=raw,
-        locator=loc,
+        locator=_model(locator, "locator", root, bundle_json, verify_hashes) if locator else None,
         folds=folds,
-        spacing_mm=_triple(_get(pre, "spacing_mm", "preprocessing.", bundle_json), "spacing_mm", bundle_json),
+        spacing_mm=tuple(float(v) for v in pre["spacing_mm"]),  # type: ignore[arg-type]
         hu_window=(float(hu[0]), float(hu[1])),
-        locator_spacing_mm=_triple(pre.get("locator_spacing_mm", [4, 4, 4]), "locator_spacing_mm", bundle_json),
+        locator_spacing_mm=tuple(float(v) for v in pre.get("locator_spacing_mm", [4, 4, 4])),  # type: ignore[arg-type]
         locator_margin_mm=float(pre.get("locator_margin_mm", 20.0)),
-        roi=_triple(tiling.get("roi", [224, 224, 224]), "tiling.roi", bundle_json, int),
-        locator_roi=_triple(tiling.get("locator_roi", [128, 128, 128]), "tiling.locator_roi", bundle_json, int),
-        overlap=overlap,
-        blend=str(tiling.get("blend", "constant")),
-        min_tumor_voxels=int(post.get("min_tumor_voxels", 100)),
-        largest_component=tuple(int(v) for v in post.get("largest_component", [1, 2, 3, 4, 5, 13])),
-        z_pass=bool(post.get("z_pass", True)),
+        roi=tuple(tiling.get("roi", [224, 224, 224])),  # type: ignore[arg-type]
+        locator_roi=tuple(tiling.get("locator_roi", [128, 128, 128])),  # type: ignore[arg-type]
+        overlap=float(tiling.get("overlap", 0.0)),
+        blend=tiling.get("blend", "constant"),
+        min_tumor_voxels=post.get("min_tumor_voxels", 100),
+        largest_component=tuple(post.get("largest_component", [1, 2, 3, 4, 5, 13])),
+        z_pass=post.get("z_pass", True),
         provenance=dict(raw.get("provenance", {})),
     )
+    _check_cross_fields(b, bundle_json)
+    return b
 
 
 def model_entry(name: str, files: dict[str, dict[str, str]], out_channels: int, in_channels: int = 1,

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import ModelSpec
+from .bundle_contract import check_model_contract
 from .engines import EngineError, _import_ort, _session_options
 
 log = logging.getLogger("flare.runtime")
@@ -183,6 +184,7 @@ class CudaOrtEngine:
             raise EngineError(mf.path, f"{self.provider} is installed but could not be loaded (active: "
                                        f"{', '.join(active)}); check the CUDA/cuDNN libraries (import torch first, "
                                        "or put them on LD_LIBRARY_PATH)")
+        check_model_contract(mf, spec, self.session, probe=False)  # declared names/types/channels vs the model
         self._binding = self.session.io_binding()
         self._in_buf: Any = None
         self._out_buf: Any = None

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .bundle import ModelSpec
+from .bundle_contract import check_model_contract
 from .errors import FlareError
 
 log = logging.getLogger("flare.runtime")
@@ -108,6 +109,7 @@ class OrtEngine:
                                                 providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise EngineError(mf.path, f"ONNX Runtime cannot load this model: {str(exc).splitlines()[0]}") from None
+        check_model_contract(mf, spec, self.session)  # declared names/types/channels/divisor vs the real model
 
     def run(self, tile: np.ndarray) -> np.ndarray:
         feed = {self._input_name: np.ascontiguousarray(tile, dtype=self._in_dtype)}
