@@ -3,7 +3,9 @@
 Per case:
 
 - **cold**: a fresh ``flare-run`` process (model load included — how FLARE times a container), wall time from
-  process start to exit, its JSON report (per-stage times, RSS peak), memory sampled from outside;
+  process start to exit, its JSON report (per-stage times, RSS peak), memory sampled from outside; its host RSS
+  peak is the child's own ``VmHWM`` from the report (exact, not inherited from this process), the 20 ms samples
+  stay as ``rss_sampled_peak_mb``;
 - **warm**: :class:`flare.runtime.Segmenter` loaded once, ``repeats`` runs per case (no output file written);
 - **reference** (optional): the MONAI/PyTorch pipeline in ``auto3dseg`` mode on the same weights (the checkpoints
   behind the bundle), loaded once, ``reference_repeats`` runs per case; Dice per class against the runtime's
@@ -47,9 +49,13 @@ class Run:
     trace: MemoryTrace
     report: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    own_process: bool = False  # a cold run: the report's rss_peak_mb is the child's own VmHWM
 
     def summary(self) -> dict[str, Any]:
         mem = self.trace.summary()
+        mem["rss_sampled_peak_mb"] = mem["rss_peak_mb"]
+        if self.own_process and self.report.get("rss_peak_mb") is not None:
+            mem["rss_peak_mb"] = self.report["rss_peak_mb"]  # exact peak (VmHWM), not a 20 ms sample
         return {"wall_s": self.wall_s, "error": self.error, "stages": self.report.get("stages"),
                 "report_rss_peak_mb": self.report.get("rss_peak_mb"), **mem}
 
@@ -77,7 +83,7 @@ def cold_run(case: Path, bundle: Path, device: str, work: Path) -> Run:
     if proc.returncode != 0:
         line = (err or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return Run(wall, sampler.trace, error=line[0])
-    return Run(wall, sampler.trace, json.loads(rep.read_text()))
+    return Run(wall, sampler.trace, json.loads(rep.read_text()), own_process=True)
 
 
 def warm_run(segmenter: Any, case: Path) -> tuple[Run, np.ndarray]:

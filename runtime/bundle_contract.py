@@ -67,8 +67,12 @@ def _probe(mf: ModelFile, spec: ModelSpec, session: Any) -> None:
     """Run one zero tile of ``spatial_divisor³``: the declared divisor must be accepted, channels must match."""
     d = spec.spatial_divisor
     tile = np.zeros((1, spec.in_channels, d, d, d), dtype=_NP_TYPES[mf.input_dtype])
+    import onnxruntime as ort  # the session exists, so ONNX Runtime is installed
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the failure becomes our one-line error, not an ONNX Runtime log on stderr
     try:
-        out = session.run([mf.output_name], {mf.input_name: tile})[0]
+        out = session.run([mf.output_name], {mf.input_name: tile}, run_options=quiet)[0]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]
         raise BundleError(mf.path, f"model {spec.name} fails on a {d}x{d}x{d} tile (declared spatial_divisor "

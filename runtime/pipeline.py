@@ -45,6 +45,16 @@ class StageHooks:
 
 
 def _rss_peak_mb() -> float:
+    """This process's own peak resident set size (MB): ``VmHWM`` of ``/proc/self/status`` on Linux (reset at exec,
+    unlike ``getrusage``'s ``ru_maxrss``, which Linux carries over from the parent across fork/exec), else
+    ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
