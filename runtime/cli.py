@@ -1,7 +1,7 @@
 """``flare-run``: segment one CT with a bundle, torch-free.
 
 Exit codes: 0 success, 2 bad input / bundle / output (one line on stderr, no traceback, no output file),
-130 interrupted.
+130 interrupted (SIGINT), 143 SIGTERM, 129 SIGHUP (128 + signal; temp files removed, no output).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .errors import FlareError, InputError, OutputError
+from .lifecycle import Terminated
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Segment an abdominal CT (13 FLARE23 organs + tumor) with an exported flare bundle.")
@@ -98,9 +99,16 @@ def run(
     except KeyboardInterrupt:
         typer.echo("flare-run: interrupted", err=True)
         raise typer.Exit(130) from None
+    except Terminated as sig:
+        typer.echo(f"flare-run: {sig}", err=True)
+        raise typer.Exit(sig.exit_code) from None
 
 
 def main() -> None:
+    from .lifecycle import guard_stderr, install_signal_handlers
+
+    guard_stderr()
+    install_signal_handlers()
     app()
 
 

@@ -23,6 +23,7 @@ from .errors import BundleError
 from .geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
 from .io import LoadedImage, read_image, to_canonical, write_labels
 from .labels import merged_to_flare
+from .lifecycle import pause_point
 from .locate import LocateResult, locate, whole_box
 from .lr_split import split_left_right
 from .postprocess import postprocess
@@ -151,6 +152,7 @@ class Segmenter:
 
         @contextmanager
         def stage(name: str) -> Iterator[None]:
+            pause_point(f"stage:{name}")  # test hook (FLARE_TEST_PAUSE_AT); a no-op otherwise
             hooks.stage_start(name)
             t0 = time.perf_counter()
             yield
