@@ -8,7 +8,8 @@ allocated, so a 300-byte file that claims a terabyte of voxels is refused with a
   with ``isal.igzip`` when installed (about 2x faster than the standard library), else :mod:`gzip`;
 * a single-file NIfTI-1 (``n+1``) or NIfTI-2 (``n+2``) header, either byte order;
 * 3-D, or 4-D and higher with every extra dimension 1 (squeezed); every dimension >= 1; voxels <= ``max_voxels``;
-* spacing (``pixdim``) finite and > 0; the affine finite and invertible;
+* spacing (``pixdim``) finite and > 0; ``qform_code``/``sform_code`` valid NIfTI codes; the affine (sform, else
+  qform, else pixdim) finite and invertible — all before the voxels are read;
 * data type int8/uint8/int16/uint16/int32/uint32/int64/uint64/float32/float64;
 * plausible size: an uncompressed file must hold ``vox_offset + n * itemsize`` bytes; a gzip file must satisfy
   ``vox_offset + n * itemsize <= 1032 * compressed size`` (deflate cannot compress better than 1032:1). The gzip
@@ -206,6 +207,12 @@ def _validate(path: Path, hdr: nib.Nifti1Header, file_size: int, compressed: boo
     zooms = [float(z) for z in hdr["pixdim"][1:4]]
     if not all(math.isfinite(z) and z > 0 for z in zooms):
         raise InputError(path, f"invalid voxel spacing {tuple(zooms)} (must be finite and > 0)")
+    from nibabel.nifti1 import xform_codes
+
+    for key in ("qform_code", "sform_code"):
+        if int(hdr[key]) not in xform_codes.value_set():
+            raise InputError(path, f"invalid {key} {int(hdr[key])} in the header (valid: "
+                                   f"{', '.join(str(c) for c in sorted(xform_codes.value_set()))})")
     try:
         dtype = hdr.get_data_dtype()
     except KeyError:
