@@ -21,7 +21,7 @@ import pytest
 from conftest import data_path
 from flare.runtime.bundle import load_bundle, sha256_file
 from flare.runtime.errors import BundleError, InputError, OutputError
-from flare.runtime.limits import Limits, LimitError, check_grids, parse_size, pipeline_grids
+from flare.runtime.limits import LimitError, Limits, check_grids, parse_size, pipeline_grids
 from flare.runtime.outputs import check_outputs, same_file
 
 RUN = [sys.executable, "-m", "flare.runtime.cli"]
@@ -252,13 +252,13 @@ def test_model_contract(tiny_bundle: Path, tmp_path: Path, case: str) -> None:
 def test_report_rss_is_the_childs_own_peak(tiny_bundle: Path, ct: Path, tmp_path: Path) -> None:
     """A parent at ~1 GiB runs flare-run: ru_maxrss would carry the parent's peak over, VmHWM does not."""
     rep = tmp_path / "r.json"
-    script = (
-        "import subprocess, sys\n"
-        "big = bytearray(1024**3)\n"
-        "big[::4096] = b'\\x01' * len(big[::4096])\n"
-        f"sys.exit(subprocess.run({[*RUN, str(ct), '-o', str(tmp_path / 'o.nii.gz'), '--bundle', str(tiny_bundle), '-q', '--report', str(rep)]!r}).returncode)\n"  # noqa: E501
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    script = ("import subprocess, sys\n"
+              "big = bytearray(1024**3)\n"
+              "big[::4096] = b'\\x01' * len(big[::4096])  # touch every page: the parent's peak is ~1 GiB\n"
+              "sys.exit(subprocess.run(sys.argv[1:]).returncode)\n")
+    cmd = [*RUN, str(ct), "-o", str(tmp_path / "o.nii.gz"), "--bundle", str(tiny_bundle), "-q", "--report", str(rep)]
+    proc = subprocess.run([sys.executable, "-c", script, *cmd], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     peak = json.loads(rep.read_text())["rss_peak_mb"]
     assert 20 < peak < 900, peak
