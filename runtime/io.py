@@ -1,12 +1,14 @@
 """Reading CT volumes, reorienting them to canonical RAS and back, and writing label maps.
 
 Reading (:func:`read_image`) is defensive: the NIfTI header is parsed first and checked before the voxel array is
-allocated (``preflight`` lets the caller refuse from the header, e.g. the pipeline's grid limits), so a 300-byte file that claims a terabyte of voxels is refused with a one-line
-:class:`~flare.runtime.errors.InputError` instead of exhausting memory. Checks, in order:
+allocated (``preflight`` lets the caller refuse from the header, e.g. the pipeline's grid limits), so a 300-byte
+file that claims a terabyte of voxels is refused with a one-line :class:`~flare.runtime.errors.InputError` instead
+of exhausting memory. Checks, in order:
 
 * the path exists and is a regular file (``os.stat`` before opening: a FIFO, character/block device, socket or
-  folder is refused at once — opening a FIFO without a writer would block forever), not empty; gzip is recognised by its magic bytes (not the name) and decompressed
-  with ``isal.igzip`` when installed (about 2x faster than the standard library), else :mod:`gzip`;
+  folder is refused at once — opening a FIFO without a writer would block forever), not empty; gzip is
+  recognised by its magic bytes (not the name) and decompressed with ``isal.igzip`` when installed (about 2x
+  faster than the standard library), else :mod:`gzip`;
 * a single-file NIfTI-1 (``n+1``) or NIfTI-2 (``n+2``) header, either byte order;
 * 3-D, or 4-D and higher with every extra dimension 1 (squeezed); every dimension >= 1; voxels <= ``max_voxels``;
 * spacing (``pixdim``) finite and > 0; ``qform_code``/``sform_code`` valid NIfTI codes; the affine (sform, else
