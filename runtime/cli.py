@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -45,7 +44,9 @@ def check_output(output: Path, input_path: Path, report: Path | None = None, bun
 
 
 def _setup_logging(quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    from .lifecycle import StderrHandler
+
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("flare-run: warning: %(message)s"))
     logger = logging.getLogger("flare.runtime")
     logger.handlers[:] = [handler]

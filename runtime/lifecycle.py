@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["Terminated", "guard_stderr", "install_signal_handlers", "pause_point"]
+__all__ = ["StderrHandler", "Terminated", "guard_stderr", "install_signal_handlers", "pause_point"]
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -87,6 +88,22 @@ class _SafeStream(io.TextIOBase):
     @property
     def errors(self) -> str | None:  # type: ignore[override]
         return getattr(self._target, "errors", None) or "backslashreplace"
+
+
+class StderrHandler(logging.StreamHandler):
+    """A logging handler that writes to whatever ``sys.stderr`` is when a record is emitted (the guarded stream,
+    or a test runner's capture), never to a stream captured once and closed since."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def guard_stderr() -> None:

@@ -102,7 +102,8 @@ def _write(path: Path, h: dict) -> None:
     hdr["scl_slope"], hdr["scl_inter"] = h["slope"], h["inter"]
     hdr["qform_code"], hdr["sform_code"] = h["qform_code"], h["sform_code"]
     hdr["quatern_b"], hdr["quatern_c"], hdr["quatern_d"] = h["quatern"]
-    c, s = math.cos(h["angle"]), math.sin(h["angle"])
+    with np.errstate(invalid="ignore"):
+        c, s = np.cos(h["angle"]), np.sin(h["angle"])  # NaN for a non-finite angle (a fault)
     rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) * np.abs(np.nan_to_num(h["pixdim"][1:4]))
     if h["singular"]:
         rot[:, 2] = 0.0
