@@ -82,6 +82,9 @@ def run(
         out = output if output is not None else default_output(input)
         bundle = bundle or default_bundle_dir()
         check_output(out, input, report, bundle)
+        from .limits import preflight
+
+        preflight(input, bundle)  # header checks and grid limits before any model is loaded (fast refusal)
         from .progress import run_with_progress
 
         rep = run_with_progress(input, out, bundle, device=device, folds=folds,

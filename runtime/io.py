@@ -49,7 +49,8 @@ from .geometry import spacing_from_affine
 if TYPE_CHECKING:
     import nibabel as nib
 
-__all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "from_array", "read_image",
+__all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "check_header", "from_array",
+           "read_image",
            "to_canonical", "write_labels"]
 
 log = logging.getLogger("flare.runtime")
@@ -321,27 +322,53 @@ Preflight = Callable[[Path, tuple[int, int, int], np.ndarray, int, bool], None]
 allocated (e.g. :func:`flare.runtime.limits.check_grids` on the grids the pipeline will need); raises to refuse."""
 
 
+@dataclass(frozen=True)
+class _Header:
+    hdr: nib.Nifti1Header
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    offset: int
+    affine: np.ndarray
+    scaled: bool
+
+
+def _checked_header(path: Path, stream: IO[bytes], file_size: int, compressed: bool, max_voxels: int,
+                    preflight: Preflight | None) -> _Header:
+    """Every check that needs only the header (the stream is left after it), then ``preflight``."""
+    hdr = _read_header(path, stream)
+    shape, dtype, offset = _validate(path, hdr, file_size, compressed, max_voxels)
+    hdr.set_data_shape(shape)  # squeezes trailing singleton dimensions
+    affine = _header_affine(path, hdr)
+    scaled = _scaling(path, hdr) is not None
+    if preflight is not None:
+        preflight(path, shape, affine, dtype.itemsize, scaled)
+    return _Header(hdr, shape, dtype, offset, affine, scaled)
+
+
+def check_header(path: str | Path, max_voxels: int = 2**31, preflight: Preflight | None = None) -> None:
+    """The checks of :func:`read_image` that need only the header (and ``preflight``), without reading voxels:
+    a cheap refusal before anything else is loaded."""
+    path = Path(path)
+    file_size, compressed = _check_path(path)
+    with _open_stream(path, compressed) as stream:
+        _checked_header(path, stream, file_size, compressed, max_voxels, preflight)
+
+
 def read_image(path: str | Path, max_voxels: int = 2**31, preflight: Preflight | None = None) -> LoadedImage:
     """Read and validate a 3-D NIfTI image (``.nii`` or ``.nii.gz``); every problem is one ``InputError``."""
     path = Path(path)
     file_size, compressed = _check_path(path)
     with _open_stream(path, compressed) as stream:
-        hdr = _read_header(path, stream)
-        shape, dtype, offset = _validate(path, hdr, file_size, compressed, max_voxels)
-        hdr.set_data_shape(shape)  # squeezes trailing singleton dimensions
-        affine = _header_affine(path, hdr)
-        scaled = _scaling(path, hdr) is not None
-        if preflight is not None:
-            preflight(path, shape, affine, dtype.itemsize, scaled)
-        data = _read_voxels(path, stream, hdr, shape, dtype, offset, compressed)
-    data = _replace_non_finite(path, _apply_scaling(path, hdr, data))
-    oblique = _is_oblique(affine)
+        h = _checked_header(path, stream, file_size, compressed, max_voxels, preflight)
+        data = _read_voxels(path, stream, h.hdr, h.shape, h.dtype, h.offset, compressed)
+    data = _replace_non_finite(path, _apply_scaling(path, h.hdr, data))
+    oblique = _is_oblique(h.affine)
     if oblique:
         log.warning("%s: oblique affine (axes not aligned with the world axes); using the closest canonical axes",
                     path)
-    zooms = hdr.get_zooms()
+    zooms = h.hdr.get_zooms()
     spacing = (float(zooms[0]), float(zooms[1]), float(zooms[2]))
-    return LoadedImage(path, data, affine, hdr, spacing, oblique)
+    return LoadedImage(path, data, h.affine, h.hdr, spacing, oblique)
 
 
 def _header_affine(path: Path, hdr: nib.Nifti1Header) -> np.ndarray:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .bundle import Bundle
 
 __all__ = ["DEFAULT_MAX_GRID_BYTES", "DEFAULT_MAX_GRID_VOXELS", "Grid", "Limits", "check_grids", "pipeline_grids",
-           "ras_geometry"]
+           "preflight", "ras_geometry"]
 
 DEFAULT_MAX_GRID_VOXELS = 1_000_000_000
 DEFAULT_MAX_GRID_BYTES = 16 * 2**30
@@ -142,6 +142,21 @@ def pipeline_grids(shape: Sequence[int], affine: np.ndarray, itemsize: int, scal
               Grid("labels at the model spacing", model, 1),
               Grid("output labels", ras_shape, 1)]
     return grids
+
+
+def preflight(image: str | Path, bundle_dir: str | Path, limits: Limits | None = None) -> None:
+    """Refuse ``image`` from its header alone, before any model is loaded: the header checks of ``read_image`` and
+    the grid limits for ``bundle_dir`` (its bundle.json only; the model files are checked when they are loaded)."""
+    from .bundle import load_bundle
+    from .io import check_header
+
+    bundle = load_bundle(bundle_dir, verify_hashes=False)
+    limits = limits or Limits.from_env()
+
+    def grids(path: Path, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int, scaled: bool) -> None:
+        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, bundle), limits)
+
+    check_header(image, preflight=grids)
 
 
 def check_grids(path: str | Path | None, grids: Sequence[Grid], limits: Limits | None = None) -> None:

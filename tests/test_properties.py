@@ -139,6 +139,7 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("props")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # huge values into float32 fields
 @settings(max_examples=80, derandomize=True, database=None, deadline=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
