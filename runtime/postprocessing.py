@@ -17,8 +17,8 @@ relabelled.
    run. Other labels are never touched.
 
    The paper mode is array-API code: it runs on whatever module the label map belongs to (``numpy``, or ``cupy``
-   for a map on the GPU), with only per-label ``==`` / ``any`` reductions and slice assignments on the device; the
-   run bookkeeping works on the tiny (organs × Z) occupancy matrix on the host.
+   for a map on the GPU), with only per-label ``==`` / ``any`` reductions, ``count_nonzero`` and slice assignments
+   on the device; the run bookkeeping works on the tiny (organs × Z) occupancy matrix on the host.
 
 ``mode="strict"`` (the rules of earlier flare versions; ``flare-run --postprocess strict``), three rules in order:
 
@@ -124,6 +124,18 @@ def array_module(arr: Any) -> ModuleType:
     return module
 
 
+#: label-map bytes per block of the paper mode's numpy scans: cache-sized blocks instead of whole-map temporaries
+#: make the scans about twice as fast on a 384x384x375 map; on the GPU the whole map is one block
+HOST_BLOCK_BYTES: Final = 2 << 20
+
+
+def _blocks(arr: Any, xp: ModuleType) -> list[Any]:
+    """Views of ``arr`` along axis 0: blocks of about :data:`HOST_BLOCK_BYTES` on numpy, the whole array else."""
+    rows = arr.shape[0]
+    step = max(1, HOST_BLOCK_BYTES * max(1, rows) // max(1, arr.nbytes)) if xp is np else max(1, rows)
+    return [arr[x0:x0 + step] for x0 in range(0, rows, step)]
+
+
 def _voxel_mm3(spacing: tuple[float, float, float]) -> float:
     voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=np.float64)))
     if not voxel_mm3 > 0:
@@ -147,11 +159,10 @@ def remove_tumor_if_small(labels: Any, spacing: tuple[float, float, float], min_
     if min_tumor_voxels <= 0:
         return 0
     xp = array_module(labels)
-    tumor = labels == TUMOR
-    total = int(xp.count_nonzero(tumor))
+    total = sum(int(xp.count_nonzero(block == xp.uint8(TUMOR))) for block in _blocks(labels, xp))
     if total == 0 or not _under(total, voxel_mm3, min_tumor_voxels):
         return 0
-    labels[tumor] = 0
+    labels[labels == xp.uint8(TUMOR)] = 0
     return total
 
 
@@ -179,6 +190,17 @@ def largest_run(occupied: np.ndarray, voxels: Callable[[int, int], int] | None =
     return int(runs[best, 0]), int(runs[best, 1])
 
 
+def _z_occupancy(lab: Any, organs: tuple[int, ...], xp: ModuleType) -> Any:
+    """``(len(organs), Z)`` booleans of a map with z last: True where slice z holds the organ. One compare and one
+    any-reduction per organ and block."""
+    plane = tuple(range(lab.ndim - 1))
+    occupied = xp.zeros((len(organs), lab.shape[-1]), dtype=bool)
+    for block in _blocks(lab, xp):
+        for i, k in enumerate(organs):
+            occupied[i] |= xp.any(block == xp.uint8(k), axis=plane)
+    return occupied
+
+
 def keep_largest_z_run_per_organ(labels: Any, organs: Sequence[int] = Z_RUN_IDS, z_axis: int = 2) -> int:
     """Paper rule 2, in place: each organ of ``organs``, on its own, keeps only its largest run of consecutive z
     slices (see :func:`largest_run`: most slices, then most voxels, then the first); the organ is cleared on its
@@ -191,10 +213,8 @@ def keep_largest_z_run_per_organ(labels: Any, organs: Sequence[int] = Z_RUN_IDS,
         return 0
     xp = array_module(labels)
     lab = xp.moveaxis(labels, z_axis, -1)  # a view: writes go to ``labels``
-    plane = tuple(range(lab.ndim - 1))
-    # (organs, Z) occupancy: one compare + one any-reduction per organ on the device, then a tiny host copy
-    occupied = xp.stack([xp.any(lab == xp.uint8(k), axis=plane) for k in organs])
-    occupied = occupied if xp is np else occupied.get()
+    occupied = _z_occupancy(lab, organs, xp)
+    occupied = occupied if xp is np else occupied.get()  # a tiny (organs, Z) copy to the host
     removed = 0
     for k, row in zip(organs, occupied):
         runs = _runs(row)

@@ -198,6 +198,20 @@ def test_paper_mode_runs_on_the_arrays_own_module_numpy() -> None:
     np.testing.assert_array_equal(base[..., 1::2], IVC)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 40 * 80 * 7, 1 << 30])
+def test_paper_mode_blocked_scans_agree(monkeypatch: pytest.MonkeyPatch, block_bytes: int) -> None:
+    """The numpy scans run over blocks of x rows (one row, seven rows, the whole map): same result."""
+    labels = _paper_phantom()
+    labels[39, 39, 79] = TUMOR  # tumor voxels in the last block count too: 136 in total
+    expected = labels.copy()
+    expected[10:14, 10:14, 70:73] = 0
+    expected[30:40, 0:10, 55:59] = 0
+    monkeypatch.setattr(postprocessing, "HOST_BLOCK_BYTES", block_bytes)
+    np.testing.assert_array_equal(postprocess(labels, ONE_MM), expected)
+    assert not np.count_nonzero(postprocess(labels, ONE_MM, min_tumor_voxels=137) == TUMOR)
+    assert np.count_nonzero(postprocess(labels, ONE_MM, min_tumor_voxels=136) == TUMOR) == 136
+
+
 # ------------------------------------------------------------------------------------------- strict (old rules)
 def test_tumor_threshold_is_exact_at_1mm():
     labels = _blank()
