@@ -374,3 +374,31 @@ def test_real_label_map_strict_mode_keeps_largest_components(real_1mm: tuple[np.
         else:
             assert after[label_id] >= 0.98 * before[label_id], (label_id, before[label_id], after[label_id])
     assert np.all(out[out != 0] == truth[out != 0])  # only removals, no relabelling errors
+
+
+# ------------------------------------------------------------------------------------------- on the GPU (CuPy)
+def _cupy_or_skip():  # type: ignore[no-untyped-def]
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception as exc:  # noqa: BLE001 -- CuPy without a driver raises its own runtime errors
+        pytest.skip(f"no usable CUDA device ({exc.__class__.__name__})")
+    return cupy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["paper", "strict"])
+def test_cupy_map_stays_on_the_device_and_matches_numpy(mode: str, real_1mm: tuple[np.ndarray, np.ndarray]) -> None:
+    cupy = _cupy_or_skip()
+    for labels in (_paper_phantom(), real_1mm[1]):
+        expected = postprocess(labels, ONE_MM, mode=mode)
+        on_device = cupy.asarray(labels)
+        assert array_module(on_device) is cupy
+        out = postprocess(on_device, ONE_MM, mode=mode)
+        assert isinstance(out, cupy.ndarray)
+        np.testing.assert_array_equal(out.get(), expected)
+        np.testing.assert_array_equal(on_device.get(), labels)  # copy=True left the input alone
+        same = postprocess(on_device, ONE_MM, mode=mode, copy=False)
+        assert same is on_device
+        np.testing.assert_array_equal(on_device.get(), expected)
