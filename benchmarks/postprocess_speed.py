@@ -26,7 +26,6 @@ machine and date.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime.atomic import write_text_atomic
 
 SHAPE = (384, 384, 375)
 INNER_Z = 330
@@ -53,7 +51,7 @@ def build_maps(source: Path, seed: int = 0) -> dict[str, np.ndarray]:
     import nibabel as nib
     from flare.runtime.labels import TUMOR, Z_RUN_IDS
 
-    data = np.asarray(nib.load(source).dataobj).astype(np.uint8)
+    data = np.asarray(nib.load(source).dataobj).astype(np.uint8)  # type: ignore[attr-defined]
     inner = (data.shape[0] * 3, data.shape[1] * 3, INNER_Z)
     clean = np.zeros(SHAPE, np.uint8)
     lo = [(s - n) // 2 for s, n in zip(SHAPE, inner)]
@@ -82,8 +80,10 @@ def run(source: Path, repeats: int = 5) -> dict[str, Any]:
     from flare.runtime.postprocessing import MODES, postprocess
 
     maps = build_maps(source)
-    steps: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        mode: (lambda work, mode=mode: postprocess(work, (1.0, 1.0, 1.0), mode=mode, copy=False)) for mode in MODES}
+    def rules(mode: str) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda work: postprocess(work, (1.0, 1.0, 1.0), mode=mode, copy=False)
+
+    steps = {mode: rules(mode) for mode in MODES}
     steps["split_left_right"] = lambda work: split_left_right(work, np.eye(4))
     rows = []
     for case, labels in maps.items():
@@ -114,6 +114,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from flare.benchmarks.cases import shared_data_dir
+    from flare.benchmarks.host_stages import publish
 
     parser = argparse.ArgumentParser(prog="python -m flare.benchmarks.postprocess_speed",
                                      description=__doc__.split("\n")[0])
@@ -127,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{source}: source label map not found (see ../shared/data/README.md)", file=sys.stderr)
         return 2
     doc = run(source, args.repeats)
-    print(markdown(doc))
-    if args.out:
-        write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
-    return 0
+    return publish(doc, markdown(doc), args.out)
 
 
 if __name__ == "__main__":

@@ -402,3 +402,10 @@ def test_cupy_map_stays_on_the_device_and_matches_numpy(mode: str, real_1mm: tup
         same = postprocess(on_device, ONE_MM, mode=mode, copy=False)
         assert same is on_device
         np.testing.assert_array_equal(on_device.get(), expected)
+
+
+def test_speed_benchmark_refuses_a_missing_source(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from flare.benchmarks.postprocess_speed import main
+
+    assert main(["--source", str(tmp_path / "none.nii.gz")]) == 2
+    assert "none.nii.gz: source label map not found" in capsys.readouterr().err
