@@ -63,6 +63,7 @@ __all__ = [
     "remove_tumor_if_small",
 ]
 
+
 class Mode(str, Enum):
     """The rule sets of :func:`postprocess` (``flare-run --postprocess``)."""
     paper = "paper"
