@@ -337,7 +337,7 @@ def test_invalid_xform_codes_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("shape", [(3, 1, 1), (1, 5, 1), (1, 1, 9)])
 def test_components_of_line_shaped_masks(shape: tuple[int, int, int]) -> None:
     """cc3d fails on masks with two axes of size 1 (a 1-voxel CT at coarse spacing gives one)."""
-    from flare.runtime.postprocess import components
+    from flare.runtime.postprocessing import components
 
     mask = (np.arange(int(np.prod(shape))) % 2 == 0).reshape(shape)
     ids, counts = components(mask)
