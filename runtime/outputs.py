@@ -4,7 +4,8 @@
 statistics, preview, summary, DICOM-SEG, ...) and raises a one-line :class:`~flare.runtime.errors.OutputError`
 when
 
-* an output is an existing folder (or a path whose folder is missing or not writable),
+* an output is an existing folder, an existing non-regular file (device, FIFO, socket: the atomic rename would
+  replace the node itself), or a path whose folder is missing or not writable,
 * two outputs are the same file, or an output is one of the inputs.
 
 "The same file" is decided twice: by the fully resolved path (symlinks followed, ``..`` removed, so two spellings
@@ -16,6 +17,7 @@ batch folder, a bundle folder) also protects every existing file below it.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -63,6 +65,9 @@ def check_outputs(inputs: Iterable[str | Path], outputs: Mapping[str, str | Path
         resolved, ident = _identity(out)
         if out.is_dir():
             raise OutputError(out, f"{role} output is an existing folder; give a file name")
+        if ident is not None and not stat.S_ISREG(os.stat(out).st_mode):
+            # the atomic rename would replace the device node / FIFO / socket itself (e.g. /dev/null as root)
+            raise OutputError(out, f"{role} output exists and is not a regular file (a device, FIFO or socket)")
         for src, src_res, src_id in ins:
             if resolved == src_res or (ident is not None and ident == src_id):
                 raise OutputError(out, f"{role} output is the input {src}; it would be overwritten")

@@ -73,6 +73,13 @@ def test_check_outputs_collisions(tmp_path: Path) -> None:
     assert same_file(ct, tmp_path / "hard.nii.gz") and not same_file(ct, tmp_path / "r.json")
 
 
+def test_check_outputs_special_files(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.json")
+    for target in ("/dev/null", tmp_path / "fifo.json"):
+        with pytest.raises(OutputError, match="not a regular file"):
+            check_outputs([], {"report": target})
+
+
 def test_check_outputs_input_folder(tmp_path: Path) -> None:
     series = tmp_path / "series"
     series.mkdir()
