@@ -55,9 +55,12 @@ class Case:
     series_uid: str | None = None
     description: str = ""
     rel: str = ""  # path relative to the INPUT it was found in (disambiguates equal names)
+    error: str | None = None  # found broken while searching (a damaged DICOM file): read() raises it
 
     def read(self) -> LoadedImage:
         """Read and validate the image (one-line ``InputError`` on any problem)."""
+        if self.error is not None:
+            raise InputError(None, self.error)
         if self.kind == "dicom":
             from .dicom import read_dicom
 
@@ -146,9 +149,21 @@ def _other_files(folder: Path, exclude: Sequence[Path]) -> bool:
 
 
 def _series_cases(folder: Path, root: Path, exclude: Sequence[Path], skipped: list[str]) -> list[Case]:
-    from .dicom import find_series
+    """The DICOM CT series under ``folder``. A damaged DICOM file makes only the case around it fail: the search
+    is split per subfolder, and the innermost folder that still fails becomes a case that reports the problem."""
+    from .dicom import find_series, is_dicom_file
 
-    found = [s for s in find_series(folder) if not _inside(s.folder, exclude)]
+    try:
+        found = [s for s in find_series(folder) if not _inside(s.folder, exclude)]
+    except InputError as err:
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                            and not _inside(p, exclude))
+        loose = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)]
+        cases = [c for sub in subfolders for c in _series_cases(sub, root, exclude, skipped)]
+        if loose:  # the files right here (or a subfolder's) hold the problem
+            cases.insert(0, Case(_safe(_rel_name(folder, root)), folder, "dicom", None, "", _rel(folder, root),
+                                 error=str(err)))
+        return cases
     taken = [s for s in found if s.modality.upper() in CASE_MODALITIES]
     skipped.extend(f"{s.folder}: series {s.uid} ({s.modality} {s.description!r}) is not a CT, skipped"
                    for s in found if s not in taken)
@@ -157,15 +172,23 @@ def _series_cases(folder: Path, root: Path, exclude: Sequence[Path], skipped: li
         per_folder[s.folder] = per_folder.get(s.folder, 0) + 1
     cases = []
     for s in sorted(taken, key=lambda s: (str(s.folder), s.uid)):
-        base = s.folder.resolve().name if s.folder.resolve() == root.resolve() else s.folder.name
+        base = _rel_name(s.folder, root)
         if per_folder[s.folder] > 1:
             base = f"{base}_{s.description or s.uid.rsplit('.', 1)[-1]}"
-        try:
-            rel = str(s.folder.relative_to(root))
-        except ValueError:
-            rel = s.folder.name
-        cases.append(Case(_safe(base), s.folder, "dicom", s.uid, s.description, rel))
+        cases.append(Case(_safe(base), s.folder, "dicom", s.uid, s.description, _rel(s.folder, root)))
     return cases
+
+
+def _rel(folder: Path, root: Path) -> str:
+    try:
+        return str(folder.relative_to(root))
+    except ValueError:
+        return folder.name
+
+
+def _rel_name(folder: Path, root: Path) -> str:
+    """A series folder's name; the INPUT folder's own (resolved) name when the series is the INPUT itself."""
+    return folder.resolve().name if folder.resolve() == root.resolve() else folder.name
 
 
 def _is_dicom(path: Path) -> bool:
