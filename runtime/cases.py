@@ -215,13 +215,14 @@ def _cases_of(path: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[
     if others:
         from .entrypoints import need
 
-        message = need([("pydicom", "dicom")], "reading DICOM")
+        message = need([("pydicom", "dicom")])
         if message is None:
             series = _series_cases(path, path, exclude, skipped)
         elif niftis:
-            skipped.append(f"{path}: files other than NIfTI were not searched for DICOM series ({message})")
+            skipped.append(f"{path}: files other than NIfTI were not searched for DICOM series (reading DICOM "
+                           f"{message})")
         else:
-            raise InputError(path, f"holds no NIfTI files; {message}")
+            raise InputError(path, f"holds no NIfTI files; reading DICOM {message}")
     if not niftis and not series:
         raise InputError(path, "folder holds no NIfTI files (.nii, .nii.gz) or DICOM CT series")
     one_series = not niftis and len(series) == 1

@@ -72,9 +72,9 @@ def _check_extras(plan: Plan) -> None:
         reqs.append(("pydicom", "dicom"))
     if plan.fmt is OutputFormat.dicom_seg:
         reqs.append(("highdicom", "dicom"))
-    message = need(reqs, "this run")
+    message = need(reqs)
     if message is not None:
-        raise InputError(None, message)
+        raise InputError(None, f"this run {message}")
 
 
 def _run_plan(plan: Plan, seg: object, quiet: bool) -> int:

@@ -78,16 +78,16 @@ def missing_modules(names: Sequence[str]) -> list[str]:
     return gone
 
 
-def need(reqs: Sequence[tuple[str, str]], what: str) -> str | None:
-    """One line saying which extra(s) to install for ``what``, or ``None`` when all of ``reqs`` are importable."""
-    gone = missing_modules([name for name, _ in reqs])
+def need(reqs: Sequence[tuple[str, str]]) -> str | None:
+    """``"needs the extra …: pip install …"`` (one line) when some of ``reqs`` cannot be imported, else ``None``."""
+    gone = missing_modules(list(dict.fromkeys(name for name, _ in reqs)))
     if not gone:
         return None
     extras = list(dict.fromkeys(extra for name, extra in reqs if name in gone))
     spec = ",".join(extras)
     also = " (or 'gpu' instead of 'cpu' on an NVIDIA GPU)" if "cpu" in extras else ""
     word = "extra" if len(extras) == 1 else "extras"
-    return (f"{what} needs the {word} {', '.join(repr(e) for e in extras)}{also}, not installed (no module "
+    return (f"needs the {word} {', '.join(repr(e) for e in extras)}{also}, not installed (no module "
             f"{', '.join(gone)}): pip install '{DIST}[{spec}]' (from a clone: pip install -e '.[{spec}]')")
 
 
@@ -98,7 +98,7 @@ def launch(name: str, argv: Sequence[str] | None = None) -> None:
         print(f"{name} {version()}")
         raise SystemExit(0)
     cmd = COMMANDS[name]
-    message = need(cmd.requirements(args), name)
+    message = need(cmd.requirements(args))
     if message is not None:
         print(f"{name}: error: {message}", file=sys.stderr)
         raise SystemExit(2)

@@ -259,3 +259,34 @@ def test_dicom_default_output_and_series_pick(dicom_study: tuple[Path, str], tin
     proc = flare_run(mixed / "ct", "--bundle", tiny_bundle, "--device", "cpu", "-q")
     assert proc.returncode == 0, proc.stderr
     assert (mixed / "ct_seg.nii.gz").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def test_plan_names_and_paths(tmp_path: Path) -> None:
+    from flare.runtime.cases import OutputFormat, make_plan
+    from flare.runtime.errors import OutputError
+
+    root = tmp_path / "cts"
+    for rel in ("p1/ct.nii.gz", "p2/ct.nii.gz", "solo.nii", "Solo.nii.gz", ".hidden/x.nii.gz"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    out = root / "segs"  # inside the input folder: not searched
+    (out / "old").mkdir(parents=True)
+    (out / "old" / "y.nii.gz").write_bytes(b"")
+    plan = make_plan([root], output=out, statistics=out, report=tmp_path / "reports")
+    names = [j.case.name for j in plan.jobs]
+    assert names == ["Solo", "solo_2", "p1_ct", "p2_ct"]  # files of a folder before its subfolders
+    assert plan.folder_mode and plan.fmt is OutputFormat.nifti and plan.summary_path == out / "summary.json"
+    assert plan.jobs[2].output == out / "p1_ct.nii.gz" and plan.jobs[2].statistics == out / "p1_ct_stats.json"
+    assert plan.jobs[1].report == tmp_path / "reports" / "solo_2_report.json"
+    assert plan.folders == [tmp_path / "reports"]  # out exists; reports is created before the first case
+    assert not (tmp_path / "reports").exists()
+    single = make_plan([root / "solo.nii"], output=None)  # one file: -o defaults beside it
+    assert not single.folder_mode and single.jobs[0].output == root / "solo_seg.nii.gz"
+    with pytest.raises(OutputError, match="same file"):
+        make_plan([root / "solo.nii"], output=tmp_path / "x.nii.gz", statistics=tmp_path / "r.json",
+                  report=tmp_path / "r.json")
+    with pytest.raises(OutputError, match="must end in .png"):
+        make_plan([root / "solo.nii"], output=tmp_path / "x.nii.gz", preview=tmp_path / "p.jpg")
+    with pytest.raises(OutputError, match="does not match"):
+        make_plan([root / "solo.nii"], output=tmp_path / "x.nii.gz", fmt=OutputFormat.dicom_seg)
