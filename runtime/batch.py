@@ -44,10 +44,12 @@ def _read(job: CaseJob) -> tuple[LoadedImage, float]:
 
 
 def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputFormat,
-                 hooks: StageHooks | None = None) -> dict[str, Any]:
-    """Segment ``img`` and write the job's outputs; returns the run report. Statistics and the preview are computed
-    before the first file is written, so a failure there leaves no output behind."""
+                 hooks: StageHooks | None = None, read_s: float = 0.0) -> dict[str, Any]:
+    """Segment ``img`` and write the job's outputs; returns the run report (``read_s``: seconds it took to read
+    ``img``, added to the report's read stage). Statistics and the preview are computed before the first file is
+    written, so a failure there leaves no output behind."""
     labels, affine, report = seg.segment(img, None, hooks)
+    report["stages"]["read"] = round(report["stages"]["read"] + read_s, 4)
     stats = png = None
     if job.statistics is not None:
         from .stats import label_statistics
@@ -123,8 +125,8 @@ def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], Stage
                                     0.0)
                 try:
                     assert current is not None
-                    img, _ = current.result()
-                    result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job))["stages"]
+                    img, read_s = current.result()
+                    result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s)["stages"]
                     del img
                     result.statistics = None if job.statistics is None else str(job.statistics)
                     result.preview = None if job.preview is None else str(job.preview)

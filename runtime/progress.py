@@ -84,7 +84,7 @@ def run_display(plan: Plan, seg: Segmenter, quiet: bool) -> Iterator[Display]:
         TimeRemainingColumn,
     )
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     console.print(f"flare-run: bundle {seg.bundle.root} · {len(seg.engines)} fold(s) · device {seg.device} "
                   f"({seg.engines[0].precision}) · models loaded in {seg.load_s:.2f} s")
     for line in plan.skipped:
