@@ -104,7 +104,10 @@ def is_dicom_file(path: Path) -> bool:
         return True
     if len(head) < 8 or head[:2] not in (b"\x08\x00", b"\x02\x00"):  # no preamble: must start with group 8 or 2
         return False
-    pydicom, _ = import_dicom()
+    try:
+        import pydicom
+    except ImportError:  # looks like a dataset; reading it will name the extra to install
+        return True
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
     except Exception:  # noqa: BLE001 - anything pydicom cannot parse is not a DICOM file
