@@ -101,6 +101,24 @@ def test_read_dicom_of_one_file_reads_its_series(ct3_series):
     assert [s.n_instances for s in find_series(one)] == [nifti.shape[2]]
 
 
+def test_a_dicomdir_stands_for_its_folder(small_ct, tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    data, affine = small_ct
+    write_ct_series(tmp_path / "IMAGES", data, affine, rng=np.random.default_rng(21))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.FileSetID = "FLARE"
+    ds.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
+    assert [s.n_instances for s in find_series(tmp_path)] == [12]
+    assert read_dicom(tmp_path / "DICOMDIR").shape == data.shape
+
+
 def test_oblique_orientation_matches_nifti(small_ct, tmp_path):
     data, affine = small_ct
     angle_z, angle_x = np.radians(12.0), np.radians(-7.0)
@@ -242,6 +260,8 @@ def test_ct_beside_its_dicom_seg_is_still_read(small_ct, tmp_path):
     write_ct_series(tmp_path, data, affine, rng=np.random.default_rng(6))
     img = read_dicom(tmp_path)
     write_dicom_seg(tmp_path / "seg.dcm", (np.asarray(img.data) > 0).astype(np.uint8), img)
+    (tmp_path / "notes.txt").write_text("not DICOM: ignored")
+    (tmp_path / "seg.nii.gz").write_bytes(b"\x1f\x8b not DICOM either")
     assert sorted(s.modality for s in find_series(tmp_path)) == ["CT", "SEG"]
     again = read_dicom(tmp_path)
     assert again.source.series_uid == img.source.series_uid
@@ -385,7 +405,7 @@ def test_corrupt_files_are_refused(small_ct, tmp_path):
     files[2].write_bytes(raw[:132] + b"\x08\x00\x16\x00UI\xff\x7f" + b"\x00" * 20)  # 'DICM' then a broken element
     with pytest.raises(InputError) as exc:
         read_dicom(tmp_path / "s")
-    _one_line_error(exc, files[2].name)
+    _one_line_error(exc, files[2].name, "corrupt DICOM file")
 
 
 def test_not_dicom(tmp_path):
