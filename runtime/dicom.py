@@ -104,7 +104,10 @@ def is_dicom_file(path: Path) -> bool:
         return True
     if len(head) < 8 or head[:2] not in (b"\x08\x00", b"\x02\x00"):  # no preamble: must start with group 8 or 2
         return False
-    pydicom, _ = import_dicom()
+    try:
+        import pydicom
+    except ImportError:  # looks like a dataset; reading it will name the extra to install
+        return True
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
     except Exception:  # noqa: BLE001 - anything pydicom cannot parse is not a DICOM file
@@ -126,9 +129,12 @@ def _read_header(path: Path) -> Dataset:
     """A file's dataset without pixel data; a corrupt file is one InputError."""
     pydicom, _ = import_dicom()
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for a damaged file
         raise InputError(path, f"corrupt DICOM file ({_first_line(err)})")
+    if not _sop_class(ds):  # pydicom reads a damaged file into an empty or truncated dataset without complaint
+        raise InputError(path, "corrupt DICOM file (no SOP Class UID)")
+    return ds
 
 
 def _first_line(err: BaseException) -> str:
@@ -144,15 +150,26 @@ def _scan(path: Path) -> dict[str, list[tuple[Path, Dataset]]]:
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for file in files:
         ds = _read_header(file)
-        if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP:
+        if _is_dicomdir(ds):
             continue
         uid = ds.get("SeriesInstanceUID")
         if not uid:
-            raise InputError(file, "DICOM file without a SeriesInstanceUID")
+            raise InputError(file, "DICOM file without a SeriesInstanceUID (not part of an image series)")
         series.setdefault(str(uid), []).append((file, ds))
     if not series:
         raise InputError(path, "no DICOM series found in this folder (only a DICOMDIR)")
     return series
+
+
+def _sop_class(ds: Dataset) -> str:
+    """The SOP Class UID of a dataset, or of its file meta information (a DICOMDIR has it only there)."""
+    meta = getattr(ds, "file_meta", None)
+    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return str(sop or "")
+
+
+def _is_dicomdir(ds: Dataset) -> bool:
+    return _sop_class(ds) == _DICOMDIR_SOP
 
 
 def _info(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesInfo:
@@ -167,28 +184,30 @@ def _check_exists(path: Path) -> None:
         raise InputError(path, "does not exist")
 
 
-def find_series(path: str | Path) -> list[SeriesInfo]:
-    """The DICOM series in a folder (searched recursively) or the series of one DICOM file (found in its folder),
-    ordered by folder then description. Every series is listed, whatever its modality (filter on ``modality``)."""
-    path = Path(path)
+def _groups(path: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], Dataset | None]:
+    """The series under a folder; for one file, the series of its folder and the file's own header (a DICOMDIR
+    stands for its folder)."""
     _check_exists(path)
     if path.is_dir():
-        groups = _scan(path)
-    else:
-        uid = _series_of_file(path)
-        groups = {uid: _scan(path.parent)[uid]}
-    return sorted((_info(uid, members) for uid, members in groups.items()),
-                  key=lambda s: (str(s.folder), s.description, s.uid))
-
-
-def _series_of_file(path: Path) -> str:
+        return _scan(path), None
     if not is_dicom_file(path):
         raise InputError(path, "not a DICOM file")
     ds = _read_header(path)
-    uid = ds.get("SeriesInstanceUID")
-    if not uid:
+    if _is_dicomdir(ds):
+        return _scan(path.parent), None
+    if not ds.get("SeriesInstanceUID"):
         raise InputError(path, "DICOM file without a SeriesInstanceUID")
-    return str(uid)
+    return _scan(path.parent), ds
+
+
+def find_series(path: str | Path) -> list[SeriesInfo]:
+    """The DICOM series in a folder (searched recursively) or the series of one DICOM file (found in its folder),
+    ordered by folder then description. Every series is listed, whatever its modality (filter on ``modality``)."""
+    groups, own = _groups(Path(path))
+    if own is not None:
+        groups = {str(own.SeriesInstanceUID): groups[str(own.SeriesInstanceUID)]}
+    return sorted((_info(uid, members) for uid, members in groups.items()),
+                  key=lambda s: (str(s.folder), s.description, s.uid))
 
 
 def _describe(infos: Sequence[SeriesInfo]) -> str:
@@ -387,20 +406,15 @@ def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int) -
 
 def read_dicom(path: str | Path, series_uid: str | None = None, max_voxels: int = 2**31) -> LoadedImage:
     """Read and validate a DICOM CT series: ``path`` is a folder (searched recursively) or one file of the series
-    (the series is then read from that file's folder). Several series and no ``series_uid``: an InputError
+    (the series is then read from that file's folder; a DICOMDIR stands for its folder). Several series and no ``series_uid``: an InputError
     listing them. Every problem is one ``InputError``; the result has ``source`` set for DICOM-SEG output."""
     path = Path(path)
-    _check_exists(path)
-    import_dicom()
-    if path.is_dir():
-        groups = _scan(path)
-    else:
-        own = _series_of_file(path)
-        if series_uid is not None and series_uid != own:
-            raise InputError(path, f"belongs to series {own}, not {series_uid}")
-        _check_image(path, _read_header(path))
-        series_uid = own
-        groups = _scan(path.parent)
+    groups, own = _groups(path)
+    if own is not None:
+        if series_uid is not None and series_uid != own.SeriesInstanceUID:
+            raise InputError(path, f"belongs to series {own.SeriesInstanceUID}, not {series_uid}")
+        _check_image(path, own)
+        series_uid = str(own.SeriesInstanceUID)
     uid, members = _pick_series(path, groups, series_uid)
     rows, columns, iop = _check_series(members, max_voxels)
     order, spacing = _volume_order(path, members, iop)

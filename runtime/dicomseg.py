@@ -64,7 +64,8 @@ def segment_descriptions(label_ids: list[int]) -> list[Any]:
 
 def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage) -> None:
     """Write ``labels`` (uint8 FLARE ids in ``image``'s voxel grid) as a DICOM-SEG referencing ``image``'s source
-    series, atomically. ``OutputError`` when ``image`` was not read from DICOM or the file cannot be written."""
+    series, atomically. ``OutputError`` when ``image`` was not read from DICOM, no label is present, or the file
+    cannot be written."""
     output = Path(output)
     if image.source is None:
         raise OutputError(output, "DICOM-SEG output needs a DICOM input series (this input is not DICOM); "
@@ -78,9 +79,9 @@ def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage) 
     lut = np.zeros(NUM_FLARE_IDS, dtype=np.uint8)
     lut[present] = np.arange(1, len(present) + 1, dtype=np.uint8)
     # voxel (column, row, slice) -> frames (slice, row, column): frame k belongs to image.source.datasets[k]
+    if not present:
+        raise OutputError(output, "nothing was segmented; a DICOM-SEG needs at least one segment (no file written)")
     frames = np.ascontiguousarray(lut[labels.transpose(2, 1, 0)])
-    if not present:  # highdicom needs a segment: describe an empty liver segment rather than fail
-        present = [1]
     try:
         seg = hd.seg.Segmentation(
             source_images=list(image.source.datasets), pixel_array=frames,

@@ -18,15 +18,19 @@ INTERCEPT = -1024.0
 
 
 def _ds(value: float) -> str:
-    return f"{value:.10g}"
+    """A DS (decimal string) as precise as its 16 characters allow, as scanners write them."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value))
 
 
 def write_ct_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, rng: np.random.Generator,
                     series_uid: str | None = None, study_uid: str | None = None, frame_uid: str | None = None,
                     description: str = "test CT", modality: str = "CT",
-                    positions: np.ndarray | None = None) -> list[Path]:
+                    positions: np.ndarray | None = None, intercept: float = INTERCEPT) -> list[Path]:
     """Write ``data`` (x, y, z) with RAS ``affine`` as one DICOM file per z slice in ``folder``; returns the files
-    in slice order. ``positions`` (n, 3, LPS) overrides the ImagePositionPatient of each slice (tilt/gap tests)."""
+    in slice order. ``positions`` (n, 3, LPS) overrides the ImagePositionPatient of each slice (tilt/gap tests);
+    ``intercept`` is the RescaleIntercept (0: stored values are the HU, no rescaling)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -39,7 +43,7 @@ def write_ct_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, rng: 
     n = data.shape[2]
     if positions is None:
         positions = np.array([lps[:3, 3] + k * slice_step for k in range(n)])
-    stored = np.clip(np.rint(np.asarray(data, dtype=np.float64) - INTERCEPT), -32768, 32767).astype(np.int16)
+    stored = np.clip(np.rint(np.asarray(data, dtype=np.float64) - intercept), -32768, 32767).astype(np.int16)
     series_uid = series_uid or generate_uid()
     study_uid = study_uid or generate_uid()
     frame_uid = frame_uid or generate_uid()
@@ -86,7 +90,7 @@ def write_ct_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, rng: 
         ds.HighBit = 15
         ds.PixelRepresentation = 1
         ds.RescaleSlope = "1"
-        ds.RescaleIntercept = _ds(INTERCEPT)
+        ds.RescaleIntercept = _ds(intercept)
         ds.RescaleType = "HU"
         ds.KVP = "120"
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # (rows, columns)
