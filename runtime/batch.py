@@ -114,31 +114,28 @@ def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], Stage
     results: list[CaseResult] = []
     extra = dict(summary_extra or {})
     jobs = plan.jobs
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare-read") as pool:
-        upcoming: Future | None = pool.submit(_read, jobs[0]) if jobs else None
-        try:
-            for i, job in enumerate(jobs):
-                t0 = time.perf_counter()
-                current = upcoming
-                upcoming = pool.submit(_read, jobs[i + 1]) if i + 1 < len(jobs) else None  # overlaps this case
-                result = CaseResult(job.case.name, str(job.case.source), job.case.series_uid, str(job.output), "ok",
-                                    0.0)
-                try:
-                    assert current is not None
-                    img, read_s = current.result()
-                    result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s)["stages"]
-                    del img
-                    result.statistics = None if job.statistics is None else str(job.statistics)
-                    result.preview = None if job.preview is None else str(job.preview)
-                    result.report = None if job.report is None else str(job.report)
-                except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
-                    result.status, result.error = "failed", _error_line(err)
-                result.seconds = round(time.perf_counter() - t0, 3)
-                results.append(result)
-                write_summary(plan, results, extra)
-                on_done(result)
-        except BaseException:
-            if upcoming is not None:
-                upcoming.cancel()
-            raise
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare-read")
+    upcoming: Future | None = pool.submit(_read, jobs[0]) if jobs else None
+    try:
+        for i, job in enumerate(jobs):
+            t0 = time.perf_counter()
+            current = upcoming
+            upcoming = pool.submit(_read, jobs[i + 1]) if i + 1 < len(jobs) else None  # overlaps this case
+            result = CaseResult(job.case.name, str(job.case.source), job.case.series_uid, str(job.output), "ok", 0.0)
+            try:
+                assert current is not None
+                img, read_s = current.result()
+                result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s)["stages"]
+                del img
+                result.statistics = None if job.statistics is None else str(job.statistics)
+                result.preview = None if job.preview is None else str(job.preview)
+                result.report = None if job.report is None else str(job.report)
+            except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
+                result.status, result.error = "failed", _error_line(err)
+            result.seconds = round(time.perf_counter() - t0, 3)
+            results.append(result)
+            write_summary(plan, results, extra)
+            on_done(result)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # interrupted: do not start another read
     return results
