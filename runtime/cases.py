@@ -274,8 +274,11 @@ def discover(inputs: Sequence[Path], series: str | None = None, exclude: Iterabl
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def default_output(input_path: Path) -> Path:
-    """``ct.nii.gz`` → ``ct_seg.nii.gz`` beside the input; a DICOM folder ``study/ct`` → ``study/ct_seg.nii.gz``."""
+def default_output(input_path: Path, kind: str = "nifti") -> Path:
+    """``ct.nii.gz`` → ``ct_seg.nii.gz`` beside the input; a DICOM folder ``study/ct``, or a file in it, →
+    ``study/ct_seg.nii.gz`` (beside the series, never inside it)."""
+    if kind == "dicom" and not input_path.is_dir():
+        input_path = input_path.parent
     base = input_path if input_path.name not in ("", ".", "..") else input_path.resolve()
     return base.with_name(_stem(base) + "_seg.nii.gz")
 
@@ -353,7 +356,7 @@ def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat 
     cases, file_mode, skipped = discover(inputs, series, exclude)
     if file_mode:
         case = cases[0]
-        out = output if output is not None else default_output(inputs[0])
+        out = output if output is not None else default_output(inputs[0], case.kind)
         out_fmt = _format_of(out)
         if fmt is not None and fmt is not out_fmt:
             raise OutputError(out, f"--format {fmt.value} does not match the output name (use {fmt.suffix})")

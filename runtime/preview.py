@@ -23,11 +23,17 @@ _DPI = 100
 
 
 def _centre(labels_ras: np.ndarray) -> tuple[int, int, int]:
-    """Voxel index of the centre of mass of all labels (the image centre when nothing was segmented)."""
-    fg = np.nonzero(labels_ras)
-    if not fg[0].size:
+    """Voxel index of the centre of mass of all labels (the image centre when nothing was segmented), from the
+    mask's projections on each axis (no coordinate arrays: little memory on a full-size CT)."""
+    fg = labels_ras > 0
+    total = int(fg.sum())
+    if not total:
         return tuple(s // 2 for s in labels_ras.shape)  # type: ignore[return-value]
-    return tuple(round(float(a.mean())) for a in fg)  # type: ignore[return-value]
+    centre = []
+    for axis in range(3):
+        profile = fg.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+        centre.append(round(float(profile @ np.arange(profile.size)) / total))
+    return tuple(centre)  # type: ignore[return-value]
 
 
 def _views(ct: np.ndarray, lab: np.ndarray, spacing: tuple[float, float, float], c: tuple[int, int, int]
