@@ -21,6 +21,7 @@ import typer
 
 from .cases import OutputFormat, Plan
 from .errors import FlareError, InputError
+from .postprocessing import Mode
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Segment abdominal CTs (13 FLARE23 organs + tumor) with an exported flare bundle.")
@@ -124,6 +125,11 @@ def run(
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
                               help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
                               ] = 4000.0,
+    postprocess: Annotated[Mode | None, typer.Option(
+                           help="Clean-up rules: paper (tumor dropped when its total is under 100 mm³; liver, kidneys, "
+                                "spleen, pancreas, aorta each keep their largest run of z slices) or strict (largest "
+                                "3-D components, small tumor components). Default: the bundle's, paper.",
+                           show_default=False)] = None,
     fmt: Annotated[OutputFormat | None, typer.Option("--format",
                    help="Output format (several cases; one image: from the -o suffix). dicom-seg needs DICOM "
                         "input. Default: nifti.", show_default=False)] = None,
@@ -153,7 +159,8 @@ def run(
         from .pipeline import Segmenter
 
         seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
-                        precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget)
+                        precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
+                        postprocess=None if postprocess is None else postprocess.value)
         plan.create_folders()
     except FlareError as err:
         raise _fail(str(err)) from None

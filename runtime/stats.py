@@ -71,7 +71,7 @@ def _chunks(n: int, size: int = 1 << 22) -> list[slice]:
 
 
 def _tumors(labels: np.ndarray, vml: float) -> dict[str, Any]:
-    from .postprocess import components
+    from .postprocessing import components
 
     mask = labels == TUMOR
     if not mask.any():

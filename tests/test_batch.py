@@ -260,7 +260,7 @@ def test_dicom_default_output_and_series_pick(dicom_study: tuple[Path, str], tin
     assert proc.returncode == 0, proc.stderr
     assert (mixed / "ct_seg.nii.gz").is_file()
     (mixed / "ct_seg.nii.gz").unlink()
-    one_file = sorted((mixed / "ct").iterdir())[0]  # one .dcm file stands for its series; output beside the series
+    one_file = min((mixed / "ct").iterdir())  # one .dcm file stands for its series; output beside the series
     proc = flare_run(one_file, "--bundle", tiny_bundle, "--device", "cpu", "-q")
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(_labels(mixed / "ct_seg.nii.gz"), _labels(out / "ct.nii.gz"))
