@@ -373,6 +373,10 @@ def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat 
         return Plan([job], False, out_fmt, skipped=skipped)
     if output is None:
         raise OutputError(None, f"{len(cases)} cases found: give an output folder with -o")
+    for path, what in ((output, "-o"), (statistics, "--statistics"), (preview, "--preview"), (report, "--report")):
+        if path is not None and not path.is_dir() and path.name.lower().endswith(NIFTI_SUFFIXES + (".dcm", ".json",
+                                                                                                 ".png")):
+            raise OutputError(path, f"{len(cases)} cases found: {what} must be a folder, not a file name")
     fmt = fmt or OutputFormat.nifti
     if fmt is OutputFormat.dicom_seg:
         nifti = [c for c in cases if c.kind != "dicom"]

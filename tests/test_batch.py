@@ -293,5 +293,9 @@ def test_plan_names_and_paths(tmp_path: Path) -> None:
                   report=tmp_path / "r.json")
     with pytest.raises(OutputError, match="must end in .png"):
         make_plan([root / "solo.nii"], output=tmp_path / "x.nii.gz", preview=tmp_path / "p.jpg")
+    with pytest.raises(OutputError, match="must be a folder"):
+        make_plan([root / "solo.nii", root / "p1"], output=tmp_path / "x.nii.gz")
+    with pytest.raises(OutputError, match="must be a folder"):
+        make_plan([root], output=out, statistics=tmp_path / "s.json")
     with pytest.raises(OutputError, match="does not match"):
         make_plan([root / "solo.nii"], output=tmp_path / "x.nii.gz", fmt=OutputFormat.dicom_seg)
