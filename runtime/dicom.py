@@ -142,26 +142,19 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def _scan(path: Path, strict: bool = True) -> dict[str, list[tuple[Path, Dataset]]]:
-    """Headers of the DICOM files under a folder, grouped by SeriesInstanceUID (DICOMDIR files are skipped). A
-    corrupt file, or one outside any series, is an InputError, or (``strict=False``) a warning and skipped."""
+def _scan(path: Path) -> dict[str, list[tuple[Path, Dataset]]]:
+    """Headers of the DICOM files under a folder, grouped by SeriesInstanceUID (DICOMDIR files are skipped)."""
     files = _dicom_files(path)
     if not files:
         raise InputError(path, "no DICOM files found in this folder")
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for file in files:
-        try:
-            ds = _read_header(file)
-            if _is_dicomdir(ds):
-                continue
-            uid = ds.get("SeriesInstanceUID")
-            if not uid:
-                raise InputError(file, "DICOM file without a SeriesInstanceUID (not part of an image series)")
-        except InputError as err:
-            if strict:
-                raise
-            log.warning("%s (skipped)", err)
+        ds = _read_header(file)
+        if _is_dicomdir(ds):
             continue
+        uid = ds.get("SeriesInstanceUID")
+        if not uid:
+            raise InputError(file, "DICOM file without a SeriesInstanceUID (not part of an image series)")
         series.setdefault(str(uid), []).append((file, ds))
     if not series:
         raise InputError(path, "no DICOM series found in this folder (only a DICOMDIR)")
@@ -191,27 +184,26 @@ def _check_exists(path: Path) -> None:
         raise InputError(path, "does not exist")
 
 
-def _groups(path: Path, strict: bool = True) -> tuple[dict[str, list[tuple[Path, Dataset]]], Dataset | None]:
+def _groups(path: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], Dataset | None]:
     """The series under a folder; for one file, the series of its folder and the file's own header (a DICOMDIR
     stands for its folder)."""
     _check_exists(path)
     if path.is_dir():
-        return _scan(path, strict), None
+        return _scan(path), None
     if not is_dicom_file(path):
         raise InputError(path, "not a DICOM file")
     ds = _read_header(path)
     if _is_dicomdir(ds):
-        return _scan(path.parent, strict), None
+        return _scan(path.parent), None
     if not ds.get("SeriesInstanceUID"):
         raise InputError(path, "DICOM file without a SeriesInstanceUID")
-    return _scan(path.parent, strict), ds
+    return _scan(path.parent), ds
 
 
 def find_series(path: str | Path) -> list[SeriesInfo]:
     """The DICOM series in a folder (searched recursively) or the series of one DICOM file (found in its folder),
-    ordered by folder then description. Every series is listed, whatever its modality (filter on ``modality``).
-    For discovery over many cases, corrupt files are skipped with a warning here (``read_dicom`` refuses them)."""
-    groups, own = _groups(Path(path), strict=False)
+    ordered by folder then description. Every series is listed, whatever its modality (filter on ``modality``)."""
+    groups, own = _groups(Path(path))
     if own is not None:
         groups = {str(own.SeriesInstanceUID): groups[str(own.SeriesInstanceUID)]}
     return sorted((_info(uid, members) for uid, members in groups.items()),

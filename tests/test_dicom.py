@@ -406,8 +406,6 @@ def test_corrupt_files_are_refused(small_ct, tmp_path):
     with pytest.raises(InputError) as exc:
         read_dicom(tmp_path / "s")
     _one_line_error(exc, files[2].name, "corrupt DICOM file")
-    # discovery over many cases skips (and logs) the corrupt file; reading the series refuses it
-    assert [s.n_instances for s in find_series(tmp_path)] == [11]
 
 
 def test_not_dicom(tmp_path):
