@@ -406,6 +406,9 @@ def test_corrupt_files_are_refused(small_ct, tmp_path):
     with pytest.raises(InputError) as exc:
         read_dicom(tmp_path / "s")
     _one_line_error(exc, files[2].name, "corrupt DICOM file")
+    with pytest.raises(InputError) as exc:  # discovery names it too (the batch fails only the case around it)
+        find_series(tmp_path)
+    _one_line_error(exc, files[2].name, "corrupt DICOM file")
 
 
 def test_not_dicom(tmp_path):
