@@ -92,6 +92,23 @@ def test_read_dicom_without_rescale_keeps_stored_dtype(small_ct, tmp_path):
     _assert_same_image(img, LoadedImage(None, data, affine, img.header, img.spacing, False))
 
 
+def test_rescale_is_applied_per_slice(small_ct, tmp_path):
+    """Each slice carries its own RescaleSlope/Intercept (scanners may vary them): half the slices store 2x values
+    with slope 0.5."""
+    import pydicom
+
+    data, affine = small_ct
+    files = write_ct_series(tmp_path, data, affine, rng=np.random.default_rng(23))
+    for file in files[::2]:
+        ds = pydicom.dcmread(file)
+        ds.PixelData = (ds.pixel_array.astype(np.int16) * 2).tobytes()
+        ds.RescaleSlope = "0.5"
+        ds.save_as(file)
+    img = read_dicom(tmp_path)
+    assert img.data.dtype == np.float32
+    _assert_same_image(img, LoadedImage(None, data, affine, img.header, img.spacing, False))
+
+
 def test_read_dicom_of_one_file_reads_its_series(ct3_series):
     folder, nifti = ct3_series
     one = sorted(folder.iterdir())[5]
