@@ -378,6 +378,22 @@ def _rescaled(ds: Dataset) -> bool:
     return float(ds.get("RescaleSlope", 1) or 1) != 1.0 or float(ds.get("RescaleIntercept", 0) or 0) != 0.0
 
 
+def _set_transfer_syntax(ds: Dataset) -> None:
+    """A dataset stored without file meta information (no preamble): record the encoding pydicom read it with, which
+    pixel decoding needs."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int) -> np.ndarray:
     """The ordered slices' modality values in one freshly allocated (slice, row, column) array."""
     pydicom, _ = import_dicom()
@@ -388,6 +404,7 @@ def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int) -
     for k, (file, _) in enumerate(members):
         try:
             ds = pydicom.dcmread(file, force=True)
+            _set_transfer_syntax(ds)
             pixels = ds.pixel_array
         except Exception as err:  # noqa: BLE001 - decoding errors (truncated data, missing codec) come as many types
             raise InputError(file, f"cannot decode the pixel data ({_first_line(err)})")

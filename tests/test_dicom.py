@@ -92,6 +92,23 @@ def test_read_dicom_without_rescale_keeps_stored_dtype(small_ct, tmp_path):
     _assert_same_image(img, LoadedImage(None, data, affine, img.header, img.spacing, False))
 
 
+def test_rescale_is_applied_per_slice(small_ct, tmp_path):
+    """Each slice carries its own RescaleSlope/Intercept (scanners may vary them): half the slices store 2x values
+    with slope 0.5."""
+    import pydicom
+
+    data, affine = small_ct
+    files = write_ct_series(tmp_path, data, affine, rng=np.random.default_rng(23))
+    for file in files[::2]:
+        ds = pydicom.dcmread(file)
+        ds.PixelData = (ds.pixel_array.astype(np.int16) * 2).tobytes()
+        ds.RescaleSlope = "0.5"
+        ds.save_as(file)
+    img = read_dicom(tmp_path)
+    assert img.data.dtype == np.float32
+    _assert_same_image(img, LoadedImage(None, data, affine, img.header, img.spacing, False))
+
+
 def test_read_dicom_of_one_file_reads_its_series(ct3_series):
     folder, nifti = ct3_series
     one = sorted(folder.iterdir())[5]
@@ -99,6 +116,27 @@ def test_read_dicom_of_one_file_reads_its_series(ct3_series):
     assert img.path == one
     _assert_same_image(img, nifti)
     assert [s.n_instances for s in find_series(one)] == [nifti.shape[2]]
+
+
+def test_datasets_without_preamble_are_read(small_ct, tmp_path):
+    """Old archives store bare datasets (no 128-byte preamble, no file meta, implicit VR), often without a suffix."""
+    import pydicom
+
+    data, affine = small_ct
+    files = write_ct_series(tmp_path / "s", data, affine, rng=np.random.default_rng(22))
+    for i, file in enumerate(files):
+        ds = pydicom.dcmread(file)
+        del ds.file_meta
+        ds.preamble = None
+        pydicom.dcmwrite(tmp_path / f"IM{i:04d}", ds, implicit_vr=True, little_endian=True,
+                         enforce_file_format=False)
+        file.unlink()
+    assert is_dicom_file(tmp_path / "IM0000") and (tmp_path / "IM0000").read_bytes()[128:132] != b"DICM"
+    img = read_dicom(tmp_path)
+    _assert_same_image(img, LoadedImage(None, data, affine, img.header, img.spacing, False))
+    labels = (np.asarray(img.data) > 0).astype(np.uint8)
+    write_dicom_seg(tmp_path / "seg.dcm", labels, img)
+    np.testing.assert_array_equal(_seg_labels_in_source_grid(tmp_path / "seg.dcm", img), labels)
 
 
 def test_a_dicomdir_stands_for_its_folder(small_ct, tmp_path):
@@ -136,6 +174,15 @@ def test_oblique_orientation_matches_nifti(small_ct, tmp_path):
     d_data, d_aff = _canonical(dicom)
     ijk = np.array([[0, 0, 0, 1], [5, 7, 3, 1], [d_data.shape[0] - 1, d_data.shape[1] - 1, d_data.shape[2] - 1, 1]])
     np.testing.assert_allclose(ijk @ d_aff.T, ijk @ _canonical(nifti)[1].T, atol=1e-4)
+    # a DICOM-SEG on the oblique grid decodes back to the same voxels, and highdicom places it on the same grid
+    import highdicom as hd
+
+    labels = np.where(np.asarray(dicom.data) > 100, 1, np.where(np.asarray(dicom.data) > 0, 3, 0)).astype(np.uint8)
+    write_dicom_seg(tmp_path / "seg.dcm", labels, dicom)
+    np.testing.assert_array_equal(_seg_labels_in_source_grid(tmp_path / "seg.dcm", dicom), labels)
+    volume = hd.seg.segread(tmp_path / "seg.dcm").get_volume(combine_segments=True)
+    assert volume.spatial_shape == tuple(reversed(dicom.shape))
+    np.testing.assert_allclose(volume.permute_spatial_axes([2, 1, 0]).get_affine("RAH"), dicom.affine, atol=1e-4)
 
 
 def test_labels_written_as_nifti_from_a_dicom_image(small_ct, tmp_path):
@@ -405,6 +452,9 @@ def test_corrupt_files_are_refused(small_ct, tmp_path):
     files[2].write_bytes(raw[:132] + b"\x08\x00\x16\x00UI\xff\x7f" + b"\x00" * 20)  # 'DICM' then a broken element
     with pytest.raises(InputError) as exc:
         read_dicom(tmp_path / "s")
+    _one_line_error(exc, files[2].name, "corrupt DICOM file")
+    with pytest.raises(InputError) as exc:  # discovery names it too (the batch fails only the case around it)
+        find_series(tmp_path)
     _one_line_error(exc, files[2].name, "corrupt DICOM file")
 
 
