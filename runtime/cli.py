@@ -15,13 +15,16 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .cases import OutputFormat, Plan
 from .errors import FlareError, InputError
 from .postprocessing import Mode
+
+if TYPE_CHECKING:
+    from .pipeline import Segmenter
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Segment abdominal CTs (13 FLARE23 organs + tumor) with an exported flare bundle.")
@@ -78,15 +81,13 @@ def _check_extras(plan: Plan) -> None:
         raise InputError(None, f"this run {message}")
 
 
-def _run_plan(plan: Plan, seg: object, quiet: bool) -> int:
+def _run_plan(plan: Plan, seg: Segmenter, quiet: bool) -> int:
     from .batch import run_plan
     from .progress import run_display
 
-    extra = {"bundle": str(seg.bundle.root), "device": seg.device,  # type: ignore[attr-defined]
-             "format": plan.fmt.value}
-    with run_display(plan, seg, quiet) as display:  # type: ignore[arg-type]
-        results = run_plan(plan, seg, hooks_for=display.hooks_for, on_done=display.on_done,  # type: ignore[arg-type]
-                           summary_extra=extra)
+    extra = {"bundle": str(seg.bundle.root), "device": seg.device, "format": plan.fmt.value}
+    with run_display(plan, seg, quiet) as display:
+        results = run_plan(plan, seg, hooks_for=display.hooks_for, on_done=display.on_done, summary_extra=extra)
     failed = [r for r in results if r.status != "ok"]
     if not plan.folder_mode:
         if failed:

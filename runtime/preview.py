@@ -81,7 +81,8 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, ti
     counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(order="K"), minlength=NUM_FLARE_IDS)
     present = [entry for entry in LABELS[1:] if counts[entry.id]]
     if present:
-        handles = [Patch(color=tuple(v / 255.0 for v in e.color), label=f"{e.id} {e.name}") for e in present]
+        handles = [Patch(color=(e.color[0] / 255.0, e.color[1] / 255.0, e.color[2] / 255.0), label=f"{e.id} {e.name}")
+                   for e in present]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False,
                    labelcolor="white")
     if title:
