@@ -89,22 +89,25 @@ def test_check_outputs_input_folder(tmp_path: Path) -> None:
     check_outputs([series], {"summary": series / "new.json"})  # a new file beside the inputs is fine
 
 
-@pytest.mark.parametrize("which", ["report-is-input", "report-is-output", "report-folder", "hard-link", "symlink"])
+@pytest.mark.parametrize("which", ["output-is-input", "report-is-statistics", "report-folder", "hard-link",
+                                   "symlink"])
 def test_cli_refuses_clobbering(tiny_bundle: Path, ct: Path, tmp_path: Path, which: str) -> None:
     seg = tmp_path / "seg.nii.gz"
     before = ct.read_bytes()
-    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir.json").mkdir()
     os.link(ct, tmp_path / "hard.nii.gz")
     (tmp_path / "sym.json").symlink_to(ct)
-    args = {"report-is-input": ["-o", seg, "--report", ct],
-            "report-is-output": ["-o", seg, "--report", seg],
-            "report-folder": ["-o", seg, "--report", tmp_path / "dir"],
+    args = {"output-is-input": ["-o", ct],
+            "report-is-statistics": ["-o", seg, "--report", tmp_path / "r.json", "--statistics",
+                                     tmp_path / "x" / ".." / "r.json"],
+            "report-folder": ["-o", seg, "--report", tmp_path / "dir.json"],
             "hard-link": ["-o", tmp_path / "hard.nii.gz"],
             "symlink": ["-o", seg, "--report", tmp_path / "sym.json"]}[which]
+    (tmp_path / "x").mkdir()
     line = error_line(flare_run(ct, *args, "--bundle", tiny_bundle, "-q"))
-    assert "output" in line
+    assert str(tmp_path) in line and ("input" in line or "same file" in line or "folder" in line), line
     assert ct.read_bytes() == before and not seg.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "dir", "hard.nii.gz", "sym.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "dir.json", "hard.nii.gz", "sym.json", "x"]
 
 
 # ------------------------------------------------------------------------------------------------ limits
