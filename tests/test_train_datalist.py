@@ -113,3 +113,40 @@ def test_auto3dseg_datalist(tree: Path, tmp_path: Path) -> None:
     (lists / "missing.json").write_text(json.dumps(missing))
     with pytest.raises(InputError, match="does not exist"):
         load_datalist(lists / "missing.json")
+
+
+def test_step_by_step_with_relative_out_from_another_cwd(tree: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """datalist -> locator -> fit x2 -> pseudolabel -> fit x2 with ``-o ck`` relative to a cwd that is neither the
+    data's nor the datalist's folder (before: "…/ck/ck/pseudolabels/… does not exist")."""
+    from flare.train.config import load_config
+
+    build_datalist(tree, tmp_path / "lists" / "dl.json", folds=2, seed=1)
+    fast = {"spacing_mm": [8.0, 8.0, 8.0], "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
+            "train": {"epochs": 1, "steps_per_epoch": 1, "val_every": 1, "tensorboard": False},
+            "stage2": {"epochs": 1, "init_from_stage1": True},
+            "locator": {"spacing_mm": [8.0, 8.0, 8.0], "train": {"epochs": 1, "steps_per_epoch": 1}}}
+    (tmp_path / "fast.json").write_text(json.dumps(load_config("tiny", fast)))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    runner = CliRunner()
+    common = ["-c", "../fast.json", "-o", "ck", "-q"]
+    steps = [["locator", "../lists/dl.json"]]
+    steps += [["fit", "../lists/dl.json", "--stage", "1", "--fold", str(k)] for k in range(2)]
+    steps += [["pseudolabel", "../lists/dl.json", "--folds", "2"]]
+    steps += [["fit", "ck/dataset_stage2.json", "--stage", "2", "--fold", str(k),
+               "--init", f"ck/stage1/fold{k}"] for k in range(2)]
+    for args in steps:
+        res = runner.invoke(app, args + common)
+        assert res.exit_code == 0, f"{args}: {res.output}"
+    stage2 = json.loads((work / "ck" / "dataset_stage2.json").read_text())
+    labels = [e["label"] for e in stage2["training"] if "label_given" in e]
+    assert labels and all(lab.startswith("pseudolabels/") for lab in labels)  # relative to the file's folder
+    for name in ("locator", "stage1/fold0", "stage1/fold1", "fold0", "fold1"):
+        assert (work / "ck" / name / "model.pt").is_file() and (work / "ck" / name / "done.json").is_file()
+    # the same stage-2 datalist resolves from anywhere, and so does an absolute -o
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["fit", str(work / "ck" / "dataset_stage2.json"), "--stage", "2", "--fold", "0",
+                              "-c", "fast.json", "-o", str(tmp_path / "abs"), "-q"])
+    assert res.exit_code == 0, res.output

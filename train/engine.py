@@ -119,18 +119,27 @@ def predict_logits(net: Any, image: Any, eff: dict[str, Any], device: Any) -> An
     return out.float()
 
 
-def segment(nets: list[Any], image: Any, eff: dict[str, Any], device: Any) -> np.ndarray:
-    """Ensemble prediction (mean softmax or mean sigmoid) -> class map (X, Y, Z) uint8."""
-    import torch
+def _probabilities_(logits: Any) -> Any:
+    """Softmax over classes (sigmoid for one channel), in place: no second volume-sized copy."""
+    if logits.shape[0] == 1:
+        return logits.sigmoid_()
+    logits.sub_(logits.max(0, keepdim=True).values).exp_()
+    return logits.div_(logits.sum(0, keepdim=True))
 
+
+def segment(nets: list[Any], image: Any, eff: dict[str, Any], device: Any) -> np.ndarray:
+    """Ensemble prediction (mean softmax or mean sigmoid) -> class map (X, Y, Z) uint8. One volume-sized
+    accumulator at a time (a single network's argmax needs no softmax)."""
     acc = None
     for net in nets:
         logits = predict_logits(net, image, eff, device)[0]
-        prob = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, 0)
-        acc = prob if acc is None else acc.add_(prob)
+        if len(nets) > 1 or logits.shape[0] == 1:
+            logits = _probabilities_(logits)
+        acc = logits if acc is None else acc.add_(logits)
+        del logits
     assert acc is not None
     if acc.shape[0] == 1:
-        return (acc[0] > 0.5 * len(nets)).numpy().astype(np.uint8)
+        return (acc[0] > (0.5 * len(nets) if len(nets) > 1 else 0.5)).numpy().astype(np.uint8)
     return acc.argmax(0).numpy().astype(np.uint8)
 
 
@@ -186,7 +195,7 @@ def score_case(nets: list[Any], item: dict[str, Any], eff: dict[str, Any], devic
     if eff.get("labels") != "organ-union":
         from flare.runtime.lr_split import split_left_right
 
-        pred = split_left_right(L.merged_to_flare(pred), np.asarray(item["image"].affine, dtype=np.float64))
+        pred = split_left_right(L.merged_to_flare(pred), np.asarray(item["affine"], dtype=np.float64))
     return dice_per_class(pred, truth, eval_classes(eff))
 
 

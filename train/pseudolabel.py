@@ -56,7 +56,7 @@ def pseudolabel_case(nets: list[Any], item: dict[str, Any], entry: dict[str, Any
     from .engine import segment
 
     merged = segment(nets, item["image"], eff, device)
-    affine_train = np.asarray(item["image"].affine, dtype=np.float64)
+    affine_train = np.asarray(item["affine"], dtype=np.float64)
     pseudo_train = split_sides(L.merged_to_flare(merged), affine_train)
     ref: Any
     if entry.get("label"):
