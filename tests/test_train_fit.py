@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flare.train.checkpoints import load_checkpoint
 from flare.train.cli import app
 from flare.train.config import load_config, role_config
@@ -74,6 +75,24 @@ def test_run_all_layout(phantoms: Path, tmp_path: Path) -> None:
     assert summary["n_pseudolabelled"] >= 1 and (out / "dataset_stage2.json").is_file()
     assert (out / "train.log").read_text().count("\n") > 5
     assert all(np.isfinite(v) for v in saved["holdout"]["per_class"].values())
+    assert {"left kidney", "right kidney"} <= set(saved["holdout"]["per_class"])  # Table 4's rows
+    assert not Path(saved["datalist"]).is_absolute() and (out / saved["datalist"]).resolve().is_file()
+    # resumable: a second run skips every finished step and re-uses the pseudo-labels
+    again = run_all(phantoms, out, "tiny", folds=2, overrides=fast, quiet=True)
+    log = (out / "train.log").read_text()
+    assert log.count("finished before, skipped") == 5 and "pseudo-labelling skipped" in log
+    assert [f["best_metric"] for f in again["stage2"]] == [f["best_metric"] for f in summary["stage2"]]
+
+
+def test_same_seed_reproduces_a_fit(phantoms: Path, tmp_path: Path) -> None:
+    cfg = load_config("tiny", {"spacing_mm": [8.0, 8.0, 8.0], "train": {"epochs": 1, "steps_per_epoch": 3},
+                               "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2}})
+    entries = [{**e, "label": e["label_full"]} for e in load_datalist(phantoms)["training"]]
+    runs = [fit(cfg, "fold", entries, [], tmp_path / f"r{i}", fold=1, stage=1, cache_dir=tmp_path / "cache")
+            for i in range(2)]
+    assert runs[0]["losses"] == runs[1]["losses"]
+    for a, b in zip(runs[0]["net"].parameters(), runs[1]["net"].parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

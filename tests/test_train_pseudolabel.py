@@ -72,3 +72,13 @@ def test_pseudolabel_files_keep_given_labels(tmp_path: Path) -> None:
     assert n_done >= 1
     items = preprocess(new, eff)  # stage-2 labels load through the training pipeline
     assert all(int(item["label"].max()) < L.NUM_MERGED_CLASSES for item in items)
+
+
+def test_split_sides_survives_degenerate_components() -> None:
+    """A 1x1x3 kidney mask [1, 0, 1] makes connected-components-3d 4.1.1 raise; the split still happens."""
+    flare = np.zeros((1, 1, 3), np.uint8)
+    flare[0, 0, [0, 2]] = L.RIGHT_KIDNEY
+    aff = np.eye(4)
+    aff[0, 3] = -1.0
+    out = split_sides(flare, aff)
+    assert out.shape == flare.shape and set(np.unique(out)) <= {0, L.RIGHT_KIDNEY, L.LEFT_KIDNEY}

@@ -34,13 +34,12 @@ SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 
 
 def case_name(entry: dict[str, Any] | str | Path) -> str:
-    """File name without its image suffix (and without the nnU-Net channel tag ``_0000``)."""
+    """File name without its image suffix."""
     name = Path(entry["image"] if isinstance(entry, dict) else entry).name
     for suffix in SUFFIXES:
         if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name.removesuffix("_0000")
+            return name[: -len(suffix)]
+    return name
 
 
 def label_ids(path: str | Path | None) -> set[int]:

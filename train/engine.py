@@ -193,9 +193,9 @@ def score_case(nets: list[Any], item: dict[str, Any], eff: dict[str, Any], devic
     pred = segment(nets, item["image"], eff, device)
     truth = np.asarray(item["label"])[0]
     if eff.get("labels") != "organ-union":
-        from flare.runtime.lr_split import split_left_right
+        from .pseudolabel import split_sides
 
-        pred = split_left_right(L.merged_to_flare(pred), np.asarray(item["affine"], dtype=np.float64))
+        pred = split_sides(L.merged_to_flare(pred), np.asarray(item["affine"], dtype=np.float64))
     return dice_per_class(pred, truth, eval_classes(eff))
 
 
@@ -205,7 +205,7 @@ def evaluate(nets: list[Any], ds: Any, eff: dict[str, Any], device: Any, dist: D
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     mine = [score_case(nets, ds[i], eff, device) for i in range(rank, len(ds), world)]
     per_case = gather(mine, dist) if dist else mine
-    return summarise_dice(per_case, eval_classes(eff))
+    return {**summarise_dice(per_case, eval_classes(eff)), "cases_here": len(mine)}
 
 
 def _loader(ds: Any, eff: dict[str, Any], seed: int, d: Dist):
@@ -323,7 +323,7 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     opt, sched = make_optimizer(net, eff, epochs * steps, int(tr.get("warmup_epochs", 0)) * steps)
     amp = bool(tr.get("amp")) and d.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    start, best, best_epoch, losses, best_per_class = 0, -math.inf, -1, [], {}
+    start, best, best_epoch, losses, best_per_class, val_here = 0, -math.inf, -1, [], {}, 0
     last = out_folder / "last.pt"
     if resume and last.is_file():
         state = load_checkpoint(last)
@@ -348,6 +348,7 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
         improved = False
         if is_val:
             res = evaluate([unwrap(model)], val_ds, eff, d.device, d)
+            val_here = res["cases_here"]
             names = {class_name(eff, c): round(v, 4) for c, v in res["per_class"].items()}
             msg += f" val dice {res['mean']:.4f} ({res['cases']} cases: " + \
                 ", ".join(f"{k} {v:.3f}" for k, v in names.items()) + ")"
@@ -369,7 +370,8 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     result = {"best_metric": best if best > -math.inf else float("nan"), "best_epoch": best_epoch + 1,
               "epochs": epochs, "losses": losses, "seconds": log.elapsed() - t0, "val_per_class": best_per_class,
               "train_cases": len(train_ds), "val_cases": len(val_ds), "ranks": d.world}
+    here = {"val_cases_this_rank": val_here, "sampler": type(sampler).__name__ if sampler is not None else None}
     if d.main:
         write_text_atomic(out_folder / DONE, json.dumps(result, indent=1) + "\n")
     barrier(d)
-    return {**result, "net": unwrap(model)}
+    return {**result, **here, "net": unwrap(model)}
