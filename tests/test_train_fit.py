@@ -31,7 +31,6 @@ def test_tiny_fit_lowers_loss_and_beats_chance(phantoms: Path, tmp_path: Path) -
     small = {"spacing_mm": [6.0, 6.0, 6.0], "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
              "train": {"epochs": 6, "steps_per_epoch": 6, "val_every": 6, "lr": 0.005}}
     cfg = load_config("tiny", small)
-    eff = role_config(cfg, "fold")
     doc = load_datalist(phantoms)
     entries = [{**e, "label": e["label_full"]} for e in doc["training"]]
     cache = tmp_path / "cache"
