@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flare.benchmarks.cases import shared_data_dir
 from flare.runtime.atomic import write_text_atomic
 
-SOURCE_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ts_body_ct_3mm_int32.nii.gz"
+SOURCE_CT = shared_data_dir() / "ts_body_ct_3mm_int32.nii.gz"
 CASE_SPACING = (0.75, 0.75, 1.25)
 CASE_INPLANE = 512
 TARGET_SPACING = (1.0, 1.0, 1.0)
@@ -230,6 +231,14 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def publish(doc: dict[str, Any], table: str, out: Path | None) -> int:
+    """Print a benchmark's Markdown ``table``, write ``doc`` as JSON to ``out`` (atomically) when given; exit code 0."""
+    print(table)
+    if out:
+        write_text_atomic(out, json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flare.benchmarks.host_stages", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
@@ -242,10 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.source}: source CT not found (see ../shared/data/README.md)", file=sys.stderr)
         return 2
     doc = run(repeats=args.repeats, peers=not args.no_peers, quiet=args.quiet, source=args.source)
-    print(markdown(doc))
-    if args.out:
-        write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
-    return 0
+    return publish(doc, markdown(doc), args.out)
 
 
 if __name__ == "__main__":
