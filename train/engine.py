@@ -237,11 +237,15 @@ def _cycle(loader: Any, sampler: Any) -> Iterator[Any]:
 class Metrics:
     """TensorBoard scalars (``SummaryWriter``) on the main rank; a no-op elsewhere or when disabled."""
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, log: RunLog | None = None) -> None:
         self.writer = None
         if folder is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard comes with the train extra; without it only the text log is written
+                if log:
+                    log("tensorboard is not installed (pip install tensorboard): metrics go to train.log only")
+                return
             self.writer = SummaryWriter(str(folder))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -337,7 +341,7 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     loss_fn = make_loss(eff)
     loader, sampler = _loader(train_ds, eff, seed, d)
     batches = _cycle(loader, sampler)
-    metrics = Metrics(Path(tensorboard) if tensorboard and d.main and tr.get("tensorboard", True) else None)
+    metrics = Metrics(Path(tensorboard) if tensorboard and d.main and tr.get("tensorboard", True) else None, log)
     t0 = log.elapsed()
     val_every = int(tr.get("val_every", 1))
     for epoch in range(start, epochs):
