@@ -32,28 +32,10 @@ def merge_pseudo_labels(given: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
 
 def split_sides(flare: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Relabel merged kidneys (2) / adrenals (7) on the patient's left as left kidney (13) / left adrenal (8), in
-    world coordinates (``flare.runtime.lr_split``, the runtime's rule).
-
-    connected-components-3d 4.1.1 raises on some degenerate component crops (a 1x1x3 mask ``[1, 0, 1]`` with
-    26-connectivity: "cannot be mapped to union-find array"), which the noisy predictions of an early model produce;
-    then each voxel is assigned by its world x against the aorta's mean x (the image centre without an aorta).
-    """
+    world coordinates (``flare.runtime.lr_split``, the runtime's rule)."""
     from flare.runtime.lr_split import split_left_right
 
-    try:
-        return np.asarray(split_left_right(flare, affine), dtype=np.uint8)
-    except RuntimeError:
-        pass
-    out = flare.copy()
-    aorta = np.argwhere(flare == L.AORTA)
-    centre = aorta.mean(0) if len(aorta) else (np.array(flare.shape) - 1) / 2.0
-    ref_x = float((affine[:3, :3] @ centre + affine[:3, 3])[0])
-    for right, left in L.LEFT_RIGHT_PAIRS:
-        idx = np.argwhere(flare == right)
-        if len(idx):
-            sel = idx[idx @ affine[0, :3] + affine[0, 3] < ref_x]
-            out[tuple(sel.T)] = left
-    return out
+    return np.asarray(split_left_right(flare, affine), dtype=np.uint8)
 
 
 def to_original_grid(labels: np.ndarray, affine_src: np.ndarray, shape: tuple[int, ...],
