@@ -68,6 +68,9 @@ def run(
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
                               help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
                               ] = 4000.0,
+    cudnn_algo_search: Annotated[str, typer.Option(help="CUDA: cuDNN convolution algorithm search, HEURISTIC "
+                                 "(fast start) or EXHAUSTIVE (benchmarks each conv on the first tile).")
+                                 ] = "HEURISTIC",
     report: Annotated[Path | None, typer.Option(help="Write a JSON report (stages, crop, tiles, memory).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -88,7 +91,7 @@ def run(
 
         rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
                                 overlap=overlap, precision=precision, quiet=quiet,
-                                gpu_mem_budget=gpu_mem_budget)
+                                gpu_mem_budget=gpu_mem_budget, cudnn_algo_search=cudnn_algo_search.upper())
         if report is not None:
             from .atomic import write_text_atomic
 
