@@ -85,7 +85,7 @@ class LazyModule:
         return True
 
     def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_"):
+        if attr.startswith("_") and not attr.startswith("__"):
             raise AttributeError(attr)
         return getattr(self.load(), attr)
 
