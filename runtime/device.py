@@ -205,11 +205,13 @@ def to_host(arr: Array, out: np.ndarray | None = None) -> np.ndarray:
     return arr.get(out=out) if out is not None else arr.get()  # type: ignore[no-any-return]
 
 
-def host_empty(shape: Sequence[int], dtype: Any, xp: ModuleType, *, zero: bool = False) -> np.ndarray:
-    """A host array for results of ``xp`` stages: page-locked (pinned) with CuPy — copies from the device then
-    run at full PCIe speed — plain numpy otherwise."""
+def host_empty(shape: Sequence[int], dtype: Any, xp: ModuleType, *, zero: bool = False,
+               pinned: bool = True) -> np.ndarray:
+    """A host array for results of ``xp`` stages: page-locked (pinned) with CuPy and ``pinned`` — copies from the
+    device then run at full PCIe speed, but page-locking costs time at allocation — plain numpy otherwise
+    (``np.zeros`` pages are zeroed lazily by the OS: free until touched)."""
     shape = tuple(int(s) for s in shape)
-    if xp is np:
+    if xp is np or not pinned:
         return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
     import cupyx  # comes with CuPy, which is loaded when xp is cupy
 

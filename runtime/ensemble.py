@@ -9,7 +9,7 @@ accumulator (``base``) that the later tile reads back before adding its own scor
 over all tiles and models covering it, exactly as the classic fold-major accumulation does.
 
 The paper's z-crop (:func:`infer_ensemble`): pass 1 runs fold 0 alone over the whole volume and parks its blended
-probabilities in host memory (``base``; page-locked with CuPy) — fold 0's labels decide the abdominal z-range;
+probabilities in host memory (``base``: float16 with CuPy, float32 with numpy) — fold 0's labels decide the abdominal z-range;
 pass 2 runs folds 1..N-1 tile-major on that range only, starting from the parked fold-0 probabilities. Parking
 rather than recomputing: fold 0 on pass-2 tiles would be one more model run per tile (on the CPU that is a whole
 extra fold on the z-range — the largest cost of all), and recomputing on the pass-2 tile grid would change fold
@@ -163,14 +163,15 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
     earlier contributions, or zeros); the voxels final in this tile are decided (``decide``, e.g. argmax → uint8)
     and copied into the host label volume; the rest of the sum goes back to ``base`` for the later tiles that cover
     it (``keep_all``: the whole sum goes back — ``base`` then holds the blended scores of these runners). ``base``
-    is allocated on first need (``base_dtype``, pinned with CuPy). Returns ``(labels uint8 host, plan, base)``."""
+    is allocated on first need (``base_dtype``; pageable: a volume-sized page-locked allocation costs more than the
+per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labels uint8 host, plan, base)``."""
     plan = plan_tiles(volume.shape, effective_roi(volume.shape, tuple(int(r) for r in roi), divisor), overlap)
     weights = _Weights(plan, blend, xp)
     ends = _final_ends(plan)
     padded = _pad(volume, plan, xp)
     labels = host_empty(plan.shape, np.uint8, xp, zero=True)
     if keep_all and base is None:
-        base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True)
+        base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True, pinned=False)
     for start in plan.starts:
         parts = tile_to_target(plan, start)
         if parts is None:  # a tile wholly in the zero padding: nothing of it is kept
@@ -208,7 +209,7 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
         rest = keep_all or any(f.stop < v.stop - v.start for f, v in zip(final, vol_sl))
         if rest and not in_place:
             if base is None:
-                base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True)
+                base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True, pinned=False)
             base[region] = to_host(acc) if acc.dtype == base.dtype else to_host(acc).astype(base.dtype)
         del acc
         if on_tile is not None:
