@@ -53,8 +53,8 @@ def _conv_model(path: Path, seed: int) -> OrtEngine:
     """A real ONNX model (one 3x3x3 convolution, 13 classes, zero padding: tile borders matter) that calls air
     background and tissue one of 11 organs, never tumor — so that fold 0 finds a real abdominal z-range."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
     from flare.runtime.bundle import ModelFile, ModelSpec
+    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     w = rng.normal(0.0, 1.5, (13, 1, 3, 3, 3)).astype(np.float32)
@@ -117,8 +117,8 @@ def _monai_fold_major(vol: np.ndarray, engines: list[OrtEngine], roi: tuple[int,
     """The classic order with MONAI's sliding_window_inference: fold 0 on the whole volume, its labels decide the
     abdominal z-range, folds 1..N-1 on that range; softmax summed, argmax. Returns labels, range, top-2 margin."""
     import torch
-    from monai.inferers import sliding_window_inference
     from flare.runtime.tiling import effective_roi
+    from monai.inferers import sliding_window_inference
 
     def probs(v: np.ndarray, engine: OrtEngine) -> np.ndarray:
         with torch.no_grad():
