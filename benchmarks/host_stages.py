@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flare.benchmarks.cases import shared_data_dir
 from flare.runtime.atomic import write_text_atomic
 
-SOURCE_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ts_body_ct_3mm_int32.nii.gz"
+SOURCE_CT = shared_data_dir() / "ts_body_ct_3mm_int32.nii.gz"
 CASE_SPACING = (0.75, 0.75, 1.25)
 CASE_INPLANE = 512
 TARGET_SPACING = (1.0, 1.0, 1.0)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+#: real CTs: $FLARE_SHARED_DATA when set (a checkout without ../shared beside it), else ../shared/data
+DATA = Path(os.environ["FLARE_SHARED_DATA"]) if os.environ.get("FLARE_SHARED_DATA") else REPO.parent / "shared" / "data"
 
 TINY_FOLD_NET = {"name": "SegResNetDS", "init_filters": 4, "blocks_down": [1, 1, 1, 1, 1], "in_channels": 1,
                  "out_channels": 13, "norm": "batch", "dsdepth": 1}
