@@ -211,7 +211,7 @@ def host_empty(shape: Sequence[int], dtype: Any, xp: ModuleType, *, zero: bool =
     device then run at full PCIe speed, but page-locking costs time at allocation — plain numpy otherwise
     (``np.zeros`` pages are zeroed lazily by the OS: free until touched)."""
     shape = tuple(int(s) for s in shape)
-    if xp is np or not pinned:
+    if not pinned or xp is not sys.modules.get("cupy"):
         return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
     import cupyx  # comes with CuPy, which is loaded when xp is cupy
 

@@ -264,13 +264,13 @@ def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp
         raise ValueError("at least one fold engine is needed")
     runners = [tile_runner(e, xp) for e in engines]
     kw: dict[str, Any] = {"channels": engines[0].out_channels, "overlap": overlap, "blend": blend,
-                          "progress": progress, "on_tile": on_tile,
-                          "base_dtype": park_dtype or (np.float32 if xp is np else np.float16)}
+                          "progress": progress, "on_tile": on_tile}
     n = len(engines)
-    if n == 1 or not z_crop:
+    if n == 1 or not z_crop:  # float32 partial sums: only the pages of overlapping slabs are ever touched
         labels, plan, _ = tiled_labels(volume, runners, roi, xp, **kw)
         return EnsembleResult(labels, plan.n_tiles * n, plan.roi, None, n, [plan.n_tiles] * n)
-    labels, plan, parked = tiled_labels(volume, runners[:1], roi, xp, keep_all=True, **kw)
+    park = park_dtype or (np.float32 if xp is np else np.float16)
+    labels, plan, parked = tiled_labels(volume, runners[:1], roi, xp, keep_all=True, base_dtype=park, **kw)
     z_range = abdominal_z_range(labels, spacing_z)
     z0, z1 = z_range if z_range is not None else (0, volume.shape[2])
     assert parked is not None

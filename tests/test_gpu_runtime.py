@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,32 @@ def test_tile_major_equals_the_classic_accumulation(parity: Bundle, ct_crop: np.
         got = infer_ensemble(vol, engines, (32, 32, 32), overlap=overlap, blend=blend, spacing_z=3.0)
         assert got.z_range == z_range
         assert (got.labels == acc.argmax(0)).mean() > 0.9995, (overlap, blend)
+
+
+class _DeviceLikeNumpy(types.ModuleType):
+    """numpy under another name: the ensemble then takes its device path (copies to and from "device" arrays,
+    partial sums written back to the host accumulator) — the CuPy code path, run on the CPU."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(np, name)
+
+
+def test_device_code_path_equals_the_numpy_path(ct_crop: np.ndarray, tmp_path: Path) -> None:
+    xp = _DeviceLikeNumpy("numpy_as_device")
+    engines = [_conv_model(tmp_path / f"conv{k}.onnx", k) for k in range(3)]
+    body = _volume(ct_crop, (50, 44, 40), (-250.0, 250.0))
+    vol = np.concatenate([np.zeros((50, 44, 37), np.float32), body, np.zeros((50, 44, 23), np.float32)], axis=2)
+    for overlap, blend in ((0.0, "constant"), (0.5, "gaussian")):
+        ref = infer_ensemble(vol, engines, (32, 32, 32), overlap=overlap, blend=blend, spacing_z=2.0)
+        exact = infer_ensemble(vol, engines, (32, 32, 32), xp, overlap=overlap, blend=blend, spacing_z=2.0,
+                               park_dtype=np.float32)
+        assert exact.z_range == ref.z_range is not None
+        np.testing.assert_array_equal(exact.labels, ref.labels)
+        half = infer_ensemble(vol, engines, (32, 32, 32), xp, overlap=overlap, blend=blend, spacing_z=2.0)
+        assert (half.labels == ref.labels).mean() > 0.999  # fold 0 parked in float16, the GPU default
+        single = infer_ensemble(vol, engines, (32, 32, 32), xp, overlap=overlap, blend=blend, z_crop=False)
+        assert (single.labels == infer_ensemble(vol, engines, (32, 32, 32), overlap=overlap, blend=blend,
+                                                z_crop=False).labels).all()
 
 
 def test_single_pass_without_z_crop_and_progress(bundle: Bundle, rng: np.random.Generator) -> None:
