@@ -98,6 +98,17 @@ def _final_ends(plan: TilePlan) -> list[dict[int, int]]:
     return ends
 
 
+def _fresh_tiles(plan: TilePlan) -> set[tuple[int, int, int]]:
+    """Tiles that no earlier tile overlaps (on every axis the previous start's tile ends at or before this start):
+    they need no earlier partial sums."""
+    prev_end = []
+    for axis in range(3):
+        starts = sorted({s[axis] for s in plan.starts})
+        r = plan.roi[axis]
+        prev_end.append({s: (p + r if p is not None else s) for s, p in zip(starts, [None] + starts[:-1])})
+    return {t for t in plan.starts if all(prev_end[a][t[a]] <= t[a] for a in range(3))}
+
+
 class _Weights:
     """``weight / weight-sum`` of each tile of a plan. Constant blending: ``1 / (cx * cy * cz)`` from per-axis tile
     counts (no volume-sized array; the same float32 values as a summed weight map). Gaussian: the weight sum is
@@ -133,10 +144,11 @@ class _Weights:
 
 
 def _pad(volume: Array, plan: TilePlan, xp: ModuleType) -> Array:
+    """Zero-pad ``volume`` to the plan, where it lives (a host volume stays on the host: tiles are uploaded)."""
     if plan.padded_shape == plan.shape:
         return volume
     pads = [(b, p - s - b) for b, p, s in zip(plan.pad_before, plan.padded_shape, plan.shape)]
-    return xp.pad(volume, pads)
+    return (np if isinstance(volume, np.ndarray) else xp).pad(volume, pads)
 
 
 def tile_runner(engine: Any, xp: ModuleType) -> TileRunner:
@@ -170,6 +182,7 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
     ends = _final_ends(plan)
     padded = _pad(volume, plan, xp)
     labels = host_empty(plan.shape, np.uint8, xp, zero=True)
+    fresh = _fresh_tiles(plan) if base is None else set()  # a caller's base always holds earlier contributions
     if keep_all and base is None:
         base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True, pinned=False)
     for start in plan.starts:
@@ -184,8 +197,10 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
         factor = weights.factor(start)
         in_place = base is not None and xp is np  # numpy: acc is a view of base, sums land there directly
         acc = None
-        if base is not None:
-            acc = base[region] if in_place else to_device(base[region], xp).astype(xp.float32)
+        if in_place:
+            acc = base[region]  # type: ignore[index]
+        elif base is not None and start not in fresh:  # device: copy up only what earlier tiles left
+            acc = to_device(base[region], xp).astype(xp.float32)
         for run in runners:
             scores = run(tile)[0]
             if activation == "softmax":
@@ -201,8 +216,8 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
                 progress(1)
         del tile
         assert acc is not None, "tiled_labels needs at least one runner"
-        final = tuple(slice(0, min(s + r, ends[a][s]) - max(s, b))
-                      for a, (s, r, b) in enumerate(zip(start, plan.roi, plan.pad_before)))
+        final = tuple(slice(0, min(s + r, ends[a][s], b + n) - max(s, b))  # in acc's coordinates
+                      for a, (s, r, b, n) in enumerate(zip(start, plan.roi, plan.pad_before, plan.shape)))
         if all(f.stop > 0 for f in final):
             dest = tuple(slice(v.start, v.start + f.stop) for v, f in zip(vol_sl, final))
             labels[dest] = to_host(decide(acc[(slice(None),) + final], xp))
@@ -210,7 +225,7 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
         if rest and not in_place:
             if base is None:
                 base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True, pinned=False)
-            base[region] = to_host(acc) if acc.dtype == base.dtype else to_host(acc).astype(base.dtype)
+            base[region] = to_host(acc.astype(base.dtype, copy=False))  # cast on the device: fewer bytes to copy
         del acc
         if on_tile is not None:
             on_tile()
