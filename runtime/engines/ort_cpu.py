@@ -27,8 +27,12 @@ class OrtEngine:
         self._in_dtype = np.float16 if mf.input_dtype == "float16" else np.float32
         threads = threads or int(os.environ.get("FLARE_THREADS", "0")) or None
         ort.load()  # a missing onnxruntime is a DependencyError, not a model problem
+        so = session_options(threads)
+        # the tile-major ensemble alternates between the fold sessions on every tile: a session's intra-op threads
+        # must not keep spinning (stealing the cores) while the next session runs
+        so.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("FLARE_ORT_SPIN", "0"))
         try:
-            self.session = ort.InferenceSession(str(mf.path), sess_options=session_options(threads),
+            self.session = ort.InferenceSession(str(mf.path), sess_options=so,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise EngineError(mf.path, f"ONNX Runtime cannot load this model: {str(exc).splitlines()[0]}") from None
