@@ -105,7 +105,7 @@ def _fresh_tiles(plan: TilePlan) -> set[tuple[int, int, int]]:
     for axis in range(3):
         starts = sorted({s[axis] for s in plan.starts})
         r = plan.roi[axis]
-        prev_end.append({s: (p + r if p is not None else s) for s, p in zip(starts, [None] + starts[:-1])})
+        prev_end.append({s: (p + r if i else s) for i, (s, p) in enumerate(zip(starts, [0, *starts[:-1]]))})
     return {t for t in plan.starts if all(prev_end[a][t[a]] <= t[a] for a in range(3))}
 
 
@@ -314,9 +314,9 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
     from .device import DeviceMemoryPeak
 
     key = (engines[0].backend, engines[0].precision)
-    rois = [tuple(int(r) for r in bundle_roi)]
+    rois: list[tuple[int, ...]] = [tuple(int(r) for r in bundle_roi)]
     if budget_mb is not None and key in MEMORY_MODELS:
-        rois = candidate_rois(budget_mb, volume.shape, *key, overlap=overlap, channels=engines[0].out_channels)
+        rois = list(candidate_rois(budget_mb, volume.shape, *key, overlap=overlap, channels=engines[0].out_channels))
     peak = DeviceMemoryPeak() if key in MEMORY_MODELS else None
     fallback: list[str] = []
     tried: list[list[int]] = []

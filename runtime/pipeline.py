@@ -148,7 +148,7 @@ class Segmenter:
         from .device import to_host
         from .ensemble import infer_ensemble
 
-        kwargs = {"overlap": self.overlap, "blend": self.blend, "spacing_z": self.bundle.spacing_mm[2]}
+        kwargs: dict[str, Any] = {"overlap": self.overlap, "blend": self.blend, "spacing_z": self.bundle.spacing_mm[2]}
         t0 = time.perf_counter()
 
         def first_tile() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import ModelSpec
-from ..device import cupy, ort
+from ..device import cupy, cupy_status, ort
 from .base import EngineError, check_finite, session_options
 
 log = logging.getLogger("flare.runtime")
@@ -189,7 +189,7 @@ class CudaOrtEngine:
         """Host tile in, host float32 logits out (with CuPy: through :meth:`run_cupy`)."""
         tile = np.ascontiguousarray(tile, dtype=self._in_dtype)
         self._check_shape(tile.shape)
-        if cupy.available():
+        if cupy_status()[0]:  # a working CuPy: device arrays, bound by address
             return np.asarray(self.run_cupy(cupy.asarray(tile)).get(), dtype=np.float32)
         io = self._binding
         io.clear_binding_inputs()
