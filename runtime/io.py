@@ -44,6 +44,8 @@ from .geometry import spacing_from_affine
 if TYPE_CHECKING:
     import nibabel as nib
 
+    from .dicom import DicomSource
+
 __all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "from_array", "read_image",
            "to_canonical", "write_labels"]
 
@@ -71,6 +73,7 @@ class LoadedImage:
     header: nib.Nifti1Header  # copy of the input header (Nifti1Header or Nifti2Header)
     spacing: tuple[float, float, float]  # header zooms of the 3 spatial axes
     oblique: bool  # affine not axis-aligned
+    source: DicomSource | None = None  # the DICOM series it was read from (flare.runtime.dicom), for DICOM-SEG
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -26,8 +26,9 @@ from .io import LoadedImage, read_image, to_canonical, write_labels
 from .labels import merged_to_flare
 from .locate import LocateResult, locate, whole_box
 from .lr_split import split_left_right
-from .postprocess import postprocess
+from .postprocessing import check_mode, postprocess
 from .resample import normalise_hu, output_shape, resample_linear, resample_nearest
+from .stats import label_volumes
 
 log = logging.getLogger("flare.runtime")
 
@@ -55,7 +56,8 @@ class Segmenter:
 
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", folds: int | None = None,
                  overlap: float | None = None, precision: str | None = None, threads: int | None = None,
-                 gpu_mem_budget: float | None = None, cudnn_algo_search: str = "HEURISTIC") -> None:
+                 gpu_mem_budget: float | None = None, postprocess: str | None = None,
+                 cudnn_algo_search: str = "HEURISTIC") -> None:
         from .budget import DEFAULT_BUDGET_MB
 
         t_init = time.perf_counter()
@@ -76,6 +78,10 @@ class Segmenter:
         self.xp = self.dev.xp  # cupy on CUDA when CuPy works: the tile-major ensemble on the device
         self.gpu_mem_budget = DEFAULT_BUDGET_MB if gpu_mem_budget is None else float(gpu_mem_budget)
         self._precision, self._threads = precision, threads
+        try:  # "paper" (default) or "strict"; None: the bundle's postprocess.mode
+            self.postprocess_mode = check_mode(self.bundle.postprocess_mode if postprocess is None else postprocess)
+        except ValueError as exc:
+            raise BundleError(None, f"postprocess {exc}") from None
         specs = self.bundle.folds[: folds or n_folds]
         models = list(specs) + ([self.bundle.locator] if self.bundle.locator is not None else [])
         self._arena_mb = self._arena_limit(models[0], precision) if self.device == "cuda" else None
@@ -170,8 +176,8 @@ class Segmenter:
     def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
         b = self.bundle
         labels = split_left_right(merged_to_flare(merged), affine_1mm)
-        return postprocess(labels, spacing_from_affine(affine_1mm), min_tumor_voxels=b.min_tumor_voxels,
-                           largest_component=b.largest_component, z_pass=b.z_pass, copy=False)
+        return postprocess(labels, spacing_from_affine(affine_1mm), mode=self.postprocess_mode,
+                           min_tumor_voxels=b.min_tumor_voxels, organs=b.largest_component, z_pass=b.z_pass, copy=False)
 
     @staticmethod
     def _restore(labels: np.ndarray, box: Box, ras_shape: tuple[int, ...], reorient: Any) -> np.ndarray:
@@ -223,7 +229,7 @@ class Segmenter:
         if gpu_part is not None:
             report["gpu"] = gpu_part
             report["gpu_peak_mb"] = gpu_part.get("gpu_peak_mb")
-        report["voxels"] = {str(int(v)): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
+        report["voxels"], report["volume_ml"] = label_volumes(out, img.affine)  # in the written (input) grid
         return out, img.affine, report
 
     def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],
@@ -241,6 +247,7 @@ class Segmenter:
                         "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
                         "load": dict(self.load)},
             "folds": ens.folds,
+            "postprocess": {"mode": self.postprocess_mode},
             "stages": {name: times.get(name, 0.0) for name in STAGES},
             "total_s": round(total, 4),
             "rss_peak_mb": round(_rss_peak_mb(), 1),
@@ -250,8 +257,13 @@ class Segmenter:
 
 def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
             device: str = "auto", folds: int | None = None, overlap: float | None = None,
-            precision: str | None = None, gpu_mem_budget: float | None = None, cudnn_algo_search: str = "HEURISTIC"
+            precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None,
+            cudnn_algo_search: str = "HEURISTIC"
             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``."""
+    """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``.
+
+    ``postprocess`` picks the clean-up rules: ``"paper"`` or ``"strict"`` (see :mod:`flare.runtime.postprocessing`);
+    None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise)."""
     return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
-                     gpu_mem_budget=gpu_mem_budget, cudnn_algo_search=cudnn_algo_search).segment(image, output)
+                     gpu_mem_budget=gpu_mem_budget, postprocess=postprocess,
+                     cudnn_algo_search=cudnn_algo_search).segment(image, output)
