@@ -67,7 +67,7 @@ def _probe(mf: ModelFile, spec: ModelSpec, session: Any) -> None:
     """Run one zero tile of ``spatial_divisor³``: the declared divisor must be accepted, channels must match."""
     d = spec.spatial_divisor
     tile = np.zeros((1, spec.in_channels, d, d, d), dtype=_NP_TYPES[mf.input_dtype])
-    import onnxruntime as ort  # the session exists, so ONNX Runtime is installed
+    from .device import ort  # the project's lazy import; the session exists, so ONNX Runtime is installed
 
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # the failure becomes our one-line error, not an ONNX Runtime log on stderr

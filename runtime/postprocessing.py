@@ -89,15 +89,10 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import cc3d
 
     mask = np.ascontiguousarray(mask, dtype=bool)
-    singleton = [a for a in range(mask.ndim) if mask.shape[a] == 1]
-    if mask.ndim == 3 and len(singleton) >= 2:
-        # cc3d (3.x) fails ("maximum length exception") on line-shaped masks with two axes of size 1: label a copy
-        # padded with zeros to size 2 along one of them (no new neighbours), then drop the padding
-        padded = np.ascontiguousarray(np.concatenate([mask, np.zeros_like(mask)], axis=singleton[0]))
-        ids, n = cc3d.connected_components(padded, connectivity=CONNECTIVITY, return_N=True)
-        ids = np.ascontiguousarray(np.take(ids, [0], axis=singleton[0]))
-    else:
-        ids, n = cc3d.connected_components(mask, connectivity=CONNECTIVITY, return_N=True)
+    # cc3d is given the mask as uint8 (a zero-copy view): with a bool array, connected-components-3d 4.1 raises
+    # "cannot be mapped to union-find array" on some thin masks (e.g. 1x1x3 [1, 0, 1]); uint8 0/1 gives the same
+    # components without that failure (tests/test_postprocess.py::test_components_of_thin_masks)
+    ids, n = cc3d.connected_components(mask.view(np.uint8), connectivity=CONNECTIVITY, return_N=True)
     # count only the mask's voxels: np.bincount over the whole box would first cast every id to intp (slow)
     counts = np.bincount(ids[mask], minlength=n + 1)
     counts[0] = mask.size - int(counts[1:].sum())

@@ -331,6 +331,7 @@ def test_atomic_helpers(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ found by Hypothesis
+# (the cc3d failure on thin masks it also found is covered by test_postprocess.py::test_components_of_thin_masks)
 def test_invalid_xform_codes_refused(tmp_path: Path) -> None:
     """nibabel rewrites an invalid sform_code to 0 on writing, which would move the output: refuse it on reading."""
     from flare.runtime.io import read_image
@@ -342,14 +343,3 @@ def test_invalid_xform_codes_refused(tmp_path: Path) -> None:
         path.write_bytes(img.header.binaryblock + b"\0" * 4 + np.zeros(64, np.int16).tobytes())
         with pytest.raises(InputError, match=f"invalid {key} {code}"):
             read_image(path)
-
-
-@pytest.mark.parametrize("shape", [(3, 1, 1), (1, 5, 1), (1, 1, 9)])
-def test_components_of_line_shaped_masks(shape: tuple[int, int, int]) -> None:
-    """cc3d fails on masks with two axes of size 1 (a 1-voxel CT at coarse spacing gives one)."""
-    from flare.runtime.postprocessing import components
-
-    mask = (np.arange(int(np.prod(shape))) % 2 == 0).reshape(shape)
-    ids, counts = components(mask)
-    assert ids.shape == shape and len(counts) == 1 + mask.sum()  # isolated voxels: one component each
-    assert counts[0] == mask.size - mask.sum()
