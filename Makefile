@@ -4,7 +4,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
-EXTRAS ?= cpu,train,export,bench,dev
+EXTRAS ?= cpu,train,export,bench,dev,serve
 PYTEST_ARGS ?=
 
 .PHONY: install test demo lint clean

@@ -62,3 +62,12 @@ def _umask() -> int:
 def write_text_atomic(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def write_bytes_atomic(target: str | Path, blob: bytes) -> None:
+    """Write ``blob`` to ``target`` atomically; problems raise ``OutputError``."""
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(blob)
+    except OSError as err:
+        raise OutputError(target, f"cannot write: {err.strerror or err}") from None

@@ -70,6 +70,9 @@ def run(
                               ] = 4000.0,
     report: Annotated[Path | None, typer.Option(help="Write a JSON report (stages, crop, tiles, memory).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    server: Annotated[str | None, typer.Option(help="Segment on a flare-serve server at HOST:PORT (its HTTP port) "
+                      "instead of here; --bundle, --device, --precision and --gpu-mem-budget are the server's.")
+                      ] = None,
 ) -> None:
     """Segment INPUT and write the label map in INPUT's own space (shape, affine, header)."""
     from .bundle import default_bundle_dir
@@ -84,11 +87,16 @@ def run(
             from .atomic import ensure_writable_folder
 
             ensure_writable_folder(report)
-        from .progress import run_with_progress
+        if server is not None:
+            from .remote import run_remote
 
-        rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
-                                overlap=overlap, precision=precision, quiet=quiet,
-                                gpu_mem_budget=gpu_mem_budget)
+            rep = run_remote(server, input, out, folds=folds, overlap=overlap, quiet=quiet)
+        else:
+            from .progress import run_with_progress
+
+            rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
+                                    overlap=overlap, precision=precision, quiet=quiet,
+                                    gpu_mem_budget=gpu_mem_budget)
         if report is not None:
             from .atomic import write_text_atomic
 

@@ -29,23 +29,23 @@ import contextlib
 import gzip
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import write_bytes_atomic
 from .errors import InputError, OutputError
 from .geometry import spacing_from_affine
 
 if TYPE_CHECKING:
     import nibabel as nib
 
-__all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "from_array", "read_image",
-           "to_canonical", "write_labels"]
+__all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "from_array", "label_bytes",
+           "read_image", "read_image_bytes", "to_canonical", "write_labels"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -78,13 +78,13 @@ class LoadedImage:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _gzip_open(path: Path) -> IO[bytes]:
-    """Open a gzip file for reading with isal when installed, else the standard library."""
+def _gzip_open(source: Path | IO[bytes]) -> IO[bytes]:
+    """Open a gzip file (or in-memory stream) for reading with isal when installed, else the standard library."""
     try:
         from isal import igzip
     except ImportError:  # pragma: no cover - isal is in the dev/fast-io extras
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return igzip.open(path, "rb")  # type: ignore[return-value]
+        return gzip.open(source, "rb")  # type: ignore[return-value]
+    return igzip.open(source, "rb")  # type: ignore[return-value]
 
 
 def _decompress_errors() -> tuple[type[BaseException], ...]:
@@ -100,11 +100,13 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextlib.contextmanager
-def _open_stream(path: Path, compressed: bool) -> Iterator[IO[bytes]]:
-    """A binary stream of the uncompressed file; read errors become one-line InputErrors."""
+def _open_stream(path: Path, source: Path | bytes, compressed: bool) -> Iterator[IO[bytes]]:
+    """A binary stream of the uncompressed file (``source``: the file, or its bytes received by a server);
+    read errors become one-line InputErrors naming ``path``."""
     corrupt = _decompress_errors()
+    raw: Path | IO[bytes] = source if isinstance(source, Path) else BytesIO(source)
     try:
-        with (_gzip_open(path) if compressed else open(path, "rb")) as stream:
+        with (_gzip_open(raw) if compressed else open(raw, "rb") if isinstance(raw, Path) else raw) as stream:
             yield stream
     except EOFError:
         raise InputError(path, "truncated gzip stream (the file ends before the end of the compressed data)")
@@ -284,7 +286,20 @@ def read_image(path: str | Path, max_voxels: int = 2**31) -> LoadedImage:
     """Read and validate a 3-D NIfTI image (``.nii`` or ``.nii.gz``); every problem is one ``InputError``."""
     path = Path(path)
     file_size, compressed = _check_path(path)
-    with _open_stream(path, compressed) as stream:
+    return _read(path, path, file_size, compressed, max_voxels)
+
+
+def read_image_bytes(data: bytes, name: str | Path, max_voxels: int = 2**31) -> LoadedImage:
+    """:func:`read_image` for the bytes of a ``.nii``/``.nii.gz`` file (gzip recognised by its magic bytes), e.g. a
+    file received by ``flare-serve``, with the same checks; ``name`` labels the errors and becomes ``path``."""
+    path = Path(name)
+    if not data:
+        raise InputError(path, "empty file")
+    return _read(path, bytes(data), len(data), data[:2] == _GZIP_MAGIC, max_voxels)
+
+
+def _read(path: Path, source: Path | bytes, file_size: int, compressed: bool, max_voxels: int) -> LoadedImage:
+    with _open_stream(path, source, compressed) as stream:
         hdr = _read_header(path, stream)
         shape, dtype, offset = _validate(path, hdr, file_size, compressed, max_voxels)
         data = _read_voxels(path, stream, hdr, shape, dtype, offset, compressed)
@@ -387,12 +402,12 @@ def to_canonical(img: LoadedImage) -> tuple[np.ndarray, np.ndarray, Reorientatio
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _gzip_write(path: Path) -> IO[bytes]:
+def _gzip_write(stream: IO[bytes]) -> IO[bytes]:
     try:
         from isal import igzip
     except ImportError:  # pragma: no cover
-        return gzip.open(path, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
-    return igzip.open(path, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
+        return gzip.open(stream, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
+    return igzip.open(stream, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
 
 
 def _label_image(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
@@ -418,6 +433,25 @@ def _label_image(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
     return img
 
 
+def label_bytes(labels: np.ndarray, like: LoadedImage, compressed: bool = True) -> bytes:
+    """A label map as the bytes of a uint8 NIfTI file (gzip-compressed unless ``compressed`` is false) in ``like``'s
+    space: its shape, affine and header fields. ``labels`` must have ``like``'s shape and values in 0..255."""
+    if tuple(labels.shape) != tuple(like.data.shape):
+        raise ValueError(f"labels shape {labels.shape} does not match the image shape {like.data.shape}")
+    if labels.dtype != np.uint8:
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
+        labels = labels.astype(np.uint8)
+    img = _label_image(labels, like)
+    buf = BytesIO()
+    if compressed:
+        with _gzip_write(buf) as stream:
+            img.to_stream(stream)  # type: ignore[arg-type]
+    else:
+        img.to_stream(buf)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
 def write_labels(path: str | Path, labels: np.ndarray, like: LoadedImage) -> None:
     """Write a label map as uint8 NIfTI in ``like``'s space (``.nii`` or ``.nii.gz`` by name), atomically.
 
@@ -431,17 +465,5 @@ def write_labels(path: str | Path, labels: np.ndarray, like: LoadedImage) -> Non
         compressed = False
     else:
         raise OutputError(path, "output name must end in .nii or .nii.gz")
-    if tuple(labels.shape) != tuple(like.data.shape):
-        raise ValueError(f"labels shape {labels.shape} does not match the image shape {like.data.shape}")
-    if labels.dtype != np.uint8:
-        if labels.size and (labels.min() < 0 or labels.max() > 255):
-            raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
-        labels = labels.astype(np.uint8)
-    img = _label_image(labels, like)
-    try:
-        with atomic_path(path) as tmp, (_gzip_write(tmp) if compressed else open(tmp, "wb")) as stream:
-            img.to_stream(stream)  # type: ignore[arg-type]
-    except OSError as err:
-        raise OutputError(path, f"cannot write: {err.strerror or err}")
-    if os.path.isdir(path):  # pragma: no cover - os.replace onto a folder already failed above
-        raise OutputError(path, "is a folder")
+    write_bytes_atomic(path, label_bytes(labels, like, compressed))
+

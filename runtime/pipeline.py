@@ -3,6 +3,7 @@ post-processing → restore to the input grid → write. See docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import sys
@@ -60,12 +61,8 @@ class Segmenter:
 
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         n_folds = len(self.bundle.folds)
-        if folds is not None and not 1 <= folds <= n_folds:
-            raise BundleError(self.bundle.root, f"--folds {folds} asked for, the bundle has {n_folds} fold(s)")
-        self.overlap = self.bundle.overlap if overlap is None else float(overlap)
-        if not 0.0 <= self.overlap < 1.0:
-            raise BundleError(None, f"overlap must lie in [0, 1), got {self.overlap}")
-        self.blend = "gaussian" if self.overlap > 0 else self.bundle.blend
+        self._check_folds(folds, n_folds)
+        self._set_overlap(overlap)
         self.device = resolve_device(device)
         self.xp = get_xp(self.device)  # cupy on CUDA when available: device-resident crop/resample/ensemble
         self.gpu_mem_budget = DEFAULT_BUDGET_MB if gpu_mem_budget is None else float(gpu_mem_budget)
@@ -76,6 +73,27 @@ class Segmenter:
         self.locator: Engine | None = (create_engine(self.bundle.locator, self.device, precision, threads)
                                        if self.bundle.locator is not None else None)
         self.load_s = time.perf_counter() - t0
+
+    def _check_folds(self, folds: int | None, available: int) -> None:
+        if folds is not None and not 1 <= folds <= available:
+            raise BundleError(self.bundle.root, f"--folds {folds} asked for, the bundle has {available} fold(s)")
+
+    def _set_overlap(self, overlap: float | None) -> None:
+        self.overlap = self.bundle.overlap if overlap is None else float(overlap)
+        if not 0.0 <= self.overlap < 1.0:
+            raise BundleError(None, f"overlap must lie in [0, 1), got {self.overlap}")
+        self.blend = "gaussian" if self.overlap > 0 else self.bundle.blend
+
+    def with_options(self, folds: int | None = None, overlap: float | None = None) -> Segmenter:
+        """This Segmenter with per-call options (``flare-serve`` requests): the first ``folds`` of the loaded folds
+        and another tile ``overlap``. The loaded engines are shared, not reloaded; ``self`` is unchanged."""
+        other = copy.copy(self)
+        self._check_folds(folds, len(self.engines))
+        if folds is not None:
+            other.engines = self.engines[:folds]
+        if overlap is not None:
+            other._set_overlap(overlap)
+        return other
 
     # -- stages -------------------------------------------------------------------------------------------------
     def _locate(self, data_ras: np.ndarray, spacing: tuple[float, float, float]) -> LocateResult:
