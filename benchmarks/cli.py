@@ -43,11 +43,17 @@ def bench(
     cache: Annotated[Path | None, typer.Option(help="Where synthetic cases are cached "
                      "(default ~/.cache/flare/bench-cases).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    server: Annotated[str | None, typer.Option(help="Load-test a running flare-serve at HOST:PORT instead: "
+                      "--requests at --concurrency, cycling through --cases; writes OUTPUT/serve_load.md/.json.")
+                      ] = None,
+    requests: Annotated[int, typer.Option(min=1, help="With --server: number of requests.")] = 20,
+    concurrency: Annotated[int, typer.Option(min=1, help="With --server: requests in flight at once.")] = 4,
 ) -> None:
     """Run the benchmark and write OUTPUT/report.md, OUTPUT/report.json and OUTPUT/memory_*.png."""
     from flare.runtime.bundle import default_bundle_dir
     from flare.runtime.errors import OutputError
 
+    from .cases import resolve_cases
     from .harness import run_benchmark
     from .reference import MODES
 
@@ -58,6 +64,15 @@ def bench(
             raise OutputError(output, "output must be a folder")
         if not output.parent.is_dir():
             raise OutputError(output, f"parent folder {output.parent} does not exist")
+        if server is not None:
+            from .serve_load import run_load, write_load_report
+
+            load = run_load(server, resolve_cases(cases, cache), requests, concurrency,
+                            command=shlex.join(["flare-bench"] + sys.argv[1:]))
+            md = write_load_report(load, output)
+            if not quiet:
+                typer.echo(md.read_text(), err=True)
+            return
         report = run_benchmark(bundle or default_bundle_dir(), cases, reference=reference, out_dir=output,
                                repeats=repeats, device=device, cold=cold, reference_repeats=reference_repeats,
                                reference_mode=reference_mode, reference_cases=reference_cases,

@@ -288,6 +288,18 @@ def test_bad_request_among_good_ones(server: Server, local_results: dict, tiny_b
     assert server.proc.poll() is None
 
 
+def test_flare_bench_server_mode(server: Server, tmp_path: Path) -> None:
+    ct = data_path("ts_abdomen_ct_3mm.nii.gz")
+    proc = subprocess.run([str(BIN / "flare-bench"), "--server", server.http, "--cases", str(ct), "--requests", "4",
+                           "--concurrency", "2", "-o", str(tmp_path), "-q"], capture_output=True, text=True,
+                          timeout=REQUEST_TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "serve_load.json").read_text())
+    assert summary["succeeded"] == 4 and summary["failed"] == 0 and summary["concurrency"] == 2
+    assert 0 < summary["latency_s"]["p50"] <= summary["latency_s"]["p95"] <= summary["latency_s"]["max"]
+    assert summary["throughput_rps"] > 0 and "| 4 | 2 | 4 | 0 |" in (tmp_path / "serve_load.md").read_text()
+
+
 def test_sigterm_stops_the_server_gracefully(server: Server) -> None:
     """Runs last in this module: SIGTERM with a request in flight; the request finishes or fails with one line."""
     from flare.runtime.remote import RemoteError, RemoteSegmenter
@@ -312,6 +324,7 @@ def test_sigterm_stops_the_server_gracefully(server: Server) -> None:
         pytest.fail(f"flare-serve still running 60 s after SIGTERM:\n{server.log.read_text()[-2000:]}")
     print(f"flare-serve stopped {time.monotonic() - t0:.1f} s after SIGTERM, exit {code}")
     client.join(timeout=90)
+    print(f"in-flight request: {outcome[0] if outcome else None}")
     assert not client.is_alive() and len(outcome) == 1
     assert isinstance(outcome[0], tuple) or "\n" not in str(outcome[0])
     with pytest.raises(ProcessLookupError):  # tritonserver went too: the process group is empty
