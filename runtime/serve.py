@@ -168,6 +168,23 @@ class FlareModel:
 
 
 # ------------------------------------------------------------------------------------------------ the server
+def check_ports_free(host: str, ports: Mapping[str, int]) -> None:
+    """FlareError when a port cannot be bound on ``host`` (in use, or ``host`` is not a local address): PyTriton
+    would otherwise talk to whatever server already listens there."""
+    import socket
+
+    if len(set(ports.values())) < len(ports):
+        raise FlareError(None, f"the ports must differ: {', '.join(f'{k} {v}' for k, v in ports.items())}")
+    for what, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver does
+            try:
+                sock.bind((host, port))
+            except OSError as err:
+                raise FlareError(None, f"cannot listen on {host}:{port} (--{what}-port): {err.strerror or err}"
+                                 ) from None
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM does what Ctrl-C does (PyTriton's serve() stops Triton gracefully on KeyboardInterrupt); further
     signals during the stop are ignored so that it completes."""
@@ -190,6 +207,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
 
     triton_mod = require("pytriton.triton", "flare-serve")
     config_mod = require("pytriton.model_config", "flare-serve")
+    check_ports_free(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
     prepare_server_environment()
     _quiet_pytriton(verbose)
     loaded = load_bundle(bundle)
@@ -208,7 +226,11 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                         outputs=[tensor(name=OUTPUT_LABELS, dtype=object, shape=(1,)),
                                  tensor(name=OUTPUT_REPORT, dtype=object, shape=(1,))],
                         config=model_config(batching=False), strict=True)
-            triton.run()
+            try:
+                triton.run()
+            except Exception as err:  # noqa: BLE001 - PyTriton raises several kinds when tritonserver fails
+                raise FlareError(None, f"Triton did not start ({type(err).__name__}: "
+                                       f"{(str(err).strip().splitlines() or [''])[0]}); rerun with --verbose") from None
             print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
                   f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} fold(s), "
                   f"device {seg.device}, {instances} instance(s); SIGTERM or Ctrl-C stops", file=sys.stderr,

@@ -223,6 +223,18 @@ def test_health_model_ready_and_loopback_only(server: Server) -> None:
         assert addrs and all(a.startswith("127.0.0.1:") for a in addrs), addrs
 
 
+def test_second_server_on_a_busy_port_or_without_bundle_is_one_line_exit_2(server: Server, tmp_path: Path) -> None:
+    grpc, metrics = _free_ports(2)
+    for args in (["--bundle", str(tmp_path / "none")],
+                 ["--bundle", str(tmp_path / "none"), "--http-port", server.http.split(":")[1], "--grpc-port",
+                  str(grpc), "--metrics-port", str(metrics)]):
+        proc = subprocess.run([str(BIN / "flare-serve"), *args], capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("flare-serve: error: ")
+    assert f"cannot listen on {server.http} (--http-port)" in proc.stderr
+
+
 @pytest.mark.parametrize("name", REAL_CTS)
 def test_remote_segmenter_equals_local(server: Server, local_results: dict, name: str) -> None:
     from flare.runtime.remote import RemoteSegmenter
