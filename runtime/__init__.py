@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that ``import flare.runtime`` and ``flare-run --help`` stay instant)::
 
-    from flare.runtime import segment, Segmenter, split_left_right, load_bundle
+    from flare.runtime import segment, Segmenter, RemoteSegmenter, split_left_right, load_bundle
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 _EXPORTS = {
     "segment": "pipeline",
     "Segmenter": "pipeline",
+    "RemoteSegmenter": "remote",
     "split_left_right": "lr_split",
     "postprocess": "postprocess",
     "load_bundle": "bundle",
