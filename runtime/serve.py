@@ -185,17 +185,20 @@ def check_ports_free(host: str, ports: Mapping[str, int]) -> None:
                                  ) from None
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_sigterm() -> list[int]:
     """SIGTERM does what Ctrl-C does (PyTriton's serve() stops Triton gracefully on KeyboardInterrupt); further
-    signals during the stop are ignored so that it completes."""
+    signals during the stop are ignored so that it completes. Returns the list the received signal goes into."""
+    received: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        received.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    return received
 
 
 def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_port: int = 8000,
@@ -219,18 +222,14 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                                      metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=EXIT_TIMEOUT_S,
                                      log_verbose=1 if verbose else 0, allow_gpu_metrics=seg.device == "cuda")
     tensor, model_config = config_mod.Tensor, config_mod.ModelConfig
-    _stop_on_sigterm()
+    stop_signal = _stop_on_sigterm()
     try:
         with triton_mod.Triton(config=config) as triton:
             triton.bind(model_name=MODEL, infer_func=models, inputs=[tensor(name=INPUT, dtype=object, shape=(1,))],
                         outputs=[tensor(name=OUTPUT_LABELS, dtype=object, shape=(1,)),
                                  tensor(name=OUTPUT_REPORT, dtype=object, shape=(1,))],
                         config=model_config(batching=False), strict=True)
-            try:
-                triton.run()
-            except Exception as err:  # noqa: BLE001 - PyTriton raises several kinds when tritonserver fails
-                raise FlareError(None, f"Triton did not start ({type(err).__name__}: "
-                                       f"{(str(err).strip().splitlines() or [''])[0]}); rerun with --verbose") from None
+            triton.run()
             print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
                   f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} fold(s), "
                   f"device {seg.device}, {instances} instance(s); SIGTERM or Ctrl-C stops", file=sys.stderr,
@@ -238,18 +237,20 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
             triton.serve()
     except KeyboardInterrupt:
         pass
+    except FlareError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PyTriton raises several kinds when tritonserver fails or dies
+        raise FlareError(None, f"Triton failed ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}); "
+                               "rerun with --verbose") from None
+    if not stop_signal:  # serve() also returns when tritonserver or the proxy model dies
+        raise FlareError(None, "the Triton server stopped unexpectedly (rerun with --verbose for its log)")
     print("flare-serve: stopped", file=sys.stderr, flush=True)
 
 
 def _quiet_pytriton(verbose: bool) -> None:
     """PyTriton logs every failed request with a traceback; FlareModel logs one line instead."""
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="flare-serve: %(levelname)s: %(message)s")
     logging.getLogger("pytriton").setLevel(logging.INFO if verbose else logging.ERROR)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("flare-serve: %(levelname)s: %(message)s"))
-    logger = logging.getLogger("flare.runtime")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 # ------------------------------------------------------------------------------------------------ CLI

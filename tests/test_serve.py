@@ -297,6 +297,7 @@ def test_bad_request_among_good_ones(server: Server, local_results: dict, tiny_b
     assert _flare_run(good, tmp_path / "e.nii.gz", server.http).returncode == 0
     _assert_same_nifti(tmp_path / "e.nii.gz", local_results[good.name][0])
     assert _counter(_get(server.metrics)[1], "nv_inference_request_failure") - failures == 2
+    assert f"flare-serve: WARNING: request rejected: {bad}: not a NIfTI file" in server.log.read_text()
     assert server.proc.poll() is None
 
 
