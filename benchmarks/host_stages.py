@@ -231,6 +231,14 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def publish(doc: dict[str, Any], table: str, out: Path | None) -> int:
+    """Print a benchmark's Markdown ``table``, write ``doc`` as JSON to ``out`` (atomically) when given; exit code 0."""
+    print(table)
+    if out:
+        write_text_atomic(out, json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flare.benchmarks.host_stages", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
@@ -243,10 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.source}: source CT not found (see ../shared/data/README.md)", file=sys.stderr)
         return 2
     doc = run(repeats=args.repeats, peers=not args.no_peers, quiet=args.quiet, source=args.source)
-    print(markdown(doc))
-    if args.out:
-        write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
-    return 0
+    return publish(doc, markdown(doc), args.out)
 
 
 if __name__ == "__main__":

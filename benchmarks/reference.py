@@ -285,15 +285,16 @@ def infer_auto3dseg(vol: Any, models: ReferenceModels, bundle: Bundle) -> np.nda
 
 # ---------------------------------------------------------------------------------------- stage: postprocess
 def postprocess_labels(merged: np.ndarray, affine_1mm: np.ndarray, bundle: Bundle) -> np.ndarray:
-    """Merged classes -> FLARE ids; the runtime's numpy ``split_left_right`` and ``postprocess``."""
+    """Merged classes -> FLARE ids; the runtime's numpy ``split_left_right`` and ``postprocess`` with the bundle's
+    rules (``postprocess.mode``, the paper's by default), as ``flare-run`` applies them by default."""
     from flare.runtime.labels import merged_to_flare
     from flare.runtime.lr_split import split_left_right
-    from flare.runtime.postprocess import postprocess
+    from flare.runtime.postprocessing import postprocess
 
     spacing = tuple(float(v) for v in np.sqrt((np.asarray(affine_1mm)[:3, :3] ** 2).sum(axis=0)))
     labels = split_left_right(merged_to_flare(merged), np.asarray(affine_1mm, dtype=np.float64))
-    return postprocess(labels, spacing, min_tumor_voxels=bundle.min_tumor_voxels,
-                       largest_component=bundle.largest_component, z_pass=bundle.z_pass)
+    return postprocess(labels, spacing, mode=bundle.postprocess_mode, min_tumor_voxels=bundle.min_tumor_voxels,
+                       organs=bundle.largest_component, z_pass=bundle.z_pass)
 
 
 # --------------------------------------------------------------------------------------------- stage: restore

@@ -2,7 +2,10 @@
 
 Public API (imported lazily so that ``import flare.runtime`` and ``flare-run --help`` stay instant)::
 
-    from flare.runtime import segment, Segmenter, RemoteSegmenter, split_left_right, load_bundle
+    from flare.runtime import segment, Segmenter, RemoteSegmenter, split_left_right, postprocess, load_bundle
+
+The functions live in small modules (``flare.runtime.postprocessing`` holds ``postprocess``); no module shares a
+name with a function exported here, so ``from flare.runtime import postprocess`` always gives the function.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ _EXPORTS = {
     "Segmenter": "pipeline",
     "RemoteSegmenter": "remote",
     "split_left_right": "lr_split",
-    "postprocess": "postprocess",
+    "postprocess": "postprocessing",
     "load_bundle": "bundle",
     "read_image": "io",
     "write_labels": "io",

@@ -10,7 +10,8 @@ Schema (format version 1)::
       "locator": MODEL,                       # optional: without it the whole image is used
       "folds": [MODEL, ...],                  # at least one
       "tiling": {"roi": [224, 224, 224], "overlap": 0.0, "blend": "constant", "locator_roi": [128, 128, 128]},
-      "postprocess": {"min_tumor_voxels": 100, "largest_component": [1, 2, 3, 4, 5, 13], "z_pass": true},
+      "postprocess": {"mode": "paper", "min_tumor_voxels": 100, "largest_component": [1, 2, 3, 4, 5, 13],
+                      "z_pass": true},
       "provenance": {"monai": "...", "torch": "...", "onnx": "...", "config_sha256": "...", ...},
       "verification": {...}                   # optional, written by flare-export
     }
@@ -20,6 +21,11 @@ Schema (format version 1)::
              "files": {"fp32": {"path": "fold0.fp32.onnx", "sha256": "...", "input_name": "image",
                                 "output_name": "logits", "input_dtype": "float32", "output_dtype": "float32"},
                        "fp16": {...}}}
+
+``postprocess.mode`` is the default rule set of ``flare-run`` (``paper`` or ``strict``, see
+:mod:`flare.runtime.postprocessing`); bundles written before it existed get ``paper``. ``largest_component`` lists the
+organs those rules clean (the paper's largest z run, or the strict largest 3-D component); ``z_pass`` is the strict
+rules' organ-union z pass.
 
 Paths inside the bundle are relative to the bundle folder. The locator has one output channel (organ-union logit,
 foreground where > 0) or several (foreground where argmax > 0). Folds output merged-space logits
@@ -36,6 +42,7 @@ from typing import Any
 
 from .errors import BundleError
 from .labels import check_snapshot
+from .postprocessing import DEFAULT_MODE, check_mode
 
 FORMAT = "flare-bundle"
 FORMAT_VERSION = 1
@@ -88,6 +95,7 @@ class Bundle:
     min_tumor_voxels: int
     largest_component: tuple[int, ...]
     z_pass: bool
+    postprocess_mode: str = DEFAULT_MODE
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -224,8 +232,17 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         min_tumor_voxels=int(post.get("min_tumor_voxels", 100)),
         largest_component=tuple(int(v) for v in post.get("largest_component", [1, 2, 3, 4, 5, 13])),
         z_pass=bool(post.get("z_pass", True)),
+        postprocess_mode=_postprocess_mode(post, bundle_json),
         provenance=dict(raw.get("provenance", {})),
     )
+
+
+def _postprocess_mode(post: dict[str, Any], bundle_json: Path) -> str:
+    """``postprocess.mode``; bundles written before the key existed get the default (the paper's rules)."""
+    try:
+        return check_mode(post.get("mode", DEFAULT_MODE))
+    except ValueError as exc:
+        raise BundleError(bundle_json, f"postprocess.{exc}") from None
 
 
 def model_entry(name: str, files: dict[str, dict[str, str]], out_channels: int, in_channels: int = 1,
@@ -256,7 +273,8 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
         "locator": locator,
         "folds": folds,
         "tiling": {"roi": list(roi), "overlap": overlap, "blend": blend, "locator_roi": list(locator_roi)},
-        "postprocess": {"min_tumor_voxels": 100, "largest_component": list(LARGEST_COMPONENT_IDS), "z_pass": True},
+        "postprocess": {"mode": DEFAULT_MODE, "min_tumor_voxels": 100, "largest_component": list(LARGEST_COMPONENT_IDS),
+                        "z_pass": True},
         "provenance": provenance or {},
     }
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .errors import FlareError, InputError, OutputError
+from .postprocessing import Mode
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Segment an abdominal CT (13 FLARE23 organs + tumor) with an exported flare bundle.")
@@ -68,6 +69,10 @@ def run(
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
                               help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
                               ] = 4000.0,
+    postprocess: Annotated[Mode | None, typer.Option(
+                           help="Clean-up rules: paper (tumor dropped when its total is under 100 mm³; liver, kidneys, "
+                                "spleen, pancreas, aorta each keep their largest run of z slices) or strict (largest "
+                                "3-D components, small tumor components). Default: the bundle's, paper.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write a JSON report (stages, crop, tiles, memory).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     server: Annotated[str | None, typer.Option(help="Segment on a flare-serve server at HOST:PORT (its HTTP port) "
@@ -90,13 +95,14 @@ def run(
         if server is not None:
             from .remote import run_remote
 
-            rep = run_remote(server, input, out, folds=folds, overlap=overlap, quiet=quiet)
+            rep = run_remote(server, input, out, folds=folds, overlap=overlap, quiet=quiet,
+                             postprocess=None if postprocess is None else postprocess.value)
         else:
             from .progress import run_with_progress
 
             rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
-                                    overlap=overlap, precision=precision, quiet=quiet,
-                                    gpu_mem_budget=gpu_mem_budget)
+                                    overlap=overlap, precision=precision, quiet=quiet, gpu_mem_budget=gpu_mem_budget,
+                                    postprocess=None if postprocess is None else postprocess.value)
         if report is not None:
             from .atomic import write_text_atomic
 

@@ -42,6 +42,7 @@ __all__ = [
     "SPLEEN",
     "STOMACH",
     "TUMOR",
+    "Z_RUN_IDS",
     "Label",
     "check_snapshot",
     "merge_left_right",
@@ -57,6 +58,8 @@ class Label:
     name: str
     short: str
     color: tuple[int, int, int]
+    #: an organ the post-processing cleans of outliers: the paper's rule keeps its largest run of z slices
+    #: (``Z_RUN_IDS``, the default), the strict rules its largest 3-D connected component (``LARGEST_COMPONENT_IDS``)
     largest_component: bool
 
 
@@ -85,8 +88,11 @@ NUM_FLARE_IDS = len(LABELS)
 ORGAN_IDS: tuple[int, ...] = tuple(range(1, 14))
 #: (right id, left id) pairs merged for training and split again at inference
 LEFT_RIGHT_PAIRS: tuple[tuple[int, int], ...] = ((RIGHT_KIDNEY, LEFT_KIDNEY), (RIGHT_ADRENAL, LEFT_ADRENAL))
-#: organs of which only the largest connected component is kept (per side for the kidneys)
+#: organs of which the strict post-processing keeps only the largest 3-D connected component (per side for the kidneys)
 LARGEST_COMPONENT_IDS: tuple[int, ...] = tuple(lab.id for lab in LABELS if lab.largest_component)
+#: organs of which the paper's post-processing (§2.6) keeps only the largest run of consecutive z slices, each on its
+#: own: liver, right kidney, spleen, pancreas, aorta, left kidney -- the paper names the same six organs for both rules
+Z_RUN_IDS: tuple[int, ...] = LARGEST_COMPONENT_IDS
 
 #: merged class index -> FLARE id (kidneys as 2, adrenals as 7)
 MERGED_TO_FLARE = np.array([0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14], dtype=np.uint8)

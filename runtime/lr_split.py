@@ -26,7 +26,7 @@ import numpy as np
 
 from .geometry import box_from_mask
 from .labels import AORTA, LEFT_RIGHT_PAIRS
-from .postprocess import components
+from .postprocessing import components
 
 __all__ = ["ReferenceLine", "reference_line", "split_left_right"]
 

@@ -26,7 +26,7 @@ from .io import LoadedImage, read_image, to_canonical, write_labels
 from .labels import merged_to_flare
 from .locate import LocateResult, locate, whole_box
 from .lr_split import split_left_right
-from .postprocess import postprocess
+from .postprocessing import check_mode, postprocess
 from .resample import normalise_hu, output_shape, resample_linear, resample_nearest
 
 log = logging.getLogger("flare.runtime")
@@ -55,7 +55,7 @@ class Segmenter:
 
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", folds: int | None = None,
                  overlap: float | None = None, precision: str | None = None, threads: int | None = None,
-                 gpu_mem_budget: float | None = None) -> None:
+                 gpu_mem_budget: float | None = None, postprocess: str | None = None) -> None:
         from .budget import DEFAULT_BUDGET_MB
         from .gpu import get_xp
 
@@ -67,6 +67,7 @@ class Segmenter:
         self.xp = get_xp(self.device)  # cupy on CUDA when available: device-resident crop/resample/ensemble
         self.gpu_mem_budget = DEFAULT_BUDGET_MB if gpu_mem_budget is None else float(gpu_mem_budget)
         self._precision, self._threads = precision, threads
+        self._set_postprocess(postprocess)
         t0 = time.perf_counter()
         specs = self.bundle.folds[: folds or n_folds]
         self.engines: list[Engine] = [create_engine(s, self.device, precision, threads) for s in specs]
@@ -84,15 +85,25 @@ class Segmenter:
             raise BundleError(None, f"overlap must lie in [0, 1), got {self.overlap}")
         self.blend = "gaussian" if self.overlap > 0 else self.bundle.blend
 
-    def with_options(self, folds: int | None = None, overlap: float | None = None) -> Segmenter:
-        """This Segmenter with per-call options (``flare-serve`` requests): the first ``folds`` of the loaded folds
-        and another tile ``overlap``. The loaded engines are shared, not reloaded; ``self`` is unchanged."""
+    def _set_postprocess(self, postprocess: str | None) -> None:
+        try:  # "paper" (default) or "strict"; None: the bundle's postprocess.mode
+            self.postprocess_mode = check_mode(self.bundle.postprocess_mode if postprocess is None else postprocess)
+        except ValueError as exc:
+            raise BundleError(None, f"postprocess {exc}") from None
+
+    def with_options(self, folds: int | None = None, overlap: float | None = None,
+                     postprocess: str | None = None) -> Segmenter:
+        """This Segmenter with per-call options (``flare-serve`` requests): the first ``folds`` of the loaded folds,
+        another tile ``overlap``, other ``postprocess`` rules. The loaded engines are shared, not reloaded; ``self``
+        is unchanged."""
         other = copy.copy(self)
         self._check_folds(folds, len(self.engines))
         if folds is not None:
             other.engines = self.engines[:folds]
         if overlap is not None:
             other._set_overlap(overlap)
+        if postprocess is not None:
+            other._set_postprocess(postprocess)
         return other
 
     # -- stages -------------------------------------------------------------------------------------------------
@@ -131,8 +142,8 @@ class Segmenter:
     def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
         b = self.bundle
         labels = split_left_right(merged_to_flare(merged), affine_1mm)
-        return postprocess(labels, spacing_from_affine(affine_1mm), min_tumor_voxels=b.min_tumor_voxels,
-                           largest_component=b.largest_component, z_pass=b.z_pass, copy=False)
+        return postprocess(labels, spacing_from_affine(affine_1mm), mode=self.postprocess_mode,
+                           min_tumor_voxels=b.min_tumor_voxels, organs=b.largest_component, z_pass=b.z_pass, copy=False)
 
     @staticmethod
     def _restore(labels: np.ndarray, box: Box, ras_shape: tuple[int, ...], reorient: Any) -> np.ndarray:
@@ -201,6 +212,7 @@ class Segmenter:
             "backend": {"device": self.device, "engine": self.engines[0].backend,
                         "precision": self.engines[0].precision, "load_s": round(self.load_s, 4)},
             "folds": ens.folds,
+            "postprocess": {"mode": self.postprocess_mode},
             "stages": {name: times.get(name, 0.0) for name in STAGES},
             "total_s": round(total, 4),
             "rss_peak_mb": round(_rss_peak_mb(), 1),
@@ -210,8 +222,11 @@ class Segmenter:
 
 def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
             device: str = "auto", folds: int | None = None, overlap: float | None = None,
-            precision: str | None = None, gpu_mem_budget: float | None = None
+            precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None
             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``."""
+    """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``.
+
+    ``postprocess`` picks the clean-up rules: ``"paper"`` or ``"strict"`` (see :mod:`flare.runtime.postprocessing`);
+    None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise)."""
     return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
-                     gpu_mem_budget=gpu_mem_budget).segment(image, output)
+                     gpu_mem_budget=gpu_mem_budget, postprocess=postprocess).segment(image, output)

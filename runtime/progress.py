@@ -29,10 +29,10 @@ def _rich_hooks(progress: Any) -> StageHooks:
 
 def run_with_progress(input_path: Path, output: Path, bundle: Path, *, device: str, folds: int | None,
                       overlap: float | None, precision: str | None, quiet: bool,
-                      gpu_mem_budget: float | None = None) -> dict[str, Any]:
+                      gpu_mem_budget: float | None = None, postprocess: str | None = None) -> dict[str, Any]:
     """Load the bundle, segment ``input_path`` into ``output`` and return the report."""
     seg = Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
-                    gpu_mem_budget=gpu_mem_budget)
+                    gpu_mem_budget=gpu_mem_budget, postprocess=postprocess)
     if quiet:
         return seg.segment(input_path, output)[2]
     from rich.console import Console

@@ -7,8 +7,7 @@ The wire protocol (Triton's KServe v2 HTTP/REST or gRPC, model :data:`MODEL`):
 * outputs ``labels`` (``BYTES [1]``: the uint8 label map as a NIfTI file in the input's geometry, gzip-compressed
   unless the request says ``compressed: false``) and ``report`` (``BYTES [1]``: the JSON report of ``flare-run``);
 * optional request parameters: ``filename`` (names the input in errors and in the report), ``folds`` (use the first N
-  folds), ``overlap`` (tile overlap ratio), ``postprocess`` (passed to the runtime when it supports it),
-  ``compressed`` (bool).
+  folds), ``overlap`` (tile overlap ratio), ``postprocess`` (``paper`` or ``strict``), ``compressed`` (bool).
 
 A bad input fails the request with Triton's error message, whose line starting with :data:`ERROR_MARKER` carries the
 one-line :class:`~flare.runtime.errors.FlareError`; the server keeps serving. tritonclient is imported lazily.
@@ -78,7 +77,7 @@ class RemoteSegmenter:
     """
 
     def __init__(self, url: str, folds: int | None = None, overlap: float | None = None,
-                 postprocess: str | bool | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 postprocess: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.url = url
         self._host, self._ssl = _split_url(url)
         self.options: dict[str, Any] = {k: v for k, v in (("folds", folds), ("overlap", overlap),
@@ -146,7 +145,7 @@ def _read_input(path: Path) -> bytes:
 
 
 def run_remote(server: str, input_path: Path, output: Path, *, folds: int | None, overlap: float | None,
-               quiet: bool, postprocess: str | bool | None = None) -> dict[str, Any]:
+               quiet: bool, postprocess: str | None = None) -> dict[str, Any]:
     """``flare-run --server``: segment ``input_path`` on the server, write ``output``, return the report."""
     from .atomic import write_bytes_atomic
 

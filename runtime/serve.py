@@ -122,10 +122,7 @@ class FlareModel:
     """One Triton model instance: a loaded Segmenter answering requests (a PyTriton inference callable)."""
 
     def __init__(self, segmenter: Any) -> None:
-        import inspect
-
         self.segmenter = segmenter
-        self._postprocess_arg = "postprocess" in inspect.signature(segmenter.segment).parameters
 
     def __call__(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
         return [self.infer(request.data, request.parameters or {}) for request in requests]
@@ -157,13 +154,10 @@ class FlareModel:
         folds = None if params.get("folds") is None else _number(params["folds"], "folds", int)
         overlap = None if params.get("overlap") is None else _number(params["overlap"], "overlap", float)
         compressed = _flag(params.get("compressed", True), "compressed")
-        kwargs: dict[str, Any] = {}
-        if params.get("postprocess") is not None:
-            if not self._postprocess_arg:
-                raise InputError(None, "request parameter postprocess is not supported by this server's runtime")
-            kwargs["postprocess"] = params["postprocess"]
+        postprocess = None if params.get("postprocess") is None else str(params["postprocess"])
+        seg = self.segmenter.with_options(folds=folds, overlap=overlap, postprocess=postprocess)
         img = read_image_bytes(image.flat[0], name)
-        labels, _, report = self.segmenter.with_options(folds=folds, overlap=overlap).segment(img, **kwargs)
+        labels, _, report = seg.segment(img)
         return label_bytes(labels, img, compressed), report
 
 

@@ -36,6 +36,7 @@ def test_tampered_model_refused(tiny_bundle: Path, tmp_path: Path) -> None:
     (lambda d: d.pop("folds"), "missing field folds"),
     (lambda d: d["labels"]["labels"].pop(), "label registry differs"),
     (lambda d: d["folds"][0]["files"]["fp32"].update(path="../x.onnx"), "outside the bundle"),
+    (lambda d: d["postprocess"].update(mode="loose"), "postprocess.mode must be one of paper, strict, got 'loose'"),
 ])
 def test_bad_bundle_json(tiny_bundle: Path, tmp_path: Path, edit, message: str) -> None:
     b = _copy(tiny_bundle, tmp_path)
@@ -55,3 +56,18 @@ def test_missing_and_corrupt(tmp_path: Path) -> None:
     (tmp_path / "bundle.json").write_text("{not json")
     with pytest.raises(BundleError, match="cannot parse"):
         load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize("edit, mode", [
+    (lambda d: None, "paper"),  # new bundles name the paper's rules
+    (lambda d: d["postprocess"].pop("mode"), "paper"),  # bundles written before the key existed
+    (lambda d: d.pop("postprocess"), "paper"),
+    (lambda d: d["postprocess"].update(mode="strict"), "strict"),
+])
+def test_postprocess_mode(tiny_bundle: Path, tmp_path: Path, edit, mode: str) -> None:
+    b = _copy(tiny_bundle, tmp_path)
+    doc = json.loads((b / "bundle.json").read_text())
+    assert doc["postprocess"]["mode"] == "paper"
+    edit(doc)
+    (b / "bundle.json").write_text(json.dumps(doc))
+    assert load_bundle(b).postprocess_mode == mode

@@ -150,9 +150,23 @@ def test_run_writes_labels_and_report(tiny_bundle: Path, tmp_path: Path) -> None
     report = json.loads(rep.read_text())
     assert set(report["stages"]) == {"read", "locate", "crop_resample", "infer", "postprocess", "restore", "write"}
     assert report["input"]["orientation"] == "LPS" and report["folds"] == 2 and report["gpu_peak_mb"] is None
+    assert report["postprocess"] == {"mode": "paper"}  # the bundle's default
     for key in ("crop", "tiles", "backend", "total_s", "rss_peak_mb"):
         assert key in report
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "seg.nii.gz"]  # no temp files left
+
+
+def test_postprocess_option(tiny_bundle: Path, tmp_path: Path) -> None:
+    ct = data_path("ts_abdomen_ct_3mm.nii.gz")
+    out, rep = tmp_path / "seg.nii.gz", tmp_path / "report.json"
+    proc = flare_run(ct, "-o", out, "--bundle", tiny_bundle, "--device", "cpu", "--postprocess", "strict",
+                     "--report", rep, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(rep.read_text())["postprocess"] == {"mode": "strict"}
+    bad = flare_run(ct, "-o", tmp_path / "x.nii.gz", "--bundle", tiny_bundle, "--postprocess", "loose", "-q")
+    assert bad.returncode == 2 and "paper" in bad.stderr and "strict" in bad.stderr
+    assert not (tmp_path / "x.nii.gz").exists()
+    assert "--postprocess" in flare_run("--help").stdout
 
 
 def test_help_is_fast_and_torch_free() -> None:

@@ -124,3 +124,26 @@ def test_folds_and_overlap_options(tiny_bundle: Path) -> None:
 
     with pytest.raises(BundleError, match="has 2 fold"):
         Segmenter(tiny_bundle, device="cpu", folds=3)
+
+
+def test_postprocess_mode_is_wired_and_reported(tiny_bundle: Path, segmenter: Segmenter) -> None:
+    from flare.runtime import postprocess, segment, split_left_right
+    from flare.runtime.errors import BundleError
+    from flare.runtime.labels import merged_to_flare
+
+    assert segmenter.postprocess_mode == "paper"  # the bundle's default
+    strict = Segmenter(tiny_bundle, device="cpu", postprocess="strict")
+    # each mode's post-processing stage is exactly postprocess() of that mode after the left/right split
+    merged = np.random.default_rng(0).integers(0, 13, (24, 20, 40)).astype(np.uint8)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    outs = {}
+    for seg in (segmenter, strict):
+        expected = postprocess(split_left_right(merged_to_flare(merged), affine), (2.0, 2.0, 2.0),
+                               mode=seg.postprocess_mode)
+        outs[seg.postprocess_mode] = seg._postprocess(merged.copy(), affine)
+        np.testing.assert_array_equal(outs[seg.postprocess_mode], expected)
+    assert not np.array_equal(outs["paper"], outs["strict"])
+    _, _, report = segment(data_path("ts_abdomen_ct_3mm.nii.gz"), tiny_bundle, device="cpu", postprocess="strict")
+    assert report["postprocess"] == {"mode": "strict"}
+    with pytest.raises(BundleError, match="postprocess mode must be one of paper, strict"):
+        Segmenter(tiny_bundle, device="cpu", postprocess="loose")

@@ -268,12 +268,17 @@ def test_uncompressed_output_and_request_options(server: Server, local_results: 
 
     ct = data_path("ts_abdomen_ct_3mm.nii.gz")
     out = tmp_path / "seg.nii"
-    proc = _flare_run(ct, out, server.http, "--folds", "1", "--overlap", "0.25")
+    proc = _flare_run(ct, out, server.http, "--folds", "1", "--overlap", "0.25", "--postprocess", "strict",
+                      "--report", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
-    assert out.read_bytes()[:4] != b"\x1f\x8b\x08\x00"  # plain .nii
-    labels, affine, _ = Segmenter(tiny_bundle, device="cpu", folds=1, overlap=0.25).segment(ct)
+    assert out.read_bytes()[:2] != b"\x1f\x8b"  # plain .nii
+    labels, affine, report = Segmenter(tiny_bundle, device="cpu", folds=1, overlap=0.25,
+                                       postprocess="strict").segment(ct)
     img = nib.load(out)
     assert np.array_equal(np.asarray(img.dataobj), labels) and np.array_equal(img.affine, affine)
+    remote = json.loads((tmp_path / "r.json").read_text())
+    assert remote["postprocess"] == report["postprocess"] == {"mode": "strict"}
+    assert remote["folds"] == report["folds"] and remote["tiles"] == report["tiles"]
 
 
 def test_bad_request_among_good_ones(server: Server, local_results: dict, tiny_bundle: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import sys
 import flare.runtime as rt
 labels, affine, report = rt.segment({str(ct)!r}, bundle={str(tiny_bundle)!r}, device="cpu",
                                     output={str(tmp_path / 'o.nii.gz')!r})
-import flare.runtime.cli, flare.runtime.lr_split, flare.runtime.postprocess
+import flare.runtime.cli, flare.runtime.lr_split, flare.runtime.postprocessing
 loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]
 assert not loaded, loaded
 print(labels.shape)
