@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -212,9 +214,12 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     models = [FlareModel(Segmenter(loaded, device=device, threads=threads, gpu_mem_budget=gpu_mem_budget))
               for _ in range(instances)]
     seg = models[0].segmenter
+    triton_log = None if verbose else Path(tempfile.mkdtemp(prefix="flare-serve-")) / "tritonserver.log"
     config = triton_mod.TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                                      metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=EXIT_TIMEOUT_S,
-                                     log_verbose=1 if verbose else 0, allow_gpu_metrics=seg.device == "cuda")
+                                     log_verbose=1 if verbose else 0, log_file=triton_log,
+                                     allow_gpu_metrics=seg.device == "cuda")
+    where = "rerun with --verbose" if triton_log is None else f"Triton's log: {triton_log}"
     tensor, model_config = config_mod.Tensor, config_mod.ModelConfig
     stop_signal = _stop_on_sigterm()
     try:
@@ -226,7 +231,8 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
             triton.run()
             print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
                   f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} fold(s), "
-                  f"device {seg.device}, {instances} instance(s); SIGTERM or Ctrl-C stops", file=sys.stderr,
+                  f"device {seg.device}, {instances} instance(s); Triton's log: {triton_log or 'stdout'}; "
+                  "SIGTERM or Ctrl-C stops", file=sys.stderr,
                   flush=True)
             triton.serve()
     except KeyboardInterrupt:
@@ -235,9 +241,11 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
         raise
     except Exception as err:  # noqa: BLE001 - PyTriton raises several kinds when tritonserver fails or dies
         raise FlareError(None, f"Triton failed ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}); "
-                               "rerun with --verbose") from None
+                               f"{where}") from None
     if not stop_signal:  # serve() also returns when tritonserver or the proxy model dies
-        raise FlareError(None, "the Triton server stopped unexpectedly (rerun with --verbose for its log)")
+        raise FlareError(None, f"the Triton server stopped unexpectedly ({where})")
+    if triton_log is not None:
+        shutil.rmtree(triton_log.parent, ignore_errors=True)
     print("flare-serve: stopped", file=sys.stderr, flush=True)
 
 
@@ -266,7 +274,8 @@ def main_command(
                          help="Model instances (each loads the models once and serves one request at a time).")] = 1,
     gpu_mem_budget: Annotated[float | None, typer.Option(min=500.0,
                               help="GPU memory budget per instance in MB (default: flare-run's).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Triton's and PyTriton's own logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Triton's and PyTriton's own logs on stdout "
+                       "(default: Triton's log goes to a temporary file, named on errors).")] = False,
 ) -> None:
     """Serve model 'flare': NIfTI bytes in, the label map (NIfTI bytes) and the JSON report out."""
     from .bundle import default_bundle_dir
