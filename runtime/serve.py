@@ -39,6 +39,8 @@ log = logging.getLogger("flare.runtime")
 
 EXIT_TIMEOUT_S = 20
 """Triton waits this long for in-flight requests on SIGTERM/SIGINT (the whole stop stays under 30 s)."""
+START_ATTEMPTS = 3
+"""Starts of Triton when the model fails to load (PyTriton's instance handshake times out on a busy machine)."""
 
 
 class RequestError(Exception):
@@ -223,18 +225,29 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     tensor, model_config = config_mod.Tensor, config_mod.ModelConfig
     stop_signal = _stop_on_sigterm()
     try:
-        with triton_mod.Triton(config=config) as triton:
-            triton.bind(model_name=MODEL, infer_func=models, inputs=[tensor(name=INPUT, dtype=object, shape=(1,))],
-                        outputs=[tensor(name=OUTPUT_LABELS, dtype=object, shape=(1,)),
-                                 tensor(name=OUTPUT_REPORT, dtype=object, shape=(1,))],
-                        config=model_config(batching=False), strict=True)
-            triton.run()
-            print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
-                  f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} fold(s), "
-                  f"device {seg.device}, {instances} instance(s); Triton's log: {triton_log or 'stdout'}; "
-                  "SIGTERM or Ctrl-C stops", file=sys.stderr,
-                  flush=True)
-            triton.serve()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            with triton_mod.Triton(config=config) as triton:  # starts tritonserver; bind() loads the model
+                try:
+                    triton.bind(model_name=MODEL, infer_func=models,
+                                inputs=[tensor(name=INPUT, dtype=object, shape=(1,))],
+                                outputs=[tensor(name=OUTPUT_LABELS, dtype=object, shape=(1,)),
+                                         tensor(name=OUTPUT_REPORT, dtype=object, shape=(1,))],
+                                config=model_config(batching=False), strict=True)
+                    triton.run()
+                except Exception as err:
+                    # PyTriton gives instances 2..N of a model 1 s to reach instance 1's handshake socket; on a busy
+                    # machine that can fail the model load: start Triton again (the Segmenters stay loaded)
+                    if attempt == START_ATTEMPTS or "load failed for model" not in str(err):
+                        raise
+                    log.warning("the model did not load (%s); starting Triton again (attempt %d of %d)",
+                                str(err).strip().splitlines()[0][:200], attempt + 1, START_ATTEMPTS)
+                    continue
+                print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
+                      f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} "
+                      f"fold(s), device {seg.device}, {instances} instance(s); Triton's log: "
+                      f"{triton_log or 'stdout'}; SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
+                triton.serve()
+                break
     except KeyboardInterrupt:
         pass
     except FlareError:
