@@ -4,7 +4,10 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
-EXTRAS ?= cpu,train,export,bench,dev,serve
+EXTRAS ?= cpu,train,export,bench,preview,dicom,dev,serve
+TORCH_VERSION   ?= 2.13.0
+# PyTorch's CPU-only wheels; the default index (PyPI) serves the CUDA build of torch on Linux
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
 .PHONY: install test demo lint clean
@@ -12,7 +15,17 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install torch==2.13.0
+	@# The CPU build of torch: from PyTorch's CPU index when it answers within 5 s, else from pip's own sources
+	@# (a local wheel or index here); short network timeouts so that an unreachable host cannot hang CI.
+	@if $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null; then \
+		echo "make: installing torch==$(TORCH_VERSION) from the PyTorch CPU index $(TORCH_CPU_INDEX)"; \
+		$(PIP) install --timeout 30 --retries 2 torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
+	else \
+		echo "make: $(TORCH_CPU_INDEX) unreachable; installing torch==$(TORCH_VERSION) from pip's configured sources"; \
+		$(PIP) install --timeout 30 --retries 2 torch==$(TORCH_VERSION); \
+	fi
+	@$(PY) -c "import torch; cuda = torch.version.cuda; \
+	print(f'make: installed torch {torch.__version__}: ' + (f'CUDA {cuda} build (not the CPU build: the CPU index was unreachable)' if cuda else 'CPU build'))"
 	$(PIP) install -e '.[$(EXTRAS)]'
 	touch $@
 

@@ -3,6 +3,7 @@
 Public API (imported lazily so that ``import flare.runtime`` and ``flare-run --help`` stay instant)::
 
     from flare.runtime import segment, Segmenter, RemoteSegmenter, split_left_right, postprocess, load_bundle
+    from flare.runtime import read_dicom, write_dicom_seg  # DICOM series in, DICOM-SEG out (the dicom extra)
 
 The functions live in small modules (``flare.runtime.postprocessing`` holds ``postprocess``); no module shares a
 name with a function exported here, so ``from flare.runtime import postprocess`` always gives the function.
@@ -22,6 +23,9 @@ _EXPORTS = {
     "load_bundle": "bundle",
     "read_image": "io",
     "write_labels": "io",
+    "read_dicom": "dicom",
+    "find_series": "dicom",
+    "write_dicom_seg": "dicomseg",
     "FlareError": "errors",
 }
 

@@ -1,48 +1,51 @@
-"""``flare-run``: segment one CT with a bundle, torch-free.
+"""``flare-run``: segment CTs (NIfTI files, DICOM series, folders of cases) with a bundle, torch-free.
 
-Exit codes: 0 success, 2 bad input / bundle / output (one line on stderr, no traceback, no output file),
-130 interrupted.
+The command is three steps, each its own function: the options become a :class:`~flare.runtime.cases.Plan` (the
+cases and every output path, all checked before any work), the bundle is loaded once, and
+:func:`~flare.runtime.batch.run_plan` segments the cases.
+
+Exit codes: 0 success; 2 nothing could start (bad input, bundle or output: one line on stderr, no traceback, no
+output file) or, with one INPUT image, that image failed; 3 several cases were given and some failed (the others
+are written, ``OUT/summary.json`` names the failures); 130 interrupted.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .errors import FlareError, InputError, OutputError
+from .cases import OutputFormat, Plan
+from .errors import FlareError, InputError
 from .postprocessing import Mode
 
+if TYPE_CHECKING:
+    from .pipeline import Segmenter
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Segment an abdominal CT (13 FLARE23 organs + tumor) with an exported flare bundle.")
+                  help="Segment abdominal CTs (13 FLARE23 organs + tumor) with an exported flare bundle.")
 
-_NII_SUFFIXES = (".nii.gz", ".nii")
-
-
-def default_output(input_path: Path) -> Path:
-    """``ct.nii.gz`` → ``ct_seg.nii.gz`` beside the input."""
-    name = input_path.name
-    for suffix in _NII_SUFFIXES:
-        if name.endswith(suffix):
-            return input_path.with_name(name[: -len(suffix)] + "_seg.nii.gz")
-    return input_path.with_name(name + "_seg.nii.gz")
+EXIT_OK, EXIT_CANNOT_START, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
-def check_output(output: Path, input_path: Path) -> None:
-    """Fail before any work when the output cannot be written."""
-    from .atomic import ensure_writable_folder
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
-    if not output.name.endswith(_NII_SUFFIXES):
-        raise OutputError(output, "output must end in .nii.gz or .nii")
-    if output.resolve() == input_path.resolve():
-        raise OutputError(output, "output would overwrite the input")
-    if output.is_dir():
-        raise OutputError(output, "output is a folder; give a file name ending in .nii.gz")
-    ensure_writable_folder(output)
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+def _fail(message: str, code: int = EXIT_CANNOT_START) -> typer.Exit:
+    typer.echo(f"flare-run: error: {message}", err=True)
+    return typer.Exit(code)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -54,68 +57,134 @@ def _setup_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from .entrypoints import version
+
+        typer.echo(f"flare-run {version()}")
+        raise typer.Exit(0)
+
+
+def _check_extras(plan: Plan) -> None:
+    """The optional packages the plan needs (preview: matplotlib; DICOM: pydicom, highdicom), before any work."""
+    from .entrypoints import need
+
+    reqs = []
+    if any(job.preview is not None for job in plan.jobs):
+        reqs.append(("matplotlib", "preview"))
+    if any(job.case.kind == "dicom" for job in plan.jobs):
+        reqs.append(("pydicom", "dicom"))
+    if plan.fmt is OutputFormat.dicom_seg:
+        reqs.append(("highdicom", "dicom"))
+    message = need(reqs)
+    if message is not None:
+        raise InputError(None, f"this run {message}")
+
+
+def _run_plan(plan: Plan, seg: Segmenter, quiet: bool) -> int:
+    from .batch import run_plan
+    from .progress import run_display
+
+    extra = {"bundle": str(seg.bundle.root), "device": seg.device, "format": plan.fmt.value}
+    with run_display(plan, seg, quiet) as display:
+        results = run_plan(plan, seg, hooks_for=display.hooks_for, on_done=display.on_done, summary_extra=extra)
+    failed = [r for r in results if r.status != "ok"]
+    if not plan.folder_mode:
+        if failed:
+            raise _fail(failed[0].error or "failed")
+        return EXIT_OK
+    if not quiet:
+        typer.echo(f"flare-run: {len(results) - len(failed)} of {len(results)} cases written to {plan.out_dir}; "
+                   f"summary: {plan.summary_path}", err=True)
+    if failed:
+        names = ", ".join(r.name for r in failed)
+        typer.echo(f"flare-run: {len(failed)} case(s) failed: {names}", err=True)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
 @app.command()
 def run(
-    input: Annotated[Path, typer.Argument(help="CT image, .nii.gz or .nii (any orientation, HU).")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...",
+        help="CT images: NIfTI files (.nii.gz, .nii; any orientation, HU), DICOM series folders, single .dcm files, "
+             "or folders of cases (NIfTI files and/or DICOM series, searched recursively).", show_default=False)],
     output: Annotated[Path | None, typer.Option("-o", "--output",
-                      help="Label map to write (uint8 FLARE ids). Default: INPUT_seg.nii.gz beside the input.")] = None,
+                      help="One image: the label map to write (.nii.gz/.nii NIfTI, .dcm DICOM-SEG; default "
+                           "INPUT_seg.nii.gz beside the input). Several cases: a folder (created) that gets "
+                           "CASE.nii.gz (or CASE.dcm) per case and summary.json.", show_default=False)] = None,
     bundle: Annotated[Path | None, typer.Option("--bundle", "-b",
-                      help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    folds: Annotated[int | None, typer.Option(min=1, help="Use the first N folds (default: all).")] = None,
+                      help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.",
+                      show_default=False)] = None,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when ONNX Runtime has it.")] = Device.auto,
+    folds: Annotated[int | None, typer.Option(min=1, help="Use the first N folds (default: all).",
+                                              show_default=False)] = None,
     overlap: Annotated[float | None, typer.Option(min=0.0, max=0.95,
-                       help="Tile overlap ratio; > 0 blends tiles with Gaussian weights (default: bundle's, 0).")] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32 or fp16 (default: fp16 on CUDA when present).")] = None,
+                       help="Tile overlap ratio; > 0 blends tiles with Gaussian weights (default: bundle's, 0).",
+                       show_default=False)] = None,
+    precision: Annotated[Precision | None, typer.Option(help="Model precision (default: fp16 on CUDA when the "
+                                                             "bundle has it, else fp32).", show_default=False)] = None,
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
                               help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
                               ] = 4000.0,
     postprocess: Annotated[Mode | None, typer.Option(
                            help="Clean-up rules: paper (tumor dropped when its total is under 100 mm³; liver, kidneys, "
                                 "spleen, pancreas, aorta each keep their largest run of z slices) or strict (largest "
-                                "3-D components, small tumor components). Default: the bundle's, paper.")] = None,
-    report: Annotated[Path | None, typer.Option(help="Write a JSON report (stages, crop, tiles, memory).")] = None,
+                                "3-D components, small tumor components). Default: the bundle's, paper.",
+                           show_default=False)] = None,
+    fmt: Annotated[OutputFormat | None, typer.Option("--format",
+                   help="Output format (several cases; one image: from the -o suffix). dicom-seg needs DICOM "
+                        "input. Default: nifti.", show_default=False)] = None,
+    series: Annotated[str | None, typer.Option("--series", help="Segment only the DICOM series with this "
+                                               "SeriesInstanceUID.", show_default=False)] = None,
+    statistics: Annotated[Path | None, typer.Option("--statistics", help="Per-label voxels, volume (ml), mean/std "
+                          "HU and the tumor count as JSON: a file for one image, a folder for several "
+                          "(CASE_stats.json).", show_default=False)] = None,
+    preview: Annotated[Path | None, typer.Option("--preview", help="PNG of axial/coronal/sagittal overlays: a "
+                       "file for one image, a folder for several (CASE_preview.png). Needs matplotlib "
+                       "(extra 'preview').", show_default=False)] = None,
+    report: Annotated[Path | None, typer.Option(help="Run report as JSON (stages, crop, tiles, memory, voxels): "
+                      "a file for one image, a folder for several (CASE_report.json).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     server: Annotated[str | None, typer.Option(help="Segment on a flare-serve server at HOST:PORT (its HTTP port) "
                       "instead of here; --bundle, --device, --precision and --gpu-mem-budget are the server's.")
                       ] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
-    """Segment INPUT and write the label map in INPUT's own space (shape, affine, header)."""
-    from .bundle import default_bundle_dir
-
+    """Segment each INPUT and write its label map in the input's own space (shape, affine, header)."""
     _setup_logging(quiet)
     try:
-        if not input.exists():
-            raise InputError(input, "no such file")
-        out = output if output is not None else default_output(input)
-        check_output(out, input)
-        if report is not None:
-            from .atomic import ensure_writable_folder
+        from .cases import make_plan
 
-            ensure_writable_folder(report)
-        if server is not None:
-            from .remote import run_remote
+        plan = make_plan(inputs, output=output, fmt=fmt, series=series, statistics=statistics, preview=preview,
+                         report=report)
+        _check_extras(plan)
+        from .bundle import default_bundle_dir
+        from .pipeline import Segmenter
 
-            rep = run_remote(server, input, out, folds=folds, overlap=overlap, quiet=quiet,
-                             postprocess=None if postprocess is None else postprocess.value)
+        if server is not None:  # flare-serve: the cases are read and written here, segmented there
+            from .remote import RemoteSegmenter
+
+            seg = RemoteSegmenter(server, folds=folds, overlap=overlap, progress=not quiet,
+                                  postprocess=None if postprocess is None else postprocess.value)
         else:
-            from .progress import run_with_progress
-
-            rep = run_with_progress(input, out, bundle or default_bundle_dir(), device=device, folds=folds,
-                                    overlap=overlap, precision=precision, quiet=quiet, gpu_mem_budget=gpu_mem_budget,
-                                    postprocess=None if postprocess is None else postprocess.value)
-        if report is not None:
-            from .atomic import write_text_atomic
-
-            write_text_atomic(report, json.dumps(rep, indent=2) + "\n")
+            seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
+                            precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
+                            postprocess=None if postprocess is None else postprocess.value)
+        plan.create_folders()
     except FlareError as err:
-        typer.echo(f"flare-run: error: {err}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(str(err)) from None
     except MemoryError:
-        typer.echo(f"flare-run: error: {input}: out of memory", err=True)
-        raise typer.Exit(2) from None
+        raise _fail("out of memory while loading the bundle") from None
     except KeyboardInterrupt:
         typer.echo("flare-run: interrupted", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    try:
+        code = _run_plan(plan, seg, quiet or server is not None)  # type: ignore[arg-type]  # duck-typed remote
+    except KeyboardInterrupt:
+        typer.echo("flare-run: interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:

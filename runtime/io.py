@@ -44,8 +44,10 @@ from .geometry import spacing_from_affine
 if TYPE_CHECKING:
     import nibabel as nib
 
-__all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "from_array", "label_bytes",
-           "read_image", "read_image_bytes", "to_canonical", "write_labels"]
+    from .dicom import DicomSource
+
+__all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "from_array", "image_bytes",
+           "label_bytes", "read_image", "read_image_bytes", "to_canonical", "write_labels"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -71,6 +73,7 @@ class LoadedImage:
     header: nib.Nifti1Header  # copy of the input header (Nifti1Header or Nifti2Header)
     spacing: tuple[float, float, float]  # header zooms of the 3 spatial axes
     oblique: bool  # affine not axis-aligned
+    source: DicomSource | None = None  # the DICOM series it was read from (flare.runtime.dicom), for DICOM-SEG
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -410,15 +413,16 @@ def _gzip_write(stream: IO[bytes]) -> IO[bytes]:
     return igzip.open(stream, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
 
 
-def _label_image(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
-    """A uint8 image carrying ``like``'s header fields (units, dim info, qform/sform and codes) and affine."""
+def _image_like(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
+    """An image of ``labels`` (its dtype, unscaled) carrying ``like``'s header fields (units, dim info, qform/sform
+    and codes) and affine."""
     import nibabel as nib
     from nibabel.nifti2 import Nifti2Header
 
     src = like.header
     hdr = src.copy()
     hdr.set_data_shape(labels.shape)
-    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_dtype(labels.dtype)
     hdr.set_slope_inter(None, None)
     klass = nib.Nifti2Image if isinstance(src, Nifti2Header) else nib.Nifti1Image
     img = klass(labels, like.affine, hdr)
@@ -442,7 +446,17 @@ def label_bytes(labels: np.ndarray, like: LoadedImage, compressed: bool = True) 
         if labels.size and (labels.min() < 0 or labels.max() > 255):
             raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
         labels = labels.astype(np.uint8)
-    img = _label_image(labels, like)
+    return _nifti_bytes(_image_like(labels, like), compressed)
+
+
+def image_bytes(img: LoadedImage, compressed: bool = True) -> bytes:
+    """A loaded image (e.g. a DICOM series) as the bytes of a NIfTI file: its voxels as loaded (scaling applied) and
+    its header fields; :func:`read_image_bytes` gives back the same voxels and affine. ``flare-run --server`` sends
+    these."""
+    return _nifti_bytes(_image_like(np.asarray(img.data), img), compressed)
+
+
+def _nifti_bytes(img: nib.Nifti1Image, compressed: bool) -> bytes:
     buf = BytesIO()
     if compressed:
         with _gzip_write(buf) as stream:

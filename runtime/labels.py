@@ -44,12 +44,29 @@ __all__ = [
     "TUMOR",
     "Z_RUN_IDS",
     "Label",
+    "Snomed",
     "check_snapshot",
     "merge_left_right",
     "merged_to_flare",
     "name_of",
     "registry_snapshot",
 ]
+
+
+#: SNOMED CT (code, meaning) pairs used below (DICOM coding scheme designator "SCT"; as in pydicom's codedict)
+ANATOMICAL_STRUCTURE = ("91723000", "Anatomical Structure")
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE = ("49755003", "Morphologically Abnormal Structure")
+RIGHT = ("24028007", "Right")
+LEFT = ("7771000", "Left")
+
+
+@dataclass(frozen=True)
+class Snomed:
+    """SNOMED CT coding of a label, as DICOM-SEG's segmented property category / type (/ laterality modifier)."""
+
+    type: tuple[str, str]  # (code, meaning)
+    category: tuple[str, str] = ANATOMICAL_STRUCTURE
+    laterality: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class Label:
     #: an organ the post-processing cleans of outliers: the paper's rule keeps its largest run of z slices
     #: (``Z_RUN_IDS``, the default), the strict rules its largest 3-D connected component (``LARGEST_COMPONENT_IDS``)
     largest_component: bool
+    snomed: Snomed | None = None  # None for background
 
 
 BACKGROUND, LIVER, RIGHT_KIDNEY, SPLEEN, PANCREAS, AORTA, IVC = 0, 1, 2, 3, 4, 5, 6
@@ -69,20 +87,23 @@ LEFT_KIDNEY, TUMOR = 13, 14
 
 LABELS: tuple[Label, ...] = (
     Label(0, "background", "bg", (0, 0, 0), False),
-    Label(1, "liver", "liver", (221, 130, 101), True),
-    Label(2, "right kidney", "kidney_r", (185, 102, 83), True),
-    Label(3, "spleen", "spleen", (157, 108, 162), True),
-    Label(4, "pancreas", "pancreas", (249, 180, 111), True),
-    Label(5, "aorta", "aorta", (224, 97, 76), True),
-    Label(6, "inferior vena cava", "ivc", (0, 151, 206), False),
-    Label(7, "right adrenal gland", "adrenal_r", (244, 214, 49), False),
-    Label(8, "left adrenal gland", "adrenal_l", (230, 190, 30), False),
-    Label(9, "gallbladder", "gallbladder", (139, 150, 98), False),
-    Label(10, "esophagus", "esophagus", (211, 171, 143), False),
-    Label(11, "stomach", "stomach", (216, 101, 79), False),
-    Label(12, "duodenum", "duodenum", (255, 253, 229), False),
-    Label(13, "left kidney", "kidney_l", (205, 122, 103), True),
-    Label(14, "tumor", "tumor", (255, 0, 0), False),
+    Label(1, "liver", "liver", (221, 130, 101), True, Snomed(("10200004", "Liver"))),
+    Label(2, "right kidney", "kidney_r", (185, 102, 83), True, Snomed(("64033007", "Kidney"), laterality=RIGHT)),
+    Label(3, "spleen", "spleen", (157, 108, 162), True, Snomed(("78961009", "Spleen"))),
+    Label(4, "pancreas", "pancreas", (249, 180, 111), True, Snomed(("15776009", "Pancreas"))),
+    Label(5, "aorta", "aorta", (224, 97, 76), True, Snomed(("15825003", "Aorta"))),
+    Label(6, "inferior vena cava", "ivc", (0, 151, 206), False, Snomed(("64131007", "Inferior vena cava"))),
+    Label(7, "right adrenal gland", "adrenal_r", (244, 214, 49), False,
+          Snomed(("23451007", "Adrenal gland"), laterality=RIGHT)),
+    Label(8, "left adrenal gland", "adrenal_l", (230, 190, 30), False,
+          Snomed(("23451007", "Adrenal gland"), laterality=LEFT)),
+    Label(9, "gallbladder", "gallbladder", (139, 150, 98), False, Snomed(("28231008", "Gallbladder"))),
+    Label(10, "esophagus", "esophagus", (211, 171, 143), False, Snomed(("32849002", "Esophagus"))),
+    Label(11, "stomach", "stomach", (216, 101, 79), False, Snomed(("69695003", "Stomach"))),
+    Label(12, "duodenum", "duodenum", (255, 253, 229), False, Snomed(("38848004", "Duodenum"))),
+    Label(13, "left kidney", "kidney_l", (205, 122, 103), True, Snomed(("64033007", "Kidney"), laterality=LEFT)),
+    Label(14, "tumor", "tumor", (255, 0, 0), False,
+          Snomed(("108369006", "Neoplasm"), category=MORPHOLOGICALLY_ABNORMAL_STRUCTURE)),
 )
 NUM_FLARE_IDS = len(LABELS)
 ORGAN_IDS: tuple[int, ...] = tuple(range(1, 14))

@@ -28,6 +28,7 @@ from .locate import LocateResult, locate, whole_box
 from .lr_split import split_left_right
 from .postprocessing import check_mode, postprocess
 from .resample import normalise_hu, output_shape, resample_linear, resample_nearest
+from .stats import label_volumes
 
 log = logging.getLogger("flare.runtime")
 
@@ -195,7 +196,7 @@ class Segmenter:
         if gpu_part is not None:
             report["gpu"] = gpu_part
             report["gpu_peak_mb"] = gpu_part.get("gpu_peak_mb")
-        report["voxels"] = {str(int(v)): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
+        report["voxels"], report["volume_ml"] = label_volumes(out, img.affine)  # in the written (input) grid
         return out, img.affine, report
 
     def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],

@@ -18,16 +18,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import FlareError, InputError
 
-__all__ = ["ERROR_MARKER", "MODEL", "RemoteError", "RemoteSegmenter", "require", "run_remote"]
+if TYPE_CHECKING:
+    from .io import LoadedImage
+
+__all__ = ["ERROR_MARKER", "MODEL", "RemoteError", "RemoteSegmenter", "require"]
 
 MODEL = "flare"
 INPUT = "image"
@@ -69,6 +73,13 @@ def flare_error_line(message: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ServerRef:
+    """Where a RemoteSegmenter's models are (``root``, like a local bundle's)."""
+
+    root: str
+
+
 class RemoteSegmenter:
     """A :class:`~flare.runtime.pipeline.Segmenter` on a ``flare-serve`` server (Triton HTTP at ``url``).
 
@@ -77,12 +88,16 @@ class RemoteSegmenter:
     """
 
     def __init__(self, url: str, folds: int | None = None, overlap: float | None = None,
-                 postprocess: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 postprocess: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = False) -> None:
         self.url = url
         self._host, self._ssl = _split_url(url)
         self.options: dict[str, Any] = {k: v for k, v in (("folds", folds), ("overlap", overlap),
                                                           ("postprocess", postprocess)) if v is not None}
         self.timeout_s = float(timeout_s)
+        self.progress = progress
+        #: what flare-run's summary records in place of a local bundle and device
+        self.bundle = ServerRef(f"flare-serve at {url}")
+        self.device = "server"
 
     def request(self, blob: bytes, name: str, compressed: bool = True) -> tuple[bytes, dict[str, Any]]:
         """Send one NIfTI file's bytes; returns the label map's NIfTI bytes and the report."""
@@ -118,18 +133,29 @@ class RemoteSegmenter:
                                         "(is it a flare-serve server?)")
         return bytes(labels.flat[0]), json.loads(bytes(report.flat[0]))
 
-    def segment(self, image: str | Path, output: str | Path | None = None
+    def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None, hooks: Any = None
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Segment the NIfTI file ``image`` on the server; writes ``output`` (atomically) when given."""
+        """Segment ``image`` on the server: a NIfTI file (its bytes are sent) or a loaded image (sent as NIfTI,
+        e.g. a DICOM series read here); writes ``output`` (atomically) when given. ``hooks`` is accepted for
+        ``Segmenter`` compatibility (the stages run on the server)."""
         from .atomic import write_bytes_atomic
-        from .io import read_image_bytes
+        from .io import image_bytes, read_image_bytes
 
-        path = Path(image)
+        if isinstance(image, (str, Path)):
+            name, blob = str(image), _read_input(Path(image))
+        else:
+            name, blob = str(image.path or "image"), image_bytes(image)
         compressed = output is None or str(output).endswith(".gz")
-        blob, report = self.request(_read_input(path), str(image), compressed)
-        labels = read_image_bytes(blob, name=f"{self.url} (labels of {image})")
+        t0 = time.perf_counter()
+        if self.progress:
+            print(f"flare-run: sending {name} ({len(blob) / 2**20:.1f} MB) to {self.url}", file=sys.stderr, flush=True)
+        labels_blob, report = self.request(blob, name, compressed)
+        if self.progress:
+            print(f"flare-run: {name} segmented by {self.url} in {time.perf_counter() - t0:.2f} s "
+                  f"(server pipeline {report.get('total_s')} s)", file=sys.stderr, flush=True)
+        labels = read_image_bytes(labels_blob, name=f"{self.url} (labels of {name})")
         if output is not None:
-            write_bytes_atomic(output, blob)
+            write_bytes_atomic(output, labels_blob)
         return labels.data, labels.affine, report
 
 
@@ -142,23 +168,4 @@ def _read_input(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise InputError(path, f"cannot read: {err.strerror or err}") from None
-
-
-def run_remote(server: str, input_path: Path, output: Path, *, folds: int | None, overlap: float | None,
-               quiet: bool, postprocess: str | None = None) -> dict[str, Any]:
-    """``flare-run --server``: segment ``input_path`` on the server, write ``output``, return the report."""
-    from .atomic import write_bytes_atomic
-
-    remote = RemoteSegmenter(server, folds=folds, overlap=overlap, postprocess=postprocess)
-    t0 = time.perf_counter()
-    blob = _read_input(input_path)
-    if not quiet:
-        print(f"flare-run: sending {input_path} ({len(blob) / 2**20:.1f} MB) to {server}", flush=True,
-              file=sys.stderr)
-    labels, report = remote.request(blob, str(input_path), compressed=output.name.endswith(".gz"))
-    write_bytes_atomic(output, labels)
-    if not quiet:
-        print(f"flare-run: wrote {output} in {time.perf_counter() - t0:.2f} s (server: {report.get('total_s')} s)",
-              file=sys.stderr)
-    return report
 

@@ -296,6 +296,11 @@ def test_bad_request_among_good_ones(server: Server, local_results: dict, tiny_b
                            timeout=REQUEST_TIMEOUT_S)
     assert local.returncode == 2 and lines == local.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"flare-run: error: {bad}: not a NIfTI file")
+    from flare.runtime.remote import RemoteError, RemoteSegmenter
+
+    with pytest.raises(RemoteError) as rejected:  # the same bytes sent as they are: the server says the same
+        RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).request(bad.read_bytes(), str(bad))
+    assert f"flare-run: error: {rejected.value}" == lines[0]
     bad_option = _flare_run(good, tmp_path / "d.nii.gz", server.http, "--folds", "5")
     assert bad_option.returncode == 2
     assert re.fullmatch(r"flare-run: error: .*--folds 5 asked for, the bundle has 2 fold\(s\)", bad_option.stderr.strip())
