@@ -156,7 +156,9 @@ class RemoteSegmenter:
         labels = read_image_bytes(labels_blob, name=f"{self.url} (labels of {name})")
         if output is not None:
             write_bytes_atomic(output, labels_blob)
-        return labels.data, labels.affine, report
+        # a loaded image keeps its own affine (NIfTI stores the sform in float32: an in-memory float64 affine
+        # comes back rounded); the labels are in its grid either way
+        return labels.data, labels.affine if isinstance(image, (str, Path)) else image.affine, report
 
 
 def _read_input(path: Path) -> bytes:

@@ -79,6 +79,18 @@ def test_label_bytes_is_what_write_labels_writes(tmp_path: Path) -> None:
         assert blob == on_disk
 
 
+def test_image_bytes_round_trip() -> None:
+    from flare.runtime.io import from_array, image_bytes, read_image, read_image_bytes
+
+    img = read_image(data_path("ts_torso_ct_1p5mm_lps.nii.gz"))
+    arr = from_array(np.linspace(-1000, 1000, 60, dtype=np.float32).reshape(3, 4, 5), np.diag([0.7, 0.8, 2.5, 1]))
+    for source in (img, arr):
+        back = read_image_bytes(image_bytes(source), "x.nii.gz")
+        assert np.array_equal(back.data, source.data) and back.data.dtype == source.data.dtype
+        assert np.allclose(back.affine, source.affine, atol=1e-6)  # NIfTI's sform is float32
+    assert np.array_equal(read_image_bytes(image_bytes(img), "x.nii.gz").affine, img.affine)  # read from NIfTI: exact
+
+
 def test_launcher_points_the_stub_at_this_interpreters_libpython() -> None:
     pytest.importorskip("pytriton")
     import sysconfig
@@ -246,6 +258,17 @@ def test_remote_segmenter_equals_local(server: Server, local_results: dict, name
     assert np.array_equal(affine, local.affine)
     assert report["voxels"] == local_report["voxels"] and report["crop"] == local_report["crop"]
     assert report["input"] == local_report["input"]
+
+
+def test_remote_segmenter_takes_a_loaded_image(server: Server, local_results: dict) -> None:
+    from flare.runtime.io import read_image
+    from flare.runtime.remote import RemoteSegmenter
+
+    name = "ts_torso_ct_1p5mm_lps.nii.gz"
+    img = read_image(data_path(name))
+    labels, affine, _ = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(img)
+    local = nib.load(local_results[name][0])
+    assert np.array_equal(labels, np.asarray(local.dataobj)) and np.array_equal(affine, local.affine)
 
 
 def test_four_concurrent_flare_run_clients(server: Server, local_results: dict, tmp_path: Path) -> None:
