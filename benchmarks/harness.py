@@ -269,9 +269,9 @@ def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
 
 
 def _runtime_device(device: str) -> str:
-    from flare.runtime.engines import resolve_device
+    from flare.runtime.device import resolve_device
 
-    return resolve_device(device)
+    return resolve_device(device).name
 
 
 def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, results: list[dict[str, Any]],

@@ -5,14 +5,23 @@ Memory model
 Peak device memory (the FLARE way of counting: the device's used memory, CUDA context included) is modelled as::
 
     peak = fixed + bytes_per_voxel * tile_voxels            # the engine: context, weights, workspace, activations
-         + io_bytes_per_voxel * tile_voxels                 # our own tile input, logits and softmax buffers
-         + resident_bytes_per_voxel * crop_voxels           # device-resident volume, accumulator, labels
+         + io_bytes_per_voxel * tile_voxels                 # our own per-tile buffers (input, logits, the sum)
+         + resident_bytes_per_voxel * crop_voxels           # the fp32 input volume on the device (4 B/voxel)
 
-``fixed`` and ``bytes_per_voxel`` come from :data:`MEMORY_MODELS`. The ONNX Runtime CUDA fp16 row is a
-least-squares fit of the tile-size sweep in ``BENCHMARKS-ANCHORS.md`` (H100, onnxruntime-gpu 1.31.1, 96³…224³:
-1.83/2.50/3.60/5.24/7.54 GB) — 551 B/voxel + 1342 MB, residuals under 4 MB. The other rows are derived or estimated
-(see each row's ``source``) and must be replaced by measured values from ``benchmarks/gpu_check.sh``. "MB" is
-10^6 bytes throughout (the anchors' GB are 10^9 bytes).
+With the tile-major ensemble (:mod:`flare.runtime.ensemble`) nothing else is volume-sized on the device: labels
+go to a host uint8 volume tile by tile, fold 0's parked probabilities and any overlap partial sums live in host
+memory. ``fixed`` and ``bytes_per_voxel`` come from :data:`MEMORY_MODELS`, one row per (backend, precision); the
+ONNX Runtime CUDA fp16 row is a least-squares fit of a fresh-process tile-size sweep (H100, onnxruntime-gpu
+1.31.1, 96³…224³: 1.83/2.50/3.60/5.24/7.54 GB) — 551 B/voxel + 1342 MB, residuals under 4 MB. The other rows, the
+per-tile io term and the CUDA context (:data:`CONTEXT_MB`) are **estimates**, and so is the whole model for the
+tile-major order: none of it has been measured on a GPU since the redesign. ``benchmarks/gpu_check.sh`` measures
+each tile size in a fresh process and the NVML peak at budgets 2000 and 4000 MB; replace the constants with its
+numbers. "MB" is 10^6 bytes throughout (the anchors' GB are 10^9 bytes).
+
+The budget caps ONNX Runtime's arena too: :func:`arena_limit_mb` is the ``gpu_mem_limit`` the CUDA engines get
+(the budget minus the context and our own buffers for the worst-case crop), and :func:`choose_roi` only picks
+tiles whose engine part fits that arena — an arena that cannot grow raises a real out-of-memory error instead of
+silently exceeding the budget.
 
 Tile choice
 -----------
@@ -43,11 +52,15 @@ from typing import TypeVar
 log = logging.getLogger("flare.runtime")
 
 __all__ = [
+    "CONTEXT_MB",
     "DEFAULT_BUDGET_MB",
     "MEMORY_MODELS",
+    "WORST_CROP",
     "MemoryModel",
+    "arena_limit_mb",
     "candidate_rois",
     "choose_roi",
+    "engine_peak_mb",
     "estimate_peak_mb",
     "is_out_of_memory",
     "memory_model",
@@ -96,26 +109,50 @@ def memory_model(backend: str, precision: str) -> MemoryModel:
         raise ValueError(f"no memory model for {backend}/{precision} (known: {known})") from None
 
 
+#: CUDA context + cuDNN/cuBLAS handles, outside ONNX Runtime's arena (estimate: the anchors' "~0.5 GB context")
+CONTEXT_MB = 500.0
+#: the largest crop the runtime is sized for (the issue's worst case: a 512x512x300 CT kept whole, at 1 mm)
+WORST_CROP = (384, 384, 375)
+
+
 def io_bytes_per_voxel(channels: int) -> float:
-    """Our own per-tile device buffers: fp32 input (4 B) + fp32 logits (4·C) + the blended copy (4·C)."""
-    return 4.0 + 8.0 * channels
+    """Our own per-tile device buffers (estimate): fp32 input + its fp16 copy (6 B), the engine's fp16 logits and
+    their fp32 copy (6·C), the tile sum (4·C) and the parked fold-0 probabilities uploaded for it (fp16 + fp32,
+    6·C)."""
+    return 6.0 + 16.0 * channels
 
 
-def resident_bytes_per_voxel(channels: int, acc_bytes: int = 2, blend: str = "constant") -> float:
-    """Device-resident arrays per crop voxel: fp32 volume (4) + accumulator (C·acc_bytes) + uint8 labels (1), and
-    for Gaussian blending an fp32 weight sum (4; constant blending uses separable per-axis counts instead)."""
-    return 4.0 + channels * acc_bytes + 1.0 + (4.0 if blend == "gaussian" else 0.0)
+def resident_bytes_per_voxel() -> float:
+    """Device-resident arrays per crop voxel: the fp32 input volume (4). Nothing else is volume-sized on the device
+    in the tile-major order."""
+    return 4.0
+
+
+def engine_peak_mb(roi: Sequence[int], backend: str, precision: str) -> float:
+    """Modelled memory of the engine alone (context included) for tiles of ``roi``, MB."""
+    model = memory_model(backend, precision)
+    return model.fixed_mb + model.bytes_per_voxel * math.prod(int(r) for r in roi) / MB
+
+
+def xp_peak_mb(roi: Sequence[int], crop_shape: Sequence[int], channels: int = 13, resident: bool = True) -> float:
+    """Modelled memory of our own device arrays for tiles of ``roi`` over ``crop_shape``, MB."""
+    tile = math.prod(int(r) for r in roi)
+    crop = math.prod(int(s) for s in crop_shape) if resident else 0
+    return (tile * io_bytes_per_voxel(channels) + crop * resident_bytes_per_voxel()) / MB
 
 
 def estimate_peak_mb(roi: Sequence[int], crop_shape: Sequence[int], backend: str, precision: str, *,
-                     channels: int = 13, acc_bytes: int = 2, blend: str = "constant", resident: bool = True) -> float:
+                     channels: int = 13, resident: bool = True) -> float:
     """Modelled device peak (MB) of tiled inference with ``roi`` over a crop of ``crop_shape``."""
-    model = memory_model(backend, precision)
-    tile = math.prod(int(r) for r in roi)
-    crop = math.prod(int(s) for s in crop_shape) if resident else 0
-    total = (model.fixed_mb * MB + tile * (model.bytes_per_voxel + io_bytes_per_voxel(channels))
-             + crop * resident_bytes_per_voxel(channels, acc_bytes, blend))
-    return total / MB
+    return engine_peak_mb(roi, backend, precision) + xp_peak_mb(roi, crop_shape, channels, resident)
+
+
+def arena_limit_mb(budget_mb: float, backend: str, precision: str, *, channels: int = 13,
+                   crop_shape: Sequence[int] = WORST_CROP) -> float:
+    """``gpu_mem_limit`` for ONNX Runtime's arena under ``budget_mb``: the budget minus the CUDA context and our
+    own buffers at the tile :func:`choose_roi` picks for the worst-case crop (at least a quarter of the budget)."""
+    roi = choose_roi(budget_mb, crop_shape, backend, precision, channels=channels)
+    return max(budget_mb - CONTEXT_MB - xp_peak_mb(roi, crop_shape, channels), budget_mb / 4)
 
 
 def _axis_tiles(size: int, roi: int, overlap: float) -> int:
@@ -144,9 +181,10 @@ def _cube_ish(roi: Sequence[int], tops: Sequence[int], max_aspect: float) -> boo
 
 def choose_roi(budget_mb: float, crop_shape: Sequence[int], backend: str, precision: str, *, divisor: int = 16,
                max_roi: Sequence[int] | None = None, min_side: int = 32, channels: int = 13, overlap: float = 0.0,
-               acc_bytes: int = 2, blend: str = "constant", resident: bool = True, max_aspect: float = 1.5) -> Roi:
+               resident: bool = True, max_aspect: float = 1.5, arena_mb: float | None = None) -> Roi:
     """The cube-ish tile (sides divisible by ``divisor``, aspect at most ``max_aspect`` unless the crop is thinner)
-    with the least modelled time whose modelled peak fits ``budget_mb``; ties go to the larger smallest side. The
+    with the least modelled time whose modelled peak fits ``budget_mb`` (and whose engine part fits ``arena_mb``,
+    the arena cap, when given); ties go to the larger smallest side. The
     whole crop (rounded up to ``divisor``) when it fits: no seams. When nothing fits, the smallest tile
     (``min_side``³, capped by the crop) — the out-of-memory fallback then decides."""
     if budget_mb <= 0:
@@ -159,9 +197,10 @@ def choose_roi(budget_mb: float, crop_shape: Sequence[int], backend: str, precis
     for roi in itertools.product(*options):
         if not _cube_ish(roi, tops, max_aspect):
             continue
-        peak = estimate_peak_mb(roi, crop_shape, backend, precision, channels=channels, acc_bytes=acc_bytes,
-                                blend=blend, resident=resident)
+        peak = estimate_peak_mb(roi, crop_shape, backend, precision, channels=channels, resident=resident)
         if peak > budget_mb:
+            continue
+        if arena_mb is not None and engine_peak_mb(roi, backend, precision) - CONTEXT_MB > arena_mb:
             continue
         key = (round(tile_time_ms(roi, crop_shape, overlap), 6), -min(roi))
         if best is None or key < best:
@@ -171,11 +210,13 @@ def choose_roi(budget_mb: float, crop_shape: Sequence[int], backend: str, precis
 
 def candidate_rois(budget_mb: float, crop_shape: Sequence[int], backend: str, precision: str, *,
                    shrink: Sequence[float] = (1.0, 0.7, 0.5, 0.35), **kwargs: object) -> list[Roi]:
-    """Rois to try in order: the best under the budget, then under shrinking fractions of it (distinct,
-    strictly fewer voxels each time) — the retry list for :func:`run_with_fallback`."""
+    """Rois to try in order: the best under the budget (within the arena cap :func:`arena_limit_mb` gives the
+    engines for it), then under shrinking fractions of it (distinct, strictly fewer voxels each time) — the retry
+    list for :func:`run_with_fallback`."""
     out: list[Roi] = []
+    arena = arena_limit_mb(budget_mb, backend, precision, channels=int(kwargs.get("channels", 13)))  # type: ignore[call-overload]
     for f in shrink:
-        roi = choose_roi(budget_mb * f, crop_shape, backend, precision, **kwargs)  # type: ignore[arg-type]
+        roi = choose_roi(budget_mb * f, crop_shape, backend, precision, arena_mb=arena, **kwargs)  # type: ignore[arg-type]
         if not out or math.prod(roi) < math.prod(out[-1]):
             out.append(roi)
     return out

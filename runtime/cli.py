@@ -126,6 +126,9 @@ def run(
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
                               help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
                               ] = 4000.0,
+    cudnn_algo_search: Annotated[str, typer.Option(help="CUDA: cuDNN convolution algorithm search, HEURISTIC "
+                                 "(fast start) or EXHAUSTIVE (benchmarks each conv on the first tile).")
+                                 ] = "HEURISTIC",
     postprocess: Annotated[Mode | None, typer.Option(
                            help="Clean-up rules: paper (tumor dropped when its total is under 100 mm³; liver, kidneys, "
                                 "spleen, pancreas, aorta each keep their largest run of z slices) or strict (largest "
@@ -170,7 +173,8 @@ def run(
         else:
             seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
                             precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
-                            postprocess=None if postprocess is None else postprocess.value)
+                            postprocess=None if postprocess is None else postprocess.value,
+                            cudnn_algo_search=cudnn_algo_search.upper())
         plan.create_folders()
     except FlareError as err:
         raise _fail(str(err)) from None

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from .engines import Engine
-from .ensemble import sliding_window
+from .budget import run_with_fallback
+from .ensemble import foreground_uint8, tile_runner, tiled_labels
 from .geometry import Box, box_from_mask, box_to_finer_grid, expand_box
 from .resample import normalise_hu, output_shape, resample_linear
 
@@ -30,23 +33,31 @@ def whole_box(shape: tuple[int, ...]) -> Box:
     return Box((0, 0, 0), tuple(int(s) for s in shape))  # type: ignore[arg-type]
 
 
-def _foreground(scores: np.ndarray) -> np.ndarray:
-    """Organ mask from locator scores: logit > 0 for one channel, argmax > 0 for several."""
-    if scores.shape[0] == 1:
-        return scores[0] > 0
-    return scores.argmax(axis=0) > 0
-
-
-def locate(data_ras: np.ndarray, spacing: tuple[float, float, float], engine: Engine, *,
+def locate(data_ras: np.ndarray, spacing: tuple[float, float, float], engine: Any, *,
            locator_spacing: tuple[float, float, float], roi: tuple[int, int, int], margin_mm: float,
-           hu_window: tuple[float, float]) -> LocateResult:
-    """Crop box (in the RAS voxel grid of ``data_ras``) around the locator's organ union, full z."""
+           hu_window: tuple[float, float], xp: ModuleType = np,
+           choose_rois: Callable[[tuple[int, int, int]], Sequence[tuple[int, int, int]]] | None = None,
+           on_cpu: Callable[[], Any] | None = None) -> LocateResult:
+    """Crop box (in the RAS voxel grid of ``data_ras``) around the locator's organ union, full z.
+
+    The locator runs through the same tile-major core as the folds (raw logits, organ mask decided per tile).
+    ``choose_rois(coarse_shape)`` gives the tiles to try under the memory budget (default: ``roi``); an
+    out-of-memory error retries with the next, then runs ``on_cpu()``'s engine on the host."""
     coarse = output_shape(data_ras.shape, spacing, locator_spacing)
     small = resample_linear(data_ras, coarse)
     normalise_hu(small, hu_window, out=small)
-    scores = np.zeros((engine.out_channels,) + small.shape, dtype=np.float32)
-    plan = sliding_window(small, engine, roi, scores, overlap=0.0, blend="constant", activation="none")
-    coarse_box = box_from_mask(_foreground(scores))
+    kw: dict[str, Any] = {"channels": engine.out_channels, "activation": "none", "decide": foreground_uint8}
+
+    def attempt(tile: tuple[int, int, int]) -> Any:
+        return tiled_labels(small, [tile_runner(engine, xp)], tile, xp, **kw)
+
+    def cpu() -> Any:
+        assert on_cpu is not None
+        return tiled_labels(small, [on_cpu().run], roi, np, **kw)
+
+    rois = list(choose_rois(coarse)) if choose_rois is not None else [roi]
+    mask, plan, _ = run_with_fallback(attempt, rois, cpu if on_cpu is not None else None)
+    coarse_box = box_from_mask(mask > 0)
     if coarse_box is None:
         log.warning("the locator found no organs: using the whole image")
         return LocateResult(whole_box(data_ras.shape), False, coarse, plan.n_tiles)

@@ -18,8 +18,9 @@ import nibabel as nib
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .engines import Engine, create_engine, resolve_device
-from .ensemble import infer_ensemble, planned_tiles
+from .device import IMPORT_SECONDS, ort, resolve_device, to_device
+from .engines import Engine, create_engine
+from .ensemble import infer_with_budget, planned_tiles
 from .errors import BundleError
 from .geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
 from .io import LoadedImage, read_image, to_canonical, write_labels
@@ -56,25 +57,70 @@ class Segmenter:
 
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", folds: int | None = None,
                  overlap: float | None = None, precision: str | None = None, threads: int | None = None,
-                 gpu_mem_budget: float | None = None, postprocess: str | None = None) -> None:
+                 gpu_mem_budget: float | None = None, postprocess: str | None = None,
+                 cudnn_algo_search: str = "HEURISTIC") -> None:
         from .budget import DEFAULT_BUDGET_MB
-        from .gpu import get_xp
 
+        t_init = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         n_folds = len(self.bundle.folds)
         self._check_folds(folds, n_folds)
         self._set_overlap(overlap)
-        self.device = resolve_device(device)
-        self.xp = get_xp(self.device)  # cupy on CUDA when available: device-resident crop/resample/ensemble
+        imports_before = sum(IMPORT_SECONDS.values())
+        t_dev = time.perf_counter()
+        self.dev = resolve_device(device)  # answered once; cached per process
+        device_init = time.perf_counter() - t_dev - (sum(IMPORT_SECONDS.values()) - imports_before)
+        ort.load()  # imported here (not inside the first session's creation) so that the load timings separate
+        self.device = self.dev.name
+        self.xp = self.dev.xp  # cupy on CUDA when CuPy works: the tile-major ensemble on the device
         self.gpu_mem_budget = DEFAULT_BUDGET_MB if gpu_mem_budget is None else float(gpu_mem_budget)
         self._precision, self._threads = precision, threads
         self._set_postprocess(postprocess)
-        t0 = time.perf_counter()
         specs = self.bundle.folds[: folds or n_folds]
-        self.engines: list[Engine] = [create_engine(s, self.device, precision, threads) for s in specs]
-        self.locator: Engine | None = (create_engine(self.bundle.locator, self.device, precision, threads)
-                                       if self.bundle.locator is not None else None)
-        self.load_s = time.perf_counter() - t0
+        models = list(specs) + ([self.bundle.locator] if self.bundle.locator is not None else [])
+        self._arena_mb = self._arena_limit(models[0], precision) if self.device == "cuda" else None
+        sessions: dict[str, float] = {}
+        engines: list[Engine] = []
+        for spec in models:
+            t0 = time.perf_counter()
+            engines.append(create_engine(spec, self.dev, precision, threads, mem_limit_mb=self._arena_mb,
+                                         algo_search=cudnn_algo_search))
+            sessions[spec.name] = round(time.perf_counter() - t0, 4)
+        self.engines = engines[: len(specs)]
+        self.locator: Engine | None = engines[len(specs)] if self.bundle.locator is not None else None
+        self.load_s = time.perf_counter() - t_init
+        self.load: dict[str, Any] = {
+            "imports_s": round(sum(IMPORT_SECONDS.values()) - imports_before, 4),
+            "device_init_s": round(max(device_init, 0.0), 4),
+            "sessions_s": sessions,
+            "first_tile_s": None,
+            "cudnn_conv_algo_search": cudnn_algo_search if self.device == "cuda" else None,
+            "arena_limit_mb": None if self._arena_mb is None else round(self._arena_mb, 1),
+        }
+        self._first_tile = True
+
+    def _arena_limit(self, spec: Any, precision: str | None) -> float:
+        from .budget import MEMORY_MODELS, arena_limit_mb
+        from .engines import default_precision
+
+        key = ("onnxruntime-cuda", precision or default_precision(spec, "cuda"))
+        if key not in MEMORY_MODELS:
+            return self.gpu_mem_budget
+        return arena_limit_mb(self.gpu_mem_budget, *key, channels=spec.out_channels)
+
+    def _cpu_engine(self, spec: Any) -> Engine:
+        """The CPU fallback's engine for ``spec`` (fp32), made when a GPU run has run out of memory."""
+        return create_engine(spec, "cpu", "fp32", self._threads)
+
+    def _choose_rois(self, engine: Engine, cap: tuple[int, int, int]) -> Any:
+        """Tiles to try for a model under the budget (the bundle's ``cap`` on the CPU)."""
+        from .budget import MEMORY_MODELS, candidate_rois
+
+        key = (engine.backend, engine.precision)
+        if self.device != "cuda" or key not in MEMORY_MODELS:
+            return None
+        return lambda shape: candidate_rois(self.gpu_mem_budget, shape, *key, channels=engine.out_channels,
+                                            max_roi=cap)
 
     def _check_folds(self, folds: int | None, available: int) -> None:
         if folds is not None and not 1 <= folds <= available:
@@ -112,33 +158,45 @@ class Segmenter:
         if self.locator is None:
             return LocateResult(whole_box(data_ras.shape), False, tuple(data_ras.shape), 0)  # type: ignore[arg-type]
         b = self.bundle
+        assert b.locator is not None
+        on_cpu = (lambda: self._cpu_engine(b.locator)) if self.device == "cuda" else None
         return locate(data_ras, spacing, self.locator, locator_spacing=b.locator_spacing_mm, roi=b.locator_roi,
-                      margin_mm=b.locator_margin_mm, hu_window=b.hu_window)
+                      margin_mm=b.locator_margin_mm, hu_window=b.hu_window, xp=self.xp,
+                      choose_rois=self._choose_rois(self.locator, b.locator_roi), on_cpu=on_cpu)
 
-    def _crop_resample(self, data_ras: np.ndarray, spacing: tuple[float, float, float], box: Box) -> np.ndarray:
+    def _crop_resample(self, data_ras: np.ndarray, spacing: tuple[float, float, float], box: Box) -> Any:
+        """Crop, resample and normalise on the host (one implementation: :mod:`flare.runtime.resample`), then one
+        copy of the float32 volume to the device when the ensemble runs there."""
         region = crop(data_ras, box)
         shape = output_shape(region.shape, spacing, self.bundle.spacing_mm)
-        if self.xp is not np:
-            from .gpu import crop_resample_xp
-
-            return crop_resample_xp(region, shape, self.bundle.hu_window, self.xp)
         vol = resample_linear(region, shape)
-        return normalise_hu(vol, self.bundle.hu_window, out=vol)
+        vol = normalise_hu(vol, self.bundle.hu_window, out=vol)
+        return to_device(vol, self.xp)
 
     def _infer(self, vol: Any, hooks: StageHooks) -> tuple[Any, dict[str, Any] | None]:
-        """The fold ensemble: float32 on the host; on CUDA with CuPy, device-resident with the memory budget,
-        smaller tiles on out-of-memory errors, then the CPU as the last resort."""
-        kwargs = {"overlap": self.overlap, "blend": self.blend, "spacing_z": self.bundle.spacing_mm[2]}
-        if self.xp is np:
-            return infer_ensemble(vol, self.engines, self.bundle.roi, progress=hooks.tiles_done, **kwargs), None
-        from .gpu import infer_with_budget, to_host
+        """The fold ensemble, tile-major on ``xp``'s device; on CUDA under the memory budget (smaller tiles on
+        out-of-memory errors, then the CPU as the last resort)."""
+        from .device import to_host
+        from .ensemble import infer_ensemble
+
+        kwargs: dict[str, Any] = {"overlap": self.overlap, "blend": self.blend, "spacing_z": self.bundle.spacing_mm[2]}
+        t0 = time.perf_counter()
+
+        def first_tile() -> None:
+            if self._first_tile:
+                self._first_tile = False
+                self.load["first_tile_s"] = round(time.perf_counter() - t0, 4)
 
         def on_cpu() -> Any:
-            cpu = [create_engine(s, "cpu", "fp32", self._threads) for s in self.bundle.folds[: len(self.engines)]]
+            cpu = [self._cpu_engine(s) for s in self.bundle.folds[: len(self.engines)]]
             return infer_ensemble(to_host(vol), cpu, self.bundle.roi, **kwargs)
 
-        return infer_with_budget(vol, self.engines, self.bundle.roi, self.xp, budget_mb=self.gpu_mem_budget,
-                                 progress=hooks.tiles_done, on_cpu=on_cpu, **kwargs)
+        on_gpu = self.device == "cuda"
+        result, part = infer_with_budget(vol, self.engines, self.bundle.roi, self.xp,
+                                         budget_mb=self.gpu_mem_budget if on_gpu else None,
+                                         progress=hooks.tiles_done, on_tile=first_tile,
+                                         on_cpu=on_cpu if on_gpu else None, **kwargs)  # type: ignore[arg-type]
+        return result, part if on_gpu else None
 
     def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
         b = self.bundle
@@ -211,7 +269,8 @@ class Segmenter:
                       "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
                       "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
             "backend": {"device": self.device, "engine": self.engines[0].backend,
-                        "precision": self.engines[0].precision, "load_s": round(self.load_s, 4)},
+                        "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
+                        "load": dict(self.load)},
             "folds": ens.folds,
             "postprocess": {"mode": self.postprocess_mode},
             "stages": {name: times.get(name, 0.0) for name in STAGES},
@@ -223,11 +282,13 @@ class Segmenter:
 
 def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
             device: str = "auto", folds: int | None = None, overlap: float | None = None,
-            precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None
+            precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None,
+            cudnn_algo_search: str = "HEURISTIC"
             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``.
 
     ``postprocess`` picks the clean-up rules: ``"paper"`` or ``"strict"`` (see :mod:`flare.runtime.postprocessing`);
     None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise)."""
     return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
-                     gpu_mem_budget=gpu_mem_budget, postprocess=postprocess).segment(image, output)
+                     gpu_mem_budget=gpu_mem_budget, postprocess=postprocess,
+                     cudnn_algo_search=cudnn_algo_search).segment(image, output)

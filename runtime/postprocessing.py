@@ -89,7 +89,10 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import cc3d
 
     mask = np.ascontiguousarray(mask, dtype=bool)
-    ids, n = cc3d.connected_components(mask, connectivity=CONNECTIVITY, return_N=True)
+    # cc3d is given the mask as uint8 (a zero-copy view): with a bool array, connected-components-3d 4.1 raises
+    # "cannot be mapped to union-find array" on some thin masks (e.g. 1x1x3 [1, 0, 1]); uint8 0/1 gives the same
+    # components without that failure (tests/test_postprocess.py::test_components_of_thin_masks)
+    ids, n = cc3d.connected_components(mask.view(np.uint8), connectivity=CONNECTIVITY, return_N=True)
     # count only the mask's voxels: np.bincount over the whole box would first cast every id to intp (slow)
     counts = np.bincount(ids[mask], minlength=n + 1)
     counts[0] = mask.size - int(counts[1:].sum())

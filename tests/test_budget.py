@@ -176,3 +176,21 @@ def test_fallback_on_a_real_onnxruntime_arena_limit() -> None:
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["(64, 64, 64) 1", "cpu", "onnxruntime True", "other False"]
+
+
+def test_small_budgets_keep_a_reasonable_tile_and_the_arena_is_capped() -> None:
+    """Tile-major order: no volume-sized accumulator on the device, so 2000 MB still gets a real tile (the old
+    model collapsed to 32³ = 4680 tiles), modelled within 1.5x the default budget's time."""
+    from flare.runtime.budget import CONTEXT_MB, arena_limit_mb, engine_peak_mb
+
+    key = ("onnxruntime-cuda", "fp16")
+    small, default = candidate_rois(2000, FLARE_CROP, *key)[0], candidate_rois(4000, FLARE_CROP, *key)[0]
+    assert min(small) >= 64
+    assert tile_time_ms(small, FLARE_CROP) <= 1.5 * tile_time_ms(default, FLARE_CROP)
+    for budget in (2000, 3000, 4000, 8000):
+        arena = arena_limit_mb(budget, *key)
+        roi = candidate_rois(budget, FLARE_CROP, *key)[0]
+        assert arena < budget - CONTEXT_MB
+        assert engine_peak_mb(roi, *key) - CONTEXT_MB <= arena  # the chosen tile fits the capped arena
+        assert estimate_peak_mb(roi, FLARE_CROP, *key) <= budget
+    assert arena_limit_mb(2000, *key) < arena_limit_mb(4000, *key)

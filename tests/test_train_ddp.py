@@ -57,3 +57,43 @@ def test_ddp_gloo_two_ranks_identical_weights(tmp_path: Path) -> None:
             "out_channels": 13, "norm": "batch", "dsdepth": 2}
     init = torch.cat([p.detach().flatten() for p in build_network(spec).parameters()])
     assert not torch.equal(init, r0["flat"])  # and the steps changed the weights
+
+
+def _fit_worker(rank: int, world: int, port: int, out: str, phantoms: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+    from flare.train.config import load_config
+    from flare.train.datalist import load_datalist
+    from flare.train.distributed import setup
+    from flare.train.engine import fit
+
+    torch.set_num_threads(1)
+    d = setup(timeout_min=5)
+    fast = {"spacing_mm": [8.0, 8.0, 8.0], "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
+            "train": {"epochs": 2, "steps_per_epoch": 2, "val_every": 1, "num_workers": 0}}
+    entries = [{**e, "label": e["label_full"]} for e in load_datalist(phantoms)["training"]]
+    res = fit(load_config("tiny", fast), "fold", entries, entries[:3], Path(out) / "fold0", fold=0, stage=1, dist=d,
+              cache_dir=Path(out) / "cache")
+    flat = torch.cat([p.detach().flatten() for p in res["net"].parameters()])
+    torch.save({"flat": flat, "best": res["best_metric"], "per_class": res["val_per_class"],
+                "here": res["val_cases_this_rank"], "sampler": res["sampler"], "losses": res["losses"]},
+               Path(out) / f"fit{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_fit_distributed_sampler_sharded_validation(tmp_path: Path) -> None:
+    """``fit`` on 2 gloo ranks: DistributedSampler, validation sharded (2 + 1 of 3 cases) and reduced to the same
+    metric on both ranks, identical final weights, one shared disk cache."""
+    from flare.train.phantoms import make_phantoms
+
+    make_phantoms(tmp_path / "ph", 5, seed=4, size=48, holdout=0, folds=2)
+    mp.spawn(_fit_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path / "ph")), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "fit0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "fit1.pt", weights_only=False)
+    assert r0["sampler"] == r1["sampler"] == "DistributedSampler"
+    assert torch.equal(r0["flat"], r1["flat"])
+    assert (r0["here"], r1["here"]) == (2, 1) and r0["best"] == r1["best"] and r0["per_class"] == r1["per_class"]
+    assert r0["losses"] != r1["losses"]  # each rank trained on its own shard
+    assert (tmp_path / "fold0" / "model.pt").is_file() and (tmp_path / "fold0" / "done.json").is_file()
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 5 + 3  # training cases + validation cases, once each

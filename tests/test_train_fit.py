@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flare.train.checkpoints import load_checkpoint
 from flare.train.cli import app
 from flare.train.config import load_config, role_config
-from flare.train.data import load_datalist, preprocess
+from flare.train.data import preprocess
+from flare.train.datalist import load_datalist
 from flare.train.engine import fit, torch_setup
 from flare.train.phantoms import make_phantoms
 from flare.train.run import run_all
@@ -29,27 +31,29 @@ def test_tiny_fit_lowers_loss_and_beats_chance(phantoms: Path, tmp_path: Path) -
     small = {"spacing_mm": [6.0, 6.0, 6.0], "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
              "train": {"epochs": 6, "steps_per_epoch": 6, "val_every": 6, "lr": 0.005}}
     cfg = load_config("tiny", small)
-    eff = role_config(cfg, "fold")
     doc = load_datalist(phantoms)
-    items = preprocess([e for e in doc["training"]], eff, label_key="label_full")
-    res = fit(cfg, "fold", items, items[:2], tmp_path / "fold0", fold=0, stage=1)
+    entries = [{**e, "label": e["label_full"]} for e in doc["training"]]
+    cache = tmp_path / "cache"
+    res = fit(cfg, "fold", entries, entries[:2], tmp_path / "fold0", fold=0, stage=1, cache_dir=cache,
+              tensorboard=tmp_path / "tb")
     assert np.mean(res["losses"][-2:]) < np.mean(res["losses"][:2])
+    assert set(res["val_per_class"]) >= {"left kidney", "right kidney"}  # Table 4's rows: sides scored apart
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
     net_state = load_checkpoint(tmp_path / "fold0")
     assert net_state["config"]["role"] == "fold" and (tmp_path / "fold0" / "last.pt").is_file()
     # a multi-class network needs more steps than a test can afford to segment organs; the binary organ-union
     # locator learns within a few dozen: its Dice must clearly beat chance (a random mask of the right size scores
     # about the organ prevalence)
     loc_eff = role_config(cfg, "locator")
-    loc_items = preprocess([e for e in doc["training"]], loc_eff, label_key="label_full")
+    loc_items = preprocess(entries[:2], loc_eff)
     loc_small = {"locator": {"network": {"init_filters": 4, "blocks_down": [1, 1, 1]},
                              "train": {"epochs": 6, "steps_per_epoch": 6, "val_every": 6}}}
-    loc = fit(load_config(cfg, loc_small),
-              "locator", loc_items, loc_items[:2], tmp_path / "locator")
-    prevalence = float(np.mean([np.asarray(i["label"]).mean() for i in loc_items[:2]]))
+    loc = fit(load_config(cfg, loc_small), "locator", entries, entries[:2], tmp_path / "locator", cache_dir=cache)
+    prevalence = float(np.mean([np.asarray(i["label"]).mean() for i in loc_items]))
     assert loc["best_metric"] > max(0.3, 3 * prevalence)
     # resume continues after the last epoch instead of starting again
     more = load_config(cfg, {"train": {"epochs": 7}})
-    res2 = fit(more, "fold", items, items[:2], tmp_path / "fold0", fold=0, stage=1, resume=True)
+    res2 = fit(more, "fold", entries, entries[:2], tmp_path / "fold0", fold=0, stage=1, resume=True, cache_dir=cache)
     assert len(res2["losses"]) == 7 and res2["losses"][:6] == res["losses"]
 
 
@@ -70,6 +74,24 @@ def test_run_all_layout(phantoms: Path, tmp_path: Path) -> None:
     assert summary["n_pseudolabelled"] >= 1 and (out / "dataset_stage2.json").is_file()
     assert (out / "train.log").read_text().count("\n") > 5
     assert all(np.isfinite(v) for v in saved["holdout"]["per_class"].values())
+    assert {"left kidney", "right kidney"} <= set(saved["holdout"]["per_class"])  # Table 4's rows
+    assert not Path(saved["datalist"]).is_absolute() and (out / saved["datalist"]).resolve().is_file()
+    # resumable: a second run skips every finished step and re-uses the pseudo-labels
+    again = run_all(phantoms, out, "tiny", folds=2, overrides=fast, quiet=True)
+    log = (out / "train.log").read_text()
+    assert log.count("finished before, skipped") == 5 and "pseudo-labelling skipped" in log
+    assert [f["best_metric"] for f in again["stage2"]] == [f["best_metric"] for f in summary["stage2"]]
+
+
+def test_same_seed_reproduces_a_fit(phantoms: Path, tmp_path: Path) -> None:
+    cfg = load_config("tiny", {"spacing_mm": [8.0, 8.0, 8.0], "train": {"epochs": 1, "steps_per_epoch": 3},
+                               "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2}})
+    entries = [{**e, "label": e["label_full"]} for e in load_datalist(phantoms)["training"]]
+    runs = [fit(cfg, "fold", entries, [], tmp_path / f"r{i}", fold=1, stage=1, cache_dir=tmp_path / "cache")
+            for i in range(2)]
+    assert runs[0]["losses"] == runs[1]["losses"]
+    for a, b in zip(runs[0]["net"].parameters(), runs[1]["net"].parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

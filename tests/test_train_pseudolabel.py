@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from flare.runtime import labels as L
 from flare.train.config import load_config, role_config
-from flare.train.data import load_datalist, preprocess
+from flare.train.data import preprocess
+from flare.train.datalist import load_datalist
 from flare.train.networks import build_network
 from flare.train.phantoms import make_phantoms
 from flare.train.pseudolabel import merge_pseudo_labels, pseudolabel_datalist, split_sides, to_original_grid
@@ -69,5 +70,15 @@ def test_pseudolabel_files_keep_given_labels(tmp_path: Path) -> None:
         assert not np.any((out == L.TUMOR) & (given != L.TUMOR))
         assert set(np.unique(out[out != given])) <= set(L.ORGAN_IDS) - set(np.unique(given))
     assert n_done >= 1
-    items = preprocess(new, eff, indices=False)  # stage-2 labels load through the training pipeline
+    items = preprocess(new, eff)  # stage-2 labels load through the training pipeline
     assert all(int(item["label"].max()) < L.NUM_MERGED_CLASSES for item in items)
+
+
+def test_split_sides_survives_degenerate_components() -> None:
+    """A 1x1x3 kidney mask [1, 0, 1] makes connected-components-3d 4.1.1 raise; the split still happens."""
+    flare = np.zeros((1, 1, 3), np.uint8)
+    flare[0, 0, [0, 2]] = L.RIGHT_KIDNEY
+    aff = np.eye(4)
+    aff[0, 3] = -1.0
+    out = split_sides(flare, aff)
+    assert out.shape == flare.shape and set(np.unique(out)) <= {0, L.RIGHT_KIDNEY, L.LEFT_KIDNEY}

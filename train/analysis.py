@@ -13,7 +13,7 @@ from typing import Any
 from flare.runtime import labels as L
 from flare.runtime.atomic import write_text_atomic
 
-from .data import case_name, fully_labelled, label_ids, load_datalist
+from .datalist import case_name, fully_labelled, given_ids, load_datalist, relative_to
 
 
 def describe_ids(ids: set[int]) -> str:
@@ -34,7 +34,7 @@ def analyze(datalist: str | Path | dict[str, Any]) -> dict[str, Any]:
     doc = datalist if isinstance(datalist, dict) else load_datalist(datalist)
     cases = []
     for entry in doc["training"]:
-        ids = label_ids(entry.get("label"))
+        ids = given_ids(entry)
         cases.append({"case": case_name(entry), "fold": entry.get("fold"), "ids": sorted(ids),
                       "fully_labelled": fully_labelled(ids), "has_tumor": L.TUMOR in ids})
     table: dict[str, dict[str, Any]] = {}
@@ -48,11 +48,16 @@ def analyze(datalist: str | Path | dict[str, Any]) -> dict[str, Any]:
         r["percent"] = round(100.0 * r["cases"] / n, 1)
     return {"datalist": doc.get("_path"), "cases": cases, "subsets": rows, "n_training": n,
             "n_fully_labelled": sum(c["fully_labelled"] for c in cases),
-            "n_with_tumor": sum(c["has_tumor"] for c in cases), "n_testing": len(doc.get("testing") or [])}
+            "n_with_tumor": sum(c["has_tumor"] for c in cases), "n_testing": len(doc.get("testing") or []),
+            "n_unlabelled": len(doc.get("unlabeled") or [])}
 
 
 def save_analysis(result: dict[str, Any], out: str | Path) -> None:
-    write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+    """Write ``result`` with its ``datalist`` path relative to the file's folder."""
+    doc = dict(result)
+    if doc.get("datalist"):
+        doc["datalist"] = relative_to(doc["datalist"], Path(out).parent)
+    write_text_atomic(out, json.dumps(doc, indent=1) + "\n")
 
 
 def print_analysis(result: dict[str, Any], *, per_case: bool = False) -> None:

@@ -1,8 +1,8 @@
-"""``flare-train``: phantoms | analyze | fit | locator | pseudolabel | run.
+"""flare-train: build a datalist, analyse it, train the locator and the folds, pseudo-label, or run it all.
 
 User-facing problems (``flare.runtime.errors.FlareError``) print one line to stderr and exit 2. Heavy imports happen
-inside the commands so ``--help`` is instant. ``fit`` and ``locator`` run under ``torchrun`` for multi-GPU / multi-node
-DistributedDataParallel (``torchrun --nproc_per_node N -m flare.train.cli fit ...``).
+inside the commands so ``--help`` is instant. Every training command runs under ``torchrun`` for multi-GPU /
+multi-node DistributedDataParallel (``torchrun --standalone --nproc_per_node 8 -m flare.train.cli fit ...``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,18 @@ from typing import Annotated, Any
 import typer
 from flare.runtime.errors import FlareError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+HELP = ("Train the FLARE23 recipe: datalist, analyze, locator, fit (per fold and stage), pseudolabel, or run "
+        "(all steps, resumable). Also phantoms: synthetic CTs for trying it out.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="named config (tiny, flare23) or a JSON file")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="checkpoint folder (CKPT_DIR)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads")]
+UnlabelledOpt = Annotated[bool, typer.Option("--include-unlabelled",
+                                             help="also train on (pseudo-labelled) cases without labels")]
+DatalistArg = Annotated[Path, typer.Argument(help="datalist JSON (flare or Auto3DSeg) or the folder holding "
+                                                  "dataset.json")]
 
 
 def _fail(err: FlareError) -> None:
@@ -52,16 +58,43 @@ def phantoms(out: Annotated[Path, typer.Argument(help="output folder")],
 
 
 @app.command()
-def analyze(datalist: Annotated[Path, typer.Argument(help="dataset.json or its folder")],
+def datalist(root: Annotated[Path, typer.Argument(help="FLARE23-style folder: imagesTr/, labelsTr/, unlabeledTr/")],
+             out: Annotated[Path, typer.Option("--out", "-o", help="datalist JSON to write")],
+             folds: Annotated[int, typer.Option(min=1)] = 5, seed: Annotated[int, typer.Option("--seed", "-s")] = 0,
+             include_unlabelled: UnlabelledOpt = False,
+             workers: Annotated[int, typer.Option(min=1, help="threads reading label files")] = 4,
+             quiet: QuietOpt = False) -> None:
+    """Build a datalist: label availability per case, random folds, unlabelled cases listed apart."""
+    from rich.progress import Progress
+
+    from .datalist import build_datalist
+
+    try:
+        n = sum(1 for p in (root / "labelsTr").iterdir()) if (root / "labelsTr").is_dir() else 0
+        with Progress(disable=quiet, transient=True) as bar:
+            task = bar.add_task("reading labels", total=n)
+            doc = build_datalist(root, out, folds=folds, seed=seed, include_unlabelled=include_unlabelled,
+                                 workers=workers, progress=lambda k: bar.advance(task, k))
+    except FlareError as err:
+        _fail(err)
+    print(f"{len(doc['training'])} training cases ({doc['n_fully_labelled']} fully labelled, {folds} folds), "
+          f"{len(doc['unlabeled'])} unlabelled listed apart, {len(doc['testing'])} testing -> {out}")
+
+
+@app.command()
+def analyze(datalist: DatalistArg,
             out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file (default: beside datalist)")] = None,
-            per_case: Annotated[bool, typer.Option("--per-case", help="print every case")] = False) -> None:
+            per_case: Annotated[bool, typer.Option("--per-case", help="print every case")] = False,
+            include_unlabelled: UnlabelledOpt = False) -> None:
     """Print and save per-case label availability and the label-subset table."""
     from .analysis import analyze as run_analysis
     from .analysis import print_analysis, save_analysis
+    from .datalist import load_datalist
 
     try:
-        res = run_analysis(datalist)
-        target = out or Path(res["datalist"]).with_name("analysis.json")
+        doc = load_datalist(datalist, include_unlabelled=include_unlabelled)
+        target = out or Path(doc["_path"]).with_name("analysis.json")
+        res = run_analysis(doc)
         save_analysis(res, target)
     except FlareError as err:
         _fail(err)
@@ -69,106 +102,98 @@ def analyze(datalist: Annotated[Path, typer.Argument(help="dataset.json or its f
     print(f"saved {target}")
 
 
-def _fit(role: str, datalist: Path, config: str, fold: int | None, stage: int | None, out: Path, resume: bool,
-         quiet: bool, threads: int, init: Path | None = None) -> dict[str, Any]:
+def _setup(config: str, threads: int):
     from .config import load_config
-    from .data import folds_of, fully_labelled, label_ids, load_datalist, preprocess
     from .distributed import setup
-    from .engine import fit, torch_setup
-    from .run import assign_folds, role_config
-    from .runlog import RunLog
+    from .engine import torch_setup
 
     torch_setup(threads)
-    d = setup()
     cfg = load_config(config)
-    doc = load_datalist(datalist)
-    entries = assign_folds(doc["training"], 5)
-    full = [e for e in entries if fully_labelled(label_ids(e.get("label_given") or e.get("label")))]
-    train_pool = entries if (role == "fold" and stage == 2) else full
-    if not train_pool:
-        raise FlareError(doc["_path"], "no fully labelled case (all 13 organs) to train on")
-    train, _ = folds_of(train_pool, fold or 0)
-    _, val = folds_of(full, fold or 0)
-    name = "locator" if role == "locator" else f"fold{fold}"
-    target = out / name if (role == "locator" or stage == 2) else out / "stage1" / name
-    log = RunLog(out / "train.log", quiet=quiet, enabled=d.main)
-    eff = role_config(cfg, role)
-    state = None
-    if init is not None:
-        from .checkpoints import load_checkpoint
+    return cfg, setup(timeout_min=cfg["train"].get("dist_timeout_min"))
 
-        state = load_checkpoint(init)["state_dict"]
-    log(f"{role} {name} stage {stage}: {len(train)} training / {len(val)} validation cases -> {target}")
-    res = fit(cfg, role, preprocess(train, eff), preprocess(val, eff), target, fold=fold, stage=stage,
-              init_state=state, resume=resume, log=log, dist=d)
-    log(f"best mean Dice {res['best_metric']:.4f} at epoch {res['best_epoch']}")
-    return res
+
+def _fit(role: str, datalist: Path, config: str, fold: int, stage: int | None, out: Path, resume: bool,
+         quiet: bool, threads: int, include_unlabelled: bool, init: Path | None = None) -> dict[str, Any]:
+    from .datalist import assign_folds, load_datalist
+    from .run import Trainer, fold_sets, full_cases, train_locator
+    from .runlog import RunLog
+
+    cfg, d = _setup(config, threads)
+    doc = load_datalist(datalist, include_unlabelled=include_unlabelled)
+    entries = assign_folds(doc["training"], 5)
+    if not full_cases(entries) and not (role == "fold" and stage == 2):
+        raise FlareError(doc["_path"], "no fully labelled case (all 13 organs) to train on")
+    trainer = Trainer(cfg, out, RunLog(out / "train.log", quiet=quiet, enabled=d.main), d, resume=resume)
+    if role == "locator":
+        return train_locator(trainer, full_cases(entries))
+    train, val = fold_sets(entries, fold, stage or 1)
+    return trainer("fold", train, val, out / ("stage1" if stage == 1 else "") / f"fold{fold}", fold=fold,
+                   stage=stage, init=init)
 
 
 @app.command(name="fit")
-def fit_cmd(datalist: Annotated[Path, typer.Argument(help="dataset.json (stage 2: dataset_stage2.json)")],
-            config: ConfigOpt = "tiny", fold: Annotated[int, typer.Option("--fold", "-k", min=0)] = 0,
+def fit_cmd(datalist: DatalistArg, config: ConfigOpt = "tiny",
+            fold: Annotated[int, typer.Option("--fold", "-k", min=0)] = 0,
             stage: Annotated[int, typer.Option("--stage", min=1, max=2)] = 1, out: OutOpt = Path("checkpoints"),
             init: Annotated[Path | None, typer.Option(help="start from this checkpoint's weights")] = None,
-            resume: Annotated[bool, typer.Option(help="continue from OUT/.../last.pt")] = False,
-            quiet: QuietOpt = False, threads: ThreadsOpt = 2) -> None:
+            resume: Annotated[bool, typer.Option(help="continue from OUT/.../last.pt; skip a finished fold")] = False,
+            include_unlabelled: UnlabelledOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = 2) -> None:
     """Train one fold: stage 1 on fully labelled cases (-> OUT/stage1/foldK), stage 2 on all (-> OUT/foldK)."""
     try:
-        _fit("fold", datalist, config, fold, stage, out, resume, quiet, threads, init)
+        _fit("fold", datalist, config, fold, stage, out, resume, quiet, threads, include_unlabelled, init)
     except FlareError as err:
         _fail(err)
 
 
 @app.command()
-def locator(datalist: Annotated[Path, typer.Argument(help="dataset.json")], config: ConfigOpt = "tiny",
-            out: OutOpt = Path("checkpoints"), resume: Annotated[bool, typer.Option()] = False,
+def locator(datalist: DatalistArg, config: ConfigOpt = "tiny", out: OutOpt = Path("checkpoints"),
+            resume: Annotated[bool, typer.Option(help="continue from OUT/locator/last.pt")] = False,
             quiet: QuietOpt = False, threads: ThreadsOpt = 2) -> None:
     """Train the organ-union locator on the fully labelled cases (-> OUT/locator)."""
     try:
-        _fit("locator", datalist, config, None, None, out, resume, quiet, threads)
+        _fit("locator", datalist, config, 0, None, out, resume, quiet, threads, False)
     except FlareError as err:
         _fail(err)
 
 
 @app.command()
-def pseudolabel(datalist: Annotated[Path, typer.Argument(help="dataset.json")], config: ConfigOpt = "tiny",
-                out: OutOpt = Path("checkpoints"), folds: Annotated[int, typer.Option(min=1)] = 5,
+def pseudolabel(datalist: DatalistArg, config: ConfigOpt = "tiny", out: OutOpt = Path("checkpoints"),
+                folds: Annotated[int, typer.Option(min=1)] = 5, include_unlabelled: UnlabelledOpt = False,
                 quiet: QuietOpt = False, threads: ThreadsOpt = 2) -> None:
     """Pseudo-label missing organs with the OUT/stage1/fold* ensemble -> OUT/pseudolabels, OUT/dataset_stage2.json."""
-    from .config import load_config
-    from .data import load_datalist
-    from .distributed import setup
-    from .engine import torch_setup
-    from .run import assign_folds, pseudolabel_stage
+    from .datalist import assign_folds, load_datalist
+    from .run import pseudolabel_stage
     from .runlog import RunLog
 
-    torch_setup(threads)
     try:
-        for k in range(folds):
-            if not (out / "stage1" / f"fold{k}" / "model.pt").is_file():
-                raise FlareError(out / "stage1" / f"fold{k}", "stage-1 model missing (run fit --stage 1 first)")
-        cfg = load_config(config)
-        doc = load_datalist(datalist)
-        new = pseudolabel_stage(cfg, assign_folds(doc["training"], folds), out, folds, RunLog(out / "train.log",
-                                quiet=quiet), setup())
+        cfg, d = _setup(config, threads)
+        doc = load_datalist(datalist, include_unlabelled=include_unlabelled)
+        new = pseudolabel_stage(cfg, assign_folds(doc["training"], folds), out, folds,
+                                RunLog(out / "train.log", quiet=quiet, enabled=d.main), d)
     except FlareError as err:
         _fail(err)
-    print(f"{sum('label_given' in e for e in new)} cases pseudo-labelled -> {out / 'dataset_stage2.json'}")
+    if d.main:
+        print(f"{sum('label_given' in e for e in new)} cases pseudo-labelled -> {out / 'dataset_stage2.json'}")
 
 
 @app.command()
-def run(datalist: Annotated[Path, typer.Argument(help="dataset.json or its folder")], config: ConfigOpt = "tiny",
-        out: OutOpt = Path("checkpoints"), folds: Annotated[int, typer.Option(min=1)] = 5,
+def run(datalist: DatalistArg, config: ConfigOpt = "tiny", out: OutOpt = Path("checkpoints"),
+        folds: Annotated[int, typer.Option(min=1)] = 5,
         naive: Annotated[bool, typer.Option(help="ablation: no pseudo-labels, train on partial labels")] = False,
-        quiet: QuietOpt = False, threads: ThreadsOpt = 2) -> None:
-    """locator + stage 1 + pseudo-labels + stage 2 (all folds), then held-out Dice -> OUT/summary.json."""
+        fresh: Annotated[bool, typer.Option(help="retrain finished steps instead of skipping them")] = False,
+        include_unlabelled: UnlabelledOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = 2) -> None:
+    """locator + stage 1 + pseudo-labels + stage 2 (all folds), then held-out Dice -> OUT/summary.json.
+
+    Resumable: finished steps are skipped, an interrupted one continues from its last.pt.
+    """
     from .run import run_all
 
     try:
-        summary = run_all(datalist, out, config, folds, naive=naive, quiet=quiet, threads=threads)
+        summary = run_all(datalist, out, config, folds, naive=naive, quiet=quiet, threads=threads,
+                          include_unlabelled=include_unlabelled, resume=not fresh)
     except FlareError as err:
         _fail(err)
-    if "holdout" in summary:
+    if "holdout" in summary and not quiet:
         print(json.dumps(summary["holdout"], indent=1))
 
 

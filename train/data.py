@@ -1,18 +1,29 @@
-"""Datalists and MONAI data pipelines.
+"""MONAI data pipelines that stream: host memory depends on workers × prefetch × crop, not on the number of cases.
 
-A datalist is a MONAI ``dataset.json``: ``training`` entries with ``image``, ``label`` (FLARE ids, possibly
-partial) and ``fold``; optionally ``label_full`` (complete truth, phantoms) and a ``testing`` list of held-out cases.
-Relative paths are resolved against the datalist's folder.
+Preprocessing (deterministic, cached per case): LoadImage -> channel first -> Orientation RAS -> resample to
+``spacing_mm`` (MONAI Resize, trilinear / nearest-exact, the runtime's grid) -> ``hu_window`` -> 0..1, clipped,
+in place -> labels to the 13
+merged classes (or the binary organ union for the locator) -> crop centres per class, at most
+``data.max_samples_per_class`` of them (MONAI ``ClassesToIndicesd(max_samples_per_class=...)``: evenly spaced over
+the class's voxels; without the cap the background alone needs 8 bytes per voxel of the volume).
+Augmentation per step: pad to the roi -> crops centred on each present class with equal probability -> rotation in
+the axial plane and scaling (``augment.scale_axes``: ``"xy"`` as the paper, ``"xyz"`` the old behaviour) -> flips
+-> histogram shift -> contrast.
 
-Preprocessing (cached once per case): LoadImage -> channel first -> Orientation RAS -> Spacing (``spacing_mm``,
-bilinear / nearest) -> ScaleIntensityRange(-250..250 HU -> 0..1, clip) -> labels to the 13 merged classes (or the
-binary organ union for the locator) -> per-class voxel indices for the crop sampler.
-Augmentation per step: pad to the roi -> crops centred on each present class with equal probability -> axial
-rotation and scale -> flips -> histogram shift -> contrast.
+``data.cache`` chooses where the preprocessed cases live (measured in ``train/results/RESULTS.md``):
+
+- ``disk`` (default): MONAI ``PersistentDataset`` under ``data.cache_dir`` (default ``OUT/cache``), one file per case
+  and preprocessing setting, shared by all folds, stages and ranks; every step reads one case back.
+- ``memory``: MONAI ``CacheDataset`` (``data.cache_rate`` of the cases in RAM, per training run).
+- ``none``: preprocess on every step (slow; no storage).
+
+Validation cases are preprocessed the same way but keep their labels in FLARE ids (``label_space="flare"``) so that
+Dice can be reported per class after the left/right split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,106 +32,109 @@ from typing import Any
 import numpy as np
 from flare.runtime import labels as L
 from flare.runtime.errors import InputError
+from monai.transforms import MapTransform  # this module is only imported by torch-side code
 
 #: FLARE id -> 1 for the 13 organs, 0 for background and tumour (the locator's organ union)
 ORGAN_UNION_LUT = np.array([0] + [1] * 13 + [0], dtype=np.uint8)
+IDENTITY_LUT = np.arange(L.NUM_FLARE_IDS, dtype=np.uint8)
+CACHE_MODES = ("disk", "memory", "none")
+DATA_DEFAULTS: dict[str, Any] = {"cache": "disk", "cache_dir": None, "cache_rate": 1.0,
+                                 "max_samples_per_class": 10000, "prep_workers": 2}
 
 
-def load_datalist(path: str | Path) -> dict[str, Any]:
-    """Read a datalist (or ``DIR/dataset.json``) with absolute paths; raises InputError on missing files/keys."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "dataset.json"
-    if not path.is_file():
-        raise InputError(path, "datalist does not exist")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(path, f"cannot parse datalist: {err}") from None
-    if not isinstance(doc.get("training"), list) or not doc["training"]:
-        raise InputError(path, "datalist has no 'training' entries")
-    base = path.parent
-    for list_name in ("training", "testing"):
-        entries = doc.get(list_name) or []
-        for n, entry in enumerate(entries):
-            if not isinstance(entry, dict) or "image" not in entry:
-                raise InputError(path, f"{list_name}[{n}] has no 'image'")
-            for key in ("image", "label", "label_full", "label_given"):
-                if entry.get(key):
-                    p = Path(entry[key])
-                    entry[key] = str(p if p.is_absolute() else (base / p).resolve())
-                    if not Path(entry[key]).is_file():
-                        raise InputError(entry[key], f"file of {list_name}[{n}].{key} does not exist")
-        doc[list_name] = entries
-    doc["_path"] = str(path)
-    return doc
+def data_config(eff: dict[str, Any]) -> dict[str, Any]:
+    """``eff["data"]`` over the defaults, checked."""
+    cfg = {**DATA_DEFAULTS, **(eff.get("data") or {})}
+    if cfg["cache"] not in CACHE_MODES:
+        raise InputError("config", f"data.cache must be one of {', '.join(CACHE_MODES)}, not {cfg['cache']!r}")
+    return cfg
 
 
-def case_name(entry: dict[str, Any]) -> str:
-    name = Path(entry["image"]).name
-    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def num_classes(eff: dict[str, Any]) -> int:
+    return 2 if eff.get("labels") == "organ-union" else L.NUM_MERGED_CLASSES
 
 
-def label_ids(path: str | Path | None) -> set[int]:
-    """The FLARE ids present in a label file (empty for no file)."""
-    if not path:
-        return set()
-    import nibabel as nib
-
-    img: Any = nib.load(str(path))
-    arr = np.asarray(img.dataobj)
-    ids = np.flatnonzero(np.bincount(arr.astype(np.intp).ravel(), minlength=L.NUM_FLARE_IDS))
-    return {int(i) for i in ids if i != 0}
-
-
-def fully_labelled(ids: set[int]) -> bool:
-    """All 13 organs present (the paper's definition; tumour is not required)."""
-    return set(L.ORGAN_IDS) <= ids
-
-
-def folds_of(entries: list[dict[str, Any]], fold: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, validation) entries of ``fold``: validation = entries whose ``fold`` equals it."""
-    train = [e for e in entries if int(e.get("fold", -1)) != fold]
-    val = [e for e in entries if int(e.get("fold", -1)) == fold]
-    return train, val
+def _label_lut(eff: dict[str, Any], label_space: str) -> np.ndarray:
+    if eff.get("labels") == "organ-union":
+        return ORGAN_UNION_LUT
+    return L.FLARE_TO_MERGED if label_space == "train" else IDENTITY_LUT
 
 
 def _map_labels(lut: np.ndarray):
+    """Label ids -> ``lut[id]`` as uint8, slab by slab (a whole-volume int64 index would cost 8 bytes a voxel)."""
     import torch
 
     table = torch.as_tensor(lut)
 
     def apply(x: Any) -> Any:
-        return table[torch.as_tensor(x).long()]
+        x = torch.as_tensor(x)
+        out = torch.empty(x.shape, dtype=torch.uint8)
+        for z in range(0, x.shape[-1], 16):
+            out[..., z:z + 16] = table[x[..., z:z + 16].long()]
+        return out
 
     return apply
 
 
-def preprocess_transform(eff: dict[str, Any], *, with_label: bool = True, label_key: str = "label",
+def _scale_intensity(lo: float, hi: float):
+    """``hu_window`` -> 0..1 with clipping, in place (ScaleIntensityRanged made two volume-sized temporaries)."""
+
+    def apply(x: Any) -> Any:
+        return x.sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
+
+    return apply
+
+
+def _keep_affine(item: dict[str, Any]) -> dict[str, Any]:
+    """Store the image's voxel -> world matrix as a plain tensor (``affine``): the disk cache keeps no metadata."""
+    return {**item, "affine": item["image"].affine.clone()}
+
+
+class ResampleToSpacingd(MapTransform):
+    """Resample to ``spacing`` mm with MONAI ``Resize`` (trilinear for the image, nearest-exact for a label) in the
+    runtime's align-centres grid convention and output size (``flare.runtime.resample.output_shape``), so training
+    sees the grid ``flare-run`` builds. ``Spacingd`` would build a float sampling grid of 12-24 bytes per output
+    voxel (5.6 GB peak for a 313x313x875 case at 1.5 mm); ``Resize`` needs only the output."""
+
+    def __init__(self, keys: list[str], spacing: list[float]) -> None:
+        super().__init__(keys)
+        self.spacing = spacing
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        from flare.runtime.resample import output_shape
+        from monai.transforms import Resize
+
+        d = dict(data)
+        img = d[self.keys[0]]
+        shape = output_shape(img.shape[1:], [float(v) for v in img.pixdim], self.spacing)
+        for key in self.keys:
+            mode = "trilinear" if key == "image" else "nearest-exact"
+            d[key] = Resize(shape, mode=mode, anti_aliasing=False)(d[key])
+        return d
+
+
+def preprocess_transform(eff: dict[str, Any], *, with_label: bool = True, label_space: str = "train",
                          indices: bool = True):
-    """Deterministic part: load, RAS, spacing, HU window, label mapping and crop indices (cached per case)."""
+    """Deterministic part: load, RAS, spacing, HU window, label mapping and (capped) crop centres per class."""
     from monai import transforms as T
 
-    keys = ["image", label_key] if with_label else ["image"]
+    keys = ["image", "label"] if with_label else ["image"]
     lo, hi = (float(v) for v in eff["hu_window"])
-    union = eff.get("labels") == "organ-union"
     steps: list[Any] = [
         T.LoadImaged(keys=keys, image_only=True),
         T.EnsureChannelFirstd(keys=keys),
         T.Orientationd(keys=keys, axcodes="RAS"),
-        T.Spacingd(keys=keys, pixdim=[float(v) for v in eff["spacing_mm"]],
-                   mode=["bilinear", "nearest"][: len(keys)]),
-        T.ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+        ResampleToSpacingd(keys=keys, spacing=[float(v) for v in eff["spacing_mm"]]),
         T.EnsureTyped(keys="image", dtype=np.float32, track_meta=True),
+        T.Lambdad(keys="image", func=_scale_intensity(lo, hi)),
+        T.Lambda(_keep_affine),
     ]
     if with_label:
-        lut = ORGAN_UNION_LUT if union else L.FLARE_TO_MERGED
-        steps.append(T.Lambdad(keys=label_key, func=_map_labels(lut)))
+        steps.append(T.Lambdad(keys="label", func=_map_labels(_label_lut(eff, label_space))))
         if indices:
-            steps.append(_indices(eff, label_key))
+            steps.append(T.ClassesToIndicesd(keys="label", num_classes=num_classes(eff),
+                                             indices_postfix="_cls_indices",
+                                             max_samples_per_class=int(data_config(eff)["max_samples_per_class"])))
     return T.Compose(steps)
 
 
@@ -130,76 +144,106 @@ def augment_transform(eff: dict[str, Any]):
 
     roi = [int(v) for v in eff["roi"]]
     aug = eff["augment"]
-    union = eff.get("labels") == "organ-union"
-    n = 2 if union else L.NUM_MERGED_CLASSES
     keys = ["image", "label"]
     rot = math.radians(float(aug["rotate_z_deg"]))
+    scale = float(aug["scale"])
+    axes = str(aug.get("scale_axes", "xyz"))
+    if axes not in ("xy", "xyz"):
+        raise InputError("config", f"augment.scale_axes must be 'xy' or 'xyz', not {axes!r}")
     return T.Compose([
         T.SpatialPadd(keys=keys, spatial_size=roi),
-        T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=roi, num_classes=n,
+        T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=roi, num_classes=num_classes(eff),
                                   num_samples=int(eff["train"].get("num_crops", 1)),
                                   indices_key="label_cls_indices", warn=False),
         T.RandAffined(keys=keys, prob=float(aug["prob_affine"]), rotate_range=(0.0, 0.0, rot),
-                      scale_range=[float(aug["scale"])] * 3, mode=["bilinear", "nearest"], padding_mode="zeros"),
+                      scale_range=[scale, scale, scale if axes == "xyz" else 0.0], mode=["bilinear", "nearest"],
+                      padding_mode="zeros"),
         *[T.RandFlipd(keys=keys, prob=float(aug["flip_prob"]), spatial_axis=ax) for ax in (0, 1, 2)],
         T.RandHistogramShiftd(keys="image", prob=float(aug["hist_shift_prob"]),
                               num_control_points=(int(aug["hist_shift_points"][0]),
                                                   int(aug["hist_shift_points"][1]))),
         T.RandAdjustContrastd(keys="image", prob=float(aug["contrast_prob"]), gamma=tuple(aug["gamma"])),
-        T.DeleteItemsd(keys="label_cls_indices"),
+        T.DeleteItemsd(keys=["label_cls_indices", "affine"]),
         T.EnsureTyped(keys=keys, track_meta=False),
     ])
 
 
-def _indices(eff: dict[str, Any], label_key: str):
+def _slim(entries: list[dict[str, Any]], label_key: str | None) -> list[dict[str, Any]]:
+    """What a dataset item (and its disk-cache hash) is made of: the image and the label file only."""
+    out = []
+    for e in entries:
+        item = {"image": e["image"]}
+        if label_key:
+            if not e.get(label_key):
+                raise InputError(e["image"], f"case has no {label_key}")
+            item["label"] = e[label_key]
+        out.append(item)
+    return out
+
+
+def cache_folder(eff: dict[str, Any], root: str | Path, kind: str) -> Path:
+    """``root/<kind>-<hash of the preprocessing settings>``: a new folder whenever the preprocessing changes."""
+    key = {"spacing_mm": eff["spacing_mm"], "hu_window": eff["hu_window"], "labels": eff.get("labels"),
+           "kind": kind, "max_samples_per_class": data_config(eff)["max_samples_per_class"], "version": 1}
+    return Path(root) / f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def _dataset(items: list[dict[str, Any]], transform: Any, eff: dict[str, Any], cache_root: str | Path | None,
+             kind: str):
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+
+    dc = data_config(eff)
+    if dc["cache"] == "disk" and cache_root is not None:
+        folder = cache_folder(eff, cache_root, kind)
+        folder.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform, cache_dir=folder)
+    if dc["cache"] == "memory":
+        return CacheDataset(items, transform, cache_rate=float(dc["cache_rate"]),
+                            num_workers=int(dc["prep_workers"]), progress=False)
+    return Dataset(items, transform)
+
+
+def train_dataset(entries: list[dict[str, Any]], eff: dict[str, Any], cache_root: str | Path | None = None,
+                  label_key: str = "label"):
+    """Training dataset: cached preprocessing + random augmentation; item ``i`` is a list of ``num_crops`` crops."""
     from monai import transforms as T
 
-    n = 2 if eff.get("labels") == "organ-union" else L.NUM_MERGED_CLASSES
-    return T.ClassesToIndicesd(keys=label_key, num_classes=n, indices_postfix="_cls_indices")
+    xform = T.Compose([*preprocess_transform(eff).transforms, *augment_transform(eff).transforms])
+    return _dataset(_slim(entries, label_key), xform, eff, cache_root, "train")
+
+
+def eval_dataset(entries: list[dict[str, Any]], eff: dict[str, Any], cache_root: str | Path | None = None,
+                 label_key: str | None = "label", label_space: str = "flare"):
+    """Whole preprocessed cases (image and, with ``label_key``, the label in ``label_space``), one per item."""
+    xform = preprocess_transform(eff, with_label=label_key is not None, label_space=label_space, indices=False)
+    kind = f"eval-{label_space}" if label_key else "image"
+    return _dataset(_slim(entries, label_key), xform, eff, cache_root, kind)
+
+
+def warm_cache(ds: Any, indices: list[int], workers: int = 2, progress: Any = None) -> int:
+    """Preprocess into a ``PersistentDataset``'s folder the ``indices`` that are not there yet (threads); returns
+    how many were computed. Ranks warm disjoint shards so no two processes write the same file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monai.data import PersistentDataset
+
+    if not isinstance(ds, PersistentDataset) or ds.cache_dir is None:
+        return 0
+    todo = [i for i in indices
+            if not (ds.cache_dir / f"{ds.hash_func(ds.data[i]).decode('utf-8')}{ds.transform_hash}.pt").is_file()]
+
+    def one(i: int) -> None:
+        ds._cachecheck(ds.data[i])  # MONAI's own compute-and-store of one item
+        if progress:
+            progress()
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(one, todo))
+    return len(todo)
 
 
 def preprocess(entries: list[dict[str, Any]], eff: dict[str, Any], *, label_key: str = "label",
-               indices: bool = True, num_workers: int = 2, progress: Any = None) -> list[dict[str, Any]]:
-    """Preprocess (load, resample, normalise) every entry once; the result is what epochs sample from.
-
-    Entries without a label get an all-background label when ``label_key`` is requested.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    xform = preprocess_transform(eff, with_label=True, label_key=label_key, indices=indices)
-    img_only = preprocess_transform(eff, with_label=False)
-
-    def one(entry: dict[str, Any]) -> dict[str, Any]:
-        if entry.get(label_key):
-            item = xform({"image": entry["image"], label_key: entry[label_key]})
-        else:
-            item = img_only({"image": entry["image"]})
-            item[label_key] = np.zeros(item["image"].shape, np.uint8)
-            if indices:
-                item = _indices(eff, label_key)(item)
-        if label_key != "label":
-            item["label"] = item.pop(label_key)
-            if indices:
-                item["label_cls_indices"] = item.pop(f"{label_key}_cls_indices")
-        item["name"] = case_name(entry)
-        if progress:
-            progress()
-        return item
-
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        return list(pool.map(one, entries))
-
-
-class AugmentedDataset:
-    """A torch map-style dataset: cached case ``i`` through the random augmentation (shallow copy per call)."""
-
-    def __init__(self, items: list[dict[str, Any]], eff: dict[str, Any]) -> None:
-        self.items = items
-        self.transform = augment_transform(eff)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> list[dict[str, Any]]:
-        item = {k: v for k, v in self.items[i].items() if k in ("image", "label", "label_cls_indices")}
-        return self.transform(item)
+               label_space: str = "train") -> list[dict[str, Any]]:
+    """Preprocess whole cases into memory (tests and small experiments; training streams instead)."""
+    ds = eval_dataset(entries, {**eff, "data": {**data_config(eff), "cache": "none"}}, None, label_key, label_space)
+    return [ds[i] for i in range(len(ds))]

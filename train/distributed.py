@@ -1,9 +1,13 @@
 """Scale-out through ``torchrun``: DistributedDataParallel with NCCL on GPU and gloo on CPU, logging on rank 0.
 
-Single process when ``WORLD_SIZE`` is unset. Multi-GPU / multi-node::
+Single process when ``WORLD_SIZE`` is unset. One node with 8 GPUs, and two nodes (run on each, R = 0 and 1)::
 
-    torchrun --nproc_per_node 8 -m flare.train.cli fit DATALIST --config flare23 --fold 0 -o CKPT
-    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m flare.train.cli fit ...
+    torchrun --standalone --nproc_per_node 8 -m flare.train.cli fit DATALIST --config flare23 --fold 0 -o CKPT
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 \
+        -m flare.train.cli fit DATALIST --config flare23 --fold 0 -o CKPT
+
+Every collective has a timeout (``FLARE_DIST_TIMEOUT_MIN``, default 30 minutes) so a rank that died does not leave
+the others waiting forever.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ class Dist:
         return self.rank == 0
 
 
-def setup(backend: str | None = None) -> Dist:
+def setup(backend: str | None = None, timeout_min: float | None = None) -> Dist:
     """Initialise the process group from torchrun's environment (no-op for a single process)."""
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
@@ -38,7 +44,8 @@ def setup(backend: str | None = None) -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        minutes = float(timeout_min or os.environ.get("FLARE_DIST_TIMEOUT_MIN", "30"))
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=timedelta(minutes=minutes))
     return Dist(rank, world, local, device)
 
 
@@ -54,13 +61,15 @@ def wrap(net: Any, d: Dist) -> Any:
     return torch.nn.parallel.DistributedDataParallel(net)
 
 
-def shard(items: list[Any], d: Dist) -> list[Any]:
-    """This rank's share of ``items`` (every rank gets the same count, repeating items if needed)."""
-    if d.world == 1 or not items:
-        return items
-    per = -(-len(items) // d.world)
-    padded = (items * (per * d.world // len(items) + 1))[: per * d.world]
-    return padded[d.rank::d.world]
+def gather(items: list[Any], d: Dist) -> list[Any]:
+    """Every rank's ``items`` concatenated in rank order, on every rank (``all_gather_object``)."""
+    import torch.distributed as dist
+
+    if d.world == 1 or not dist.is_initialized():
+        return list(items)
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
 
 
 def barrier(d: Dist) -> None:

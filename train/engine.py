@@ -17,7 +17,7 @@ import numpy as np
 from flare.runtime import labels as L
 
 from .config import checkpoint_config, role_config
-from .distributed import Dist, barrier, shard, unwrap, wrap
+from .distributed import Dist, barrier, gather, unwrap, wrap
 from .runlog import RunLog
 
 
@@ -78,11 +78,6 @@ def make_optimizer(net: Any, eff: dict[str, Any], total_steps: int, warmup_steps
     return opt, sched
 
 
-def _cycle(loader: Any) -> Iterator[Any]:
-    while True:
-        yield from loader
-
-
 def train_steps(net: Any, batches: Iterator[Any], loss_fn: Any, opt: Any, sched: Any, scaler: Any, device: Any,
                 steps: int, amp: bool) -> float:
     """Run ``steps`` optimisation steps; returns the mean loss."""
@@ -124,18 +119,27 @@ def predict_logits(net: Any, image: Any, eff: dict[str, Any], device: Any) -> An
     return out.float()
 
 
-def segment(nets: list[Any], image: Any, eff: dict[str, Any], device: Any) -> np.ndarray:
-    """Ensemble prediction (mean softmax or mean sigmoid) -> class map (X, Y, Z) uint8."""
-    import torch
+def _probabilities_(logits: Any) -> Any:
+    """Softmax over classes (sigmoid for one channel), in place: no second volume-sized copy."""
+    if logits.shape[0] == 1:
+        return logits.sigmoid_()
+    logits.sub_(logits.max(0, keepdim=True).values).exp_()
+    return logits.div_(logits.sum(0, keepdim=True))
 
+
+def segment(nets: list[Any], image: Any, eff: dict[str, Any], device: Any) -> np.ndarray:
+    """Ensemble prediction (mean softmax or mean sigmoid) -> class map (X, Y, Z) uint8. One volume-sized
+    accumulator at a time (a single network's argmax needs no softmax)."""
     acc = None
     for net in nets:
         logits = predict_logits(net, image, eff, device)[0]
-        prob = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, 0)
-        acc = prob if acc is None else acc.add_(prob)
+        if len(nets) > 1 or logits.shape[0] == 1:
+            logits = _probabilities_(logits)
+        acc = logits if acc is None else acc.add_(logits)
+        del logits
     assert acc is not None
     if acc.shape[0] == 1:
-        return (acc[0] > 0.5 * len(nets)).numpy().astype(np.uint8)
+        return (acc[0] > (0.5 * len(nets) if len(nets) > 1 else 0.5)).numpy().astype(np.uint8)
     return acc.argmax(0).numpy().astype(np.uint8)
 
 
@@ -173,44 +177,120 @@ def summarise_dice(per_case: list[dict[int, float]], classes: list[int]) -> dict
     return {"mean": mean, "per_class": per_class, "cases": len(per_case)}
 
 
-def evaluate(nets: list[Any], items: list[dict[str, Any]], eff: dict[str, Any], device: Any) -> dict[str, Any]:
-    """Ensemble Dice on preprocessed items (labels in the role's label space)."""
-    union = eff.get("labels") == "organ-union"
-    classes = [1] if union else list(range(1, L.NUM_MERGED_CLASSES))
-    per_case = []
-    for item in items:
-        pred = segment(nets, item["image"], eff, device)
-        per_case.append(dice_per_class(pred, np.asarray(item["label"])[0], classes))
-    return summarise_dice(per_case, classes)
+def eval_classes(eff: dict[str, Any]) -> list[int]:
+    """Classes scored: the organ union for the locator; FLARE ids 1..14 (left/right split, Table 4's rows) else."""
+    return [1] if eff.get("labels") == "organ-union" else list(range(1, L.NUM_FLARE_IDS))
 
 
-def _loader(items: list[dict[str, Any]], eff: dict[str, Any], seed: int):
+def class_name(eff: dict[str, Any], c: int) -> str:
+    return "organs" if eff.get("labels") == "organ-union" else L.name_of(c)
+
+
+def score_case(nets: list[Any], item: dict[str, Any], eff: dict[str, Any], device: Any) -> dict[int, float]:
+    """Dice of one preprocessed case whose label is in FLARE ids (organ union for the locator): the merged
+    prediction is mapped to FLARE ids and its kidneys/adrenals split into left and right in world coordinates
+    (``flare.runtime.lr_split``) before scoring."""
+    pred = segment(nets, item["image"], eff, device)
+    truth = np.asarray(item["label"])[0]
+    if eff.get("labels") != "organ-union":
+        from .pseudolabel import split_sides
+
+        pred = split_sides(L.merged_to_flare(pred), np.asarray(item["affine"], dtype=np.float64))
+    return dice_per_class(pred, truth, eval_classes(eff))
+
+
+def evaluate(nets: list[Any], ds: Any, eff: dict[str, Any], device: Any, dist: Dist | None = None) -> dict[str, Any]:
+    """Ensemble Dice over a dataset of whole cases (:func:`flare.train.data.eval_dataset`), sharded over ranks:
+    each rank scores every ``world``-th case, one case in memory at a time, and all ranks get the reduced result."""
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    mine = [score_case(nets, ds[i], eff, device) for i in range(rank, len(ds), world)]
+    per_case = gather(mine, dist) if dist else mine
+    return {**summarise_dice(per_case, eval_classes(eff)), "cases_here": len(mine)}
+
+
+def _loader(ds: Any, eff: dict[str, Any], seed: int, d: Dist):
+    """MONAI DataLoader (its ``worker_init_fn`` seeds every worker's transforms differently from the loader's
+    generator) over a ``DistributedSampler`` when distributed; the generator is seeded per rank."""
     import torch
-    from monai.data import list_data_collate
+    from monai.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
 
-    from .data import AugmentedDataset
+    tr = eff["train"]
+    workers = int(tr.get("num_workers", 0))
+    sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed) \
+        if d.world > 1 else None
+    extra = {"prefetch_factor": int(tr.get("prefetch", 2)), "persistent_workers": True} if workers else {}
+    loader = DataLoader(ds, batch_size=int(tr.get("batch_size", 1)), shuffle=sampler is None, sampler=sampler,
+                        num_workers=workers, generator=torch.Generator().manual_seed(seed + 7919 * d.rank), **extra)
+    return loader, sampler
 
-    ds: Any = AugmentedDataset(items, eff)
-    ds.transform.set_random_state(seed=seed)
-    workers = int(eff["train"].get("num_workers", 0))
-    return torch.utils.data.DataLoader(ds, batch_size=int(eff["train"].get("batch_size", 1)), shuffle=True,
-                                       num_workers=workers, collate_fn=list_data_collate,
-                                       generator=torch.Generator().manual_seed(seed),
-                                       persistent_workers=workers > 0)
+
+def _cycle(loader: Any, sampler: Any) -> Iterator[Any]:
+    epoch = 0
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
 
-def fit(cfg: dict[str, Any], role: str, train_items: list[dict[str, Any]], val_items: list[dict[str, Any]],
+class Metrics:
+    """TensorBoard scalars (``SummaryWriter``) on the main rank; a no-op elsewhere or when disabled."""
+
+    def __init__(self, folder: Path | None, log: RunLog | None = None) -> None:
+        self.writer = None
+        if folder is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard comes with the train extra; without it only the text log is written
+                if log:
+                    log("tensorboard is not installed (pip install tensorboard): metrics go to train.log only")
+                return
+            self.writer = SummaryWriter(str(folder))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+DONE = "done.json"
+
+
+def finished(folder: str | Path) -> dict[str, Any] | None:
+    """The result of a completed ``fit`` in ``folder`` (its ``done.json``), else None."""
+    import json
+
+    path = Path(folder) / DONE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]],
         out_folder: str | Path, *, fold: int | None = None, stage: int | None = None,
         init_state: dict[str, Any] | None = None, resume: bool = False, log: RunLog | None = None,
-        dist: Dist | None = None) -> dict[str, Any]:
-    """Train one model (``role`` "fold" or "locator") on preprocessed items; best model -> ``out_folder/model.pt``.
+        dist: Dist | None = None, cache_dir: str | Path | None = None, tensorboard: str | Path | None = None,
+        train_label_key: str = "label") -> dict[str, Any]:
+    """Train one model (``role`` "fold" or "locator") on datalist entries; best model -> ``out_folder/model.pt``.
 
-    ``out_folder/last.pt`` holds the latest state (optimizer, scheduler, epoch) for ``resume``.
-    Returns ``{"best_metric", "best_epoch", "epochs", "losses", "seconds"}``.
+    Training reads ``train_label_key`` of each entry through :func:`flare.train.data.train_dataset` (cached under
+    ``cache_dir`` with ``data.cache: disk``); validation scores every entry's original label (``label_given`` of
+    a pseudo-labelled case, else ``label``), sharded over ranks. ``out_folder/last.pt`` holds the latest state for
+    ``resume``; ``out_folder/done.json`` marks a finished run. Scalars go to TensorBoard under ``tensorboard``.
+    Returns ``{"best_metric", "best_epoch", "epochs", "losses", "seconds", "val_per_class", "net"}``.
     """
+    import json
+
     import torch
+    from flare.runtime.atomic import write_text_atomic
 
     from .checkpoints import load_checkpoint, save_checkpoint
+    from .data import eval_dataset, train_dataset, warm_cache
+    from .datalist import original_label
     from .distributed import setup
     from .networks import build_network
 
@@ -227,14 +307,27 @@ def fit(cfg: dict[str, Any], role: str, train_items: list[dict[str, Any]], val_i
     net = build_network(eff["network"]).to(d.device)
     if init_state is not None:
         net.load_state_dict(init_state)
-    my_items = shard(train_items, d)
-    if not my_items:
+    if not train_entries:
         raise ValueError(f"{out_folder}: no training cases for {role} fold {fold} stage {stage}")
-    steps = int(tr.get("steps_per_epoch") or max(1, len(my_items) // int(tr.get("batch_size", 1))))
+    train_ds = train_dataset(train_entries, eff, cache_dir, train_label_key)
+    val_entries = [{"image": e["image"], "label": original_label(e)} for e in val_entries if original_label(e)]
+    cap = eff.get("validation", {}).get("max_cases")
+    if cap and len(val_entries) > int(cap):  # evenly spaced subset, the same every time
+        val_entries = [val_entries[int(i)] for i in np.linspace(0, len(val_entries) - 1, int(cap)).round()]
+    val_ds = eval_dataset(val_entries, eff, cache_dir)
+    prep = int(eff.get("data", {}).get("prep_workers", 2))
+    t = log.elapsed()
+    n_new = warm_cache(train_ds, list(range(d.rank, len(train_ds), d.world)), prep)
+    n_new += warm_cache(val_ds, list(range(d.rank, len(val_ds), d.world)), prep)
+    barrier(d)
+    if n_new:
+        log(f"{out_folder.name}: preprocessed {n_new} cases into the cache ({log.elapsed() - t:.1f} s)")
+    per_rank = -(-len(train_ds) // d.world)
+    steps = int(tr.get("steps_per_epoch") or max(1, per_rank // int(tr.get("batch_size", 1))))
     opt, sched = make_optimizer(net, eff, epochs * steps, int(tr.get("warmup_epochs", 0)) * steps)
     amp = bool(tr.get("amp")) and d.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    start, best, best_epoch, losses = 0, -math.inf, -1, []
+    start, best, best_epoch, losses, best_per_class, val_here = 0, -math.inf, -1, [], {}, 0
     last = out_folder / "last.pt"
     if resume and last.is_file():
         state = load_checkpoint(last)
@@ -246,27 +339,43 @@ def fit(cfg: dict[str, Any], role: str, train_items: list[dict[str, Any]], val_i
         log(f"{out_folder.name}: resumed at epoch {start}")
     model = wrap(net, d)
     loss_fn = make_loss(eff)
-    batches = _cycle(_loader(my_items, eff, seed + 7919 * d.rank))
+    loader, sampler = _loader(train_ds, eff, seed, d)
+    batches = _cycle(loader, sampler)
+    metrics = Metrics(Path(tensorboard) if tensorboard and d.main and tr.get("tensorboard", True) else None, log)
     t0 = log.elapsed()
     val_every = int(tr.get("val_every", 1))
     for epoch in range(start, epochs):
         losses.append(train_steps(model, batches, loss_fn, opt, sched, scaler, d.device, steps, amp))
-        is_val = val_items and ((epoch + 1) % val_every == 0 or epoch == epochs - 1)
+        scalars = {"train/loss": losses[-1], "train/lr": float(sched.get_last_lr()[0])}
+        msg = f"{out_folder.name} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}"
+        is_val = len(val_ds) > 0 and ((epoch + 1) % val_every == 0 or epoch == epochs - 1)
+        improved = False
+        if is_val:
+            res = evaluate([unwrap(model)], val_ds, eff, d.device, d)
+            val_here = res["cases_here"]
+            names = {class_name(eff, c): round(v, 4) for c, v in res["per_class"].items()}
+            msg += f" val dice {res['mean']:.4f} ({res['cases']} cases: " + \
+                ", ".join(f"{k} {v:.3f}" for k, v in names.items()) + ")"
+            scalars["val/mean_dice"] = res["mean"]
+            scalars.update({f"val_dice/{k}": v for k, v in names.items()})
+            if res["mean"] > best:
+                best, best_epoch, best_per_class, improved = res["mean"], epoch, names, True
         if d.main:
-            msg = f"{out_folder.name} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}"
-            if is_val:
-                metric = evaluate([unwrap(model)], val_items, eff, d.device)["mean"]
-                msg += f" val dice {metric:.4f}"
-                if metric > best:
-                    best, best_epoch = metric, epoch
-                    save_checkpoint(out_folder, unwrap(model), ck_cfg, epoch=epoch, best_metric=best)
-            elif not val_items and epoch == epochs - 1:
-                best_epoch = epoch
-                save_checkpoint(out_folder, unwrap(model), ck_cfg, epoch=epoch)
+            if improved or (not len(val_ds) and epoch == epochs - 1):
+                best_epoch = epoch if not len(val_ds) else best_epoch
+                save_checkpoint(out_folder, unwrap(model), ck_cfg, epoch=epoch, best_metric=best)
             save_checkpoint(out_folder, unwrap(model), ck_cfg, epoch=epoch, best_metric=best, filename="last.pt",
                             extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "best_epoch": best_epoch, "losses": losses})
+            metrics.scalars(scalars, (epoch + 1) * steps)
             log(msg)
         barrier(d)
-    return {"best_metric": best if best > -math.inf else float("nan"), "best_epoch": best_epoch + 1,
-            "epochs": epochs, "losses": losses, "seconds": log.elapsed() - t0}
+    metrics.close()
+    result = {"best_metric": best if best > -math.inf else float("nan"), "best_epoch": best_epoch + 1,
+              "epochs": epochs, "losses": losses, "seconds": log.elapsed() - t0, "val_per_class": best_per_class,
+              "train_cases": len(train_ds), "val_cases": len(val_ds), "ranks": d.world}
+    here = {"val_cases_this_rank": val_here, "sampler": type(sampler).__name__ if sampler is not None else None}
+    if d.main:
+        write_text_atomic(out_folder / DONE, json.dumps(result, indent=1) + "\n")
+    barrier(d)
+    return {**result, **here, "net": unwrap(model)}

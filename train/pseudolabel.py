@@ -16,7 +16,7 @@ import numpy as np
 from flare.runtime import labels as L
 from flare.runtime.atomic import atomic_path
 
-from .data import case_name, label_ids
+from .datalist import case_name
 
 
 def merge_pseudo_labels(given: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
@@ -31,28 +31,11 @@ def merge_pseudo_labels(given: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
 
 
 def split_sides(flare: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Relabel merged kidneys (2) / adrenals (7) left of the aorta as left kidney (13) / left adrenal (8).
+    """Relabel merged kidneys (2) / adrenals (7) on the patient's left as left kidney (13) / left adrenal (8), in
+    world coordinates (``flare.runtime.lr_split``, the runtime's rule)."""
+    from flare.runtime.lr_split import split_left_right
 
-    Uses ``flare.runtime.lr_split.split_left_right`` when the runtime provides it; otherwise the patient-left side
-    is world x smaller than the aorta's mean x (the image centre without an aorta).
-    """
-    try:
-        from flare.runtime.lr_split import split_left_right  # type: ignore[import-not-found]
-    except ImportError:
-        split_left_right = None
-    if split_left_right is not None:
-        return np.asarray(split_left_right(flare, affine), dtype=np.uint8)
-    out = flare.copy()
-    aorta = np.argwhere(flare == L.AORTA)
-    centre = aorta.mean(0) if len(aorta) else (np.array(flare.shape) - 1) / 2.0
-    ref_x = float((affine[:3, :3] @ centre + affine[:3, 3])[0])
-    for right, left in L.LEFT_RIGHT_PAIRS:
-        idx = np.argwhere(flare == right)
-        if len(idx):
-            wx = idx @ affine[0, :3] + affine[0, 3]
-            sel = idx[wx < ref_x]
-            out[tuple(sel.T)] = left
-    return out
+    return np.asarray(split_left_right(flare, affine), dtype=np.uint8)
 
 
 def to_original_grid(labels: np.ndarray, affine_src: np.ndarray, shape: tuple[int, ...],
@@ -73,7 +56,7 @@ def pseudolabel_case(nets: list[Any], item: dict[str, Any], entry: dict[str, Any
     from .engine import segment
 
     merged = segment(nets, item["image"], eff, device)
-    affine_train = np.asarray(item["image"].affine, dtype=np.float64)
+    affine_train = np.asarray(item["affine"], dtype=np.float64)
     pseudo_train = split_sides(L.merged_to_flare(merged), affine_train)
     ref: Any
     if entry.get("label"):
@@ -93,27 +76,36 @@ def pseudolabel_case(nets: list[Any], item: dict[str, Any], entry: dict[str, Any
 
 
 def pseudolabel_datalist(nets: list[Any], entries: list[dict[str, Any]], eff: dict[str, Any], device: Any,
-                         out_dir: str | Path, *, log: Any = None) -> list[dict[str, Any]]:
+                         out_dir: str | Path, *, log: Any = None, dist: Any = None) -> list[dict[str, Any]]:
     """Pseudo-label every entry that is not fully labelled; returns the stage-2 entries (labels replaced,
-    the original kept as ``label_given``). Fully labelled entries are returned unchanged."""
-    from .data import fully_labelled, preprocess
+    the original kept as ``label_given``). Fully labelled entries are returned unchanged.
+
+    Streams one case at a time; with ``dist`` each rank labels every ``world``-th case and all ranks get the
+    whole result.
+    """
+    from .data import eval_dataset
+    from .datalist import fully_labelled, given_ids
+    from .distributed import gather
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [e for e in entries if not fully_labelled(label_ids(e.get("label")))]
-    items = preprocess(todo, eff, indices=False) if todo else []
-    result = []
-    done = {}
-    for entry, item in zip(todo, items, strict=True):
+    todo = [e for e in entries if not fully_labelled(given_ids(e))]
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    mine = todo[rank::world]
+    ds = eval_dataset(mine, {**eff, "data": {**eff.get("data", {}), "cache": "none"}}, None, label_key=None)
+    done = []
+    for n, entry in enumerate(mine):
         path = out_dir / f"{case_name(entry)}.nii.gz"
-        info = pseudolabel_case(nets, item, entry, eff, device, path)
+        info = pseudolabel_case(nets, ds[n], entry, eff, device, path)
         if log:
-            log(f"pseudo-label {info['case']}: added FLARE ids {info['added']}")
-        done[entry["image"]] = str(path)
+            log(f"pseudo-label {info['case']} ({n + 1}/{len(mine)} on this rank): added FLARE ids {info['added']}")
+        done.append((entry["image"], str(path.resolve())))
+    labelled = dict(gather(done, dist) if dist else done)
+    result = []
     for entry in entries:
         new = dict(entry)
-        if entry["image"] in done:
+        if entry["image"] in labelled:
             new["label_given"] = entry.get("label")
-            new["label"] = done[entry["image"]]
+            new["label"] = labelled[entry["image"]]
         result.append(new)
     return result

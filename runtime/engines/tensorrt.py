@@ -3,7 +3,8 @@
 **Unverified**: TensorRT could not be installed where this was written; the calls follow the documented TensorRT 10
 API (``Runtime.deserialize_cuda_engine``, ``create_execution_context``, the name-based tensor API
 ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode``, ``set_input_shape``, ``set_tensor_address``,
-``execute_async_v3``). ``benchmarks/gpu_check.sh`` runs it when ``import tensorrt`` works.
+``execute_async_v3``). ``benchmarks/gpu_check.sh`` runs it when ``import tensorrt`` works. A missing TensorRT or
+CuPy is a one-line :class:`~flare.runtime.device.DependencyError`.
 
 Plans are the ones ``flare-export --trt`` writes (``export/trt.py``): ``<bundle>/engines/<sm>-trt<version>/
 <onnx sha256>.plan`` with a key file ``<onnx sha256>.json`` (onnx sha256, GPU compute capability, TensorRT version,
@@ -20,32 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import ModelSpec
-from .engines import EngineError
+from ..bundle import ModelSpec
+from ..device import cupy, lazy_import
+from .base import EngineError, check_finite
 
 log = logging.getLogger("flare.runtime")
 
-__all__ = ["TrtEngine", "find_plan", "import_tensorrt", "load_engine"]
+__all__ = ["TrtEngine", "find_plan", "load_engine", "tensorrt"]
 
-
-def import_tensorrt() -> Any:
-    """The ``tensorrt`` module, or a one-line EngineError saying how to get it."""
-    try:
-        import tensorrt
-    except Exception as exc:  # noqa: BLE001 - ImportError, or missing libnvinfer raising OSError at import
-        raise EngineError(None, f"TensorRT is not usable ({exc.__class__.__name__}: {str(exc)[:120]}); "
-                                "pip install tensorrt-cu12 (or tensorrt-cu13 matching your CUDA), or use "
-                                "--backend onnxruntime") from None
-    return tensorrt
-
-
-def _cupy() -> Any:
-    try:
-        import cupy
-    except Exception as exc:  # noqa: BLE001 - ImportError or a broken CUDA install
-        raise EngineError(None, f"the TensorRT runner needs CuPy for device memory ({exc.__class__.__name__}); "
-                                "pip install cupy-cuda12x") from None
-    return cupy
+tensorrt = lazy_import("tensorrt", hint="pip install tensorrt-cu12 (or tensorrt-cu13 matching your CUDA), or use "
+                                        "the ONNX Runtime engines")
 
 
 def find_plan(spec: ModelSpec, precision: str = "fp16", bundle_root: Path | None = None) -> Path:
@@ -53,10 +38,10 @@ def find_plan(spec: ModelSpec, precision: str = "fp16", bundle_root: Path | None
     file; a one-line EngineError when there is none or it is stale."""
     import json
 
-    from .bundle import sha256_file
-    from .cuda_engine import gpu_sm
+    from ..bundle import sha256_file
+    from .ort_cuda import gpu_sm
 
-    trt = import_tensorrt()
+    trt = tensorrt.load()
     mf = spec.file_for(precision)
     root = bundle_root if bundle_root is not None else mf.path.parent
     folder = root / "engines" / f"{gpu_sm()}-trt{trt.__version__}"
@@ -80,8 +65,8 @@ class TrtEngine:
     backend = "tensorrt"
 
     def __init__(self, plan_path: Path, spec: ModelSpec, precision: str, device_id: int = 0) -> None:
-        trt = import_tensorrt()
-        cp = _cupy()
+        trt = tensorrt.load()
+        cp = cupy.load()
         self.spec, self.name, self.out_channels, self.precision = spec, spec.name, spec.out_channels, precision
         self._path = Path(plan_path)
         self._device = cp.cuda.Device(device_id)
@@ -103,7 +88,7 @@ class TrtEngine:
         self._out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self._output)))
 
     def run_cupy(self, tile: Any) -> Any:
-        cp = _cupy()
+        cp = cupy.load()
         with self._device:
             tile = cp.ascontiguousarray(tile, dtype=self._in_dtype)
             if not self.context.set_input_shape(self._input, tuple(tile.shape)):
@@ -116,14 +101,11 @@ class TrtEngine:
             if not self.context.execute_async_v3(self._stream.ptr):
                 raise EngineError(self._path, "TensorRT execution failed (see its log above)")
             self._stream.synchronize()
-            out = out.astype(cp.float32, copy=False)
-            if not bool(cp.isfinite(out).all()):
-                raise EngineError(self._path, f"model {self.name} ({self.precision}) produced NaN/inf on TensorRT; "
-                                              "use --precision fp32")
-            return out
+            return check_finite(out.astype(cp.float32, copy=False), cp, self._path, self.name, self.precision,
+                                "TensorRT")
 
     def run(self, tile: np.ndarray) -> np.ndarray:
-        cp = _cupy()
+        cp = cupy.load()
         with self._device:
             return np.asarray(self.run_cupy(cp.asarray(tile)).get(), dtype=np.float32)
 
