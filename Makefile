@@ -4,7 +4,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
-EXTRAS ?= cpu,train,export,bench,preview,dicom,dev
+EXTRAS ?= cpu,train,export,bench,preview,dicom,dev,serve
 TORCH_VERSION   ?= 2.13.0
 # PyTorch's CPU-only wheels; the default index (PyPI) serves the CUDA build of torch on Linux
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu

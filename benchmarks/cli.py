@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import shlex
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from flare.runtime.cli import Device
 from flare.runtime.errors import FlareError
+
+from .reference import MODES
+
+#: --reference-mode choices, shown in --help (the modes are defined once, in benchmarks/reference.py)
+ReferenceMode = Enum("ReferenceMode", {m: m for m in MODES}, type=str)  # type: ignore[misc]
+DEFAULT_REFERENCE_MODE = ReferenceMode("auto3dseg")
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Benchmark a flare bundle: cold/warm time per case, per-stage times, GPU memory (NVML) peak "
@@ -35,32 +43,43 @@ def bench(
                                "(default: all on GPU, 1 on CPU).")] = None,
     reference_folds: Annotated[int | None, typer.Option(min=1, help="Reference (and a matching runtime run) "
                                "with the first N folds (default: all on GPU, 1 on CPU).")] = None,
-    reference_mode: Annotated[str, typer.Option(help="auto3dseg (the peer) or mirror (the runtime's steps).")]
-    = "auto3dseg",
+    reference_mode: Annotated[ReferenceMode, typer.Option(help="auto3dseg (the peer) or mirror (the runtime's steps).")]
+    = DEFAULT_REFERENCE_MODE,
     checkpoints: Annotated[Path | None, typer.Option(help="Checkpoint folder for the reference "
                            "(default: the bundle's provenance.checkpoint_dir).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (runtime and reference alike).")] = "auto",
+    device: Annotated[Device, typer.Option(help="Runtime and reference alike.")] = Device.auto,
     cache: Annotated[Path | None, typer.Option(help="Where synthetic cases are cached "
                      "(default ~/.cache/flare/bench-cases).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    server: Annotated[str | None, typer.Option(help="Load-test a running flare-serve at HOST:PORT instead: "
+                      "--requests at --concurrency, cycling through --cases; writes OUTPUT/serve_load.md/.json.")
+                      ] = None,
+    requests: Annotated[int, typer.Option(min=1, help="With --server: number of requests.")] = 20,
+    concurrency: Annotated[int, typer.Option(min=1, help="With --server: requests in flight at once.")] = 4,
 ) -> None:
     """Run the benchmark and write OUTPUT/report.md, OUTPUT/report.json and OUTPUT/memory_*.png."""
     from flare.runtime.bundle import default_bundle_dir
     from flare.runtime.errors import OutputError
 
+    from .cases import resolve_cases
     from .harness import run_benchmark
-    from .reference import MODES
-
     try:
-        if reference_mode not in MODES:
-            raise FlareError(None, f"--reference-mode must be one of {', '.join(MODES)}, got {reference_mode!r}")
         if output.exists() and not output.is_dir():
             raise OutputError(output, "output must be a folder")
         if not output.parent.is_dir():
             raise OutputError(output, f"parent folder {output.parent} does not exist")
+        if server is not None:
+            from .serve_load import run_load, write_load_report
+
+            load = run_load(server, resolve_cases(cases, cache), requests, concurrency,
+                            command=shlex.join(["flare-bench"] + sys.argv[1:]))
+            md = write_load_report(load, output)
+            if not quiet:
+                typer.echo(md.read_text(), err=True)
+            return
         report = run_benchmark(bundle or default_bundle_dir(), cases, reference=reference, out_dir=output,
-                               repeats=repeats, device=device, cold=cold, reference_repeats=reference_repeats,
-                               reference_mode=reference_mode, reference_cases=reference_cases,
+                               repeats=repeats, device=device.value, cold=cold, reference_repeats=reference_repeats,
+                               reference_mode=reference_mode.value, reference_cases=reference_cases,
                                reference_folds=reference_folds, checkpoints=checkpoints, cache_dir=cache,
                                quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]))
     except FlareError as err:

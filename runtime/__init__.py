@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that ``import flare.runtime`` and ``flare-run --help`` stay instant)::
 
-    from flare.runtime import segment, Segmenter, split_left_right, postprocess, load_bundle
+    from flare.runtime import segment, Segmenter, RemoteSegmenter, split_left_right, postprocess, load_bundle
     from flare.runtime import read_dicom, write_dicom_seg  # DICOM series in, DICOM-SEG out (the dicom extra)
 
 The functions live in small modules (``flare.runtime.postprocessing`` holds ``postprocess``); no module shares a
@@ -17,6 +17,7 @@ from typing import Any
 _EXPORTS = {
     "segment": "pipeline",
     "Segmenter": "pipeline",
+    "RemoteSegmenter": "remote",
     "split_left_right": "lr_split",
     "postprocess": "postprocessing",
     "load_bundle": "bundle",

@@ -98,5 +98,9 @@ def write_text_atomic(target: str | Path, text: str, encoding: str = "utf-8") ->
 
 
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
+    """Write ``data`` to ``target`` atomically; problems raise ``OutputError``."""
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+    except OSError as err:
+        raise OutputError(target, f"cannot write: {err.strerror or err}") from None

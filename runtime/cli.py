@@ -151,6 +151,9 @@ def run(
     report: Annotated[Path | None, typer.Option(help="Run report as JSON (stages, crop, tiles, memory, voxels): "
                       "a file for one image, a folder for several (CASE_report.json).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    server: Annotated[str | None, typer.Option(help="Segment on a flare-serve server at HOST:PORT (its HTTP port) "
+                      "instead of here; --bundle, --device, --precision and --gpu-mem-budget are the server's.")
+                      ] = None,
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
@@ -166,13 +169,18 @@ def run(
         from .limits import preflight
         from .pipeline import Segmenter
 
-        if not plan.folder_mode and plan.jobs[0].case.kind == "nifti":  # refuse from the header before loading models
-            preflight(plan.jobs[0].case.source, bundle or default_bundle_dir())
+        if server is not None:  # flare-serve: the cases are read and written here, segmented there
+            from .remote import RemoteSegmenter
 
-        seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
-                        precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
-                        postprocess=None if postprocess is None else postprocess.value,
-                        cudnn_algo_search=cudnn_algo_search.upper())
+            seg = RemoteSegmenter(server, folds=folds, overlap=overlap, progress=not quiet,
+                                  postprocess=None if postprocess is None else postprocess.value)
+        else:
+            if not plan.folder_mode and plan.jobs[0].case.kind == "nifti":  # refuse from the header before loading
+                preflight(plan.jobs[0].case.source, bundle or default_bundle_dir())
+            seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
+                            precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
+                            postprocess=None if postprocess is None else postprocess.value,
+                            cudnn_algo_search=cudnn_algo_search.upper())
         plan.create_folders()
     except FlareError as err:
         raise _fail(str(err)) from None
@@ -185,7 +193,7 @@ def run(
         typer.echo(f"flare-run: {sig}", err=True)
         raise typer.Exit(sig.exit_code) from None
     try:
-        code = _run_plan(plan, seg, quiet)
+        code = _run_plan(plan, seg, quiet or server is not None)  # type: ignore[arg-type]  # duck-typed remote
     except KeyboardInterrupt:
         typer.echo("flare-run: interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -45,13 +45,17 @@ class Command:
 _ORT = ("onnxruntime", "cpu")
 _TRAIN = (("torch", "train"), ("monai", "train"))
 _EXPORT = (("torch", "export"), ("monai", "export"), ("onnx", "export"), ("yaml", "export"))
+_CLIENT = ("tritonclient", "serve")
 
 COMMANDS: dict[str, Command] = {
-    "flare-run": Command("flare.runtime.cli", (_ORT,)),
+    "flare-run": Command("flare.runtime.cli", (_ORT,), when={"--server": (_CLIENT,)},
+                         unless={"--server": ("onnxruntime",)}),
     "flare-export": Command("flare.export.cli", (*_EXPORT, _ORT), unless={"--no-verify": ("onnxruntime",)}),
     "flare-demo": Command("flare.export.demo", (*_TRAIN, *_EXPORT, _ORT)),
     "flare-train": Command("flare.train.cli", _TRAIN),
-    "flare-bench": Command("flare.benchmarks.cli", (("matplotlib", "bench"), _ORT), when={"--reference": _TRAIN}),
+    "flare-bench": Command("flare.benchmarks.cli", (("matplotlib", "bench"), _ORT),
+                           when={"--reference": _TRAIN, "--server": (_CLIENT,)}),
+    "flare-serve": Command("flare.runtime.serve", (_ORT, ("pytriton", "serve"), _CLIENT)),
 }
 
 
@@ -123,3 +127,7 @@ def flare_train() -> None:
 
 def flare_bench() -> None:
     launch("flare-bench")
+
+
+def flare_serve() -> None:
+    launch("flare-serve")

@@ -37,12 +37,13 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import write_bytes_atomic
 from .errors import InputError, OutputError
 from .geometry import spacing_from_affine
 
@@ -52,8 +53,7 @@ if TYPE_CHECKING:
     from .dicom import DicomSource
 
 __all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "check_header", "from_array",
-           "read_image",
-           "to_canonical", "write_labels"]
+           "image_bytes", "label_bytes", "read_image", "read_image_bytes", "to_canonical", "write_labels"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -87,13 +87,13 @@ class LoadedImage:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _gzip_open(path: Path) -> IO[bytes]:
-    """Open a gzip file for reading with isal when installed, else the standard library."""
+def _gzip_open(source: Path | IO[bytes]) -> IO[bytes]:
+    """Open a gzip file (or in-memory stream) for reading with isal when installed, else the standard library."""
     try:
         from isal import igzip
     except ImportError:  # pragma: no cover - isal is in the dev/fast-io extras
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return igzip.open(path, "rb")  # type: ignore[return-value]
+        return gzip.open(source, "rb")  # type: ignore[return-value]
+    return igzip.open(source, "rb")  # type: ignore[return-value]
 
 
 def _decompress_errors() -> tuple[type[BaseException], ...]:
@@ -109,11 +109,13 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextlib.contextmanager
-def _open_stream(path: Path, compressed: bool) -> Iterator[IO[bytes]]:
-    """A binary stream of the uncompressed file; read errors become one-line InputErrors."""
+def _open_stream(path: Path, source: Path | bytes, compressed: bool) -> Iterator[IO[bytes]]:
+    """A binary stream of the uncompressed file (``source``: the file, or its bytes received by a server);
+    read errors become one-line InputErrors naming ``path``."""
     corrupt = _decompress_errors()
+    raw: Path | IO[bytes] = source if isinstance(source, Path) else BytesIO(source)
     try:
-        with (_gzip_open(path) if compressed else open(path, "rb")) as stream:
+        with (_gzip_open(raw) if compressed else open(raw, "rb") if isinstance(raw, Path) else raw) as stream:
             yield stream
     except EOFError:
         raise InputError(path, "truncated gzip stream (the file ends before the end of the compressed data)")
@@ -353,7 +355,7 @@ def check_header(path: str | Path, max_voxels: int = 2**31, preflight: Preflight
     a cheap refusal before anything else is loaded."""
     path = Path(path)
     file_size, compressed = _check_path(path)
-    with _open_stream(path, compressed) as stream:
+    with _open_stream(path, path, compressed) as stream:
         _checked_header(path, stream, file_size, compressed, max_voxels, preflight)
 
 
@@ -361,7 +363,22 @@ def read_image(path: str | Path, max_voxels: int = 2**31, preflight: Preflight |
     """Read and validate a 3-D NIfTI image (``.nii`` or ``.nii.gz``); every problem is one ``InputError``."""
     path = Path(path)
     file_size, compressed = _check_path(path)
-    with _open_stream(path, compressed) as stream:
+    return _read(path, path, file_size, compressed, max_voxels, preflight)
+
+
+def read_image_bytes(data: bytes, name: str | Path, max_voxels: int = 2**31,
+                     preflight: Preflight | None = None) -> LoadedImage:
+    """:func:`read_image` for the bytes of a ``.nii``/``.nii.gz`` file (gzip recognised by its magic bytes), e.g. a
+    file received by ``flare-serve``, with the same checks; ``name`` labels the errors and becomes ``path``."""
+    path = Path(name)
+    if not data:
+        raise InputError(path, "empty file")
+    return _read(path, bytes(data), len(data), data[:2] == _GZIP_MAGIC, max_voxels, preflight)
+
+
+def _read(path: Path, source: Path | bytes, file_size: int, compressed: bool, max_voxels: int,
+          preflight: Preflight | None) -> LoadedImage:
+    with _open_stream(path, source, compressed) as stream:
         h = _checked_header(path, stream, file_size, compressed, max_voxels, preflight)
         data = _read_voxels(path, stream, h.hdr, h.shape, h.dtype, h.offset, compressed)
     data = _replace_non_finite(path, _apply_scaling(path, h.hdr, data))
@@ -471,23 +488,24 @@ def to_canonical(img: LoadedImage) -> tuple[np.ndarray, np.ndarray, Reorientatio
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _gzip_write(path: Path) -> IO[bytes]:
+def _gzip_write(stream: IO[bytes]) -> IO[bytes]:
     try:
         from isal import igzip
     except ImportError:  # pragma: no cover
-        return gzip.open(path, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
-    return igzip.open(path, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
+        return gzip.open(stream, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
+    return igzip.open(stream, "wb", compresslevel=_LABEL_GZIP_LEVEL)  # type: ignore[return-value]
 
 
-def _label_image(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
-    """A uint8 image carrying ``like``'s header fields (units, dim info, qform/sform and codes) and affine."""
+def _image_like(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
+    """An image of ``labels`` (its dtype, unscaled) carrying ``like``'s header fields (units, dim info, qform/sform
+    and codes) and affine."""
     import nibabel as nib
     from nibabel.nifti2 import Nifti2Header
 
     src = like.header
     hdr = src.copy()
     hdr.set_data_shape(labels.shape)
-    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_dtype(labels.dtype)
     hdr.set_slope_inter(None, None)
     klass = nib.Nifti2Image if isinstance(src, Nifti2Header) else nib.Nifti1Image
     img = klass(labels, like.affine, hdr)
@@ -500,6 +518,35 @@ def _label_image(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
     pixdim[:4] = src["pixdim"][:4]
     out["pixdim"] = pixdim
     return img
+
+
+def label_bytes(labels: np.ndarray, like: LoadedImage, compressed: bool = True) -> bytes:
+    """A label map as the bytes of a uint8 NIfTI file (gzip-compressed unless ``compressed`` is false) in ``like``'s
+    space: its shape, affine and header fields. ``labels`` must have ``like``'s shape and values in 0..255."""
+    if tuple(labels.shape) != tuple(like.data.shape):
+        raise ValueError(f"labels shape {labels.shape} does not match the image shape {like.data.shape}")
+    if labels.dtype != np.uint8:
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
+        labels = labels.astype(np.uint8)
+    return _nifti_bytes(_image_like(labels, like), compressed)
+
+
+def image_bytes(img: LoadedImage, compressed: bool = True) -> bytes:
+    """A loaded image (e.g. a DICOM series) as the bytes of a NIfTI file: its voxels as loaded (scaling applied) and
+    its header fields; :func:`read_image_bytes` gives back the same voxels and affine. ``flare-run --server`` sends
+    these."""
+    return _nifti_bytes(_image_like(np.asarray(img.data), img), compressed)
+
+
+def _nifti_bytes(img: nib.Nifti1Image, compressed: bool) -> bytes:
+    buf = BytesIO()
+    if compressed:
+        with _gzip_write(buf) as stream:
+            img.to_stream(stream)  # type: ignore[arg-type]
+    else:
+        img.to_stream(buf)  # type: ignore[arg-type]
+    return buf.getvalue()
 
 
 def write_labels(path: str | Path, labels: np.ndarray, like: LoadedImage) -> None:
@@ -515,17 +562,5 @@ def write_labels(path: str | Path, labels: np.ndarray, like: LoadedImage) -> Non
         compressed = False
     else:
         raise OutputError(path, "output name must end in .nii or .nii.gz")
-    if tuple(labels.shape) != tuple(like.data.shape):
-        raise ValueError(f"labels shape {labels.shape} does not match the image shape {like.data.shape}")
-    if labels.dtype != np.uint8:
-        if labels.size and (labels.min() < 0 or labels.max() > 255):
-            raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
-        labels = labels.astype(np.uint8)
-    img = _label_image(labels, like)
-    try:
-        with atomic_path(path) as tmp, (_gzip_write(tmp) if compressed else open(tmp, "wb")) as stream:
-            img.to_stream(stream)  # type: ignore[arg-type]
-    except OSError as err:
-        raise OutputError(path, f"cannot write: {err.strerror or err}")
-    if os.path.isdir(path):  # pragma: no cover - os.replace onto a folder already failed above
-        raise OutputError(path, "is a folder")
+    write_bytes_atomic(path, label_bytes(labels, like, compressed))
+

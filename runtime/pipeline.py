@@ -3,6 +3,7 @@ post-processing → restore to the input grid → write. See docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import sys
@@ -74,12 +75,8 @@ class Segmenter:
         t_init = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         n_folds = len(self.bundle.folds)
-        if folds is not None and not 1 <= folds <= n_folds:
-            raise BundleError(self.bundle.root, f"--folds {folds} asked for, the bundle has {n_folds} fold(s)")
-        self.overlap = self.bundle.overlap if overlap is None else float(overlap)
-        if not 0.0 <= self.overlap < 1.0:
-            raise BundleError(None, f"overlap must lie in [0, 1), got {self.overlap}")
-        self.blend = "gaussian" if self.overlap > 0 else self.bundle.blend
+        self._check_folds(folds, n_folds)
+        self._set_overlap(overlap)
         imports_before = sum(IMPORT_SECONDS.values())
         t_dev = time.perf_counter()
         self.dev = resolve_device(device)  # answered once; cached per process
@@ -89,10 +86,7 @@ class Segmenter:
         self.xp = self.dev.xp  # cupy on CUDA when CuPy works: the tile-major ensemble on the device
         self.gpu_mem_budget = DEFAULT_BUDGET_MB if gpu_mem_budget is None else float(gpu_mem_budget)
         self._precision, self._threads = precision, threads
-        try:  # "paper" (default) or "strict"; None: the bundle's postprocess.mode
-            self.postprocess_mode = check_mode(self.bundle.postprocess_mode if postprocess is None else postprocess)
-        except ValueError as exc:
-            raise BundleError(None, f"postprocess {exc}") from None
+        self._set_postprocess(postprocess)
         specs = self.bundle.folds[: folds or n_folds]
         models = list(specs) + ([self.bundle.locator] if self.bundle.locator is not None else [])
         self._arena_mb = self._arena_limit(models[0], precision) if self.device == "cuda" else None
@@ -146,6 +140,37 @@ class Segmenter:
         from .limits import check_grids, pipeline_grids
 
         check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, self.bundle))
+
+    def _check_folds(self, folds: int | None, available: int) -> None:
+        if folds is not None and not 1 <= folds <= available:
+            raise BundleError(self.bundle.root, f"--folds {folds} asked for, the bundle has {available} fold(s)")
+
+    def _set_overlap(self, overlap: float | None) -> None:
+        self.overlap = self.bundle.overlap if overlap is None else float(overlap)
+        if not 0.0 <= self.overlap < 1.0:
+            raise BundleError(None, f"overlap must lie in [0, 1), got {self.overlap}")
+        self.blend = "gaussian" if self.overlap > 0 else self.bundle.blend
+
+    def _set_postprocess(self, postprocess: str | None) -> None:
+        try:  # "paper" (default) or "strict"; None: the bundle's postprocess.mode
+            self.postprocess_mode = check_mode(self.bundle.postprocess_mode if postprocess is None else postprocess)
+        except ValueError as exc:
+            raise BundleError(None, f"postprocess {exc}") from None
+
+    def with_options(self, folds: int | None = None, overlap: float | None = None,
+                     postprocess: str | None = None) -> Segmenter:
+        """This Segmenter with per-call options (``flare-serve`` requests): the first ``folds`` of the loaded folds,
+        another tile ``overlap``, other ``postprocess`` rules. The loaded engines are shared, not reloaded; ``self``
+        is unchanged."""
+        other = copy.copy(self)
+        self._check_folds(folds, len(self.engines))
+        if folds is not None:
+            other.engines = self.engines[:folds]
+        if overlap is not None:
+            other._set_overlap(overlap)
+        if postprocess is not None:
+            other._set_postprocess(postprocess)
+        return other
 
     # -- stages -------------------------------------------------------------------------------------------------
     def _locate(self, data_ras: np.ndarray, spacing: tuple[float, float, float]) -> LocateResult:

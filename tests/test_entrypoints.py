@@ -74,7 +74,7 @@ def test_version_needs_nothing(name: str) -> None:
 def test_installed_scripts_use_the_wrappers() -> None:
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("flare-")}
     assert scripts == {n: f"flare.runtime.entrypoints:{n.replace('-', '_')}"
-                       for n in ("flare-run", "flare-export", "flare-demo", "flare-train", "flare-bench")}
+                       for n in ("flare-run", "flare-export", "flare-demo", "flare-train", "flare-bench", "flare-serve")}
 
 
 def test_wrapper_runs_the_command_when_installed() -> None:
