@@ -13,6 +13,8 @@ temporary files removed, no partial output).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -106,6 +108,19 @@ def _run_plan(plan: Plan, seg: Segmenter, quiet: bool) -> int:
     return EXIT_OK
 
 
+@contextmanager
+def _exit_on_signals() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP end the command with one line and exit 130 / 128 + signal."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo("flare-run: interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated as sig:
+        typer.echo(f"flare-run: {sig}", err=True)
+        raise typer.Exit(sig.exit_code) from None
+
+
 @app.command()
 def run(
     inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...",
@@ -159,47 +174,36 @@ def run(
 ) -> None:
     """Segment each INPUT and write its label map in the input's own space (shape, affine, header)."""
     _setup_logging(quiet)
-    try:
-        from .cases import make_plan
+    with _exit_on_signals():
+        try:
+            from .cases import make_plan
 
-        plan = make_plan(inputs, output=output, fmt=fmt, series=series, statistics=statistics, preview=preview,
-                         report=report)
-        _check_extras(plan)
-        from .bundle import default_bundle_dir
-        from .limits import preflight
-        from .pipeline import Segmenter
+            plan = make_plan(inputs, output=output, fmt=fmt, series=series, statistics=statistics, preview=preview,
+                             report=report)
+            _check_extras(plan)
+            from .bundle import default_bundle_dir
+            from .limits import preflight
+            from .pipeline import Segmenter
 
-        if server is not None:  # flare-serve: the cases are read and written here, segmented there
-            from .remote import RemoteSegmenter
+            if server is not None:  # flare-serve: the cases are read and written here, segmented there
+                from .remote import RemoteSegmenter
 
-            seg = RemoteSegmenter(server, folds=folds, overlap=overlap, progress=not quiet,
-                                  postprocess=None if postprocess is None else postprocess.value)
-        else:
-            if not plan.folder_mode and plan.jobs[0].case.kind == "nifti":  # refuse from the header before loading
-                preflight(plan.jobs[0].case.source, bundle or default_bundle_dir())
-            seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
-                            precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
-                            postprocess=None if postprocess is None else postprocess.value,
-                            cudnn_algo_search=cudnn_algo_search.upper())
-        plan.create_folders()
-    except FlareError as err:
-        raise _fail(str(err)) from None
-    except MemoryError:
-        raise _fail("out of memory while loading the bundle") from None
-    except KeyboardInterrupt:
-        typer.echo("flare-run: interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Terminated as sig:
-        typer.echo(f"flare-run: {sig}", err=True)
-        raise typer.Exit(sig.exit_code) from None
-    try:
+                seg = RemoteSegmenter(server, folds=folds, overlap=overlap, progress=not quiet,
+                                      postprocess=None if postprocess is None else postprocess.value)
+            else:
+                if not plan.folder_mode and plan.jobs[0].case.kind == "nifti":  # refuse from the header before loading
+                    preflight(plan.jobs[0].case.source, bundle or default_bundle_dir())
+                seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
+                                precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
+                                postprocess=None if postprocess is None else postprocess.value,
+                                cudnn_algo_search=cudnn_algo_search.upper())
+            plan.create_folders()
+        except FlareError as err:
+            raise _fail(str(err)) from None
+        except MemoryError:
+            raise _fail("out of memory while loading the bundle") from None
+    with _exit_on_signals():
         code = _run_plan(plan, seg, quiet or server is not None)  # type: ignore[arg-type]  # duck-typed remote
-    except KeyboardInterrupt:
-        typer.echo("flare-run: interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Terminated as sig:
-        typer.echo(f"flare-run: {sig}", err=True)
-        raise typer.Exit(sig.exit_code) from None
     raise typer.Exit(code)
 
 
