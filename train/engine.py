@@ -40,6 +40,11 @@ def torch_setup(threads: int | None = None) -> None:
     if threads:
         torch.set_num_threads(int(threads))
     torch.set_flush_denormal(True)
+    # MONAI 1.6 warns on every data-module import (also in each DataLoader worker) that its nvImageCodec pydicom
+    # plugin is unavailable when pydicom (the `dicom` extra) is installed without nvImageCodec; training reads NIfTI
+    import logging
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 LOSSES = ("DiceFocal", "DiceCE")
