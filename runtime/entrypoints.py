@@ -12,14 +12,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import import_module
 from importlib.util import find_spec
 
 __all__ = ["COMMANDS", "Command", "missing_modules", "need", "version"]
 
 DIST = "flare-seg"
-#: what provides each import name, for the message (onnxruntime comes from the ``cpu`` or the ``gpu`` extra)
-_HINT = {"onnxruntime": "cpu"}
 
 
 @dataclass(frozen=True)
@@ -109,25 +108,10 @@ def launch(name: str, argv: Sequence[str] | None = None) -> None:
     import_module(cmd.target).main()
 
 
-def flare_run() -> None:
-    launch("flare-run")
-
-
-def flare_export() -> None:
-    launch("flare-export")
-
-
-def flare_demo() -> None:
-    launch("flare-demo")
-
-
-def flare_train() -> None:
-    launch("flare-train")
-
-
-def flare_bench() -> None:
-    launch("flare-bench")
-
-
-def flare_serve() -> None:
-    launch("flare-serve")
+# the console scripts (pyproject.toml [project.scripts]): zero-argument callables, one per command
+flare_run = partial(launch, "flare-run")
+flare_export = partial(launch, "flare-export")
+flare_demo = partial(launch, "flare-demo")
+flare_train = partial(launch, "flare-train")
+flare_bench = partial(launch, "flare-bench")
+flare_serve = partial(launch, "flare-serve")
