@@ -16,6 +16,7 @@ partially labelled cases; :func:`load_datalist` moves them from ``training`` int
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -43,15 +44,22 @@ def case_name(entry: dict[str, Any] | str | Path) -> str:
 
 
 def label_ids(path: str | Path | None) -> set[int]:
-    """The FLARE ids present in a label file (empty for no file)."""
+    """The FLARE ids present in a label file (empty for no file). Read once per file version: the fold split, the
+    locator, every fold and pseudo-labelling all ask for the same labels (datalists without ``labels_present``)."""
     if not path:
         return set()
+    st = os.stat(path)
+    return set(_label_ids_of(str(path), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=65536)
+def _label_ids_of(path: str, mtime_ns: int, size: int) -> frozenset[int]:
     import nibabel as nib
 
-    img: Any = nib.load(str(path))
+    img: Any = nib.load(path)
     arr = np.asarray(img.dataobj)
     ids = np.flatnonzero(np.bincount(arr.astype(np.intp).ravel(), minlength=L.NUM_FLARE_IDS))
-    return {int(i) for i in ids if i != 0}
+    return frozenset(int(i) for i in ids if i != 0)
 
 
 def given_ids(entry: dict[str, Any]) -> set[int]:

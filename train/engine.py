@@ -161,16 +161,6 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> d
     return out
 
 
-def merged_class_names() -> list[str]:
-    """Names of the 13 merged classes ("kidneys", "adrenal glands" for the merged pairs)."""
-    merged_pairs = {right for right, _ in L.LEFT_RIGHT_PAIRS}
-    names = []
-    for fid in L.MERGED_TO_FLARE:
-        name = L.name_of(int(fid))
-        names.append(name.replace("right ", "") + "s" if int(fid) in merged_pairs else name)
-    return names
-
-
 def summarise_dice(per_case: list[dict[int, float]], classes: list[int]) -> dict[str, Any]:
     """Mean Dice per class over the cases that have it, and the mean over classes."""
     per_class = {}
@@ -294,7 +284,7 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     from flare.runtime.atomic import write_text_atomic
 
     from .checkpoints import load_checkpoint, save_checkpoint
-    from .data import eval_dataset, train_dataset, warm_cache
+    from .data import data_config, eval_dataset, train_dataset, warm_cache
     from .datalist import original_label
     from .distributed import setup
     from .networks import build_network
@@ -320,7 +310,7 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     if cap and len(val_entries) > int(cap):  # evenly spaced subset, the same every time
         val_entries = [val_entries[int(i)] for i in np.linspace(0, len(val_entries) - 1, int(cap)).round()]
     val_ds = eval_dataset(val_entries, eff, cache_dir)
-    prep = int(eff.get("data", {}).get("prep_workers", 2))
+    prep = int(data_config(eff)["prep_workers"])
     t = log.elapsed()
     n_new = warm_cache(train_ds, list(range(d.rank, len(train_ds), d.world)), prep)
     n_new += warm_cache(val_ds, list(range(d.rank, len(val_ds), d.world)), prep)

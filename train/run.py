@@ -36,10 +36,12 @@ from .runlog import RunLog
 def cache_root(cfg: dict[str, Any], out: Path) -> Path | None:
     """Where ``data.cache: disk`` keeps preprocessed cases: ``data.cache_dir`` (relative: to ``out``) or
     ``out/cache``."""
-    data = cfg.get("data") or {}
-    if data.get("cache", "disk") != "disk":
+    from .data import data_config
+
+    data = data_config(cfg)
+    if data["cache"] != "disk":
         return None
-    return out / (data.get("cache_dir") or "cache")
+    return out / (data["cache_dir"] or "cache")
 
 
 def full_cases(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
