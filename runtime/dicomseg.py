@@ -9,14 +9,14 @@ algorithm (flare and its version, family "Artificial Intelligence", AUTOMATIC), 
 
 from __future__ import annotations
 
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import write_with
 from .dicom import import_dicom
+from .entrypoints import version
 from .errors import OutputError
 from .io import LoadedImage
 from .labels import LABELS, NUM_FLARE_IDS
@@ -24,13 +24,6 @@ from .labels import LABELS, NUM_FLARE_IDS
 __all__ = ["segment_descriptions", "write_dicom_seg"]
 
 SERIES_DESCRIPTION = "flare abdominal CT segmentation"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("flare-seg")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-        return "unknown"
 
 
 def _coded(hd: Any, code: tuple[str, str]) -> Any:
@@ -43,7 +36,7 @@ def segment_descriptions(label_ids: list[int]) -> list[Any]:
     from pydicom.sr.codedict import codes
 
     algorithm = hd.AlgorithmIdentificationSequence(name="flare", family=codes.cid7162.ArtificialIntelligence,
-                                                   version=_version())
+                                                   version=version())
     out = []
     for number, label_id in enumerate(label_ids, start=1):
         label = LABELS[label_id]
@@ -90,13 +83,12 @@ def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage) 
             series_instance_uid=hd.UID(), series_number=int(getattr(image.source.datasets[0], "SeriesNumber", 0)
                                                             or 0) + 1000,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="flare",
-            manufacturer_model_name="flare FLARE23 abdominal CT", software_versions=_version(),
+            manufacturer_model_name="flare FLARE23 abdominal CT", software_versions=version(),
             device_serial_number="0", series_description=SERIES_DESCRIPTION, content_label="FLARE",
             content_description="FLARE23 abdominal organs and tumor", omit_empty_frames=True)
     except (ValueError, TypeError, AttributeError) as err:
         raise OutputError(output, f"cannot build the DICOM-SEG from the source series ({err})")
     try:
-        with atomic_path(output) as tmp:
-            seg.save_as(tmp, enforce_file_format=True)
+        write_with(output, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
     except OSError as err:
         raise OutputError(output, f"cannot write: {err.strerror or err}")

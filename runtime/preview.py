@@ -94,7 +94,6 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, ti
 
 def write_preview(path: str | Path, png: bytes) -> None:
     """Write PNG bytes from :func:`render_preview` atomically."""
-    from .atomic import atomic_path
+    from .atomic import write_bytes_atomic
 
-    with atomic_path(path, suffix=".png") as tmp:
-        tmp.write_bytes(png)
+    write_bytes_atomic(path, png)
