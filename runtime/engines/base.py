@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
+from ..bundle import ModelFile, ModelSpec
 from ..device import Array, ort
 from ..errors import FlareError
 
@@ -32,6 +33,13 @@ class Engine(Protocol):
     out_channels: int
 
     def run(self, tile: Any) -> Any: ...
+
+
+def model_file(spec: ModelSpec, precision: str) -> tuple[ModelFile, str]:
+    """The file a model runs from for ``precision`` and the precision it really has: the bundle key of that file
+    (fp16 falls back to fp32 when the bundle has no fp16 model). Not the file's I/O dtype: fp16 models keep float32
+    inputs and outputs (export/fp16.py), so the dtype would call every one of them fp32."""
+    return spec.file_for(precision), precision if precision in spec.files else "fp32"
 
 
 def check_finite(out: Array, xp: ModuleType, path: Path | None, name: str, precision: str, where: str) -> Array:

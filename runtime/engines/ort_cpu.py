@@ -9,7 +9,7 @@ import numpy as np
 from ..bundle import ModelSpec
 from ..bundle_contract import check_model_contract
 from ..device import ort
-from .base import EngineError, check_finite, session_options
+from .base import EngineError, check_finite, model_file, session_options
 
 __all__ = ["OrtEngine"]
 
@@ -20,9 +20,8 @@ class OrtEngine:
     backend = "onnxruntime"
 
     def __init__(self, spec: ModelSpec, precision: str = "fp32", threads: int | None = None) -> None:
-        mf = spec.file_for(precision)
+        mf, self.precision = model_file(spec, precision)
         self.spec, self.name, self.out_channels = spec, spec.name, spec.out_channels
-        self.precision = "fp16" if mf.input_dtype == "float16" else "fp32"
         self._path = mf.path
         self._input_name, self._output_name = mf.input_name, mf.output_name
         self._in_dtype = np.float16 if mf.input_dtype == "float16" else np.float32

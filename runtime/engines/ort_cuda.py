@@ -29,7 +29,7 @@ import numpy as np
 from ..bundle import ModelSpec
 from ..bundle_contract import check_model_contract
 from ..device import cupy, cupy_status, ort
-from .base import EngineError, check_finite, session_options
+from .base import EngineError, check_finite, model_file, session_options
 
 log = logging.getLogger("flare.runtime")
 
@@ -149,13 +149,12 @@ class CudaOrtEngine:
     def __init__(self, spec: ModelSpec, precision: str = "fp16", provider_options: dict[str, Any] | None = None, *,
                  device_id: int = 0, mem_limit_mb: float | None = None, fixed_shape: tuple[int, int, int] | None = None,
                  algo_search: str = "HEURISTIC", threads: int | None = None, share_arena: bool = True) -> None:
-        mf = spec.file_for(precision)
+        mf, self.precision = model_file(spec, precision)
         check_provider(self.provider, mf.path)
         so = session_options(threads)
         if share_arena and shared_cuda_arena(device_id, mem_limit_mb):
             so.add_session_config_entry("session.use_env_allocators", "1")
         self.spec, self.name, self.out_channels = spec, spec.name, spec.out_channels
-        self.precision = "fp16" if mf.input_dtype == "float16" else "fp32"
         self.device_id, self.fixed_shape, self._path = device_id, fixed_shape, mf.path
         self._input_name, self._output_name = mf.input_name, mf.output_name
         self._in_dtype = np.dtype(np.float16 if mf.input_dtype == "float16" else np.float32)
@@ -225,7 +224,8 @@ class CudaOrtEngine:
         io.bind_output(self._output_name, "cuda", self.device_id, self._out_dtype, list(out.shape), out.data.ptr)
         cp.cuda.get_current_stream().synchronize()  # ONNX Runtime computes on its own stream
         self.session.run_with_iobinding(io)  # returns once its stream has finished
-        out = out.astype(cp.float32)  # a copy even when float32: the CUDA-graph buffer is reused
+        # a copy only where needed: fp16 logits, or the CUDA-graph output buffer (reused by the next tile)
+        out = out.astype(cp.float32, copy=self.fixed_shape is not None)
         return check_finite(out, cp, self._path, self.name, self.precision, self.provider)
 
 
