@@ -143,14 +143,6 @@ class _Weights:
         return to_device(self.weight / (cx[:, None, None] * cy[None, :, None] * cz[None, None, :]), self.xp)
 
 
-def _pad(volume: Array, plan: TilePlan, xp: ModuleType) -> Array:
-    """Zero-pad ``volume`` to the plan, where it lives (a host volume stays on the host: tiles are uploaded)."""
-    if plan.padded_shape == plan.shape:
-        return volume
-    pads = [(b, p - s - b) for b, p, s in zip(plan.pad_before, plan.padded_shape, plan.shape)]
-    return (np if isinstance(volume, np.ndarray) else xp).pad(volume, pads)
-
-
 def tile_runner(engine: Any, xp: ModuleType) -> TileRunner:
     """How to run one tile of ``xp`` arrays on ``engine``: ``engine.run`` for numpy; ``engine.run_cupy`` (IO
     binding, no host copy) for CuPy when the engine has it, else a host round trip through ``engine.run``."""
@@ -180,7 +172,6 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
     plan = plan_tiles(volume.shape, effective_roi(volume.shape, tuple(int(r) for r in roi), divisor), overlap)
     weights = _Weights(plan, blend, xp)
     ends = _final_ends(plan)
-    padded = _pad(volume, plan, xp)
     labels = host_empty(plan.shape, np.uint8, xp, zero=True)
     fresh = _fresh_tiles(plan) if base is None else set()  # a caller's base always holds earlier contributions
     if keep_all and base is None:
@@ -193,7 +184,10 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
             continue
         tile_sl, vol_sl = parts
         region = (slice(None),) + vol_sl
-        tile = xp.ascontiguousarray(to_device(padded[plan.slices(start)], xp)[None, None], dtype=xp.float32)
+        # the tile is built from the part inside the volume; the rest stays zero (the plan's padding), so no padded
+        # copy of the volume is ever made, on the host or the device
+        tile = xp.zeros((1, 1) + tuple(plan.roi), dtype=xp.float32)
+        tile[(0, 0) + tile_sl] = to_device(volume[vol_sl], xp)
         factor = weights.factor(start)
         in_place = base is not None and xp is np  # numpy: acc is a view of base, sums land there directly
         acc = None

@@ -44,14 +44,6 @@ class TilePlan:
     def slices(self, start: tuple[int, int, int]) -> tuple[slice, slice, slice]:
         return tuple(slice(s, s + r) for s, r in zip(start, self.roi))  # type: ignore[return-value]
 
-    def pad(self, volume: np.ndarray) -> np.ndarray:
-        """Zero-pad ``volume`` (spatial axes last three) to ``padded_shape``; returns it unchanged when no pad."""
-        if self.padded_shape == self.shape:
-            return volume
-        lead = [(0, 0)] * (volume.ndim - 3)
-        pads = [(b, p - s - b) for b, p, s in zip(self.pad_before, self.padded_shape, self.shape)]
-        return np.pad(volume, lead + pads)
-
     def unpad_slices(self) -> tuple[slice, slice, slice]:
         return tuple(slice(b, b + s) for b, s in zip(self.pad_before, self.shape))  # type: ignore[return-value]
 
