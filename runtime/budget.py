@@ -209,12 +209,14 @@ def choose_roi(budget_mb: float, crop_shape: Sequence[int], backend: str, precis
 
 
 def candidate_rois(budget_mb: float, crop_shape: Sequence[int], backend: str, precision: str, *,
-                   shrink: Sequence[float] = (1.0, 0.7, 0.5, 0.35), **kwargs: object) -> list[Roi]:
-    """Rois to try in order: the best under the budget (within the arena cap :func:`arena_limit_mb` gives the
-    engines for it), then under shrinking fractions of it (distinct, strictly fewer voxels each time) — the retry
-    list for :func:`run_with_fallback`."""
+                   shrink: Sequence[float] = (1.0, 0.7, 0.5, 0.35), arena_mb: float | None = None,
+                   **kwargs: object) -> list[Roi]:
+    """Rois to try in order: the best under the budget (within the engines' arena cap ``arena_mb``: what the
+    sessions were created with; by default :func:`arena_limit_mb` for this budget), then under shrinking fractions
+    of it (distinct, strictly fewer voxels each time) — the retry list for :func:`run_with_fallback`."""
     out: list[Roi] = []
-    arena = arena_limit_mb(budget_mb, backend, precision, channels=int(kwargs.get("channels", 13)))  # type: ignore[call-overload]
+    arena = arena_mb if arena_mb is not None else arena_limit_mb(
+        budget_mb, backend, precision, channels=int(kwargs.get("channels", 13)))  # type: ignore[call-overload]
     for f in shrink:
         roi = choose_roi(budget_mb * f, crop_shape, backend, precision, arena_mb=arena, **kwargs)  # type: ignore[arg-type]
         if not out or math.prod(roi) < math.prod(out[-1]):

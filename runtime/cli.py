@@ -28,6 +28,7 @@ from .postprocessing import Mode
 
 if TYPE_CHECKING:
     from .pipeline import Segmenter
+    from .remote import RemoteSegmenter
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Segment abdominal CTs (13 FLARE23 organs + tumor) with an exported flare bundle.")
@@ -185,6 +186,7 @@ def run(
             from .limits import preflight
             from .pipeline import Segmenter
 
+            seg: Segmenter | RemoteSegmenter
             if server is not None:  # flare-serve: the cases are read and written here, segmented there
                 from .remote import RemoteSegmenter
 

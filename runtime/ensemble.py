@@ -299,7 +299,8 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
                       budget_mb: float | None = None, overlap: float = 0.0, blend: str = "constant",
                       spacing_z: float = 1.0, progress: Progress | None = None,
                       on_tile: Callable[[], None] | None = None,
-                      on_cpu: Callable[[], EnsembleResult] | None = None) -> tuple[EnsembleResult, dict[str, Any]]:
+                      on_cpu: Callable[[], EnsembleResult] | None = None, arena_mb: float | None = None
+                      ) -> tuple[EnsembleResult, dict[str, Any]]:
     """:func:`infer_ensemble` under a device memory budget: tiles from :func:`flare.runtime.budget.candidate_rois`
     for the engines' ``(backend, precision)`` (the bundle's roi when there is no memory model for them — the CPU),
     retried with smaller tiles on out-of-memory errors, then ``on_cpu()``. Returns the result and a report part:
@@ -310,7 +311,8 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
     key = (engines[0].backend, engines[0].precision)
     rois: list[tuple[int, ...]] = [tuple(int(r) for r in bundle_roi)]
     if budget_mb is not None and key in MEMORY_MODELS:
-        rois = list(candidate_rois(budget_mb, volume.shape, *key, overlap=overlap, channels=engines[0].out_channels))
+        rois = list(candidate_rois(budget_mb, volume.shape, *key, overlap=overlap, channels=engines[0].out_channels,
+                                   arena_mb=arena_mb))
     peak = DeviceMemoryPeak() if key in MEMORY_MODELS else None
     fallback: list[str] = []
     tried: list[list[int]] = []

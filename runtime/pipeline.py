@@ -131,7 +131,7 @@ class Segmenter:
         if self.device != "cuda" or key not in MEMORY_MODELS:
             return None
         return lambda shape: candidate_rois(self.gpu_mem_budget, shape, *key, channels=engine.out_channels,
-                                            max_roi=cap)
+                                            max_roi=cap, arena_mb=self._arena_mb)
 
     def check_grids(self, path: Path | None, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int,
                     scaled: bool) -> None:
@@ -214,7 +214,8 @@ class Segmenter:
         result, part = infer_with_budget(vol, self.engines, self.bundle.roi, self.xp,
                                          budget_mb=self.gpu_mem_budget if on_gpu else None,
                                          progress=hooks.tiles_done, on_tile=first_tile,
-                                         on_cpu=on_cpu if on_gpu else None, **kwargs)  # type: ignore[arg-type]
+                                         on_cpu=on_cpu if on_gpu else None, arena_mb=self._arena_mb,
+                                         **kwargs)  # type: ignore[arg-type]
         return result, part if on_gpu else None
 
     def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ class _LinearAxis:
                          np.float32(0))
         i0 = np.minimum(src.astype(np.intp), n_in - 1)
         i1 = np.minimum(i0 + 1, n_in - 1)
-        w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+        w1: np.ndarray = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
         w1[i1 == i0] = 0.0  # at the far edge both taps are the same voxel
         w0 = (np.float32(1) - w1).astype(np.float32)
         return cls(n_in, n_out, i0, i1, w0, w1)
