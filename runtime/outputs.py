@@ -56,8 +56,20 @@ def check_outputs(inputs: Iterable[str | Path], outputs: Mapping[str, str | Path
     """
     from .atomic import ensure_writable_folder
 
-    ins = [(Path(p), *_identity(Path(p))) for p in inputs]
-    seen: list[tuple[str, Path, Path, tuple[int, int] | None]] = []
+    # inputs indexed once (a folder of DICOM series passes every file): each output is then a few look-ups
+    by_path: dict[Path, Path] = {}
+    by_id: dict[tuple[int, int], Path] = {}
+    folders: list[tuple[Path, Path]] = []
+    for p in inputs:
+        src = Path(p)
+        src_res, src_id = _identity(src)
+        by_path.setdefault(src_res, src)
+        if src_id is not None:
+            by_id.setdefault(src_id, src)
+            if src.is_dir():
+                folders.append((src, src_res))
+    seen_path: dict[Path, tuple[str, Path]] = {}
+    seen_id: dict[tuple[int, int], tuple[str, Path]] = {}
     for role, raw in outputs.items():
         if raw is None:
             continue
@@ -68,14 +80,19 @@ def check_outputs(inputs: Iterable[str | Path], outputs: Mapping[str, str | Path
         if ident is not None and not stat.S_ISREG(os.stat(out).st_mode):
             # the atomic rename would replace the device node / FIFO / socket itself (e.g. /dev/null as root)
             raise OutputError(out, f"{role} output exists and is not a regular file (a device, FIFO or socket)")
-        for src, src_res, src_id in ins:
-            if resolved == src_res or (ident is not None and ident == src_id):
-                raise OutputError(out, f"{role} output is the input {src}; it would be overwritten")
-            if ident is not None and src.is_dir() and _inside(resolved, src_res):
-                raise OutputError(out, f"{role} output would overwrite a file of the input folder {src}")
-        for other_role, other, other_res, other_id in seen:
-            if resolved == other_res or (ident is not None and ident == other_id):
-                raise OutputError(out, f"{role} output is the same file as the {other_role} output {other}")
-        seen.append((role, out, resolved, ident))
+        src_hit = by_path.get(resolved) or (by_id.get(ident) if ident is not None else None)
+        if src_hit is not None:
+            raise OutputError(out, f"{role} output is the input {src_hit}; it would be overwritten")
+        if ident is not None:
+            for src, src_res in folders:
+                if _inside(resolved, src_res):
+                    raise OutputError(out, f"{role} output would overwrite a file of the input folder {src}")
+        other_hit = seen_path.get(resolved) or (seen_id.get(ident) if ident is not None else None)
+        if other_hit is not None:
+            other_role, other = other_hit
+            raise OutputError(out, f"{role} output is the same file as the {other_role} output {other}")
+        seen_path.setdefault(resolved, (role, out))
+        if ident is not None:
+            seen_id.setdefault(ident, (role, out))
         if writable:
             ensure_writable_folder(out)
