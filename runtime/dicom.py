@@ -37,17 +37,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import FlareError, InputError
+from .device import lazy_import
+from .errors import InputError
 from .io import LoadedImage, from_array
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-__all__ = ["DicomSource", "SeriesInfo", "find_series", "import_dicom", "is_dicom_file", "read_dicom"]
+__all__ = ["DicomSource", "SeriesInfo", "find_series", "is_dicom_file", "read_dicom"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -57,7 +58,6 @@ _SPACING_TOL = 1e-4  # relative: PixelSpacing equal across slices
 _TILT_TOL_PIXELS = 0.25  # sideways drift of the slice stack allowed, in pixels (gantry tilt above it is refused)
 _GAP_RTOL = 1e-2  # relative slice spacing regularity (highdicom's default)
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
-_INSTALL = "pip install 'flare-seg[dicom]'"
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,9 @@ class DicomSource:
     datasets: tuple[Dataset, ...]  # the same slices' headers, without pixel data
 
 
-def import_dicom(error: type[FlareError] = InputError) -> tuple[Any, Any]:
-    """``(pydicom, highdicom)``, imported on first use; a one-line ``error`` naming the extra when missing."""
-    try:
-        import highdicom
-        import pydicom
-    except ImportError as err:
-        raise error(None, f"DICOM support needs pydicom and highdicom ({err.name} is not installed): {_INSTALL}")
-    return pydicom, highdicom
+#: imported on first use (the ``dicom`` extra); a missing one is a one-line DependencyError naming the extra
+pydicom_mod = lazy_import("pydicom", "dicom")
+highdicom_mod = lazy_import("highdicom", "dicom")
 
 
 # ------------------------------------------------------------------------------------------------ finding files
@@ -104,12 +99,10 @@ def is_dicom_file(path: Path) -> bool:
         return True
     if len(head) < 8 or head[:2] not in (b"\x08\x00", b"\x02\x00"):  # no preamble: must start with group 8 or 2
         return False
-    try:
-        import pydicom
-    except ImportError:  # looks like a dataset; reading it will name the extra to install
+    if not pydicom_mod.available():  # looks like a dataset; reading it will name the extra to install
         return True
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
+        ds = pydicom_mod.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
     except Exception:  # noqa: BLE001 - anything pydicom cannot parse is not a DICOM file
         return False
     return "SOPClassUID" in ds
@@ -127,7 +120,7 @@ def _dicom_files(folder: Path) -> list[Path]:
 
 def _read_header(path: Path) -> Dataset:
     """A file's dataset without pixel data; a corrupt file is one InputError."""
-    pydicom, _ = import_dicom()
+    pydicom = pydicom_mod.load()
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for a damaged file
@@ -346,7 +339,7 @@ def _diagnose_gaps(path: Path, members: list[tuple[Path, Dataset]], iop: np.ndar
 # ------------------------------------------------------------------------------------------------ reading
 def _volume_order(path: Path, members: list[tuple[Path, Dataset]], iop: np.ndarray) -> tuple[list[int], float]:
     """Indices of ``members`` in volume order (increasing position along the normal) and the slice spacing."""
-    _, hd = import_dicom()
+    hd = highdicom_mod.load()
     _check_stack(path, members, iop)
     spacing, positions = hd.spatial.get_series_volume_positions(
         [ds for _, ds in members], rtol=_GAP_RTOL, orientation_tol=_ORIENTATION_TOL)
@@ -361,7 +354,7 @@ def _volume_order(path: Path, members: list[tuple[Path, Dataset]], iop: np.ndarr
 def _affine_ras(members: list[tuple[Path, Dataset]], rows: int, columns: int, iop: np.ndarray,
                 spacing: float) -> np.ndarray:
     """Voxel (column, row, slice) -> RAS world affine, from highdicom's geometry of the ordered slices."""
-    _, hd = import_dicom()
+    hd = highdicom_mod.load()
     first = members[0][1]
     geometry = hd.VolumeGeometry.from_attributes(
         image_position=[float(v) for v in first.ImagePositionPatient], image_orientation=[float(v) for v in iop],
@@ -396,7 +389,7 @@ def _set_transfer_syntax(ds: Dataset) -> None:
 
 def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int) -> np.ndarray:
     """The ordered slices' modality values in one freshly allocated (slice, row, column) array."""
-    pydicom, _ = import_dicom()
+    pydicom = pydicom_mod.load()
     from pydicom.pixels import apply_modality_lut
 
     scaled = any(_rescaled(ds) for _, ds in members)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import write_with
-from .dicom import import_dicom
+from .dicom import highdicom_mod
 from .entrypoints import version
 from .errors import OutputError
 from .io import LoadedImage
@@ -32,7 +32,7 @@ def _coded(hd: Any, code: tuple[str, str]) -> Any:
 
 def segment_descriptions(label_ids: list[int]) -> list[Any]:
     """highdicom SegmentDescriptions for FLARE ids ``label_ids`` (segment numbers 1.. in that order)."""
-    _, hd = import_dicom(OutputError)
+    hd = highdicom_mod.load()
     from pydicom.sr.codedict import codes
 
     algorithm = hd.AlgorithmIdentificationSequence(name="flare", family=codes.cid7162.ArtificialIntelligence,
@@ -67,7 +67,7 @@ def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage) 
         raise ValueError(f"labels shape {labels.shape} does not match the image shape {image.data.shape}")
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= NUM_FLARE_IDS):
         raise ValueError(f"label values {int(labels.min())}..{int(labels.max())} are not FLARE ids")
-    _, hd = import_dicom(OutputError)
+    hd = highdicom_mod.load()
     present = [int(v) for v in np.unique(labels) if v]
     lut = np.zeros(NUM_FLARE_IDS, dtype=np.uint8)
     lut[present] = np.arange(1, len(present) + 1, dtype=np.uint8)

@@ -19,19 +19,18 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .device import lazy_import
 from .errors import FlareError, InputError
 
 if TYPE_CHECKING:
     from .io import LoadedImage
 
-__all__ = ["ERROR_MARKER", "MODEL", "RemoteError", "RemoteSegmenter", "require"]
+__all__ = ["ERROR_MARKER", "MODEL", "RemoteError", "RemoteSegmenter"]
 
 MODEL = "flare"
 INPUT = "image"
@@ -43,14 +42,6 @@ DEFAULT_TIMEOUT_S = 3600.0
 
 class RemoteError(FlareError):
     """The server rejected the request, failed, or cannot be reached."""
-
-
-def require(module: str, what: str) -> ModuleType:
-    """Import an optional dependency of the ``serve`` extra, or fail with one line saying how to install it."""
-    try:
-        return import_module(module)
-    except ImportError as err:
-        raise FlareError(None, f"{what} needs the serve extra: pip install 'flare-seg[serve]' ({err})") from None
 
 
 def _split_url(url: str) -> tuple[str, bool]:
@@ -101,8 +92,8 @@ class RemoteSegmenter:
 
     def request(self, blob: bytes, name: str, compressed: bool = True) -> tuple[bytes, dict[str, Any]]:
         """Send one NIfTI file's bytes; returns the label map's NIfTI bytes and the report."""
-        http = require("tritonclient.http", "flare-run --server")
-        utils = require("tritonclient.utils", "flare-run --server")
+        http = lazy_import("tritonclient.http", "serve").load()
+        utils = lazy_import("tritonclient.utils", "serve").load()
         inp = http.InferInput(INPUT, [1], "BYTES")
         inp.set_data_from_numpy(np.array([blob], dtype=object), binary_data=True)
         outputs = [http.InferRequestedOutput(OUTPUT_LABELS, binary_data=True),

@@ -30,8 +30,9 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from .device import lazy_import
 from .errors import FlareError, InputError
-from .remote import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, require
+from .remote import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
 
 __all__ = ["FlareModel", "python_backend_env", "serve", "stub_libpython"]
 
@@ -206,8 +207,8 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     from .bundle import load_bundle
     from .pipeline import Segmenter
 
-    triton_mod = require("pytriton.triton", "flare-serve")
-    config_mod = require("pytriton.model_config", "flare-serve")
+    triton_mod = lazy_import("pytriton.triton", "serve").load()
+    config_mod = lazy_import("pytriton.model_config", "serve").load()
     check_ports_free(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
     prepare_server_environment()
     _quiet_pytriton(verbose)
