@@ -8,6 +8,7 @@ import unicodedata
 from functools import cache
 from importlib import import_module
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,9 +59,7 @@ def github_slug(heading: str) -> str:
     text = text.strip().lower()
     kept = []
     for ch in text:
-        if ch in "-_ " or ch.isalnum():
-            kept.append(ch)
-        elif unicodedata.category(ch).startswith(("L", "N", "M")):
+        if ch in "-_ " or ch.isalnum() or unicodedata.category(ch).startswith("M"):  # letters, digits, marks
             kept.append(ch)
     return "".join(kept).replace(" ", "-")
 
@@ -166,7 +165,7 @@ def help_options(help_text: str) -> set[str]:
     return found
 
 
-def _commands() -> list[tuple[str, tuple[str, ...]]]:
+def _commands() -> list[Any]:
     """``(console script, subcommand path)`` for every command and subcommand (``flare-train fit``, ...)."""
     import typer
     from flare.runtime.app.entrypoints import COMMANDS, missing_modules
@@ -185,9 +184,8 @@ def _commands() -> list[tuple[str, tuple[str, ...]]]:
 
 
 def help_text(name: str, sub: tuple[str, ...]) -> str:
-    from typer.testing import CliRunner
-
     from flare.runtime.app.entrypoints import COMMANDS
+    from typer.testing import CliRunner
 
     app = import_module(COMMANDS[name].target).app
     width = 200
