@@ -100,7 +100,7 @@ def _smoke_model(folder: Path) -> tuple[Path, Path]:
              helper.make_node("BatchNormalization", ["c1", "scale", "bias", "mean", "var"], ["bn"]),
              helper.make_node("Relu", ["bn"], ["r"]),
              helper.make_node("Conv", ["r", "w2"], ["logits"])]
-    dims = [1, 1, "x", "y", "z"]
+    dims: list[str | int | None] = [1, 1, "x", "y", "z"]
     graph = helper.make_graph(nodes, "smoke", [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims)],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 13, "x", "y", "z"])],
                               inits)
@@ -187,7 +187,6 @@ def sweep(path: Path, precision: str, side: int, device: str, nhwc: str | None, 
     extra = {} if nhwc is None else {"prefer_nhwc": nhwc}
     if device == "cuda":
         import cupy
-
         from flare.runtime.inference.engines.ort_cuda import CudaOrtEngine
 
         eng: Any = CudaOrtEngine(spec, precision, extra, algo_search=algo)

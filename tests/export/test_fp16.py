@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import data_path
 from flare.benchmarks.metrics import dice_per_class
 from flare.export.fp16 import convert_to_fp16
 from flare.runtime.bundle.manifest import sha256_file, write_bundle_json
-
-from conftest import data_path
 
 CTS = ("ts_abdomen_ct_3mm.nii.gz", "ts_body_ct_3mm_int32.nii.gz", "ts_torso_ct_1p5mm_lps.nii.gz")
 MIN_VOXELS = 50  # classes smaller than this (at the bundle's 6 mm) are a handful of boundary voxels
@@ -45,12 +44,15 @@ def test_batchnorm_is_fp16_and_only_the_graph_edges_are_cast(parity_bundle: Path
     assert len(casts) == 2, [c.name for c in casts]  # float32 image in, float32 logits out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fp16_bundle(parity_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The parity bundle with fp16 files beside the fp32 ones."""
+    """The parity bundle with fp16 files beside the fp32 ones (built once per session)."""
     import json
 
-    root = tmp_path_factory.mktemp("fp16") / "bundle"
+    root = tmp_path_factory.getbasetemp() / "fp16" / "bundle"
+    if (root / "bundle.json").is_file() and "fp16" in (root / "bundle.json").read_text():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(parity_bundle, root)
     doc = json.loads((root / "bundle.json").read_text())
     for entry in [doc["locator"]] + doc["folds"]:
