@@ -63,6 +63,7 @@ def fp16_bundle(parity_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     return root
 
 
+@pytest.mark.slow  # two Segmenters per CT (2 tiny folds, 6 mm): ~20-50 s each on the shared 2-core box
 @pytest.mark.parametrize("ct", CTS)
 def test_fp16_matches_fp32_on_real_cts(fp16_bundle: Path, ct: str) -> None:
     from flare.runtime.pipeline.segmenter import Segmenter
