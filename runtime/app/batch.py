@@ -52,7 +52,10 @@ Preflight = Callable[..., None]
 
 
 def _read(job: CaseJob, preflight: Preflight) -> tuple[LoadedImage, float]:
+    from flare.runtime.foundation.lifecycle import pause_point
+
     t0 = time.perf_counter()
+    pause_point(f"read:{job.case.name}")  # test hook (FLARE_TEST_PAUSE_AT); a no-op otherwise
     return job.case.read(preflight), time.perf_counter() - t0
 
 

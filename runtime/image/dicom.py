@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flare.runtime.foundation.errors import InputError
@@ -68,6 +68,8 @@ _TILT_TOL_PIXELS = 0.25  # sideways drift of the slice stack allowed, in pixels 
 _GAP_RTOL = 1e-2  # relative slice spacing regularity (highdicom's default)
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
 _MODALITY_LUT_TAG = 0x00283000
+MAX_INFLATED_BYTES = 64 * 2**20
+"""A deflated DICOM file may inflate to at most this (a 4096×4096 slice of 32-bit pixels)."""
 _DEFER_BYTES = 64 * 2**10
 """Header elements larger than this are not read (pydicom's ``defer_size``): a 100 MB private element costs nothing."""
 
@@ -152,6 +154,7 @@ def _read_header(path: Path) -> Dataset:
     pydicom = pydicom_mod.load()
     try:
         with _quiet():
+            _check_deflated(path)
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, defer_size=_DEFER_BYTES)
             slim = _slim(path, ds)
     except InputError:
@@ -161,6 +164,52 @@ def _read_header(path: Path) -> Dataset:
     if not _sop_class(slim):  # pydicom reads a damaged file into an empty or truncated dataset without complaint
         raise InputError(path, "corrupt DICOM file (no SOP Class UID)")
     return slim
+
+
+def _check_deflated(path: Path) -> None:
+    """A Deflated Explicit VR Little Endian file (the whole dataset, pixels included, is one deflate stream) that
+    inflates to more than :data:`MAX_INFLATED_BYTES` is refused: pydicom inflates the whole file in memory even to
+    read its header. The check inflates in 1 MiB pieces and keeps none of them."""
+    import zlib
+
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    with open(path, "rb") as f:
+        if f.read(_PREAMBLE + 4)[_PREAMBLE:] != b"DICM":
+            return
+    with _quiet():
+        meta = read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with open(path, "rb") as f:
+        f.seek(_PREAMBLE + 4)
+        _skip_meta(f)
+        while chunk := inflate.unconsumed_tail or f.read(2**20):
+            total += len(inflate.decompress(chunk, 2**20))
+            if total > MAX_INFLATED_BYTES:
+                raise InputError(path, f"the deflated dataset inflates to more than {MAX_INFLATED_BYTES} bytes "
+                                       f"from {os.stat(path).st_size} (a decompression bomb?)")
+            if inflate.eof:
+                break
+
+
+def _skip_meta(f: Any) -> None:
+    """Move ``f`` (after 'DICM') past the file meta group (group 0002, explicit VR little endian)."""
+    while True:
+        pos = f.tell()
+        head = f.read(8)
+        if len(head) < 8 or int.from_bytes(head[:2], "little") != 2:
+            f.seek(pos)
+            return
+        vr = head[4:6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length = int.from_bytes(f.read(4), "little")
+        else:
+            length = int.from_bytes(head[6:8], "little")
+        f.seek(length, 1)
 
 
 def _slim(path: Path, ds: Dataset) -> Dataset:
@@ -477,6 +526,7 @@ def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int,
     for k, (file, _) in enumerate(members):
         try:
             with _quiet():
+                _check_deflated(file)
                 ds = pydicom.dcmread(file, force=True, defer_size=_DEFER_BYTES)
                 _set_transfer_syntax(ds)
                 pixels = ds.pixel_array

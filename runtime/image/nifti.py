@@ -543,7 +543,7 @@ def written_by_flare(path: str | Path) -> str | None:
     :data:`FLARE_MARK`), else None; never raises (an unreadable file is judged when it is read)."""
     path = Path(path)
     try:
-        file_size, compressed = _check_path(path)
+        _, compressed = _check_path(path)
         with _open_stream(path, path, compressed) as stream:
             hdr = _read_header(path, stream)
     except (InputError, OSError, EOFError):

@@ -174,7 +174,7 @@ class FlareModel:
         except MemoryError:
             log.warning("request failed: %s: out of memory", name)
             error = RequestError(f"{name}: out of memory on the server")
-        except Exception as err:  # noqa: BLE001 - the client gets one line; the server's log gets the details
+        except Exception as err:
             log.exception("request failed: %s", name)
             error = RequestError(f"{name}: internal server error ({type(err).__name__})")
         else:
