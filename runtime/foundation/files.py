@@ -2,7 +2,7 @@
 
 :func:`walk` is the one folder search of the runtime (folders of cases, DICOM series): every entry is ``lstat``-ed
 before anything else, so a FIFO, device or socket is never opened (opening a FIFO without a writer blocks forever);
-symbolic links are followed only to regular files and folders; hidden entries (``.name``) are skipped; a folder or
+symbolic links are followed to files, not to folders (as ``os.walk``: no loops); hidden entries (``.name``) are skipped; a folder or
 file that cannot be read is not dropped but returned as a :class:`Problem` (the callers turn it into a failed case).
 """
 
@@ -30,9 +30,9 @@ class Problem:
 
 @dataclass
 class Walk:
-    """What :func:`walk` found: regular, readable files (sorted by path), unreadable entries, special files."""
+    """What :func:`walk` found: regular, readable files, unreadable entries, special files."""
 
-    files: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # a folder's files (by name) before its subfolders
     unreadable: list[Problem] = field(default_factory=list)  # cannot be listed or opened: a failed case
     special: list[Problem] = field(default_factory=list)  # FIFO, device, socket: never opened, skipped with a note
 
@@ -60,7 +60,8 @@ def _readable(path: Path) -> str | None:
 
 
 def walk(folder: Path, skip_folder: Callable[[Path], bool] = lambda p: False) -> Walk:
-    """Regular files under ``folder`` (recursive, sorted, hidden entries and ``skip_folder`` folders left out)."""
+    """Regular files under ``folder`` in ``os.walk`` order (a folder's files by name, then its subfolders by name,
+    recursively; hidden entries and ``skip_folder`` folders left out)."""
     found = Walk()
     pending = [Path(folder)]
     while pending:
@@ -82,7 +83,7 @@ def walk(folder: Path, skip_folder: Callable[[Path], bool] = lambda p: False) ->
                 found.unreadable.append(Problem(path, f"cannot read: {err.strerror or err}"))
                 continue
             if stat.S_ISDIR(mode):
-                if not skip_folder(path):
+                if not entry.is_symlink() and not skip_folder(path):  # as os.walk: links to folders not followed
                     subfolders.append(path)
                 continue
             what = kind_of(mode)
@@ -95,5 +96,4 @@ def walk(folder: Path, skip_folder: Callable[[Path], bool] = lambda p: False) ->
             else:
                 found.files.append(path)
         pending.extend(reversed(subfolders))
-    found.files.sort()
     return found
