@@ -324,7 +324,10 @@ def _check_folder_target(path: Path, what: str) -> bool:
 
 def _input_files(case: Case) -> list[Path]:
     if case.source.is_dir():
-        return [p for p in case.source.iterdir() if p.is_file()]
+        try:
+            return [p for p in case.source.iterdir() if p.is_file()]
+        except OSError:  # an unreadable folder (a failed case): nothing in it can be named as an output
+            return [case.source]
     return [case.source]
 
 
