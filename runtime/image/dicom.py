@@ -216,6 +216,7 @@ def _slim(path: Path, ds: Dataset) -> Dataset:
     """A copy of ``ds`` without private elements, sequences and elements over the size limit (their values were
     never read), so that a series' headers kept for a DICOM-SEG stay small whatever the files carry."""
     from pydicom.dataset import Dataset as DicomDataset
+    from pydicom.dataset import FileMetaDataset
 
     out = DicomDataset()
     for tag in list(ds.keys()):
@@ -228,9 +229,10 @@ def _slim(path: Path, ds: Dataset) -> Dataset:
         if getattr(raw, "value", b"") is None or length > _DEFER_BYTES:
             continue  # deferred: larger than the limit
         out[tag] = ds[tag]
-    out.file_meta = getattr(ds, "file_meta", DicomDataset())
+    out.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     out.preamble = getattr(ds, "preamble", None)
-    out.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    implicit, little = ds.original_encoding
+    out.set_original_encoding(implicit, little, ds.original_character_set)
     return out
 
 
