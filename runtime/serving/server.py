@@ -233,6 +233,49 @@ def return_memory() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the server
+_PROXY_RAISE = """                if triton_responses_or_error is not None and isinstance(triton_responses_or_error, Exception):
+                    raise triton_responses_or_error
+"""
+_PROXY_RESPOND = """                if triton_responses_or_error is not None and isinstance(triton_responses_or_error, Exception):
+                    return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(triton_responses_or_error).strip()))
+                            for _ in triton_requests]  # flare: the error alone, not the stub's traceback
+"""
+
+
+def one_line_errors(model_class: Any) -> bool:
+    """Make the proxy model PyTriton runs inside Triton answer a failed request with the error text alone.
+
+    PyTriton 0.7's proxy model (``pytriton/proxy/model.py``, copied into Triton's model repository) *raises* a failed
+    request's error inside ``execute``, which Triton reports as ``Model execute error: Traceback ...`` with the
+    proxy's stack. Returning ``InferenceResponse(error=TritonError(message))`` instead is the Python backend's way to
+    fail a request, and the client gets exactly the message (one ``flare-error: ...`` line). The proxy's text is
+    patched when PyTriton hands it to Triton; with another PyTriton (the lines differ) nothing is patched and False is
+    returned (the errors then keep the proxy's stack, still with the one ``flare-error:`` line in it)."""
+    source = (Path(model_class.__module__ and sys.modules[model_class.__module__].__file__ or "").parent.parent
+              / "proxy" / "model.py")
+    try:
+        if _PROXY_RAISE not in source.read_text():
+            return False
+    except OSError:
+        return False
+    original_files, original_generate = model_class.get_proxy_model_files, model_class.generate_model
+
+    def get_proxy_model_files(self: Any) -> dict[str, bytes]:
+        files = original_files(self)
+        return {k: (v.decode().replace(_PROXY_RAISE, _PROXY_RESPOND).encode() if k.endswith("/model.py") else v)
+                for k, v in files.items()}
+
+    def generate_model(self: Any, model_repository: Path) -> None:
+        original_generate(self, model_repository)
+        target = Path(model_repository) / self.model_name / str(self.model_version) / "model.py"
+        target.write_text(target.read_text().replace(_PROXY_RAISE, _PROXY_RESPOND))
+
+    if not getattr(model_class, "_flare_one_line_errors", False):
+        model_class.get_proxy_model_files, model_class.generate_model = get_proxy_model_files, generate_model
+        model_class._flare_one_line_errors = True
+    return True
+
+
 def wait_model_ready(host: str, port: int, timeout_s: float = READY_WAIT_S) -> None:
     """Wait until ``GET /v2/models/flare/ready`` answers 200 (Triton's ``/v2/health/ready`` answers 200 before
     PyTriton has loaded the model); FlareError after ``timeout_s``."""
@@ -298,6 +341,8 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     triton_mod = lazy_import("pytriton.triton", "serve").load()
     config_mod = lazy_import("pytriton.model_config", "serve").load()
     check_ports_free(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
+    if not one_line_errors(lazy_import("pytriton.models.model", "serve").load().Model):
+        log.warning("this PyTriton's proxy model is not the one flare knows: rejected requests keep its stack")
     prepare_server_environment()
     _quiet_pytriton(verbose)
     loaded = load_bundle(bundle)
