@@ -356,7 +356,7 @@ def test_rejected_requests_are_one_line_for_any_client(server: Server) -> None:
     blob = data_path("ts_abdomen_ct_3mm.nii.gz").read_bytes()
     cases = [(b"", {}), (os.urandom(4096), {}), (gzip.compress(os.urandom(4096)), {}), (blob[: len(blob) // 2], {}),
              (blob, {"folds": "x"}), (blob, {"overlap": "nan?"}), (blob, {"postprocess": "bogus"}),
-             (blob, {"filename": "a\nb\nc"})]
+             (b"junk", {"filename": "a\nb\nc"})]
     for body, params in cases:
         status, error = _raw_infer(server, body, params)
         assert status == 400 or status == 500, (status, error)
