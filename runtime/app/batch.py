@@ -64,7 +64,8 @@ def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputForm
     if fmt is OutputFormat.dicom_seg:
         from flare.runtime.image.dicomseg import write_dicom_seg
 
-        write_dicom_seg(job.output, labels, img)
+        note = (report.get("model_card") or {}).get("warning")
+        write_dicom_seg(job.output, labels, img, synthetic_model=bool(note))
     else:
         from flare.runtime.image.nifti import write_labels
 

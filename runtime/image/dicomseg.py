@@ -23,6 +23,8 @@ from flare.runtime.image.nifti import LoadedImage
 __all__ = ["segment_descriptions", "write_dicom_seg"]
 
 SERIES_DESCRIPTION = "flare abdominal CT segmentation"
+#: the series description of a SEG made with a model trained on synthetic data (a DICOM LO: at most 64 characters)
+SYNTHETIC_SERIES_DESCRIPTION = "flare seg - SYNTHETIC-DATA MODEL, NOT FOR CLINICAL USE"
 
 
 def _coded(hd: Any, code: tuple[str, str]) -> Any:
@@ -54,9 +56,11 @@ def segment_descriptions(label_ids: list[int]) -> list[Any]:
     return out
 
 
-def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage) -> None:
+def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage, synthetic_model: bool = False
+                    ) -> None:
     """Write ``labels`` (uint8 FLARE ids in ``image``'s voxel grid) as a DICOM-SEG referencing ``image``'s source
-    series, atomically. ``OutputError`` when ``image`` was not read from DICOM, no label is present, or the file
+    series, atomically; ``synthetic_model`` (the bundle's card says its models were trained on synthetic data)
+    puts that into the series description. ``OutputError`` when ``image`` was not read from DICOM, no label is present, or the file
     cannot be written."""
     output = Path(output)
     if image.source is None:
@@ -83,7 +87,8 @@ def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage) 
                                                             or 0) + 1000,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="flare",
             manufacturer_model_name="flare FLARE23 abdominal CT", software_versions=version(),
-            device_serial_number="0", series_description=SERIES_DESCRIPTION, content_label="FLARE",
+            device_serial_number="0",
+            series_description=SYNTHETIC_SERIES_DESCRIPTION if synthetic_model else SERIES_DESCRIPTION, content_label="FLARE",
             content_description="FLARE23 abdominal organs and tumor", omit_empty_frames=True)
     except (ValueError, TypeError, AttributeError) as err:
         raise OutputError(output, f"cannot build the DICOM-SEG from the source series ({err})")

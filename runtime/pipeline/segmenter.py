@@ -297,6 +297,7 @@ class Segmenter:
                         "load": dict(self.load)},
             "folds": ens.folds,
             "postprocess": {"mode": self.postprocess_mode},
+            "model_card": self.bundle.card.summary(),
             "stages": {name: times.get(name, 0.0) for name in STAGES},
             "total_s": round(total, 4),
             "rss_peak_mb": round(_rss_peak_mb(), 1),
