@@ -19,8 +19,8 @@ import numpy as np
 
 __all__ = [
     "AORTA",
-    "COLOUR_SOURCE",
     "BACKGROUND",
+    "COLOUR_SOURCE",
     "DUODENUM",
     "ESOPHAGUS",
     "FLARE_TO_MERGED",
@@ -170,7 +170,7 @@ def label_named(name: str) -> Label:
     """The foreground label called ``name``: its TotalSegmentator name (``kidney_left``), short name (``kidney_l``)
     or full name (``left kidney``), case-insensitively; ``KeyError`` (whose message lists the valid names)
     otherwise."""
-    key = name.strip().lower().replace("-", "_")
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
     for lab in LABELS[1:]:
         if key in (lab.file, lab.short, lab.name.replace(" ", "_")):
             return lab
