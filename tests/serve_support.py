@@ -38,7 +38,8 @@ def _ready(http: int) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM a flare-serve (graceful stop), then SIGKILL its process group (tritonserver and its stubs)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -68,7 +69,7 @@ def flare_servers(bundle: Path, logs: Path, count: int, *extra: str) -> Iterator
                    "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
             with open(log, "wb") as sink:
                 proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-            stack.callback(_stop, proc)
+            stack.callback(stop_server, proc)
             started.append((proc, http, log))
         deadline = time.monotonic() + READY_TIMEOUT_S
         for proc, http, log in started:

@@ -33,7 +33,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: an output named ``*.rtstruct.dcm`` is an RTSTRUCT; any other ``*.dcm`` a DICOM-SEG
 RTSTRUCT_SUFFIX = ".rtstruct.dcm"
 #: ``--statistics`` given without a path (flare-run's TotalSegmentator habit): the statistics go beside the output
-BESIDE_OUTPUT = Path("\0beside-output")
+BESIDE_OUTPUT = Path("::beside-the-output::")
 #: DICOM modalities that become cases when a folder is searched (other series, e.g. SEG or SR, are skipped)
 CASE_MODALITIES = ("CT", "")
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from flare.runtime.foundation.atomic import write_with
 from flare.runtime.foundation.errors import OutputError
-from flare.runtime.foundation.labels import LABELS, NUM_FLARE_IDS
+from flare.runtime.foundation.labels import LABELS
+from flare.runtime.image.dicomseg import present_labels
 from flare.runtime.image.nifti import LoadedImage
 from flare.runtime.inference.device import lazy_import
 
@@ -34,14 +35,8 @@ def write_rtstruct(output: str | Path, labels: np.ndarray, image: LoadedImage, s
     series, atomically. ``OutputError`` when ``image`` was not read from DICOM, nothing was segmented, or the
     file cannot be written."""
     output = Path(output)
-    if image.source is None:
-        raise OutputError(output, "RTSTRUCT output needs a DICOM input series (this input is not DICOM); "
-                                  "write NIfTI (.nii.gz) instead")
-    if tuple(labels.shape) != tuple(image.data.shape):
-        raise ValueError(f"labels shape {labels.shape} does not match the image shape {image.data.shape}")
-    present = [int(v) for v in np.unique(labels) if 0 < v < NUM_FLARE_IDS]
-    if not present:
-        raise OutputError(output, "nothing was segmented; an RTSTRUCT needs at least one ROI (no file written)")
+    present = present_labels(output, labels, image, "RTSTRUCT", "ROI")
+    assert image.source is not None
     rt = rt_utils_mod.load()
     from rt_utils import ds_helper, image_helper
 

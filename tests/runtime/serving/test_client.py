@@ -17,6 +17,16 @@ from serve_support import BIN, flare_servers, free_ports
 REAL_CTS = ("ts_abdomen_ct_3mm.nii.gz", "ts_body_ct_3mm_int32.nii.gz", "ts_torso_ct_1p5mm_lps.nii.gz")
 
 
+def _cases(tmp_path: Path, copies: int) -> Path:
+    """A folder with ``copies`` links to each real CT (c0_NAME, c1_NAME, ...)."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for k in range(copies):
+        for name in REAL_CTS:
+            (cases / f"c{k}_{name}").symlink_to(data_path(name))
+    return cases
+
+
 def test_instances_spread_over_devices() -> None:
     from flare.runtime.foundation.errors import FlareError
     from flare.runtime.serving.server import instance_devices, parse_devices
@@ -64,11 +74,7 @@ def test_two_servers_concurrency_4_equal_local(tiny_bundle: Path, tmp_path: Path
     pytest.importorskip("tritonclient.http")
     from flare.runtime.pipeline.segmenter import Segmenter
 
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    for k in range(4):
-        for name in REAL_CTS:
-            (cases / f"c{k}_{name}").symlink_to(data_path(name))
+    cases = _cases(tmp_path, 4)
     local = Segmenter(tiny_bundle, device="cpu")
     expected = {name: local.segment(data_path(name))[0] for name in REAL_CTS}
     out = tmp_path / "out"
@@ -92,11 +98,7 @@ def test_two_servers_concurrency_4_equal_local(tiny_bundle: Path, tmp_path: Path
 def test_a_dead_server_fails_only_its_cases(tiny_bundle: Path, tmp_path: Path) -> None:
     pytest.importorskip("pytriton")
     pytest.importorskip("tritonclient.http")
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    for k in range(2):
-        for name in REAL_CTS:
-            (cases / f"c{k}_{name}").symlink_to(data_path(name))
+    cases = _cases(tmp_path, 2)
     dead = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     out, reports = tmp_path / "out", tmp_path / "reports"
     with flare_servers(tiny_bundle, tmp_path, 1) as servers:
