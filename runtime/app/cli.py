@@ -252,7 +252,7 @@ def ts_argv(argv: list[str]) -> list[str]:
         if arg == "--":
             return out + argv[i:]
         if arg in ("--roi-subset", "--roi_subset"):
-            names = []
+            names: list[str] = []
             while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 try:
                     label_named(argv[i + 1])

@@ -92,6 +92,10 @@ class RemoteSegmenter:
         self._hosts = [_split_url(u) for u in self.urls]
         if len(set(self._hosts)) < len(self._hosts):
             raise RemoteError(None, f"--server {url!r} names a server twice")
+        # imported here, in the constructing thread: concurrent first imports from the request threads would see
+        # a partially initialised tritonclient.http
+        self._http = lazy_import("tritonclient.http", "serve").load()
+        self._utils = lazy_import("tritonclient.utils", "serve").load()
         self._lock = threading.Lock()
         self._busy = [0] * len(self.urls)
         self._used = [0] * len(self.urls)
@@ -124,8 +128,7 @@ class RemoteSegmenter:
 
     def _request(self, i: int, blob: bytes, name: str, compressed: bool) -> tuple[bytes, dict[str, Any]]:
         url, (host, ssl) = self.urls[i], self._hosts[i]
-        http = lazy_import("tritonclient.http", "serve").load()
-        utils = lazy_import("tritonclient.utils", "serve").load()
+        http, utils = self._http, self._utils
         inp = http.InferInput(INPUT, [1], "BYTES")
         inp.set_data_from_numpy(np.array([blob], dtype=object), binary_data=True)
         outputs = [http.InferRequestedOutput(OUTPUT_LABELS, binary_data=True),

@@ -33,7 +33,8 @@ from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.inference.device import lazy_import
 from flare.runtime.serving.client import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
 
-__all__ = ["FlareModel", "python_backend_env", "serve", "stub_libpython"]
+__all__ = ["FlareModel", "instance_devices", "load_models", "parse_devices", "python_backend_env", "serve",
+           "stub_libpython"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -226,10 +227,13 @@ def load_models(loaded: Any, devices: Sequence[str], gpu_mem_budget: float | Non
                 ) -> list[FlareModel]:
     """One FlareModel (a Segmenter on its device) per entry of ``devices``; CPU threads are shared out between the
     instances that run on the CPU."""
-    if segmenter is None:
-        from flare.runtime.pipeline.segmenter import Segmenter as segmenter
+    factory = segmenter
+    if factory is None:
+        from flare.runtime.pipeline.segmenter import Segmenter
+
+        factory = Segmenter
     threads = None if len(devices) == 1 else max(1, (os.cpu_count() or 1) // len(devices))
-    return [FlareModel(segmenter(loaded, device=dev, threads=threads, gpu_mem_budget=gpu_mem_budget))
+    return [FlareModel(factory(loaded, device=dev, threads=threads, gpu_mem_budget=gpu_mem_budget))
             for dev in devices]
 
 
