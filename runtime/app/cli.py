@@ -35,6 +35,15 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 EXIT_OK, EXIT_CANNOT_START, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
+class Device(str, Enum):
+    """flare-bench's --device choices (flare-run's --device also takes gpu, cuda:N and gpu:N: a plain string
+    checked by :func:`flare.runtime.inference.device.parse_device`)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
