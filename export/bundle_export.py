@@ -17,8 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flare.runtime.bundle.card import CARD_FILE, ModelCard, card_from_raw, read_card_file
-from flare.runtime.bundle.manifest import FORMAT, model_entry, new_bundle_json, sha256_file, write_bundle_json
+from flare.runtime.bundle.card import CARD_FILE, ModelCard, card_from_raw
+from flare.runtime.bundle.manifest import (
+    FORMAT,
+    model_entry,
+    new_bundle_json,
+    read_card_file,
+    sha256_file,
+    write_bundle_json,
+)
 from flare.runtime.foundation.errors import OutputError
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, SPATIAL_DIVISOR, export_onnx, optimise_if_helpful

@@ -17,20 +17,19 @@ Schema (``$defs.card`` of ``bundle.schema.json``; every field optional, unknown 
 
 Bundles written before the card existed (and cards with missing fields) load with ``"unknown"`` for what they do
 not say: the format version stays 1. ``flare-train`` writes ``card.json`` into its checkpoint folder,
-``flare-export`` copies it into the bundle (or derives what it can from the checkpoints, or takes ``--card FILE``),
-``flare-demo`` adds the held-out Dice. A bundle whose ``data`` is ``synthetic`` makes ``flare-run`` warn on every run
+``flare-export`` copies it into the bundle (or derives what it can from the checkpoints, or takes ``--card FILE``,
+read by :func:`flare.runtime.bundle.manifest.read_card_file`),
+``flare-demo`` (which runs both) gets the phantoms' held-out Dice that way. A bundle whose ``data`` is ``synthetic`` makes ``flare-run`` warn on every run
 (:meth:`ModelCard.warning`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-__all__ = ["CARD_FILE", "DATA_KINDS", "UNKNOWN", "ModelCard", "card_from_raw", "read_card_file"]
+__all__ = ["CARD_FILE", "DATA_KINDS", "UNKNOWN", "ModelCard", "card_from_raw"]
 
 UNKNOWN = "unknown"
 DATA_KINDS = ("synthetic", "real", "mixed", UNKNOWN)
@@ -99,21 +98,3 @@ def card_from_raw(raw: Any) -> ModelCard:
     if "validation_dice" in known:
         known["validation_dice"] = {str(k): float(v) for k, v in known["validation_dice"].items()}
     return ModelCard(**known)
-
-
-def read_card_file(path: str | Path) -> dict[str, Any]:
-    """A card object from a JSON file (``flare-export --card FILE``, the checkpoint folder's ``card.json``),
-    checked against the schema's ``card`` definition; one-line :class:`~flare.runtime.foundation.errors.InputError`
-    on any problem."""
-    from flare.runtime.bundle.manifest import card_errors
-    from flare.runtime.foundation.errors import InputError
-
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(path, f"cannot read the model card ({exc.__class__.__name__}: {exc})") from None
-    problem = card_errors(raw)
-    if problem is not None:
-        raise InputError(path, f"not a valid model card: {problem}")
-    return raw  # type: ignore[no-any-return]

@@ -236,6 +236,23 @@ def card_errors(raw: Any) -> str | None:
     return f"{'field ' + where + ': ' if where else ''}{str(err.message)[:160]}"
 
 
+def read_card_file(path: str | Path) -> dict[str, Any]:
+    """A model card object from a JSON file (``flare-export --card FILE``, the checkpoint folder's ``card.json``),
+    checked against the schema's ``card`` definition; one-line :class:`~flare.runtime.foundation.errors.InputError`
+    on any problem."""
+    from flare.runtime.foundation.errors import InputError
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, f"cannot read the model card ({exc.__class__.__name__}: {exc})") from None
+    problem = card_errors(raw)
+    if problem is not None:
+        raise InputError(path, f"not a valid model card: {problem}")
+    return raw  # type: ignore[no-any-return]
+
+
 def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, verify: bool) -> ModelSpec:
     """A schema-valid MODEL entry → ModelSpec, after the file checks (inside the bundle, present, sha256)."""
     files: dict[str, ModelFile] = {}

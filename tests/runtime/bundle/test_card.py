@@ -60,7 +60,7 @@ def test_bad_cards_are_one_line_bundle_errors(tiny_bundle: Path, tmp_path: Path,
 
 
 def test_card_file_is_checked(tmp_path: Path) -> None:
-    from flare.runtime.bundle.card import read_card_file
+    from flare.runtime.bundle.manifest import read_card_file
     from flare.runtime.foundation.errors import InputError
 
     good = tmp_path / "card.json"
