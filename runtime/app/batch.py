@@ -17,7 +17,7 @@ from flare.runtime.app.plan import CaseJob, OutputFormat, Plan
 from flare.runtime.foundation.errors import FlareError
 
 if TYPE_CHECKING:
-    from flare.runtime.image.nifti import LoadedImage
+    from flare.runtime.image.model import LoadedImage
     from flare.runtime.pipeline.segmenter import Segmenter, StageHooks
 
 __all__ = ["CaseResult", "process_case", "run_plan", "write_summary"]

@@ -64,7 +64,7 @@ def _setup_logging(quiet: bool) -> None:
 
 def _show_version(value: bool) -> None:
     if value:
-        from flare.runtime.app.entrypoints import version
+        from flare.runtime.foundation.version import version
 
         typer.echo(f"flare-run {version()}")
         raise typer.Exit(0)

@@ -52,7 +52,7 @@ def _views(ct: np.ndarray, lab: np.ndarray, spacing: tuple[float, float, float],
 
 def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, title: str = "") -> bytes:
     """PNG bytes: three overlays through the labels' centre, a legend of the labels present; >= 512 px high."""
-    from flare.runtime.image.nifti import Reorientation
+    from flare.runtime.image.model import Reorientation
     from flare.runtime.ops.geometry import spacing_from_affine
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

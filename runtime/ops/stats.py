@@ -70,7 +70,7 @@ def _chunks(n: int, size: int = 1 << 22) -> list[slice]:
 
 
 def _tumors(labels: np.ndarray, vml: float) -> dict[str, Any]:
-    from flare.runtime.ops.postprocessing import components
+    from flare.runtime.ops.components import components
 
     mask = labels == TUMOR
     if not mask.any():

@@ -19,9 +19,11 @@ import numpy as np
 from flare.runtime.bundle.manifest import Bundle, load_bundle
 from flare.runtime.foundation.errors import BundleError
 from flare.runtime.foundation.labels import merged_to_flare
+from flare.runtime.foundation.lazy import IMPORT_SECONDS
 from flare.runtime.foundation.lifecycle import pause_point
-from flare.runtime.image.nifti import LoadedImage, read_image, to_canonical, write_labels
-from flare.runtime.inference.device import IMPORT_SECONDS, ort, resolve_device, to_device
+from flare.runtime.image.model import LoadedImage, to_canonical
+from flare.runtime.image.nifti import read_image, write_labels
+from flare.runtime.inference.device import ort, resolve_device, to_device
 from flare.runtime.inference.engines import Engine, create_engine
 from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box

@@ -1,16 +1,6 @@
 """The client side of ``flare-serve``: :class:`RemoteSegmenter` and ``flare-run --server``.
 
-The wire protocol (Triton's KServe v2 HTTP/REST or gRPC, model :data:`MODEL`):
-
-* input ``image``: ``BYTES``, shape ``[1]`` — the bytes of a ``.nii`` or ``.nii.gz`` file (gzip is recognised by its
-  magic bytes; sending gzip keeps requests small);
-* outputs ``labels`` (``BYTES [1]``: the uint8 label map as a NIfTI file in the input's geometry, gzip-compressed
-  unless the request says ``compressed: false``) and ``report`` (``BYTES [1]``: the JSON report of ``flare-run``);
-* optional request parameters: ``filename`` (names the input in errors and in the report), ``folds`` (use the first N
-  folds), ``overlap`` (tile overlap ratio), ``postprocess`` (``paper`` or ``strict``), ``compressed`` (bool).
-
-A bad input fails the request with Triton's error message, whose line starting with :data:`ERROR_MARKER` carries the
-one-line :class:`~flare.runtime.foundation.errors.FlareError`; the server keeps serving. tritonclient is imported lazily.
+The wire protocol is :mod:`flare.runtime.serving.protocol`. tritonclient is imported lazily.
 """
 
 from __future__ import annotations
@@ -24,18 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.inference.device import lazy_import
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.serving.protocol import INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, flare_error_line
 
 if TYPE_CHECKING:
-    from flare.runtime.image.nifti import LoadedImage
+    from flare.runtime.image.model import LoadedImage
 
-__all__ = ["ERROR_MARKER", "MODEL", "RemoteError", "RemoteSegmenter"]
+__all__ = ["RemoteError", "RemoteSegmenter"]
 
-MODEL = "flare"
-INPUT = "image"
-OUTPUT_LABELS = "labels"
-OUTPUT_REPORT = "report"
-ERROR_MARKER = "flare-error: "
 DEFAULT_TIMEOUT_S = 3600.0
 
 
@@ -52,15 +38,6 @@ def _split_url(url: str) -> tuple[str, bool]:
     if not url or "/" in url:
         raise RemoteError(None, f"--server {url!r}: give HOST:PORT, e.g. 127.0.0.1:8000")
     return url, ssl
-
-
-def flare_error_line(message: str) -> str | None:
-    """The one-line FlareError carried by a server error message, if any."""
-    for line in message.splitlines():
-        at = line.find(ERROR_MARKER)
-        if at >= 0:
-            return line[at + len(ERROR_MARKER):].strip()
-    return None
 
 
 @dataclass(frozen=True)

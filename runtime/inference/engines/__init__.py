@@ -7,7 +7,7 @@
 - :mod:`.tensorrt` — native TensorRT plans (guarded, unverified).
 
 :func:`create_engine` is the one factory. Nothing heavy is imported here: ONNX Runtime, CuPy and TensorRT load on
-first use (:func:`flare.runtime.inference.device.lazy_import`).
+first use (:func:`flare.runtime.foundation.lazy.lazy_import`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 API (``Runtime.deserialize_cuda_engine``, ``create_execution_context``, the name-based tensor API
 ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode``, ``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``). ``benchmarks/gpu_check.sh`` runs it when ``import tensorrt`` works. A missing TensorRT or
-CuPy is a one-line :class:`~flare.runtime.inference.device.DependencyError`.
+CuPy is a one-line :class:`~flare.runtime.foundation.lazy.DependencyError`.
 
 Plans are the ones ``flare-export --trt`` writes (``export/trt.py``): ``<bundle>/engines/<sm>-trt<version>/
 <onnx sha256>.plan`` with a key file ``<onnx sha256>.json`` (onnx sha256, GPU compute capability, TensorRT version,
@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 from flare.runtime.bundle.manifest import ModelSpec
-from flare.runtime.inference.device import cupy, lazy_import
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.inference.device import cupy
 from flare.runtime.inference.engines.base import EngineError, check_finite
 
 log = logging.getLogger("flare.runtime")

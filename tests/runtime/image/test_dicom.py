@@ -22,7 +22,8 @@ from flare.runtime.foundation.errors import InputError, OutputError
 from flare.runtime.foundation.labels import LABELS
 from flare.runtime.image.dicom import find_series, is_dicom_file, read_dicom
 from flare.runtime.image.dicomseg import write_dicom_seg
-from flare.runtime.image.nifti import LoadedImage, Reorientation, read_image, to_canonical, write_labels
+from flare.runtime.image.model import LoadedImage, Reorientation, to_canonical
+from flare.runtime.image.nifti import read_image, write_labels
 
 CT_3MM = "ts_abdomen_ct_3mm.nii.gz"
 CT_LPS = "ts_torso_ct_1p5mm_lps.nii.gz"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import data_path
 from flare.runtime import Segmenter
-from flare.runtime.image.nifti import from_array
+from flare.runtime.image.model import from_array
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 

@@ -80,7 +80,8 @@ def test_label_bytes_is_what_write_labels_writes(tmp_path: Path) -> None:
 
 
 def test_image_bytes_round_trip() -> None:
-    from flare.runtime.image.nifti import from_array, image_bytes, read_image, read_image_bytes
+    from flare.runtime.image.model import from_array
+    from flare.runtime.image.nifti import image_bytes, read_image, read_image_bytes
 
     img = read_image(data_path("ts_torso_ct_1p5mm_lps.nii.gz"))
     arr = from_array(np.linspace(-1000, 1000, 60, dtype=np.float32).reshape(3, 4, 5), np.diag([0.7, 0.8, 2.5, 1]))
