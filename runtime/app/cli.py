@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from flare.runtime.app.plan import OutputFormat, Plan
+from flare.runtime.app.process import Terminated
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.foundation.lifecycle import Terminated
 from flare.runtime.ops.postprocessing import Mode
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def _fail(message: str, code: int = EXIT_CANNOT_START) -> typer.Exit:
 
 
 def _setup_logging(quiet: bool) -> None:
-    from flare.runtime.foundation.lifecycle import StderrHandler
+    from flare.runtime.app.process import StderrHandler
 
     handler = StderrHandler()
     handler.setFormatter(logging.Formatter("flare-run: warning: %(message)s"))
@@ -209,7 +209,7 @@ def run(
 
 
 def main() -> None:
-    from flare.runtime.foundation.lifecycle import guard_stderr, install_signal_handlers
+    from flare.runtime.app.process import guard_stderr, install_signal_handlers
 
     guard_stderr()
     install_signal_handlers()

@@ -47,6 +47,13 @@ class LoadedImage:
     def shape(self) -> tuple[int, int, int]:
         return self.data.shape  # type: ignore[return-value]
 
+    @property
+    def orientation(self) -> str:
+        """The axis codes of the affine, e.g. ``"RAS"`` or ``"LPS"`` (nibabel's ``aff2axcodes``)."""
+        from nibabel.orientations import aff2axcodes
+
+        return "".join(aff2axcodes(self.affine))
+
 
 @dataclass(frozen=True)
 class DicomSource:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from flare.runtime.bundle.manifest import Bundle, load_bundle
 from flare.runtime.foundation.errors import BundleError
@@ -288,7 +287,7 @@ class Segmenter:
         return {
             "input": {"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
                       "spacing": [round(float(s), 5) for s in img.spacing],
-                      "orientation": "".join(nib.aff2axcodes(img.affine)), "oblique": img.oblique},
+                      "orientation": img.orientation, "oblique": img.oblique},
             "crop": {"lo": list(loc.box.lo), "hi": list(loc.box.hi), "located": loc.found,
                      "resampled_shape": list(ens.labels.shape)},
             "tiles": {"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import REPO, data_path
 from flare.runtime.bundle.manifest import Bundle, load_bundle
-from flare.runtime.foundation.lazy import DependencyError, lazy_import
+from flare.runtime.foundation.lazy import DependencyError
 from flare.runtime.inference import device as dev
 from flare.runtime.inference.device import DeviceError, resolve_device
 from flare.runtime.inference.engines import EngineError, OrtEngine
@@ -89,17 +89,6 @@ def test_device_is_resolved_once_and_bad_names_are_one_line() -> None:
         assert resolve_device("auto").name == "cpu"
         with pytest.raises(DeviceError, match="onnxruntime-gpu"):
             resolve_device("cuda")
-
-
-def test_lazy_import_is_lazy_and_names_the_extra() -> None:
-    missing = lazy_import("flare_no_such_module", extra="gpu")
-    assert not missing.available()
-    with pytest.raises(DependencyError) as err:
-        missing.anything  # noqa: B018 - the attribute access is the import
-    text = str(err.value)
-    assert "\n" not in text and "flare_no_such_module" in text and "flare-seg[gpu]" in text
-    json_mod = lazy_import("json")
-    assert json_mod.dumps([1]) == "[1]"
 
 
 def test_host_device_copies_with_numpy_do_not_copy() -> None:
