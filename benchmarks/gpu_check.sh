@@ -173,7 +173,7 @@ from flare.runtime.image.nifti import read_image
 
 seg = Segmenter(sys.argv[1], device=sys.argv[4], gpu_mem_budget=float(sys.argv[3]))
 img = read_image(sys.argv[2])
-runs = [seg.segment(img)[2] for _ in range(3)]  # run 0 is cold for the tile shape (cuDNN plans)
+runs = [seg.segment(img).report.to_json() for _ in range(3)]  # run 0 is cold for the tile shape (cuDNN plans)
 print(json.dumps({"budget_mb": float(sys.argv[3]), "total_s": [r["total_s"] for r in runs],
                   "infer_s": [r["stages"]["infer"] for r in runs], "gpu": runs[-1].get("gpu"),
                   "peak_mb": [r["gpu_peak_mb"] for r in runs], "tiles": runs[-1]["tiles"],

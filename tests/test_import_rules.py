@@ -25,8 +25,8 @@ def test_segment_does_not_load_torch(tiny_bundle: Path, tmp_path: Path) -> None:
     code = f"""
 import sys
 import flare.runtime as rt
-labels, affine, report = rt.segment({str(ct)!r}, bundle={str(tiny_bundle)!r}, device="cpu",
-                                    output={str(tmp_path / 'o.nii.gz')!r})
+labels = rt.segment({str(ct)!r}, bundle={str(tiny_bundle)!r}, device="cpu",
+                    output={str(tmp_path / 'o.nii.gz')!r}).labels
 import flare.runtime.app.cli, flare.runtime.ops.lr_split, flare.runtime.ops.postprocessing
 loaded = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]
 assert not loaded, loaded

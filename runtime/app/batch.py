@@ -1,6 +1,6 @@
 """Run a :class:`~flare.runtime.app.plan.Plan`: one :class:`~flare.runtime.pipeline.segmenter.Segmenter` (models loaded once) for
 every case, the next case read in a background thread while the current one is segmented (a prefetch of depth 1),
-each case's outputs written atomically, a failing case recorded and skipped, and in folder mode ``OUT/summary.json``
+each case's outputs written by :mod:`flare.runtime.app.write`, a failing case recorded and skipped, and in folder mode ``OUT/summary.json``
 rewritten atomically after every case.
 """
 
@@ -18,6 +18,7 @@ from flare.runtime.foundation.errors import FlareError
 
 if TYPE_CHECKING:
     from flare.runtime.image.model import LoadedImage
+    from flare.runtime.pipeline.result import Report
     from flare.runtime.pipeline.segmenter import Segmenter, StageHooks
 
 __all__ = ["CaseResult", "process_case", "run_plan", "write_summary"]
@@ -35,7 +36,7 @@ class CaseResult:
     statistics: str | None = None
     preview: str | None = None
     report: str | None = None
-    stages: dict[str, float] | None = None  # seconds per pipeline stage (see flare.runtime.pipeline.segmenter.STAGES)
+    stages: dict[str, float] | None = None  # seconds per pipeline stage (see flare.runtime.pipeline.result.STAGES)
 
 
 def _read(job: CaseJob) -> tuple[LoadedImage, float]:
@@ -44,46 +45,18 @@ def _read(job: CaseJob) -> tuple[LoadedImage, float]:
 
 
 def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputFormat,
-                 hooks: StageHooks | None = None, read_s: float = 0.0) -> dict[str, Any]:
-    """Segment ``img`` and write the job's outputs; returns the run report (``read_s``: seconds it took to read
-    ``img``, added to the report's read stage). Statistics and the preview are computed before the first file is
-    written, so a failure there leaves no output behind."""
-    labels, affine, report = seg.segment(img, None, hooks)
-    report["stages"]["read"] = round(report["stages"]["read"] + read_s, 4)
-    stats = png = None
-    if job.statistics is not None:
-        from flare.runtime.ops.stats import label_statistics
+                 hooks: StageHooks | None = None, read_s: float = 0.0) -> Report:
+    """Segment ``img`` and write the job's outputs (:func:`flare.runtime.app.write.write_result`); returns the run
+    report (``read_s``: seconds it took to read ``img``, added to the report's read stage)."""
+    from flare.runtime.app.write import Outputs, write_result
 
-        stats = {"input": str(job.case.source), "series_uid": job.case.series_uid, "segmentation": str(job.output),
-                 **label_statistics(labels, img.data, affine)}
-    if job.preview is not None:
-        from flare.runtime.app.preview import render_preview
-
-        png = render_preview(img.data, labels, affine, title=job.case.name)
-    t0 = time.perf_counter()
-    if fmt is OutputFormat.dicom_seg:
-        from flare.runtime.image.dicomseg import write_dicom_seg
-
-        write_dicom_seg(job.output, labels, img)
-    else:
-        from flare.runtime.image.nifti import write_labels
-
-        write_labels(job.output, labels, like=img)
-    report["stages"]["write"] = round(time.perf_counter() - t0, 4)
-    report["output"] = str(job.output)
-    if stats is not None and job.statistics is not None:
-        from flare.runtime.ops.stats import write_statistics
-
-        write_statistics(job.statistics, stats)
-    if png is not None and job.preview is not None:
-        from flare.runtime.app.preview import write_preview
-
-        write_preview(job.preview, png)
-    if job.report is not None:
-        from flare.runtime.foundation.atomic import write_text_atomic
-
-        write_text_atomic(job.report, json.dumps(report, indent=2) + "\n")
-    return report
+    result = seg.segment(img, hooks)
+    result.report.add_stage_time("read", read_s)
+    write_result(result, Outputs(job.output, dicom_seg=fmt is OutputFormat.dicom_seg, statistics=job.statistics,
+                                 preview=job.preview, report=job.report, title=job.case.name,
+                                 statistics_header={"input": str(job.case.source),
+                                                    "series_uid": job.case.series_uid}))
+    return result.report
 
 
 def write_summary(plan: Plan, results: list[CaseResult], extra: dict[str, Any]) -> None:
@@ -125,7 +98,7 @@ def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], Stage
             try:
                 assert current is not None
                 img, read_s = current.result()
-                result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s)["stages"]
+                result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s).stages
                 del img
                 result.statistics = None if job.statistics is None else str(job.statistics)
                 result.preview = None if job.preview is None else str(job.preview)

@@ -8,12 +8,11 @@ viewer's left, anterior and superior up), with millimetre extents so that anisot
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 from flare.runtime.foundation.labels import LABELS, NUM_FLARE_IDS
 
-__all__ = ["PREVIEW_WINDOW_HU", "render_preview", "write_preview"]
+__all__ = ["PREVIEW_WINDOW_HU", "render_preview"]
 
 #: CT window of the preview (soft-tissue abdomen: level 40, width 400)
 PREVIEW_WINDOW_HU = (-160.0, 240.0)
@@ -89,9 +88,3 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, ti
     fig.savefig(buf, format="png", dpi=_DPI, facecolor="black")
     return buf.getvalue()
 
-
-def write_preview(path: str | Path, png: bytes) -> None:
-    """Write PNG bytes from :func:`render_preview` atomically."""
-    from flare.runtime.foundation.atomic import write_bytes_atomic
-
-    write_bytes_atomic(path, png)

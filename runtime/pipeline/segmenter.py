@@ -1,5 +1,6 @@
 """The whole ``flare-run`` pipeline: read → locate → crop/resample → tiled ensemble → left/right split and
-post-processing → restore to the input grid → write. See docs/ARCHITECTURE.md for each step's contract."""
+post-processing → restore to the input grid; returns a :class:`~flare.runtime.pipeline.result.SegmentResult` and
+writes nothing (writing is the app layer's). See docs/architecture.md for each step's contract."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from flare.runtime.foundation.labels import merged_to_flare
 from flare.runtime.foundation.lazy import IMPORT_SECONDS
 from flare.runtime.foundation.lifecycle import pause_point
 from flare.runtime.image.model import LoadedImage, to_canonical
-from flare.runtime.image.nifti import read_image, write_labels
+from flare.runtime.image.nifti import read_image
 from flare.runtime.inference.device import ort, resolve_device, to_device
 from flare.runtime.inference.engines import Engine, create_engine
 from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
@@ -31,12 +32,11 @@ from flare.runtime.ops.lr_split import split_left_right
 from flare.runtime.ops.postprocessing import check_mode, postprocess
 from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear, resample_nearest
 from flare.runtime.ops.stats import label_volumes
+from flare.runtime.pipeline.result import STAGES, Report, SegmentResult
 
 log = logging.getLogger("flare.runtime")
 
-__all__ = ["STAGES", "Segmenter", "StageHooks", "segment"]
-
-STAGES = ("read", "locate", "crop_resample", "infer", "postprocess", "restore", "write")
+__all__ = ["Segmenter", "StageHooks"]
 
 
 @dataclass
@@ -231,10 +231,9 @@ class Segmenter:
         return reorient.undo(full)
 
     # -- the pipeline -------------------------------------------------------------------------------------------
-    def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None,
-                hooks: StageHooks | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Segment ``image``; returns ``(labels uint8 in the input grid, input affine, report)`` and writes
-        ``output`` when given."""
+    def segment(self, image: str | Path | LoadedImage, hooks: StageHooks | None = None) -> SegmentResult:
+        """Segment ``image`` (a NIfTI path or a loaded image): the labels in its grid, the image and the report.
+        Writes nothing (the app layer writes: :mod:`flare.runtime.app.write`)."""
         hooks = hooks or StageHooks()
         times: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -271,49 +270,31 @@ class Segmenter:
             labels = self._postprocess(ens.labels, affine_1mm)
         with stage("restore"):
             out = self._restore(labels, loc.box, data_ras.shape, reorient)
-        times["write"] = 0.0
-        if output is not None:
-            with stage("write"):
-                write_labels(output, out, like=img)
         report = self._report(img, loc, ens, times, time.perf_counter() - t_start)
         if gpu_part is not None:
-            report["gpu"] = gpu_part
-            report["gpu_peak_mb"] = gpu_part.get("gpu_peak_mb")
-        report["voxels"], report["volume_ml"] = label_volumes(out, img.affine)  # in the written (input) grid
-        return out, img.affine, report
+            report.gpu = gpu_part
+            report.gpu_peak_mb = gpu_part.get("gpu_peak_mb")
+        report.voxels, report.volume_ml = label_volumes(out, img.affine)  # in the input grid (the one written)
+        return SegmentResult(out, img, report)
 
     def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],
-                total: float) -> dict[str, Any]:
-        return {
-            "input": {"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
-                      "spacing": [round(float(s), 5) for s in img.spacing],
-                      "orientation": img.orientation, "oblique": img.oblique},
-            "crop": {"lo": list(loc.box.lo), "hi": list(loc.box.hi), "located": loc.found,
-                     "resampled_shape": list(ens.labels.shape)},
-            "tiles": {"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,
-                      "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
-                      "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
-            "backend": {"device": self.device, "engine": self.engines[0].backend,
-                        "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
-                        "load": dict(self.load)},
-            "folds": ens.folds,
-            "postprocess": {"mode": self.postprocess_mode},
-            "stages": {name: times.get(name, 0.0) for name in STAGES},
-            "total_s": round(total, 4),
-            "rss_peak_mb": round(_rss_peak_mb(), 1),
-            "gpu_peak_mb": None,
-        }
+                total: float) -> Report:
+        return Report(
+            input={"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
+                   "spacing": [round(float(s), 5) for s in img.spacing],
+                   "orientation": img.orientation, "oblique": img.oblique},
+            crop={"lo": list(loc.box.lo), "hi": list(loc.box.hi), "located": loc.found,
+                  "resampled_shape": list(ens.labels.shape)},
+            tiles={"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,
+                   "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
+                   "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
+            backend={"device": self.device, "engine": self.engines[0].backend,
+                     "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
+                     "load": dict(self.load)},
+            folds=ens.folds,
+            postprocess={"mode": self.postprocess_mode},
+            stages={name: times.get(name, 0.0) for name in STAGES},
+            total_s=round(total, 4),
+            rss_peak_mb=round(_rss_peak_mb(), 1),
+        )
 
-
-def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
-            device: str = "auto", folds: int | None = None, overlap: float | None = None,
-            precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None,
-            cudnn_algo_search: str = "HEURISTIC"
-            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``.
-
-    ``postprocess`` picks the clean-up rules: ``"paper"`` or ``"strict"`` (see :mod:`flare.runtime.ops.postprocessing`);
-    None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise)."""
-    return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
-                     gpu_mem_budget=gpu_mem_budget, postprocess=postprocess,
-                     cudnn_algo_search=cudnn_algo_search).segment(image, output)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.pipeline.result import Report, SegmentResult
 from flare.runtime.serving.protocol import INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, flare_error_line
 
 if TYPE_CHECKING:
@@ -50,8 +51,8 @@ class ServerRef:
 class RemoteSegmenter:
     """A :class:`~flare.runtime.pipeline.segmenter.Segmenter` on a ``flare-serve`` server (Triton HTTP at ``url``).
 
-    ``segment()`` returns ``(labels uint8 in the input grid, input affine, report)`` like the local one; the labels and
-    affine are read back from the server's NIfTI with the same validated reader.
+    ``segment()`` returns a :class:`~flare.runtime.pipeline.result.SegmentResult` like the local one; the labels are
+    read back from the server's NIfTI with the same validated reader.
     """
 
     def __init__(self, url: str, folds: int | None = None, overlap: float | None = None,
@@ -100,33 +101,31 @@ class RemoteSegmenter:
                                         "(is it a flare-serve server?)")
         return bytes(labels.flat[0]), json.loads(bytes(report.flat[0]))
 
-    def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None, hooks: Any = None
-                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Segment ``image`` on the server: a NIfTI file (its bytes are sent) or a loaded image (sent as NIfTI,
-        e.g. a DICOM series read here); writes ``output`` (atomically) when given. ``hooks`` is accepted for
-        ``Segmenter`` compatibility (the stages run on the server)."""
-        from flare.runtime.foundation.atomic import write_bytes_atomic
+    def segment(self, image: str | Path | LoadedImage, hooks: Any = None) -> SegmentResult:
+        """Segment ``image`` on the server: a NIfTI file (its bytes are sent, and read here too, with the same
+        validated reader, for the result's image) or a loaded image (sent as NIfTI, e.g. a DICOM series read here).
+        Writes nothing, like the local ``Segmenter`` (the app layer writes). ``hooks`` is accepted for ``Segmenter``
+        compatibility (the stages run on the server)."""
         from flare.runtime.image.nifti import image_bytes, read_image_bytes
 
         if isinstance(image, (str, Path)):
             name, blob = str(image), _read_input(Path(image))
+            img = read_image_bytes(blob, name)
         else:
-            name, blob = str(image.path or "image"), image_bytes(image)
-        compressed = output is None or str(output).endswith(".gz")
+            name, blob, img = str(image.path or "image"), image_bytes(image), image
         t0 = time.perf_counter()
         if self.progress:
             print(f"flare-run: sending {name} ({len(blob) / 2**20:.1f} MB) to {self.url}", file=sys.stderr, flush=True)
-        labels_blob, report = self.request(blob, name, compressed)
+        labels_blob, report = self.request(blob, name)
         if self.progress:
             print(f"flare-run: {name} segmented by {self.url} in {time.perf_counter() - t0:.2f} s "
                   f"(server pipeline {report.get('total_s')} s)", file=sys.stderr, flush=True)
         labels = read_image_bytes(labels_blob, name=f"{self.url} (labels of {name})")
-        if output is not None:
-            write_bytes_atomic(output, labels_blob)
-        # a loaded image keeps its own affine (NIfTI stores the sform in float32: an in-memory float64 affine
-        # comes back rounded); the labels are in its grid either way
-        return labels.data, labels.affine if isinstance(image, (str, Path)) else image.affine, report
-
+        if labels.shape != img.shape:
+            raise RemoteError(self.url, f"the labels of {name} have shape {labels.shape}, the image {img.shape}")
+        # the image keeps its own affine (NIfTI stores the sform in float32: an in-memory float64 affine comes back
+        # rounded); the labels are in its grid either way
+        return SegmentResult(labels.data, img, Report.from_json(report))
 
 def _read_input(path: Path) -> bytes:
     if not path.exists():

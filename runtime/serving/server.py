@@ -161,8 +161,8 @@ class FlareModel:
         postprocess = None if params.get("postprocess") is None else str(params["postprocess"])
         seg = self.segmenter.with_options(folds=folds, overlap=overlap, postprocess=postprocess)
         img = read_image_bytes(image.flat[0], name, preflight=seg.check_grids)  # grid limits from the header
-        labels, _, report = seg.segment(img)
-        return label_bytes(labels, img, compressed), report
+        result = seg.segment(img)
+        return label_bytes(result.labels, img, compressed), result.report.to_json()
 
 
 # ------------------------------------------------------------------------------------------------ the server

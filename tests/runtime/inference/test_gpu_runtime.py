@@ -260,11 +260,10 @@ def test_report_has_load_sub_timings(bundle: Bundle, ct_crop: np.ndarray) -> Non
     from flare.runtime import Segmenter
 
     seg = Segmenter(bundle, device="cpu")
-    _, _, report = seg.segment(data_path("ts_abdomen_ct_3mm.nii.gz"))
-    load = report["backend"]["load"]
+    load = seg.segment(data_path("ts_abdomen_ct_3mm.nii.gz")).report.backend["load"]
     assert set(load) >= {"imports_s", "device_init_s", "sessions_s", "first_tile_s"}
     assert set(load["sessions_s"]) == {"fold0", "fold1", "locator"} and load["first_tile_s"] > 0
-    assert seg.segment(data_path("ts_abdomen_ct_3mm.nii.gz"))[2]["backend"]["load"]["first_tile_s"] == \
+    assert seg.segment(data_path("ts_abdomen_ct_3mm.nii.gz")).report.backend["load"]["first_tile_s"] == \
         load["first_tile_s"]  # the cold figure: not overwritten by warm runs
 
 
@@ -455,7 +454,7 @@ def test_pipeline_on_the_gpu_within_budget(fp16_bundle: Bundle, budget: float) -
     from flare.runtime import Segmenter
 
     seg = Segmenter(fp16_bundle, device="cuda", gpu_mem_budget=budget)
-    _, _, report = seg.segment(data_path("ts_abdomen_ct_3mm.nii.gz"))
+    report = seg.segment(data_path("ts_abdomen_ct_3mm.nii.gz")).report.to_json()
     assert report["backend"]["device"] == "cuda" and report["gpu"]["fallback"] == []
     assert report["backend"]["load"]["arena_limit_mb"] < budget
     assert report["gpu_peak_mb"] is not None
