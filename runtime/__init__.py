@@ -1,4 +1,4 @@
-"""flare.runtime — the torch-free FLARE23 inference runtime (numpy, nibabel, ONNX Runtime / TensorRT).
+"""flare.runtime — the torch-free FLARE23 inference runtime (numpy, nibabel, ONNX Runtime).
 
 Public API (imported lazily so that ``import flare.runtime`` and ``flare-run --help`` stay instant)::
 
