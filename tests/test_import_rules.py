@@ -242,3 +242,19 @@ def test_the_graph_sees_lazy_imports() -> None:
     assert "flare.runtime.pipeline.segmenter" in edges["flare.runtime.app.cli"]  # imported inside run()
     assert "pydicom" in external["flare.runtime.image.dicom"]  # lazy_import("pydicom", ...)
     assert "onnxruntime" in external["flare.runtime.inference.device"]  # lazy_import("onnxruntime", ...)
+
+
+def test_every_runtime_module_imports_alone_without_heavy_libraries() -> None:
+    """Each runtime module imported on its own (a fresh flare.runtime each time) loads no heavy library."""
+    names = sorted(m for m in GRAPH[0] if m.startswith("flare.runtime"))
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    for m in [m for m in sys.modules if m.startswith('flare.runtime')]:\n"
+        "        del sys.modules[m]\n"
+        "    importlib.import_module(name)\n"
+        "bad = [m for m in ('torch', 'monai', 'cupy', 'onnxruntime', 'tensorrt') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

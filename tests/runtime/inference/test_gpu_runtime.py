@@ -8,15 +8,12 @@ marked ``gpu`` run on a CUDA machine (``benchmarks/gpu_check.sh``) and skip clea
 
 from __future__ import annotations
 
-import ast
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, data_path
+from conftest import data_path
 from flare.runtime.bundle.manifest import Bundle, load_bundle
 from flare.runtime.inference import device as dev
 from flare.runtime.inference.device import DeviceError, resolve_device
@@ -77,7 +74,7 @@ def _volume(ct: np.ndarray, shape: tuple[int, int, int], window: tuple[float, fl
     return normalise_hu(resample_linear(ct, shape), window)
 
 
-# -- device, lazy imports ---------------------------------------------------------------------------------------
+# -- device ------------------------------------------------------------------------------------------------------
 def test_device_is_resolved_once_and_bad_names_are_one_line() -> None:
     cpu = resolve_device("cpu")
     assert cpu.name == "cpu" and cpu.xp is np and not cpu.on_gpu
@@ -248,82 +245,6 @@ def test_report_has_load_sub_timings(bundle: Bundle, ct_crop: np.ndarray) -> Non
     assert set(load["sessions_s"]) == {"fold0", "fold1", "locator"} and load["first_tile_s"] > 0
     assert seg.segment(data_path("ts_abdomen_ct_3mm.nii.gz")).report.backend["load"]["first_tile_s"] == \
         load["first_tile_s"]  # the cold figure: not overwritten by warm runs
-
-
-# -- module graph ----------------------------------------------------------------------------------------------------
-def _runtime_modules() -> dict[str, Path]:
-    root = REPO / "runtime"
-    mods = {}
-    for path in root.rglob("*.py"):
-        parts = list(path.relative_to(root).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        mods[".".join(["flare", "runtime", *parts])] = path
-    return mods
-
-
-def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """flare.runtime modules that ``name`` imports anywhere in its source (module level or inside functions; not
-    under ``if TYPE_CHECKING:``)."""
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and "TYPE_CHECKING" in ast.unparse(block.test) for stmt in block.body for n in ast.walk(stmt)}
-    out = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
-            continue
-        targets: list[str] = []
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{a.name}" for a in node.names] + [base]
-        for t in targets:
-            while t and t not in known:
-                t = t.rsplit(".", 1)[0] if "." in t else ""
-            if t and t != name:
-                out.add(t)
-    return out
-
-
-def test_runtime_has_no_import_cycle() -> None:
-    """The import graph of runtime/ (built from the AST, function-level imports included) is acyclic."""
-    known = _runtime_modules()
-    graph = {m: _imports(m, p, known) for m, p in known.items()}
-    assert "flare.runtime.inference.device" in graph and graph["flare.runtime.inference.device"] <= {"flare.runtime.foundation.errors"}  # a leaf
-    state: dict[str, int] = {}
-
-    def visit(m: str, stack: list[str]) -> None:
-        state[m] = 1
-        for n in sorted(graph[m]):
-            if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
-            if n not in state:
-                visit(n, stack + [n])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [m])
-
-
-def test_every_runtime_module_imports_alone_without_heavy_libraries() -> None:
-    names = sorted(_runtime_modules())
-    code = (
-        "import importlib, sys\n"
-        f"for name in {names!r}:\n"
-        "    for m in [m for m in sys.modules if m.startswith('flare.runtime')]:\n"
-        "        del sys.modules[m]\n"
-        "    importlib.import_module(name)\n"
-        "bad = [m for m in ('torch', 'monai', 'cupy', 'onnxruntime', 'tensorrt') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------------------
