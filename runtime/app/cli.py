@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
+from flare.runtime.app.process import Terminated
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.foundation.lifecycle import Terminated
 from flare.runtime.ops.postprocessing import Mode
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def _fail(message: str, code: int = EXIT_CANNOT_START) -> typer.Exit:
 
 
 def _setup_logging(quiet: bool) -> None:
-    from flare.runtime.foundation.lifecycle import StderrHandler
+    from flare.runtime.app.process import StderrHandler
 
     handler = StderrHandler()
     handler.setFormatter(logging.Formatter("flare-run: warning: %(message)s"))
@@ -67,7 +67,7 @@ def _setup_logging(quiet: bool) -> None:
 
 def _show_version(value: bool) -> None:
     if value:
-        from flare.runtime.app.entrypoints import version
+        from flare.runtime.foundation.version import version
 
         typer.echo(f"flare-run {version()}")
         raise typer.Exit(0)
@@ -294,7 +294,7 @@ def ts_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     import sys
 
-    from flare.runtime.foundation.lifecycle import guard_stderr, install_signal_handlers
+    from flare.runtime.app.process import guard_stderr, install_signal_handlers
 
     guard_stderr()
     install_signal_handlers()

@@ -39,7 +39,6 @@ __all__ = [
     "infer_ensemble",
     "infer_with_budget",
     "planned_tiles",
-    "sliding_window",
     "softmax_",
     "tile_runner",
     "tile_to_target",
@@ -223,16 +222,6 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
         if on_tile is not None:
             on_tile()
     return labels, plan, base
-
-
-def sliding_window(volume: np.ndarray, engine: Any, roi: tuple[int, int, int], out: np.ndarray, *,
-                   overlap: float = 0.0, blend: str = "constant", activation: str = "softmax",
-                   progress: Progress | None = None, divisor: int = 16) -> TilePlan:
-    """One model over ``volume`` (host), its blended per-tile outputs **added** to ``out`` (C, X, Y, Z float32):
-    :func:`tiled_labels` with ``out`` as the kept accumulator."""
-    _, plan, _ = tiled_labels(volume, [engine.run], roi, np, channels=out.shape[0], overlap=overlap, blend=blend,
-                              activation=activation, base=out, keep_all=True, progress=progress, divisor=divisor)
-    return plan
 
 
 def abdominal_z_range(labels: np.ndarray, spacing_z: float, margin_mm: float = Z_MARGIN_MM) -> tuple[int, int] | None:

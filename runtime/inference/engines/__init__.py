@@ -2,12 +2,10 @@
 
 - :mod:`.base` — the :class:`Engine` protocol, :class:`EngineError`, the NaN/inf check;
 - :mod:`.ort_cpu` — ONNX Runtime, CPU provider;
-- :mod:`.ort_cuda` — ONNX Runtime, CUDA provider (IO binding, arena capped by the memory budget) and its TensorRT
-  provider;
-- :mod:`.tensorrt` — native TensorRT plans (guarded, unverified).
+- :mod:`.ort_cuda` — ONNX Runtime, CUDA provider (IO binding, arena capped by the memory budget);
+- :mod:`.contract` — the bundle's declared inputs/outputs checked against the loaded model.
 
-:func:`create_engine` is the one factory. Nothing heavy is imported here: ONNX Runtime, CuPy and TensorRT load on
-first use (:func:`flare.runtime.inference.device.lazy_import`).
+:func:`create_engine` is the one factory. Nothing heavy is imported here: ONNX Runtime and CuPy load on first use (:func:`flare.runtime.foundation.lazy.lazy_import`).
 """
 
 from __future__ import annotations
