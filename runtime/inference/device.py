@@ -41,6 +41,7 @@ __all__ = [
     "cupy_status",
     "device_memory_used_mb",
     "host_empty",
+    "is_device_array",
     "lazy_import",
     "resolve_device",
     "to_device",
@@ -185,20 +186,49 @@ def resolve_device(device: str) -> Device:
 
 
 # -- host <-> device -----------------------------------------------------------------------------------------------
+#: host bytes per upload step when an array is not contiguous in its memory order (a crop of a nibabel image)
+UPLOAD_CHUNK_BYTES = 16 << 20
+
+
+def is_device_array(arr: Any) -> bool:
+    """True for arrays of a device module (CuPy, or a stand-in with the same ``get``/``set`` interface)."""
+    return callable(getattr(arr, "get", None)) and hasattr(arr, "shape")
+
+
+def _memory_order(arr: np.ndarray) -> tuple[int, ...]:
+    """Axes from slowest- to fastest-varying in memory (C order: 0, 1, 2; Fortran order: 2, 1, 0)."""
+    return tuple(sorted(range(arr.ndim), key=lambda a: -abs(arr.strides[a])))
+
+
 def to_device(arr: Array, xp: ModuleType) -> Array:
-    """``arr`` as an array of ``xp``: no copy with numpy (views stay views), one host→device copy with CuPy."""
+    """``arr`` as an array of ``xp``: no copy with numpy (views stay views); with a device module one host→device
+    copy **in the array's own memory order** — a Fortran-order image or a crop of one is uploaded as the
+    C-contiguous transpose it already is in memory and transposed back on the device as a view (no transposing
+    copy on the host; a strided crop goes up in slabs of :data:`UPLOAD_CHUNK_BYTES`, each a row-wise gather)."""
     if xp is np:
         return np.asarray(arr)
-    if isinstance(arr, np.ndarray):
-        return xp.asarray(np.ascontiguousarray(arr))
-    return xp.asarray(arr)
+    if is_device_array(arr):
+        return xp.asarray(arr)
+    arr = np.asarray(arr)
+    if arr.ndim < 2 or arr.flags.c_contiguous:
+        return xp.asarray(arr)
+    order = _memory_order(arr)
+    view = arr.transpose(order)  # slowest → fastest: the last axis holds the contiguous runs
+    if view.flags.c_contiguous:
+        dev = xp.asarray(view)
+    else:
+        dev = xp.empty(view.shape, view.dtype)
+        step = max(1, UPLOAD_CHUNK_BYTES // max(1, view[0].nbytes))
+        for a in range(0, view.shape[0], step):
+            dev[a:a + step].set(np.ascontiguousarray(view[a:a + step]))
+    return dev.transpose(tuple(int(i) for i in np.argsort(order)))
 
 
 def to_host(arr: Array, out: np.ndarray | None = None) -> np.ndarray:
-    """A numpy array of ``arr`` (one device→host copy for CuPy arrays, into ``out`` when given; none for numpy)."""
-    if isinstance(arr, np.ndarray):
+    """A numpy array of ``arr`` (one device→host copy for device arrays, into ``out`` when given; none for numpy)."""
+    if not is_device_array(arr):
         if out is None:
-            return arr
+            return np.asarray(arr)
         out[...] = arr
         return out
     return arr.get(out=out) if out is not None else arr.get()  # type: ignore[no-any-return]

@@ -172,7 +172,7 @@ class Segmenter:
         return other
 
     # -- stages -------------------------------------------------------------------------------------------------
-    def _locate(self, data_ras: np.ndarray, spacing: tuple[float, float, float]) -> LocateResult:
+    def _locate(self, data_ras: Any, spacing: tuple[float, float, float]) -> LocateResult:
         if self.locator is None:
             return LocateResult(whole_box(data_ras.shape), False, tuple(data_ras.shape), 0)  # type: ignore[arg-type]
         b = self.bundle
@@ -182,14 +182,13 @@ class Segmenter:
                       margin_mm=b.locator_margin_mm, hu_window=b.hu_window, xp=self.xp,
                       choose_rois=self._choose_rois(self.locator, b.locator_roi), on_cpu=on_cpu)
 
-    def _crop_resample(self, data_ras: np.ndarray, spacing: tuple[float, float, float], box: Box) -> Any:
-        """Crop, resample and normalise on the host (one implementation: :mod:`flare.runtime.ops.resample`), then one
-        copy of the float32 volume to the device when the ensemble runs there."""
-        region = crop(data_ras, box)
+    def _crop_resample(self, image: Any, spacing: tuple[float, float, float], box: Box) -> Any:
+        """Crop (a view), resample and normalise where ``image`` lives — on the device after the one upload of the
+        image in its native dtype (one implementation for both: :mod:`flare.runtime.ops.resample` with ``xp``)."""
+        region = crop(image, box)
         shape = output_shape(region.shape, spacing, self.bundle.spacing_mm)
-        vol = resample_linear(region, shape)
-        vol = normalise_hu(vol, self.bundle.hu_window, out=vol)
-        return to_device(vol, self.xp)
+        vol = resample_linear(region, shape, self.xp)
+        return normalise_hu(vol, self.bundle.hu_window, out=vol, xp=self.xp)
 
     def _infer(self, vol: Any, hooks: StageHooks) -> tuple[Any, dict[str, Any] | None]:
         """The fold ensemble, tile-major on ``xp``'s device; on CUDA under the memory budget (smaller tiles on
@@ -256,9 +255,11 @@ class Segmenter:
             data_ras, affine_ras, reorient = to_canonical(img)
             spacing = spacing_from_affine(affine_ras)
         with stage("locate"):
-            loc = self._locate(data_ras, spacing)
+            image = to_device(data_ras, self.xp)  # the one upload: native dtype, in its memory order
+            loc = self._locate(image, spacing)
         with stage("crop_resample"):
-            vol = self._crop_resample(data_ras, spacing, loc.box)
+            vol = self._crop_resample(image, spacing, loc.box)
+            del image
         with stage("infer"):
             per_fold = planned_tiles(vol.shape, self.bundle.roi, self.overlap)
             hooks.tiles_total(per_fold * len(self.engines))
