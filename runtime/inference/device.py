@@ -176,13 +176,22 @@ def resolve_device(device: str) -> Device:
         raise DeviceError(None, "device cuda asked for, but ONNX Runtime has no CUDA provider "
                                 "(install onnxruntime-gpu: pip install 'flare-seg[gpu]')")
     if not has_cuda:
-        log.info("device auto -> cpu (no ONNX Runtime CUDA provider)")
+        _say(f"device auto -> cpu: the installed ONNX Runtime has no CUDA provider ({', '.join(ort_providers())})")
         return Device("cpu", np, why="no ONNX Runtime CUDA provider", seconds=time.perf_counter() - t0)
     ok, why = cupy_status()
     if not ok:
         log.warning("CUDA without CuPy (%s): crop, resampling and the ensemble run on the host", why)
+    if device == "auto":
+        _say(f"device auto -> cuda: ONNX Runtime has the CUDA provider; {why}"
+             + ("" if ok else " (arrays stay on the host)"))
     xp = cupy.load() if ok else np
     return Device("cuda", xp, why=why, seconds=round(time.perf_counter() - t0, 4))
+
+
+def _say(line: str) -> None:
+    """One line on stderr, always (not a log record: ``flare-run`` shows no INFO logs): why ``--device auto``
+    chose what it chose."""
+    print(f"flare: {line}", file=sys.stderr, flush=True)
 
 
 # -- host <-> device -----------------------------------------------------------------------------------------------

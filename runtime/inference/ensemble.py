@@ -434,6 +434,6 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
         return infer_ensemble(volume, engines, roi, xp, overlap=overlap, blend=blend, spacing_z=spacing_z,
                               progress=progress, on_tile=sample)
 
-    result = run_with_fallback(attempt, rois, on_cpu, record=fallback)  # type: ignore[arg-type]
+    result = run_with_fallback(attempt, rois, on_cpu, record=fallback, engines=engines)  # type: ignore[arg-type]
     gpu_peak = None if peak is None or peak.peak_mb is None else round(peak.peak_mb, 1)
     return result, {"budget_mb": budget_mb, "rois_tried": tried, "fallback": fallback, "gpu_peak_mb": gpu_peak}
