@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from flare.runtime.bundle.manifest import Bundle, load_bundle
+from flare.runtime.bundle.manifest import Bundle, load_bundle, verify_bundle
 from flare.runtime.foundation.errors import BundleError
 from flare.runtime.foundation.labels import merged_to_flare
 from flare.runtime.foundation.lifecycle import pause_point
 from flare.runtime.image.nifti import LoadedImage, read_image, to_canonical, write_labels
 from flare.runtime.inference.device import IMPORT_SECONDS, ort, resolve_device, to_device
-from flare.runtime.inference.engines import Engine, create_engine
+from flare.runtime.inference.engines import Engine, create_engine, default_precision
 from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
 from flare.runtime.ops.geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
@@ -34,6 +35,9 @@ from flare.runtime.ops.stats import label_volumes
 log = logging.getLogger("flare.runtime")
 
 __all__ = ["STAGES", "Segmenter", "StageHooks", "segment"]
+
+#: one thread per process that builds fold sessions in the background (see Segmenter.engines)
+_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare-sessions")
 
 STAGES = ("read", "locate", "crop_resample", "infer", "postprocess", "restore", "write")
 
@@ -71,8 +75,8 @@ class Segmenter:
                  cudnn_algo_search: str = "HEURISTIC") -> None:
         from flare.runtime.inference.budget import DEFAULT_BUDGET_MB
 
-        t_init = time.perf_counter()
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        t_init = self._t_init = time.perf_counter()
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_hashes=False)
         n_folds = len(self.bundle.folds)
         self._check_folds(folds, n_folds)
         self._set_overlap(overlap)
@@ -88,26 +92,50 @@ class Segmenter:
         self._set_postprocess(postprocess)
         specs = self.bundle.folds[: folds or n_folds]
         models = list(specs) + ([self.bundle.locator] if self.bundle.locator is not None else [])
+        t_hash = time.perf_counter()  # only the files that will be loaded; cached per file version
+        hashed = verify_bundle(self.bundle, {m.name: precision or default_precision(m, self.device) for m in models})
+        hash_s = time.perf_counter() - t_hash
         self._arena_mb = self._arena_limit(models[0], precision) if self.device == "cuda" else None
         sessions: dict[str, float] = {}
-        engines: list[Engine] = []
-        for spec in models:
+
+        def make(spec: Any) -> Engine:
             t0 = time.perf_counter()
-            engines.append(create_engine(spec, self.dev, precision, threads, mem_limit_mb=self._arena_mb,
-                                         algo_search=cudnn_algo_search))
+            engine = create_engine(spec, self.dev, precision, threads, mem_limit_mb=self._arena_mb,
+                                   algo_search=cudnn_algo_search)
             sessions[spec.name] = round(time.perf_counter() - t0, 4)
-        self.engines = engines[: len(specs)]
-        self.locator: Engine | None = engines[len(specs)] if self.bundle.locator is not None else None
+            return engine
+
+        self.locator: Engine | None = make(self.bundle.locator) if self.bundle.locator is not None else None
+        # the folds' sessions are built on a thread while the first image is read and located (ONNX Runtime
+        # releases the GIL while it builds a session); :attr:`engines` waits for them
+        self._folds_future: Future[list[Engine]] | None = _BUILDER.submit(lambda: [make(s) for s in specs])
+        self._engines: list[Engine] | None = None
         self.load_s = time.perf_counter() - t_init
         self.load: dict[str, Any] = {
             "imports_s": round(sum(IMPORT_SECONDS.values()) - imports_before, 4),
             "device_init_s": round(max(device_init, 0.0), 4),
+            "hash_s": round(hash_s, 4),
+            "files_hashed": hashed,
             "sessions_s": sessions,
             "first_tile_s": None,
             "cudnn_conv_algo_search": cudnn_algo_search if self.device == "cuda" else None,
             "arena_limit_mb": None if self._arena_mb is None else round(self._arena_mb, 1),
         }
         self._first_tile = True
+
+    @property
+    def engines(self) -> list[Engine]:
+        """The fold engines (waits for the background build on first use; its errors are raised here)."""
+        if self._engines is None:
+            assert self._folds_future is not None
+            self._engines = self._folds_future.result()
+            self._folds_future = None
+            self.load_s = max(self.load_s, time.perf_counter() - self._t_init)
+        return self._engines
+
+    @engines.setter
+    def engines(self, value: list[Engine]) -> None:
+        self._engines = value
 
     def _arena_limit(self, spec: Any, precision: str | None) -> float:
         from flare.runtime.inference.budget import MEMORY_MODELS, arena_limit_mb
