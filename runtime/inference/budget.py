@@ -53,7 +53,6 @@ log = logging.getLogger("flare.runtime")
 
 __all__ = [
     "CONTEXT_MB",
-    "DEFAULT_BUDGET_MB",
     "MEMORY_MODELS",
     "WORST_CROP",
     "MemoryModel",
@@ -71,7 +70,6 @@ __all__ = [
 T = TypeVar("T")
 Roi = tuple[int, int, int]
 
-DEFAULT_BUDGET_MB = 4000.0
 MB = 1e6
 #: ONNX Runtime CUDA fp16 time per tile (least-squares fit of the anchors' sweep): ns per voxel and ms per tile
 TIME_NS_PER_VOXEL = 7.84

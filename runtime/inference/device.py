@@ -41,6 +41,7 @@ __all__ = [
     "cupy_status",
     "device_memory_used_mb",
     "host_empty",
+    "cap_memory_pool",
     "is_device_array",
     "lazy_import",
     "resolve_device",
@@ -260,6 +261,14 @@ def host_empty(shape: Sequence[int], dtype: Any, xp: ModuleType, *, zero: bool =
 
 
 # -- device memory -------------------------------------------------------------------------------------------------
+def cap_memory_pool(limit_mb: float) -> None:
+    """Cap CuPy's default memory pool (``set_limit``) at ``limit_mb``: CuPy raises its OutOfMemoryError (which the
+    fallback handles) instead of growing past the plan. A no-op when CuPy is not in use."""
+    cp = sys.modules.get("cupy")
+    if cp is not None and cupy_status()[0]:
+        cp.get_default_memory_pool().set_limit(size=int(limit_mb * 1e6))
+
+
 @functools.lru_cache(maxsize=4)
 def _nvml_handle(device_id: int) -> Any:
     try:

@@ -402,24 +402,23 @@ def planned_tiles(shape: tuple[int, int, int], roi: tuple[int, int, int], overla
 
 
 def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequence[int], xp: ModuleType = np, *,
-                      budget_mb: float | None = None, overlap: float = 0.0, blend: str = "constant",
+                      plan: Any = None, overlap: float = 0.0, blend: str = "constant",
                       spacing_z: float = 1.0, progress: Progress | None = None,
                       on_tile: Callable[[], None] | None = None,
-                      on_cpu: Callable[[], EnsembleResult] | None = None, arena_mb: float | None = None
+                      on_cpu: Callable[[], EnsembleResult] | None = None
                       ) -> tuple[EnsembleResult, dict[str, Any]]:
-    """:func:`infer_ensemble` under a device memory budget: tiles from :func:`flare.runtime.inference.budget.candidate_rois`
-    for the engines' ``(backend, precision)`` (the bundle's roi when there is no memory model for them — the CPU),
-    retried with smaller tiles on out-of-memory errors, then ``on_cpu()``. Returns the result and a report part:
-    ``{"budget_mb", "rois_tried", "fallback", "gpu_peak_mb"}``."""
-    from flare.runtime.inference.budget import MEMORY_MODELS, candidate_rois, run_with_fallback
+    """:func:`infer_ensemble` under the memory plan (:class:`flare.runtime.inference.memory_plan.MemoryPlan`):
+    its tiles (the bundle's roi when no memory model applies — the CPU), retried with smaller tiles on
+    out-of-memory errors, then ``on_cpu()``. Returns the result and a report part:
+    ``{"budget_mb", "rois_tried", "fallback", "gpu_peak_mb", "plan"}``."""
+    from flare.runtime.inference.budget import run_with_fallback
     from flare.runtime.inference.device import DeviceMemoryPeak
 
-    key = (engines[0].backend, engines[0].precision)
+    applies = plan is not None and plan.applies
     rois: list[tuple[int, ...]] = [tuple(int(r) for r in bundle_roi)]
-    if budget_mb is not None and key in MEMORY_MODELS:
-        rois = list(candidate_rois(budget_mb, volume.shape, *key, overlap=overlap, channels=engines[0].out_channels,
-                                   arena_mb=arena_mb))
-    peak = DeviceMemoryPeak() if key in MEMORY_MODELS else None
+    if applies:
+        rois = list(plan.rois(volume.shape, overlap=overlap, channels=engines[0].out_channels))
+    peak = DeviceMemoryPeak() if applies else None
     fallback: list[str] = []
     tried: list[list[int]] = []
 
@@ -436,4 +435,5 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
 
     result = run_with_fallback(attempt, rois, on_cpu, record=fallback, engines=engines)  # type: ignore[arg-type]
     gpu_peak = None if peak is None or peak.peak_mb is None else round(peak.peak_mb, 1)
-    return result, {"budget_mb": budget_mb, "rois_tried": tried, "fallback": fallback, "gpu_peak_mb": gpu_peak}
+    return result, {"budget_mb": plan.budget_mb if plan is not None else None, "rois_tried": tried,
+                    "fallback": fallback, "gpu_peak_mb": gpu_peak, "plan": plan.report() if plan is not None else None}

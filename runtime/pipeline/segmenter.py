@@ -23,9 +23,10 @@ from flare.runtime.foundation.labels import merged_to_flare
 from flare.runtime.foundation.lifecycle import pause_point
 from flare.runtime.image.nifti import LoadedImage, read_image, to_canonical, write_labels
 from flare.runtime.inference.device import IMPORT_SECONDS, ort, resolve_device, to_device
-from flare.runtime.inference.engines import Engine, create_engine, default_precision
+from flare.runtime.inference.engines import Engine, backend_for, create_engine, default_precision
 from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
+from flare.runtime.inference.memory_plan import MemoryPlan
 from flare.runtime.ops.geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
 from flare.runtime.ops.lr_split import split_left_right
 from flare.runtime.ops.postprocessing import check_mode, postprocess
@@ -73,8 +74,6 @@ class Segmenter:
                  overlap: float | None = None, precision: str | None = None, threads: int | None = None,
                  gpu_mem_budget: float | None = None, postprocess: str | None = None,
                  cudnn_algo_search: str = "HEURISTIC") -> None:
-        from flare.runtime.inference.budget import DEFAULT_BUDGET_MB
-
         t_init = self._t_init = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_hashes=False)
         n_folds = len(self.bundle.folds)
@@ -87,7 +86,6 @@ class Segmenter:
         ort.load()  # imported here (not inside the first session's creation) so that the load timings separate
         self.device = self.dev.name
         self.xp = self.dev.xp  # cupy on CUDA when CuPy works: the tile-major ensemble on the device
-        self.gpu_mem_budget = DEFAULT_BUDGET_MB if gpu_mem_budget is None else float(gpu_mem_budget)
         self._precision, self._threads = precision, threads
         self._set_postprocess(postprocess)
         specs = self.bundle.folds[: folds or n_folds]
@@ -95,7 +93,10 @@ class Segmenter:
         t_hash = time.perf_counter()  # only the files that will be loaded; cached per file version
         hashed = verify_bundle(self.bundle, {m.name: precision or default_precision(m, self.device) for m in models})
         hash_s = time.perf_counter() - t_hash
-        self._arena_mb = self._arena_limit(models[0], precision) if self.device == "cuda" else None
+        # the one memory plan of this Segmenter: budget, arena cap, tiles, CuPy's pool (flare.runtime.inference.memory_plan)
+        self.plan = MemoryPlan.build(gpu_mem_budget, backend_for(self.device) if self.device == "cuda" else None,
+                                     precision or default_precision(specs[0], self.device), specs[0].out_channels)
+        self._arena_mb = self.plan.arena_mb
         sessions: dict[str, float] = {}
 
         def make(spec: Any) -> Engine:
@@ -130,6 +131,7 @@ class Segmenter:
             assert self._folds_future is not None
             self._engines = self._folds_future.result()
             self._folds_future = None
+            self.plan.measure_sessions()  # every session exists now: read NVML, tiles from what is left
             self.load_s = max(self.load_s, time.perf_counter() - self._t_init)
         return self._engines
 
@@ -137,28 +139,15 @@ class Segmenter:
     def engines(self, value: list[Engine]) -> None:
         self._engines = value
 
-    def _arena_limit(self, spec: Any, precision: str | None) -> float:
-        from flare.runtime.inference.budget import MEMORY_MODELS, arena_limit_mb
-        from flare.runtime.inference.engines import default_precision
-
-        key = ("onnxruntime-cuda", precision or default_precision(spec, "cuda"))
-        if key not in MEMORY_MODELS:
-            return self.gpu_mem_budget
-        return arena_limit_mb(self.gpu_mem_budget, *key, channels=spec.out_channels)
-
     def _cpu_engine(self, spec: Any) -> Engine:
         """The CPU fallback's engine for ``spec`` (fp32), made when a GPU run has run out of memory."""
         return create_engine(spec, "cpu", "fp32", self._threads)
 
     def _choose_rois(self, engine: Engine, cap: tuple[int, int, int]) -> Any:
-        """Tiles to try for a model under the budget (the bundle's ``cap`` on the CPU)."""
-        from flare.runtime.inference.budget import MEMORY_MODELS, candidate_rois
-
-        key = (engine.backend, engine.precision)
-        if self.device != "cuda" or key not in MEMORY_MODELS:
+        """Tiles to try for a model under the memory plan (the bundle's ``cap`` where no memory model applies)."""
+        if not self.plan.applies:
             return None
-        return lambda shape: candidate_rois(self.gpu_mem_budget, shape, *key, channels=engine.out_channels,
-                                            max_roi=cap, arena_mb=self._arena_mb)
+        return lambda shape: self.plan.rois(shape, max_roi=cap, channels=engine.out_channels)
 
     def check_grids(self, path: Path | None, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int,
                     scaled: bool) -> None:
@@ -238,9 +227,9 @@ class Segmenter:
 
         on_gpu = self.device == "cuda"
         result, part = infer_with_budget(vol, self.engines, self.bundle.roi, self.xp,
-                                         budget_mb=self.gpu_mem_budget if on_gpu else None,
+                                         plan=self.plan if on_gpu else None,
                                          progress=hooks.tiles_done, on_tile=first_tile,
-                                         on_cpu=on_cpu if on_gpu else None, arena_mb=self._arena_mb,
+                                         on_cpu=on_cpu if on_gpu else None,
                                          **kwargs)  # type: ignore[arg-type]
         return result, part if on_gpu else None
 
