@@ -203,7 +203,8 @@ def _bundle(folder: Path) -> Path:
     return folder
 
 
-def run_proxy(case: str = "worst", repeats: int = 2, roi: tuple[int, int, int] = (96, 96, 128)) -> dict[str, Any]:
+def run_proxy(case: str = "worst", repeats: int = 2, roi: tuple[int, int, int] = (96, 96, 128),
+              shape: tuple[int, int, int] = (512, 512, 300)) -> dict[str, Any]:
     """Run the Segmenter's device code path on a synthetic 512x512x300 CT (``worst``: tissue on every slice,
     locator keeps everything; ``realistic``: body over 200 of 300 slices) and return host time per stage and
     host memory (RSS minus live stand-in device bytes) sampled per tile between upload and labels."""
@@ -211,8 +212,8 @@ def run_proxy(case: str = "worst", repeats: int = 2, roi: tuple[int, int, int] =
     from flare.runtime.pipeline.segmenter import Segmenter
 
     xp = StandInXp()
-    body_z = None if case == "worst" else (60, 260)
-    img = synthetic_ct((512, 512, 300), body_z, 0.95 if case == "worst" else 0.7)
+    body_z = None if case == "worst" else (shape[2] // 5, shape[2] * 13 // 15)
+    img = synthetic_ct(shape, body_z, 0.95 if case == "worst" else 0.7)
     loaded = LoadedImage(None, np.asarray(img.dataobj), img.affine, img.header.copy(), (0.75, 0.75, 1.25), False)
     with tempfile.TemporaryDirectory() as tmp:
         seg = Segmenter(_bundle(Path(tmp)), device="cpu")
@@ -223,7 +224,7 @@ def run_proxy(case: str = "worst", repeats: int = 2, roi: tuple[int, int, int] =
         runs = []
         for _ in range(repeats):
             runs.append(_one_run(seg, loaded))
-    return {"case": case, "shape": [512, 512, 300], "roi": list(roi), "runs": runs}
+    return {"case": case, "shape": list(shape), "roi": list(roi), "runs": runs}
 
 
 def _with_roi(bundle: Any, roi: tuple[int, int, int]) -> Any:
@@ -239,11 +240,17 @@ def _one_run(seg: Any, image: Any) -> dict[str, Any]:
     marks: dict[str, tuple[float, float]] = {}
     host_mem = {"peak_mb": 0.0, "baseline_mb": 0.0}
 
+    current = {"stage": "read"}
+    per_stage: dict[str, float] = {}
+
     def sample(_n: int = 0) -> None:
-        host_mem["peak_mb"] = max(host_mem["peak_mb"], _rss_mb() - _CLOCK["live"] / 2**20)
+        host = _rss_mb() - _CLOCK["live"] / 2**20
+        host_mem["peak_mb"] = max(host_mem["peak_mb"], host)
+        per_stage[current["stage"]] = max(per_stage.get(current["stage"], 0.0), host - host_mem["baseline_mb"])
 
     def start(name: str) -> None:
         marks[name] = (time.perf_counter(), _CLOCK["device_s"])
+        current["stage"] = name
         if name == "locate":
             host_mem["baseline_mb"] = _rss_mb()
             host_mem["peak_mb"] = 0.0
@@ -252,8 +259,9 @@ def _one_run(seg: Any, image: Any) -> dict[str, Any]:
     def end(name: str, _seconds: float) -> None:
         t0, d0 = marks[name]
         wall, dev = time.perf_counter() - t0, _CLOCK["device_s"] - d0
-        stages[name] = {"wall_s": round(wall, 3), "device_s": round(dev, 3), "host_s": round(wall - dev, 3)}
         sample()
+        stages[name] = {"wall_s": round(wall, 3), "device_s": round(dev, 3), "host_s": round(wall - dev, 3),
+                        "host_mb_above_start": round(per_stage.get(name, 0.0), 1)}
 
     _CLOCK.update(h2d_bytes=0, d2h_bytes=0)
     _, _, report = seg.segment(image, hooks=StageHooks(stage_start=start, stage_end=end, tiles_done=sample))
@@ -269,6 +277,10 @@ def _one_run(seg: Any, image: Any) -> dict[str, Any]:
 
 
 def main(case: str, repeats: int, output: Path | None) -> dict[str, Any]:
+    if case not in ("worst", "realistic"):
+        from flare.runtime.foundation.errors import InputError
+
+        raise InputError(None, f"--proxy {case!r}: use worst or realistic")
     doc = {"machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            **run_proxy(case, repeats)}
     text = json.dumps(doc, indent=1)
