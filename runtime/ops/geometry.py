@@ -1,6 +1,6 @@
 """Voxel-grid geometry: boxes, crop/uncrop, and the affines of cropped and resampled grids.
 
-Conventions (docs/ARCHITECTURE.md): arrays are indexed ``(i, j, k)`` like nibabel; a :class:`Box` is half-open
+Conventions (docs/architecture.md): arrays are indexed ``(i, j, k)`` like nibabel; a :class:`Box` is half-open
 (``lo`` inclusive, ``hi`` exclusive) in voxel indices; resampled grids follow the *align centres* convention of
 ``torch.nn.functional.interpolate(..., align_corners=False)``: the outer voxel **edges** of the input and output
 grids coincide, so output voxel ``o`` of an axis resampled from ``n_in`` to ``n_out`` voxels sits at input

@@ -1,6 +1,6 @@
 """Separable resampling of 3-D volumes in the align-centres convention, and HU normalisation.
 
-Grid convention (docs/ARCHITECTURE.md, identical to ``torch.nn.functional.interpolate(..., size=out,
+Grid convention (docs/architecture.md, identical to ``torch.nn.functional.interpolate(..., size=out,
 align_corners=False)`` and MONAI ``Resize``): output voxel ``o`` of an axis resampled from ``n_in`` to ``n_out``
 voxels samples input coordinate ``(o + 0.5) * n_in / n_out - 0.5`` clamped to ``[0, n_in - 1]``; linear
 interpolation for images (two taps per axis, no anti-aliasing, like torch), ``floor((o + 0.5) * n_in / n_out)``

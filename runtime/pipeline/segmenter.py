@@ -1,5 +1,5 @@
 """The whole ``flare-run`` pipeline: read → locate → crop/resample → tiled ensemble → left/right split and
-post-processing → restore to the input grid → write. See docs/ARCHITECTURE.md for each step's contract."""
+post-processing → restore to the input grid → write. See docs/architecture.md for each step's contract."""
 
 from __future__ import annotations
 
