@@ -230,7 +230,11 @@ def to_device(arr: Array, xp: ModuleType) -> Array:
         dev = xp.empty(view.shape, view.dtype)
         step = max(1, UPLOAD_CHUNK_BYTES // max(1, view[0].nbytes))
         for a in range(0, view.shape[0], step):
-            dev[a:a + step].set(np.ascontiguousarray(view[a:a + step]))
+            chunk = np.ascontiguousarray(view[a:a + step])
+            if hasattr(dev, "set"):
+                dev[a:a + step].set(chunk)
+            else:  # an array module without CuPy's set(): copy through its asarray
+                dev[a:a + step] = xp.asarray(chunk)
     return dev.transpose(tuple(int(i) for i in np.argsort(order)))
 
 

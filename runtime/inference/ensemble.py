@@ -141,6 +141,16 @@ class _Weights:
         return to_device(self.weight / (cx[:, None, None] * cy[None, :, None] * cz[None, None, :]), self.xp)
 
 
+def _partial_sums(shape: tuple[int, ...], dtype: Any, xp: ModuleType) -> np.ndarray:
+    """The host accumulator ``(C, X, Y, Z)`` of partial sums, ``np.zeros``: pages are touched only where written.
+    With numpy it is the accumulator itself (C order). For a device it only receives overlap slabs, so its memory
+    runs z-major (a ``(Z, Y, X, C)`` array seen transposed): the z-slab of a shifted last tile then touches its own
+    pages only — in C order every 4 KB page holds a piece of every z-range and the slab would touch them all."""
+    if xp is np:
+        return host_empty(shape, dtype, xp, zero=True, pinned=False)
+    return np.zeros(shape[::-1], dtype).transpose(tuple(range(len(shape)))[::-1])
+
+
 def _add(acc: Array, other: Array) -> Array:
     acc += other
     return acc
@@ -192,7 +202,7 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
     labels = host_empty(plan.shape, np.uint8, xp, zero=True)
     fresh = _fresh_tiles(plan) if base is None else set()  # a caller's base always holds earlier contributions
     if keep_all and base is None:
-        base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True, pinned=False)
+        base = _partial_sums((channels,) + plan.shape, base_dtype, xp)
     for start in plan.starts:
         parts = tile_to_target(plan, start)
         if parts is None:  # a tile wholly in the zero padding: nothing of it is kept
@@ -239,7 +249,7 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
         rest = keep_all or any(f.stop < v.stop - v.start for f, v in zip(final, vol_sl))
         if rest and not in_place:
             if base is None:
-                base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True, pinned=False)
+                base = _partial_sums((channels,) + plan.shape, base_dtype, xp)
             for part in ([tuple(slice(0, v.stop - v.start) for v in vol_sl)] if keep_all else
                          _later_slabs(final, vol_sl)):  # only what later tiles read: overlap slabs
                 dest = (slice(None),) + tuple(slice(v.start + p.start, v.start + p.stop) for v, p in zip(vol_sl, part))
