@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,8 @@ def _file_version(path: Path) -> list[int]:
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def verify_files(root: Path, files: list[tuple[Path, str, str]]) -> int:
+def verify_files(root: Path, files: list[tuple[Path, str, str]],
+                 check: Callable[[Path, str], None] | None = None) -> int:
     """Check each ``(path, expected sha256, what)``; a mismatch is a one-line BundleError. A file whose version
     (inode, size, mtime_ns) matches the cache (:func:`_hash_cache_file`) with the expected hash is not read again;
     hashes computed here are added to the cache (atomic write; an unwritable cache is only a slower next start).
@@ -167,6 +169,8 @@ def verify_files(root: Path, files: list[tuple[Path, str, str]]) -> int:
         hashed += 1
         if digest != expected:
             raise BundleError(path, f"sha256 mismatch for {what}: the file was changed or corrupted")
+        if check is not None:  # further checks of a new file version (cached with its hash)
+            check(path, what)
         entries[str(path)] = {"version": version, "sha256": digest}
     if hashed:
         try:
@@ -191,7 +195,7 @@ def verify_bundle(bundle: Bundle, precisions: dict[str, str] | None = None) -> i
         else:
             continue
         todo += [(f.path, f.sha256, f"{m.name} ({p})") for p, f in chosen]
-    return verify_files(bundle.root, todo)
+    return verify_files(bundle.root, todo, check=_check_self_contained)
 
 
 MAX_BUNDLE_JSON_BYTES = 4 * 2**20
@@ -285,6 +289,21 @@ def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path) -> 
     return ModelSpec(name=entry.get("name", where), in_channels=entry.get("in_channels", 1),
                      out_channels=entry["out_channels"], spatial_divisor=entry.get("spatial_divisor", 16),
                      opset=entry.get("opset", 17), files=files)
+
+
+def _check_self_contained(path: Path, what: str) -> None:
+    """Every byte a model loads must be covered by its sha256: ONNX external-data files are refused."""
+    from flare.runtime.bundle.onnx_scan import uses_external_data
+
+    if not path.name.lower().endswith(".onnx"):
+        return
+    try:
+        external = uses_external_data(path)
+    except (OSError, ValueError) as exc:
+        raise BundleError(path, f"model file of {what} is not a valid ONNX file ({exc})") from None
+    if external:
+        raise BundleError(path, f"model {what} keeps weights in ONNX external-data files, which no "
+                                "sha256 of the bundle covers; export it with the weights inside the .onnx file")
 
 
 def _check_cross_fields(b: Bundle, bundle_json: Path) -> None:
