@@ -23,6 +23,7 @@ import typer
 from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
 from flare.runtime.app.process import Terminated
 from flare.runtime.foundation.errors import FlareError, InputError
+from flare.runtime.inference.memory_plan import DEFAULT_BUDGET_MB
 from flare.runtime.ops.postprocessing import Mode
 
 if TYPE_CHECKING:
@@ -167,8 +168,9 @@ def run(
     precision: Annotated[Precision | None, typer.Option(help="Model precision (default: fp16 on CUDA when the "
                                                              "bundle has it, else fp32).", show_default=False)] = None,
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
-                              help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
-                              ] = 4000.0,
+                              help="GPU memory budget in MB (the process's whole NVML footprint): picks the tile "
+                                   "size; OOM retries smaller, then CPU.")
+                              ] = DEFAULT_BUDGET_MB,
     cudnn_algo_search: Annotated[str, typer.Option(help="CUDA: cuDNN convolution algorithm search, HEURISTIC "
                                  "(fast start) or EXHAUSTIVE (benchmarks each conv on the first tile).")
                                  ] = "HEURISTIC",

@@ -76,6 +76,7 @@ def cuda_provider_options(precision: str, *, device_id: int = 0, mem_limit_mb: f
 
 
 _SHARED_ARENAS: dict[int, bool] = {}
+_ARENA_LIMITS: dict[int, float | None] = {}
 
 
 def shared_cuda_arena(device_id: int = 0, mem_limit_mb: float | None = None) -> bool:
@@ -83,7 +84,12 @@ def shared_cuda_arena(device_id: int = 0, mem_limit_mb: float | None = None) -> 
     uses (``session.use_env_allocators``), capped at ``mem_limit_mb`` (None: no cap) — five folds must not hold five
     arenas. False (per-session arenas, each with the same cap, and a warning) when this ONNX Runtime cannot."""
     if device_id in _SHARED_ARENAS:
+        if _ARENA_LIMITS.get(device_id) != mem_limit_mb:
+            log.warning("ONNX Runtime's CUDA arena is per process and was capped at %s MB by the first Segmenter; "
+                        "this one's %s MB changes its tile choice only, not the arena (use one budget per process)",
+                        _ARENA_LIMITS.get(device_id), mem_limit_mb)
         return _SHARED_ARENAS[device_id]
+    _ARENA_LIMITS[device_id] = mem_limit_mb
     try:
         info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
         cfg = ort.OrtArenaCfg(int(mem_limit_mb * 1e6) if mem_limit_mb else 0, 1, -1, -1)  # 1 = kSameAsRequested
@@ -111,6 +117,8 @@ class CudaOrtEngine:
         mf, self.precision = model_file(spec, precision)
         check_provider(self.provider, mf.path)
         so = session_options(threads)
+        if self.provider == CUDA_EP:  # every node on the GPU, or a one-line error: no silent CPU placement
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         if share_arena and shared_cuda_arena(device_id, mem_limit_mb):
             so.add_session_config_entry("session.use_env_allocators", "1")
         self.spec, self.name, self.out_channels = spec, spec.name, spec.out_channels
@@ -133,6 +141,20 @@ class CudaOrtEngine:
                                        "or put them on LD_LIBRARY_PATH)")
         check_model_contract(mf, spec, self.session, probe=False)  # declared names/types/channels vs the model
         self._binding = self.session.io_binding()
+        self._run_options: Any = None
+        self._in_buf: Any = None
+        self._out_buf: Any = None
+
+    def _providers(self, cuda_opts: dict[str, str]) -> list[Any]:
+        return [(CUDA_EP, cuda_opts), "CPUExecutionProvider"]
+
+    def shrink_arena(self) -> None:
+        """After an out-of-memory error: every later run returns the arena's unused chunks to the device at its
+        end (ONNX Runtime's ``memory.enable_memory_arena_shrinkage``), so the smaller retry tiles start from a
+        smaller footprint. Unmeasured on a GPU."""
+        ro = ort.RunOptions()
+        ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device_id}")
+        self._run_options = ro
 
     def run(self, tile: np.ndarray) -> np.ndarray:
         """Host tile in, host float32 logits out (with CuPy: through :meth:`run_cupy`)."""
@@ -144,7 +166,7 @@ class CudaOrtEngine:
         io.clear_binding_outputs()
         io.bind_cpu_input(self._input_name, tile)
         io.bind_output(self._output_name, "cuda", self.device_id)
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self._run_options)
         out = np.asarray(io.copy_outputs_to_cpu()[0], dtype=np.float32)
         return check_finite(out, np, self._path, self.name, self.precision, self.provider)  # type: ignore[no-any-return]
 
@@ -160,7 +182,7 @@ class CudaOrtEngine:
         io.bind_input(self._input_name, "cuda", self.device_id, self._in_dtype, list(tile.shape), tile.data.ptr)
         io.bind_output(self._output_name, "cuda", self.device_id, self._out_dtype, list(out.shape), out.data.ptr)
         cp.cuda.get_current_stream().synchronize()  # ONNX Runtime computes on its own stream
-        self.session.run_with_iobinding(io)  # returns once its stream has finished
+        self.session.run_with_iobinding(io, self._run_options)  # returns once its stream has finished
         out = out.astype(cp.float32, copy=False)  # a copy only for fp16 logits
         return check_finite(out, cp, self._path, self.name, self.precision, self.provider)
 
