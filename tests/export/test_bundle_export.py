@@ -75,7 +75,7 @@ def test_parity_on_fresh_tile(exported: Path, tiny_checkpoints: Path) -> None:
         assert np.abs(out - ref).max() / np.abs(ref).max() < tol
 
 
-def test_fp16_file_is_fp16_with_fp32_norms(exported: Path) -> None:
+def test_fp16_file_is_fp16_with_fp16_batch_norms(exported: Path) -> None:
     import onnx
     from onnx import TensorProto
 
@@ -86,7 +86,9 @@ def test_fp16_file_is_fp16_with_fp32_norms(exported: Path) -> None:
     norms = [n for n in m.graph.node if n.op_type.endswith("Normalization")]
     assert convs and norms
     assert all(types[n.input[1]] == TensorProto.FLOAT16 for n in convs)  # fp16 weights
-    assert all(types[i] == TensorProto.FLOAT for n in norms for i in n.input if i)  # norms in fp32
+    # BatchNormalization runs in fp16 (issue 16); normalisations over a whole tile (instance/group/layer) stay fp32
+    assert all(types[i] == TensorProto.FLOAT16 for n in norms if n.op_type == "BatchNormalization" for i in n.input if i)
+    assert all(types[i] == TensorProto.FLOAT for n in norms if n.op_type != "BatchNormalization" for i in n.input if i)
     assert (exported / "fold0.fp16.onnx").stat().st_size < 0.6 * (exported / "fold0.fp32.onnx").stat().st_size
 
 
