@@ -1,0 +1,21 @@
+"""flare-demo's closing table: the headline over every held-out case and a per-class table, short."""
+
+from __future__ import annotations
+
+from flare.export.demo import summary_lines
+from flare.runtime import labels as L
+from flare.train.proof import summarise
+
+
+def test_summary_is_short_and_has_the_headline() -> None:
+    per_case = [{c: 0.5 for c in range(1, L.NUM_FLARE_IDS)} for _ in range(12)]
+    summary = {"out": "demo-out", "seconds": {"total": 540.0},
+               "results": {"heldout": {"summary": summarise(per_case)}, "load_before": [3.0, 2.0, 1.0],
+                           "real_ct": {"organ_mean_dice": 0.1}, "bench_report": "demo-out/bench/report.md",
+                           "default_bundle": "~/.cache/flare/bundle"}}
+    lines = summary_lines(summary)
+    assert len(lines) <= 15 and all(len(line) <= 120 for line in lines)
+    assert "12 cases" in lines[0] and "13-organ mean Dice 0.5" in lines[0]
+    body = "\n".join(lines)
+    assert all(L.name_of(c) in body for c in range(1, L.NUM_FLARE_IDS))
+    assert "demo-out/demo.json" in body and "load average at start 3.0" in body
