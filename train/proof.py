@@ -237,9 +237,10 @@ def heldout_entries(test_dir: Path) -> list[dict[str, Any]]:
 
 def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof", folds: int = 1,
               train_cases: int = 40, test_cases: int = 12, naive: bool = True, curve: bool = True,
-              overrides: dict[str, Any] | None = None, size: int = PHANTOM_SIZE, say: Say = _quiet,
+              overrides: dict[str, Any] | None = None, size: int = PHANTOM_SIZE, threads: int = 2, say: Say = _quiet,
               command: str = "") -> dict[str, Any]:
-    """The whole proof; returns (and writes to ``OUT/proof.json``) the results, ``OUT/curve.png``, ``OUT/proof.md``."""
+    """The whole proof; returns (and writes to ``OUT/proof.json``) the results, ``OUT/curve.png``, ``OUT/proof.md``.
+    The naive run trains in a second process beside the two-stage run, each with ``threads`` torch threads."""
     from .config import load_config
     from .run import run_all
 
@@ -267,13 +268,13 @@ def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof",
     t = time.perf_counter()
     say(f"two-stage training ({folds} fold{'s' if folds > 1 else ''}, config {cfg['name']}) -> {out / 'two_stage'}"
         + (f"; naive training (partial labels as given, as many steps) -> {out / 'naive'} at the same time, in a "
-           "second process (one torch thread each)" if naive else ""))
+           f"second process ({threads} torch thread(s) each)" if naive else ""))
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         # the naive run needs no locator of its own: the two-stage run's is trained on the same cases and seed
         naive_job = pool.submit(run_all, train_dir, out / "naive", cfg, folds, naive=True, locator=False, quiet=True,
-                                threads=1) if naive else None
+                                threads=threads) if naive else None
         res["two_stage_training"] = _slim_summary(run_all(train_dir, out / "two_stage", cfg, folds, quiet=True,
-                                                          threads=1 if naive else 2))
+                                                          threads=threads))
         if naive_job is not None:
             res["naive_training"] = _slim_summary(naive_job.result())
     lap("train", t)
