@@ -98,7 +98,7 @@ def demo(
 
 
 def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1, bench: bool = True,
-             install: bool = True) -> dict[str, Any]:
+             install: bool = True, config: str | dict[str, Any] = "demo", size: int = 96) -> dict[str, Any]:
     from flare.benchmarks.cases import shared_data_dir
     from flare.export import export_bundle
     from flare.runtime import Segmenter
@@ -118,12 +118,13 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
 
     t = time.perf_counter()
     _say(f"1/6 phantoms: {cases} for training, {test_cases} held out from seed {TEST_SEED} -> {out}")
-    train_dir, test_dir = make_sets(out, cases, test_cases)
+    train_dir, test_dir = make_sets(out, cases, test_cases, size)
     step("phantoms", t)
     t = time.perf_counter()
-    _say(f"2/6 training (config demo, 4 mm, {folds} fold{'s' if folds > 1 else ''}): locator, stage 1, pseudo-labels, "
+    name = config if isinstance(config, str) else config["name"]
+    _say(f"2/6 training (config {name}, {folds} fold{'s' if folds > 1 else ''}): locator, stage 1, pseudo-labels, "
          f"stage 2; log: {out / 'checkpoints' / 'train.log'}")
-    train = run_all(train_dir, out / "checkpoints", config="demo", folds=folds, quiet=True)
+    train = run_all(train_dir, out / "checkpoints", config=config, folds=folds, quiet=True)
     results["training"] = {k: train.get(k) for k in ("n_training", "n_fully_labelled", "n_pseudolabelled", "seconds")}
     step("train", t)
     t = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from flare.export.demo import summary_lines
 from flare.runtime import labels as L
 from flare.train.proof import summarise
@@ -19,3 +20,19 @@ def test_summary_is_short_and_has_the_headline() -> None:
     body = "\n".join(lines)
     assert all(L.name_of(c) in body for c in range(1, L.NUM_FLARE_IDS))
     assert "demo-out/demo.json" in body and "load average at start 3.0" in body
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_scores_every_heldout_case(tmp_path) -> None:
+    from flare.export.demo import run_demo
+    from flare.train.config import load_config
+
+    cfg = load_config("demo", {"spacing_mm": [8.0, 8.0, 8.0],
+                               "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
+                               "train": {"epochs": 1, "steps_per_epoch": 2}, "stage2": {"epochs": 1},
+                               "locator": {"train": {"epochs": 1, "steps_per_epoch": 2}}})
+    summary = run_demo(tmp_path, cases=10, test_cases=2, bench=False, install=False, config=cfg, size=48)
+    held = summary["results"]["heldout"]
+    assert held["summary"]["cases"] == 2 and len(held["per_case"]) == 2
+    assert len(list((tmp_path / "heldout_seg").glob("*.nii.gz"))) == 2
+    assert (tmp_path / "demo.json").is_file() and (tmp_path / "bundle" / "bundle.json").is_file()
