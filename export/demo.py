@@ -78,6 +78,8 @@ def demo(
                                         "two-stage and naive, learning curve; see docs/training.md) -> OUT/proof.md, "
                                         "OUT/proof.json, OUT/curve.png")] = False,
     folds: Annotated[int, typer.Option(min=1, help="Folds (1: one model trained on every case).")] = 1,
+    config: Annotated[str | None, typer.Option(help="Training config, named or a JSON file (default: demo, or proof "
+                                                    "with --proof).")] = None,
 ) -> None:
     """Phantoms → training (config demo: 4 mm, one fold, two-stage) → fp16 export → flare-run on every held-out
     phantom and the real CT → benchmark → default bundle. Output: a short table; everything in OUT/demo.json."""
@@ -85,13 +87,14 @@ def demo(
         if proof:
             from flare.train.proof import run_proof
 
-            res = run_proof(out, folds=folds, train_cases=cases, test_cases=test_cases, say=_say,
-                            command=f"flare-demo --proof --out {out} --cases {cases} --test-cases {test_cases} "
-                                    f"--folds {folds}")
+            res = run_proof(out, config=config or "proof", folds=folds, train_cases=cases, test_cases=test_cases,
+                            say=_say, command=f"flare-demo --proof --out {out} --cases {cases} --test-cases "
+                                              f"{test_cases} --folds {folds} --config {config or 'proof'}")
             typer.echo((out / "proof.md").read_text(), nl=False)
             _say(f"details: {out / 'proof.json'}, curve: {out / 'curve.png'}; {res['seconds']['total']:.0f} s")
             return
-        run_demo(out, cases=cases, test_cases=test_cases, folds=folds, bench=bench, install=install)
+        run_demo(out, cases=cases, test_cases=test_cases, folds=folds, bench=bench, install=install,
+                 config=config or "demo")
     except FlareError as err:
         _say(f"error: {err}")
         raise typer.Exit(2) from None
