@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flare.runtime.bundle import FORMAT, model_entry, new_bundle_json, sha256_file, write_bundle_json
-from flare.runtime.errors import OutputError
+from flare.runtime.bundle.manifest import FORMAT, model_entry, new_bundle_json, sha256_file, write_bundle_json
+from flare.runtime.foundation.errors import OutputError
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, SPATIAL_DIVISOR, export_onnx, optimise_if_helpful
 from .sources import ExportSources, ModelSource, config_hash, flare_sources
@@ -30,7 +30,7 @@ def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, fp16: bool = False,
                   opset: int = 17, verify: bool = True, progress: bool = True, command: str | None = None) -> Path:
     """Export the ``flare-train`` checkpoints in ``ckpt_dir`` (locator + fold0..N) to a bundle at ``out_dir``.
 
-    Returns the bundle folder. Problems raise :class:`flare.runtime.errors.FlareError` subclasses."""
+    Returns the bundle folder. Problems raise :class:`flare.runtime.foundation.errors.FlareError` subclasses."""
     if trt:
         from .trt import import_tensorrt
 

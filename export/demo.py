@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from flare.runtime.errors import FlareError
+from flare.runtime.foundation.errors import FlareError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -30,7 +30,7 @@ def _say(msg: str) -> None:
 def install_default_bundle(bundle: Path, target: Path) -> Path:
     """Copy ``bundle`` to ``target`` (the default bundle folder) through a temporary folder and a rename; an
     existing flare bundle there is replaced, anything else is refused."""
-    from flare.runtime.bundle import load_bundle
+    from flare.runtime.bundle.manifest import load_bundle
 
     if target.exists() and not (target / "bundle.json").is_file():
         raise FlareError(target, "exists and is not a flare bundle; not replacing it (set FLARE_BUNDLE elsewhere)")
@@ -51,7 +51,7 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
 def segment_and_score(seg: Any, image: Path, truth: Path | None, out: Path) -> dict[str, Any]:
     """Run the runtime on ``image`` into ``out`` and score it against ``truth`` when given (classes of the truth)."""
     import nibabel as nib
-    from flare.runtime.labels import ORGAN_IDS, name_of
+    from flare.runtime.foundation.labels import ORGAN_IDS, name_of
     from flare.train.proof import case_dice
 
     labels, _, report = seg.segment(image, output=out)
@@ -105,8 +105,8 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
     from flare.benchmarks.cases import shared_data_dir
     from flare.export import export_bundle
     from flare.runtime import Segmenter
-    from flare.runtime.atomic import write_text_atomic
-    from flare.runtime.bundle import default_bundle_dir
+    from flare.runtime.foundation.atomic import write_text_atomic
+    from flare.runtime.bundle.manifest import default_bundle_dir
     from flare.train.proof import TEST_SEED, heldout_entries, make_sets, score_bundle
     from flare.train.run import run_all
 

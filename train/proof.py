@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime import labels as L
-from flare.runtime.atomic import write_text_atomic
+from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.atomic import write_text_atomic
 
 #: the six large organs of the issue's target (both kidneys count)
 LARGE_ORGANS = (L.LIVER, L.RIGHT_KIDNEY, L.LEFT_KIDNEY, L.SPLEEN, L.AORTA, L.STOMACH)
@@ -124,7 +124,7 @@ def resolution_ceiling(entries: Sequence[dict[str, Any]], spacing_mm: float) -> 
     """Dice of the truth itself resampled to ``spacing_mm`` and back (nearest neighbour, the runtime's grids):
     the most a perfect network trained at that spacing can score."""
     import nibabel as nib
-    from flare.runtime.resample import output_shape, resample_nearest
+    from flare.runtime.ops.resample import output_shape, resample_nearest
 
     per_case = []
     for entry in entries:
@@ -191,7 +191,7 @@ def plot_curve(points: Sequence[dict[str, Any]], ceiling: dict[str, Any], path: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from flare.runtime.atomic import atomic_path
+    from flare.runtime.foundation.atomic import atomic_path
 
     steps = [p["step"] for p in points]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)

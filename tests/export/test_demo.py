@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from flare.export.demo import summary_lines
-from flare.runtime import labels as L
+from flare.runtime.foundation import labels as L
 from flare.train.proof import summarise
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flare.runtime import labels as L
+from flare.runtime.foundation import labels as L
 from flare.train.phantoms import make_phantoms
 from flare.train.proof import (
     LARGE_ORGANS,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flare.runtime import labels as L
+from flare.runtime.foundation import labels as L
 from flare.train.datalist import draw_folds
 from flare.train.run import fold_sets
 

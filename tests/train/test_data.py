@@ -1,0 +1,89 @@
+"""Streaming data: disk cache, capped crop centres, axial-plane scaling; per-worker seeding and reproducibility."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flare.train.config import load_config, role_config
+from flare.train.data import augment_transform, train_dataset
+from flare.train.datalist import load_datalist
+from flare.train.distributed import Dist
+from flare.train.engine import _loader
+from flare.train.phantoms import make_phantoms
+
+SMALL = {"spacing_mm": [8.0, 8.0, 8.0], "train": {"num_crops": 1},
+         "augment": {"prob_affine": 1.0, "hist_shift_prob": 1.0, "contrast_prob": 1.0},
+         "data": {"max_samples_per_class": 50}}
+ONE = Dist(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def entries(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("data_phantoms")
+    make_phantoms(out, 3, seed=2, size=48, holdout=0, folds=2)
+    return [{**e, "label": e["label_full"]} for e in load_datalist(out)["training"]]
+
+
+def _first_images(ds, eff: dict, seed: int, n: int, workers: int) -> list[torch.Tensor]:
+    loader, _ = _loader(ds, {**eff, "train": {**eff["train"], "num_workers": workers}}, seed, ONE)
+    out = []
+    for batch in loader:
+        out.append(batch["image"].clone())
+        if len(out) == n:
+            break
+    return out
+
+
+def test_disk_cache_and_capped_indices(entries: list[dict], tmp_path: Path) -> None:
+    eff = role_config(load_config("tiny", SMALL), "fold")
+    ds = train_dataset(entries, eff, tmp_path / "cache")
+    crops = ds[0]
+    assert isinstance(crops, list) and crops[0]["image"].shape[1:] == torch.Size(eff["roi"])
+    files = list((tmp_path / "cache").rglob("*.pt"))
+    assert len(files) == 1  # one preprocessed case on disk, none kept by the dataset
+    cached = torch.load(files[0], weights_only=False)
+    assert max(len(ix) for ix in cached["label_cls_indices"]) <= 50  # crop centres capped per class
+    assert cached["image"].dtype == torch.float32 and cached["image"].shape[0] == 1
+
+
+def test_axial_plane_scaling_is_configurable() -> None:
+    def scale_range(axes: str) -> tuple:
+        eff = role_config(load_config("tiny", {"augment": {"scale_axes": axes}}), "fold")
+        affine = next(t for t in augment_transform(eff).transforms if type(t).__name__ == "RandAffined")
+        return tuple(affine.rand_affine.rand_affine_grid.scale_range)
+
+    assert scale_range("xy") == (0.1, 0.1, 0.0)  # the paper: scaling in the axial plane
+    assert scale_range("xyz") == (0.1, 0.1, 0.1)  # the old behaviour stays reachable
+    assert load_config("flare23")["augment"]["scale_axes"] == "xy"
+
+
+def test_workers_draw_different_crops_and_seed_reproduces(entries: list[dict], tmp_path: Path) -> None:
+    eff = role_config(load_config("tiny", {**SMALL, "data": {"cache": "memory"}}), "fold")
+    ds = train_dataset(entries[:1], eff, None)  # one case: every batch is a random crop of the same volume
+    # 2 workers: batch 0 comes from worker 0, batch 1 from worker 1 -> their augmentations must differ
+    two = _first_images(torch.utils.data.ConcatDataset([ds] * 4), eff, seed=5, n=2, workers=2)
+    assert not torch.equal(two[0], two[1])
+    again = _first_images(torch.utils.data.ConcatDataset([ds] * 4), eff, seed=5, n=2, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(two, again, strict=True))  # same seed, same crops
+    one = _first_images(ds, eff, seed=5, n=1, workers=0)
+    assert torch.equal(one[0], _first_images(ds, eff, seed=5, n=1, workers=0)[0])
+    assert not torch.equal(one[0], _first_images(ds, eff, seed=6, n=1, workers=0)[0])
+
+
+def test_crop_centres_drawn_over_the_15_flare_classes(entries: list[dict], tmp_path: Path) -> None:
+    """The paper's "equal probability from one of the 15 regions": each kidney and adrenal gland is a region of its
+    own (the cache keeps FLARE ids and 15 index lists), and training crops come out in the 13 merged classes."""
+    from flare.runtime.foundation import labels as L
+
+    eff = role_config(load_config("tiny", SMALL), "fold")
+    ds = train_dataset(entries, eff, tmp_path / "cache")
+    crops = [c for i in range(len(ds)) for c in ds[i]]
+    cached = torch.load(next((tmp_path / "cache").rglob("*.pt")), weights_only=False)
+    assert len(cached["label_cls_indices"]) == L.NUM_FLARE_IDS
+    ids = set(torch.unique(cached["label"]).tolist())
+    assert {L.RIGHT_KIDNEY, L.LEFT_KIDNEY} <= ids  # FLARE ids in the cache, not merged classes
+    assert all(len(cached["label_cls_indices"][c]) > 0 for c in ids)
+    merged = set().union(*(torch.unique(c["label"]).tolist() for c in crops))
+    assert max(merged) < L.NUM_MERGED_CLASSES and L.LEFT_KIDNEY not in merged
