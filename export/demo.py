@@ -105,8 +105,8 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
     from flare.benchmarks.cases import shared_data_dir
     from flare.export import export_bundle
     from flare.runtime import Segmenter
-    from flare.runtime.foundation.atomic import write_text_atomic
     from flare.runtime.bundle.manifest import default_bundle_dir
+    from flare.runtime.foundation.atomic import write_text_atomic
     from flare.train.proof import TEST_SEED, heldout_entries, make_sets, score_bundle
     from flare.train.run import run_all
 
