@@ -282,26 +282,31 @@ def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof",
                                  out / ".view", locator=out / "two_stage" / "locator")
                for name in (("two_stage", "naive") if naive else ("two_stage",))}
     t = time.perf_counter()
-    for name, bundle in bundles.items():
-        modes = ("paper", "strict") if name == "two_stage" else ("paper",)  # the ablation compares paper vs paper
-        say(f"scoring {name} through flare.runtime on {len(tests)} unseen phantoms ({' and '.join(modes)} "
-            "post-processing)")
-        res[name] = score_bundle(bundle, tests, postprocess=modes, out_dir=out / f"seg_{name}")
+    stage1_steps = int(cfg["train"]["epochs"]) * int(cfg["train"]["steps_per_epoch"])
+    total = stage1_steps + int(cfg["stage2"]["epochs"]) * int(cfg["train"]["steps_per_epoch"])
+    say(f"scoring through flare.runtime on {len(tests)} unseen phantoms, in parallel processes: two-stage (paper and "
+        "strict post-processing)" + (", naive (paper)" if naive else "") + (", the learning curve" if curve else ""))
+    jobs = 1 + int(naive) + int(curve)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        scoring = {name: pool.submit(score_bundle, bundle, tests, out_dir=out / f"seg_{name}",
+                                     postprocess=("paper", "strict") if name == "two_stage" else ("paper",))
+                   for name, bundle in bundles.items()}  # the ablation compares the paper's rules on both
+        curve_job = pool.submit(learning_curve, out / "two_stage", folds, tests, out / ".curve",
+                                stage1_steps=stage1_steps, skip={total}) if curve else None
+        for name, job in scoring.items():
+            res[name] = job.result()
+        res["curve"] = curve_job.result() if curve_job is not None else []
     lap("score", t)
     if curve:
-        t = time.perf_counter()
-        stage1_steps = int(cfg["train"]["epochs"]) * int(cfg["train"]["steps_per_epoch"])
         final = res["two_stage"]["paper"]["summary"]
-        total = stage1_steps + int(cfg["stage2"]["epochs"]) * int(cfg["train"]["steps_per_epoch"])
-        res["curve"] = learning_curve(out / "two_stage", folds, tests, out / ".curve", stage1_steps=stage1_steps,
-                                      say=say, skip={total})
         res["curve"].append({"step": total, "stage": "stage 2 (final)",
                              **{k: final[k] for k in ("organ_mean", "large6_mean", "tumor", "missing_mean")}})
-        lap("curve", t)
-        if res["curve"]:
-            plot_curve(res["curve"], res["ceiling"][f"{spacing:g}mm"], out / "curve.png",
-                       f"tiny SegResNetDS at {spacing:g} mm, {folds} fold(s), two-stage; "
-                       f"{len(tests)} unseen phantoms (seed {TEST_SEED})")
+        for point in res["curve"]:
+            say(f"curve: step {point['step']} ({point['stage']}): 13-organ mean {point['organ_mean']}, six large "
+                f"{point['large6_mean']}, tumor {point['tumor']}")
+        plot_curve(res["curve"], res["ceiling"][f"{spacing:g}mm"], out / "curve.png",
+                   f"tiny SegResNetDS at {spacing:g} mm, {folds} fold(s), two-stage; "
+                   f"{len(tests)} unseen phantoms (seed {TEST_SEED})")
     res["seconds"] = {**times, "total": round(time.perf_counter() - t0, 1)}
     res["load_after"] = [round(v, 2) for v in os.getloadavg()]
     write_text_atomic(out / "proof.json", json.dumps(res, indent=1) + "\n")
