@@ -120,6 +120,45 @@ def missing_organs() -> tuple[int, ...]:
     return tuple(c for c in ORGANS if c not in SUBSETS["organs5_tumor"])
 
 
+def scores_key(folders: Sequence[Path], entries: Sequence[dict[str, Any]], modes: Sequence[str]) -> str:
+    """What a score depends on: the checkpoints' bytes (locator and folds), the test cases and the modes."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([[str(e["image"]) for e in entries], list(modes)]).encode())
+    for folder in folders:
+        h.update(hashlib.sha256((Path(folder) / "model.pt").read_bytes()).digest())
+    return h.hexdigest()
+
+
+def cached_scores(cache: Path, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()``, or its earlier result stored in ``cache`` under the same ``key`` (a rerun of the proof does
+    not score the same models again)."""
+    if cache.is_file():
+        doc = json.loads(cache.read_text())
+        if doc.get("key") == key:
+            return doc["result"]
+    result = compute()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cache, json.dumps({"key": key, "result": result}) + "\n")
+    return result
+
+
+def score_checkpoints(ckpt_root: Path, folds: Sequence[Path], entries: Sequence[dict[str, Any]], bundle_dir: Path,
+                      cache: Path, *, locator: Path | None = None, postprocess: Sequence[str] = ("paper",),
+                      out_dir: Path | None = None) -> dict[str, Any]:
+    """Export the locator + ``folds`` (:func:`export_view`) to ``bundle_dir`` and :func:`score_bundle` it, unless
+    ``cache`` holds the scores of the same checkpoints."""
+    loc = locator or ckpt_root / "locator"
+    key = scores_key([loc, *folds], entries, postprocess)
+
+    def compute() -> dict[str, Any]:
+        bundle = export_view(ckpt_root, folds, bundle_dir, bundle_dir.with_name(f".view-{bundle_dir.name}"),
+                             locator=loc)
+        return score_bundle(bundle, entries, postprocess=postprocess, out_dir=out_dir)
+
+    return cached_scores(cache, key, compute)
+
+
 def resolution_ceiling(entries: Sequence[dict[str, Any]], spacing_mm: float) -> dict[str, Any]:
     """Dice of the truth itself resampled to ``spacing_mm`` and back (nearest neighbour, the runtime's grids):
     the most a perfect network trained at that spacing can score."""
@@ -175,8 +214,8 @@ def learning_curve(ckpt_root: Path, folds: int, entries: Sequence[dict[str, Any]
     for step, folders, stage in sets:
         if step in skip or not all((f / "model.pt").is_file() for f in folders):
             continue
-        bundle = export_view(ckpt_root, folders, work / "bundle", work / "view")
-        s = score_bundle(bundle, entries)["paper"]["summary"]
+        cache = ckpt_root / "scores" / f"curve_step{step:06d}.json"
+        s = score_checkpoints(ckpt_root, folders, entries, work / "bundle", cache)["paper"]["summary"]
         points.append({"step": step, "stage": stage,
                        **{k: s[k] for k in ("organ_mean", "large6_mean", "tumor", "missing_mean")}})
         say(f"curve: step {step} ({stage}): 13-organ mean {s['organ_mean']}, six large {s['large6_mean']}, "
@@ -278,9 +317,6 @@ def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof",
         if naive_job is not None:
             res["naive_training"] = _slim_summary(naive_job.result())
     lap("train", t)
-    bundles = {name: export_view(out / name, [out / name / f"fold{k}" for k in range(folds)], out / f"bundle_{name}",
-                                 out / ".view", locator=out / "two_stage" / "locator")
-               for name in (("two_stage", "naive") if naive else ("two_stage",))}
     t = time.perf_counter()
     stage1_steps = int(cfg["train"]["epochs"]) * int(cfg["train"]["steps_per_epoch"])
     total = stage1_steps + int(cfg["stage2"]["epochs"]) * int(cfg["train"]["steps_per_epoch"])
@@ -288,9 +324,11 @@ def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof",
         "strict post-processing)" + (", naive (paper)" if naive else "") + (", the learning curve" if curve else ""))
     jobs = 1 + int(naive) + int(curve)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        scoring = {name: pool.submit(score_bundle, bundle, tests, out_dir=out / f"seg_{name}",
+        scoring = {name: pool.submit(score_checkpoints, out / name, [out / name / f"fold{k}" for k in range(folds)],
+                                     tests, out / f"bundle_{name}", out / name / "scores" / "final.json",
+                                     locator=out / "two_stage" / "locator", out_dir=out / f"seg_{name}",
                                      postprocess=("paper", "strict") if name == "two_stage" else ("paper",))
-                   for name, bundle in bundles.items()}  # the ablation compares the paper's rules on both
+                   for name in (("two_stage", "naive") if naive else ("two_stage",))}  # naive: the paper's rules
         curve_job = pool.submit(learning_curve, out / "two_stage", folds, tests, out / ".curve",
                                 stage1_steps=stage1_steps, skip={total}) if curve else None
         for name, job in scoring.items():
