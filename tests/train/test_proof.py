@@ -64,7 +64,7 @@ def test_minimal_proof_through_the_runtime(tmp_path: Path) -> None:
     assert [p["step"] for p in res["curve"]] == [2, 4, 6] and res["curve"][-1]["stage"] == "stage 2 (final)"
     assert res["ceiling"]["8mm"]["organ_mean"] < res["ceiling"]["3mm"]["organ_mean"]
     md = proof_markdown(res)
-    assert "13-organ mean" in md and "two-stage (strict)" in md and "| 6 |" in md
+    assert "13-organ mean" in md and "two-stage (strict)" in md and "| 6 |" in md and "Post-processing per case" in md
     assert not list(tmp_path.glob(".view*")) and not list(tmp_path.glob(".curve"))
     # a rerun skips the finished training and reuses the scores of the same checkpoints
     again = run_proof(tmp_path, train_cases=10, test_cases=2, size=48, overrides=fast, command="t")
