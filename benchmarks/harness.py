@@ -57,7 +57,9 @@ class Run:
         if self.own_process and self.report.get("rss_peak_mb") is not None:
             mem["rss_peak_mb"] = self.report["rss_peak_mb"]  # exact peak (VmHWM), not a 20 ms sample
         return {"wall_s": self.wall_s, "error": self.error, "stages": self.report.get("stages"),
-                "report_rss_peak_mb": self.report.get("rss_peak_mb"), **mem}
+                "report_rss_peak_mb": self.report.get("rss_peak_mb"), "fallbacks": run_fallbacks(self.report),
+                "gpu_plan": self.report.get("gpu"), "crop": self.report.get("crop"),
+                "tiles": self.report.get("tiles"), **mem}
 
 
 def flare_run_command() -> list[str]:
@@ -117,11 +119,20 @@ def _stage_medians(runs: list[Run]) -> dict[str, float | None]:
     return {n: spread([(r.report.get("stages") or {}).get(n) for r in runs])["median"] for n in names}
 
 
+def run_fallbacks(report: dict[str, Any]) -> list[str]:
+    """Every fallback one run's report records: the runtime's own list (``fallbacks``, when it keeps one), the
+    memory plan's (``gpu.fallback``: smaller tiles, the CPU after an out-of-memory error)."""
+    found = [str(f) for f in (report.get("fallbacks") or [])]
+    found += [f"gpu: {f}" for f in ((report.get("gpu") or {}).get("fallback") or [])]
+    return list(dict.fromkeys(found))
+
+
 def summarise_backend(runs: list[Run], load_s: float | None = None) -> dict[str, Any]:
-    """Median/min/max of wall time, peaks and areas; per-stage medians; errors."""
+    """Median/min/max of wall time, peaks and areas; per-stage medians; errors; every fallback of every run."""
     return {
         "runs": len(runs),
         "errors": [r.error for r in runs if r.error],
+        "fallbacks": list(dict.fromkeys(f for r in runs for f in run_fallbacks(r.report))),
         "load_s": load_s,
         "wall_s": _stats(runs, "wall_s"),
         "gpu_device_peak_mb": _stats(runs, "gpu_device_peak_mb"),
@@ -139,8 +150,10 @@ def judge(case: dict[str, Any]) -> dict[str, Any]:
     cold, warm = case.get("cold") or {}, case.get("warm") or {}
     t = (cold.get("wall_s") or {}).get("median") or (warm.get("wall_s") or {}).get("median")
     gpu = (cold.get("gpu_device_peak_mb") or {}).get("median") or (warm.get("gpu_device_peak_mb") or {}).get("median")
+    own = (cold.get("gpu_process_peak_mb") or {}).get("median") or (warm.get("gpu_process_peak_mb") or {}).get("median")
     return {"time_s": t, "time_ok": None if t is None else t <= FLARE_TIME_S,
-            "gpu_mb": gpu, "gpu_ok": None if gpu is None else gpu <= FLARE_GPU_MB}
+            "gpu_mb": gpu, "gpu_ok": None if gpu is None else gpu <= FLARE_GPU_MB,
+            "gpu_process_mb": own}
 
 
 def compare(case: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +168,24 @@ def compare(case: dict[str, Any]) -> dict[str, Any]:
 
 
 Progress = Callable[[str], None]
+Record = Callable[[str, Path, Run], None]  # (phase, case, run): called as each run ends
+
+
+def run_recorder(path: Path | None, bundle: Path) -> Record:
+    """Append one JSON line per finished run to ``path`` (a timeout or crash later keeps what was measured)."""
+
+    def record(phase: str, case: Path, run: Run) -> None:
+        if path is None:
+            return
+        line = {"stage": "bench", "phase": phase, "case": case.name, "bundle": str(bundle), **run.summary()}
+        with open(path, "a") as f:
+            f.write(json.dumps(line, default=_jsonable) + "\n")
+
+    return record
+
+
+def _jsonable(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "synthetic", reference: bool = True,
@@ -162,7 +193,8 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
                   cold: int = 1, reference_repeats: int = 1, reference_mode: str = "whole-image-nearest",
                   reference_cases: int | None = None, reference_folds: int | None = None,
                   checkpoints: str | Path | None = None, cache_dir: str | Path | None = None,
-                  quiet: bool = False, command: str | None = None) -> dict[str, Any]:
+                  quiet: bool = False, command: str | None = None, runs_log: str | Path | None = None
+                  ) -> dict[str, Any]:
     """Benchmark ``bundle`` on ``cases`` and write ``report.json``, ``report.md`` and PNGs into ``out_dir``.
 
     Returns the report dictionary. ``repeats`` warm runs per case, ``cold`` fresh-process runs per case,
@@ -171,6 +203,7 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     1 on the CPU, where PyTorch's 3-D convolutions make the Auto3DSeg-like peer far too slow for whole FLARE-size
     CTs (measured: 0.2-1.1 s per 32^3 tile of the tiny demo network on 2 cores against ~0.05 s in ONNX Runtime).
     With fewer folds the runtime is run once more with the same folds for the ratios and the Dice.
+    ``runs_log``: a JSON-lines file that gets one line per run as soon as it ends (the GPU check's results file).
     """
     from .report import write_reports
 
@@ -183,20 +216,21 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
                                Path(cache_dir) if cache_dir else None, progress=not quiet)
     env = environment(device)
     runs_ref = reference_repeats if reference else 0
-    on_cpu = _runtime_device(device) == "cpu"
+    on_cpu = _on_cpu(device)
     n_ref_cases = min(len(case_paths), reference_cases or (1 if on_cpu else len(case_paths)))
     n_ref_folds = min(len(b.folds), reference_folds or (1 if on_cpu else len(b.folds)))
     total = len(case_paths) * (cold + repeats) + n_ref_cases * (runs_ref + (n_ref_folds < len(b.folds)))
     results: list[dict[str, Any]] = [{"case": str(p), "name": p.name} for p in case_paths]
     keep: dict[str, dict[str, MemoryTrace]] = {"runtime": {}, "reference": {}}
+    rec = run_recorder(Path(runs_log) if runs_log else None, b.root)
     with _progress(total, quiet) as step:
-        _cold_phase(case_paths, b, device, cold, results, keep, step)
-        labels = _warm_phase(case_paths, b, device, repeats, results, keep, step)
+        _cold_phase(case_paths, b, device, cold, results, keep, step, rec)
+        labels = _warm_phase(case_paths, b, device, repeats, results, keep, step, rec)
         if runs_ref:
             if n_ref_folds < len(b.folds):
-                labels = _same_folds_phase(case_paths[:n_ref_cases], b, device, n_ref_folds, results, step)
+                labels = _same_folds_phase(case_paths[:n_ref_cases], b, device, n_ref_folds, results, step, rec)
             _reference_phase(case_paths[:n_ref_cases], b, device, runs_ref, reference_mode, n_ref_folds, checkpoints,
-                             results, labels, keep, step)
+                             results, labels, keep, step, rec)
     for case in results:
         case["flare"] = judge(case)
         case["ratios"] = compare(case) if "reference" in case else None
@@ -240,7 +274,7 @@ class _progress:
 
 
 def _cold_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
-                keep: dict[str, dict[str, MemoryTrace]], step: Progress) -> None:
+                keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record) -> None:
     if n == 0:
         return
     with tempfile.TemporaryDirectory(prefix="flare-bench-") as tmp:
@@ -248,13 +282,14 @@ def _cold_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
             runs = []
             for _ in range(n):
                 runs.append(cold_run(path, b.root, device, Path(tmp)))
+                record("cold", path, runs[-1])
                 step(f"cold {path.name}")
             res["cold"] = summarise_backend(runs)
             keep["runtime"][path.name] = runs[-1].trace
 
 
 def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
-                keep: dict[str, dict[str, MemoryTrace]], step: Progress) -> dict[str, np.ndarray]:
+                keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record) -> dict[str, np.ndarray]:
     from flare.runtime.pipeline.segmenter import Segmenter
 
     seg = Segmenter(b, device=device)
@@ -267,6 +302,7 @@ def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
             except FlareError as err:
                 run = Run(0.0, MemoryTrace(False, "not run"), error=str(err))
             runs.append(run)
+            record("warm", path, run)
             step(f"warm {path.name}")
         res["warm"] = summarise_backend(runs, seg.load_s)
         res["warm"]["backend"] = runs[-1].report.get("backend")
@@ -274,14 +310,17 @@ def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
     return labels
 
 
-def _runtime_device(device: str) -> str:
-    from flare.runtime.inference.device import resolve_device
+def _on_cpu(device: str) -> bool:
+    """Whether the runtime will run on the CPU, answered **without creating a CUDA context** in this process (no
+    CuPy, no device query: ONNX Runtime's provider list only). The cold runs come first and a context here would
+    add its 0.3-0.5 GB to every device-wide peak they measure; the children answer for themselves."""
+    from flare.runtime.inference.device import ort_providers
 
-    return resolve_device(device).name
+    return device == "cpu" or (device == "auto" and "CUDAExecutionProvider" not in ort_providers())
 
 
 def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, results: list[dict[str, Any]],
-                      step: Progress) -> dict[str, np.ndarray]:
+                      step: Progress, record: Record) -> dict[str, np.ndarray]:
     """One warm runtime run per case with only the first ``folds`` folds: the reference's counterpart."""
     from flare.runtime.pipeline.segmenter import Segmenter
 
@@ -289,6 +328,7 @@ def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, res
     labels: dict[str, np.ndarray] = {}
     for path, res in zip(cases, results):
         run, labels[path.name] = warm_run(seg, path)
+        record("warm_same_folds", path, run)
         res["warm_same_folds"] = summarise_backend([run], seg.load_s)
         res["warm_same_folds"]["folds"] = folds
         step(f"runtime {folds} fold(s) {path.name}")
@@ -297,7 +337,7 @@ def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, res
 
 def _reference_phase(cases: list[Path], b: Bundle, device: str, n: int, mode: str, folds: int,
                      checkpoints: str | Path | None, results: list[dict[str, Any]], labels: dict[str, np.ndarray],
-                     keep: dict[str, dict[str, MemoryTrace]], step: Progress) -> None:
+                     keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record) -> None:
     from .reference import ReferencePipeline
 
     pipe = ReferencePipeline(b, checkpoints, device=device, mode=mode, folds=folds)
@@ -306,6 +346,7 @@ def _reference_phase(cases: list[Path], b: Bundle, device: str, n: int, mode: st
         for _ in range(n):
             run, ref_labels = reference_run(pipe, path)
             runs.append(run)
+            record("reference", path, run)
             step(f"reference {path.name}")
         res["reference"] = summarise_backend(runs, pipe.load_s)
         res["reference"]["backend"] = runs[-1].report.get("backend")

@@ -2,25 +2,35 @@
 every case, the next case read in a background thread while the current one is segmented (a prefetch of depth 1),
 each case's outputs written atomically, a failing case recorded and skipped, and in folder mode ``OUT/summary.json``
 rewritten atomically after every case.
+
+Every case is read through the same header preflight as a single file (the Segmenter's limits, or, for a remote
+segmenter, the limits that need no bundle) before a voxel is decoded. The read-ahead thread is a daemon: a
+termination signal never waits for it. A summary that cannot be written (a full disk) stops the run with
+:class:`SummaryError` (the CLI prints one line and exits 3); a case whose outputs cannot be written is a failed case.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from flare.runtime.app.plan import CaseJob, OutputFormat, Plan
-from flare.runtime.foundation.errors import FlareError
+from flare.runtime.foundation.errors import FlareError, OutputError
 
 if TYPE_CHECKING:
     from flare.runtime.image.nifti import LoadedImage
     from flare.runtime.pipeline.segmenter import Segmenter, StageHooks
 
-__all__ = ["CaseResult", "process_case", "run_plan", "write_summary"]
+__all__ = ["CaseResult", "SummaryError", "process_case", "run_plan", "write_summary"]
+
+
+class SummaryError(OutputError):
+    """``OUT/summary.json`` cannot be written (e.g. the disk is full): the run stops."""
 
 
 @dataclass
@@ -38,9 +48,39 @@ class CaseResult:
     stages: dict[str, float] | None = None  # seconds per pipeline stage (see flare.runtime.pipeline.segmenter.STAGES)
 
 
-def _read(job: CaseJob) -> tuple[LoadedImage, float]:
+Preflight = Callable[..., None]
+
+
+def _read(job: CaseJob, preflight: Preflight) -> tuple[LoadedImage, float]:
+    from flare.runtime.foundation.lifecycle import pause_point
+
     t0 = time.perf_counter()
-    return job.case.read(), time.perf_counter() - t0
+    pause_point(f"read:{job.case.name}")  # test hook (FLARE_TEST_PAUSE_AT); a no-op otherwise
+    return job.case.read(preflight), time.perf_counter() - t0
+
+
+def _read_ahead(job: CaseJob, preflight: Preflight) -> Future:
+    """Read ``job``'s image in a daemon thread (the process can exit without waiting for it)."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(_read(job, preflight))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            future.set_exception(err)
+
+    threading.Thread(target=work, name="flare-read", daemon=True).start()
+    return future
+
+
+def _preflight(seg: Any) -> Preflight:
+    """The Segmenter's header check (grids for its bundle), or the bundle-free one for a remote segmenter."""
+    check = getattr(seg, "check_grids", None)
+    if check is not None:
+        return check  # type: ignore[no-any-return]
+    from flare.runtime.pipeline.limits import check_source
+
+    return check_source
 
 
 def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputFormat,
@@ -48,6 +88,8 @@ def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputForm
     """Segment ``img`` and write the job's outputs; returns the run report (``read_s``: seconds it took to read
     ``img``, added to the report's read stage). Statistics and the preview are computed before the first file is
     written, so a failure there leaves no output behind."""
+    from flare.runtime.pipeline.segmenter import rss_peak_mb
+
     labels, affine, report = seg.segment(img, None, hooks)
     report["stages"]["read"] = round(report["stages"]["read"] + read_s, 4)
     stats = png = None
@@ -60,6 +102,8 @@ def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputForm
         from flare.runtime.app.preview import render_preview
 
         png = render_preview(img.data, labels, affine, title=job.case.name)
+    if "rss_peak_mb" in report:  # statistics and the preview allocate too: the peak is sampled after them
+        report["rss_peak_mb"] = max(report["rss_peak_mb"] or 0.0, round(rss_peak_mb(), 1))
     t0 = time.perf_counter()
     if fmt is OutputFormat.dicom_seg:
         from flare.runtime.image.dicomseg import write_dicom_seg
@@ -95,7 +139,13 @@ def write_summary(plan: Plan, results: list[CaseResult], extra: dict[str, Any]) 
     doc = {**extra, "cases_total": len(plan.jobs), "ok": sum(r.status == "ok" for r in results),
            "failed": sum(r.status == "failed" for r in results), "pending": len(plan.jobs) - len(results),
            "cases": [asdict(r) for r in results]}
-    write_text_atomic(plan.summary_path, json.dumps(doc, indent=2) + "\n")
+    try:
+        write_text_atomic(plan.summary_path, json.dumps(doc, indent=2) + "\n")
+    except (OutputError, OSError) as err:
+        problem = err.problem if isinstance(err, OutputError) else f"cannot write: {err.strerror or err}"
+        last = f"; the last case, {results[-1].name}, {results[-1].status}" if results else ""
+        raise SummaryError(plan.summary_path, f"{problem}{last}; the run stopped with "
+                                              f"{len(plan.jobs) - len(results)} case(s) not run") from None
 
 
 def _error_line(err: BaseException) -> str:
@@ -110,32 +160,30 @@ def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], Stage
              on_done: Callable[[CaseResult], None] = lambda result: None,
              summary_extra: dict[str, Any] | None = None) -> list[CaseResult]:
     """Segment every job of ``plan`` with ``seg``; never raises for one case's problem (it is recorded with a
-    one-line error and the next case runs). ``KeyboardInterrupt`` stops the run (the summary so far is kept)."""
+    one-line error and the next case runs). ``KeyboardInterrupt`` stops the run (the summary so far is kept); a summary
+    that cannot be written raises :class:`SummaryError`."""
     results: list[CaseResult] = []
     extra = dict(summary_extra or {})
     jobs = plan.jobs
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare-read")
-    upcoming: Future | None = pool.submit(_read, jobs[0]) if jobs else None
-    try:
-        for i, job in enumerate(jobs):
-            t0 = time.perf_counter()
-            current = upcoming
-            upcoming = pool.submit(_read, jobs[i + 1]) if i + 1 < len(jobs) else None  # overlaps this case
-            result = CaseResult(job.case.name, str(job.case.source), job.case.series_uid, str(job.output), "ok", 0.0)
-            try:
-                assert current is not None
-                img, read_s = current.result()
-                result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s)["stages"]
-                del img
-                result.statistics = None if job.statistics is None else str(job.statistics)
-                result.preview = None if job.preview is None else str(job.preview)
-                result.report = None if job.report is None else str(job.report)
-            except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
-                result.status, result.error = "failed", _error_line(err)
-            result.seconds = round(time.perf_counter() - t0, 3)
-            results.append(result)
-            write_summary(plan, results, extra)
-            on_done(result)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # interrupted: do not start another read
+    preflight = _preflight(seg)
+    upcoming: Future | None = _read_ahead(jobs[0], preflight) if jobs else None
+    for i, job in enumerate(jobs):
+        t0 = time.perf_counter()
+        current = upcoming
+        upcoming = _read_ahead(jobs[i + 1], preflight) if i + 1 < len(jobs) else None  # overlaps this case
+        result = CaseResult(job.case.name, str(job.case.source), job.case.series_uid, str(job.output), "ok", 0.0)
+        try:
+            assert current is not None
+            img, read_s = current.result()
+            result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s)["stages"]
+            del img
+            result.statistics = None if job.statistics is None else str(job.statistics)
+            result.preview = None if job.preview is None else str(job.preview)
+            result.report = None if job.report is None else str(job.report)
+        except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
+            result.status, result.error = "failed", _error_line(err)
+        result.seconds = round(time.perf_counter() - t0, 3)
+        results.append(result)
+        on_done(result)
+        write_summary(plan, results, extra)
     return results

@@ -87,12 +87,16 @@ def _check_extras(plan: Plan) -> None:
 
 
 def _run_plan(plan: Plan, seg: Segmenter, quiet: bool) -> int:
-    from flare.runtime.app.batch import run_plan
+    from flare.runtime.app.batch import SummaryError, run_plan
     from flare.runtime.app.progress import run_display
 
     extra = {"bundle": str(seg.bundle.root), "device": seg.device, "format": plan.fmt.value}
-    with run_display(plan, seg, quiet) as display:
-        results = run_plan(plan, seg, hooks_for=display.hooks_for, on_done=display.on_done, summary_extra=extra)
+    try:
+        with run_display(plan, seg, quiet) as display:
+            results = run_plan(plan, seg, hooks_for=display.hooks_for, on_done=display.on_done, summary_extra=extra)
+    except SummaryError as err:  # e.g. the disk is full: the run stops, the cases written so far stay
+        typer.echo(f"flare-run: error: {err}", err=True)
+        return EXIT_SOME_FAILED
     failed = [r for r in results if r.status != "ok"]
     if not plan.folder_mode:
         if failed:
@@ -192,8 +196,9 @@ def run(
                 seg = RemoteSegmenter(server, folds=folds, overlap=overlap, progress=not quiet,
                                       postprocess=None if postprocess is None else postprocess.value)
             else:
-                if not plan.folder_mode and plan.jobs[0].case.kind == "nifti":  # refuse from the header before loading
-                    preflight(plan.jobs[0].case.source, bundle or default_bundle_dir())
+                if not plan.folder_mode:  # refuse from the header(s) before loading the models
+                    case = plan.jobs[0].case
+                    preflight(case.source, bundle or default_bundle_dir(), kind=case.kind, series_uid=case.series_uid)
                 seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
                                 precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
                                 postprocess=None if postprocess is None else postprocess.value,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -51,23 +51,24 @@ class Case:
 
     name: str  # unique among the cases of one run; names the outputs in folder mode
     source: Path
-    kind: str  # "nifti" or "dicom"
+    kind: str  # "nifti", "dicom", or "unreadable" (a file or folder the search could not read: a failed case)
     series_uid: str | None = None
     description: str = ""
     rel: str = ""  # path relative to the INPUT it was found in (disambiguates equal names)
     error: str | None = None  # found broken while searching (a damaged DICOM file): read() raises it
 
-    def read(self) -> LoadedImage:
-        """Read and validate the image (one-line ``InputError`` on any problem)."""
+    def read(self, preflight: Callable[..., None] | None = None) -> LoadedImage:
+        """Read and validate the image (one-line ``InputError`` on any problem); ``preflight(path, shape, affine,
+        itemsize, scaled, source_bytes)`` refuses it from the header(s), before any voxel is decoded."""
         if self.error is not None:
             raise InputError(None, self.error)
         if self.kind == "dicom":
             from flare.runtime.image.dicom import read_dicom
 
-            return read_dicom(self.source, self.series_uid)
+            return read_dicom(self.source, self.series_uid, preflight=preflight)
         from flare.runtime.image.nifti import read_image
 
-        return read_image(self.source)
+        return read_image(self.source, preflight=preflight)
 
 
 @dataclass(frozen=True)
@@ -129,23 +130,26 @@ def _inside(path: Path, folders: Sequence[Path]) -> bool:
     return any(resolved == f or f in resolved.parents for f in folders)
 
 
-def _nifti_files(folder: Path, exclude: Sequence[Path]) -> Iterator[Path]:
-    """NIfTI files under ``folder``, sorted, skipping hidden entries and the ``exclude`` folders."""
-    for root, dirs, files in os.walk(folder):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _inside(here / d, exclude))
-        for name in sorted(files):
-            if not name.startswith(".") and is_nifti_name(Path(name)):
-                yield here / name
+def _search(folder: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[list[Path], bool, list[Case]]:
+    """One stat-first walk of an INPUT folder (:func:`flare.runtime.foundation.files.walk`): its NIfTI files (those
+    flare wrote left out, with a note), whether it holds other files (candidate DICOM files), and a failed case per
+    entry that cannot be read. FIFOs, devices and sockets are never opened (a note each)."""
+    from flare.runtime.foundation.files import walk
+    from flare.runtime.image.nifti import written_by_flare
 
-
-def _other_files(folder: Path, exclude: Sequence[Path]) -> bool:
-    """Whether ``folder`` holds any visible file that is not NIfTI (a candidate DICOM file)."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _inside(Path(root) / d, exclude)]
-        if any(not f.startswith(".") and not is_nifti_name(Path(f)) for f in files):
-            return True
-    return False
+    found = walk(folder, skip_folder=lambda p: _inside(p, exclude))
+    skipped.extend(str(p) for p in found.special)
+    niftis = []
+    for path in (f for f in found.files if is_nifti_name(f)):
+        mark = written_by_flare(path)
+        if mark:
+            skipped.append(f"{path}: written by flare ({mark}), not a CT; skipped")
+        else:
+            niftis.append(path)
+    others = any(not is_nifti_name(f) for f in found.files)
+    failed = [Case(_safe(_rel(p.path, folder).replace(os.sep, "_")), p.path, "unreadable", None, "",
+                   _rel(p.path, folder), error=str(p)) for p in found.unreadable]
+    return niftis, others, failed
 
 
 def _series_cases(folder: Path, root: Path, exclude: Sequence[Path], skipped: list[str]) -> list[Case]:
@@ -156,9 +160,12 @@ def _series_cases(folder: Path, root: Path, exclude: Sequence[Path], skipped: li
     try:
         found = [s for s in find_series(folder) if not _inside(s.folder, exclude)]
     except InputError as err:
-        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                            and not _inside(p, exclude))
-        loose = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)]
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:  # an unreadable folder: already a failed case of the search (_search)
+            return []
+        subfolders = [p for p in entries if p.is_dir() and not p.name.startswith(".") and not _inside(p, exclude)]
+        loose = [p for p in entries if not p.name.startswith(".") and is_dicom_file(p)]
         cases = [c for sub in subfolders for c in _series_cases(sub, root, exclude, skipped)]
         if loose:  # the files right here (or a subfolder's) hold the problem
             cases.insert(0, Case(_safe(_rel_name(folder, root)), folder, "dicom", None, "", _rel(folder, root),
@@ -207,9 +214,9 @@ def _cases_of(path: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[
         if not is_nifti_name(path) and _is_dicom(path):
             return [Case(_safe(_stem(path)), path, "dicom", None, "", path.name)], True
         return [Case(_safe(_stem(path)), path, "nifti", None, "", path.name)], True  # read_image judges the rest
-    niftis = [Case(_safe(_stem(p)), p, "nifti", None, "", str(p.relative_to(path))) for p in _nifti_files(path, exclude)]
-    others = _other_files(path, exclude)
-    if not niftis and not others:
+    files, others, unreadable = _search(path, exclude, skipped)
+    niftis = [Case(_safe(_stem(p)), p, "nifti", None, "", str(p.relative_to(path))) for p in files]
+    if not niftis and not others and not unreadable:
         raise InputError(path, "is a folder without NIfTI files or DICOM series")
     series: list[Case] = []
     if others:
@@ -223,10 +230,10 @@ def _cases_of(path: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[
                            f"{message})")
         else:
             raise InputError(path, f"holds no NIfTI files; reading DICOM {message}")
-    if not niftis and not series:
+    if not niftis and not series and not unreadable:
         raise InputError(path, "folder holds no NIfTI files (.nii, .nii.gz) or DICOM CT series")
-    one_series = not niftis and len(series) == 1
-    return niftis + series, one_series
+    one_series = not niftis and not unreadable and len(series) == 1
+    return niftis + series + unreadable, one_series
 
 
 def _unique_names(cases: list[Case]) -> list[Case]:
@@ -317,7 +324,10 @@ def _check_folder_target(path: Path, what: str) -> bool:
 
 def _input_files(case: Case) -> list[Path]:
     if case.source.is_dir():
-        return [p for p in case.source.iterdir() if p.is_file()]
+        try:
+            return [p for p in case.source.iterdir() if p.is_file()]
+        except OSError:  # an unreadable folder (a failed case): nothing in it can be named as an output
+            return [case.source]
     return [case.source]
 
 

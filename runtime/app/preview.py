@@ -54,6 +54,7 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, ti
     """PNG bytes: three overlays through the labels' centre, a legend of the labels present; >= 512 px high."""
     from flare.runtime.image.nifti import Reorientation
     from flare.runtime.ops.geometry import spacing_from_affine
+    from flare.runtime.ops.stats import label_counts
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -76,7 +77,7 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, ti
                   interpolation="nearest")
         ax.set_title(name, color="white", fontsize=11)
         ax.set_axis_off()
-    counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(order="K"), minlength=NUM_FLARE_IDS)
+    counts = label_counts(np.asarray(labels, dtype=np.uint8))
     present = [entry for entry in LABELS[1:] if counts[entry.id]]
     if present:
         handles = [Patch(color=(e.color[0] / 255.0, e.color[1] / 255.0, e.color[2] / 255.0), label=f"{e.id} {e.name}")

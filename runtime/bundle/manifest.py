@@ -212,11 +212,28 @@ def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, ver
             raise BundleError(path, f"model file of {where} ({precision}) is missing")
         if verify and sha256_file(path) != f["sha256"]:
             raise BundleError(path, f"sha256 mismatch for {where} ({precision}): the file was changed or corrupted")
+        if verify:
+            _check_self_contained(path, where, precision)
         files[precision] = ModelFile(path, f["sha256"], f.get("input_name", "image"), f.get("output_name", "logits"),
                                      f.get("input_dtype", "float32"), f.get("output_dtype", "float32"))
     return ModelSpec(name=entry.get("name", where), in_channels=entry.get("in_channels", 1),
                      out_channels=entry["out_channels"], spatial_divisor=entry.get("spatial_divisor", 16),
                      opset=entry.get("opset", 17), files=files)
+
+
+def _check_self_contained(path: Path, where: str, precision: str) -> None:
+    """Every byte a model loads must be covered by its sha256: ONNX external-data files are refused."""
+    from flare.runtime.bundle.onnx_scan import uses_external_data
+
+    if not path.name.lower().endswith(".onnx"):
+        return
+    try:
+        external = uses_external_data(path)
+    except (OSError, ValueError) as exc:
+        raise BundleError(path, f"model file of {where} ({precision}) is not a valid ONNX file ({exc})") from None
+    if external:
+        raise BundleError(path, f"model {where} ({precision}) keeps weights in ONNX external-data files, which no "
+                                "sha256 of the bundle covers; export it with the weights inside the .onnx file")
 
 
 def _check_cross_fields(b: Bundle, bundle_json: Path) -> None:

@@ -57,6 +57,10 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
         _fsync(tmp)
         pause_point("before-rename")
         os.replace(tmp, target)
+    except OSError as exc:  # e.g. a full disk (ENOSPC) or a quota: one line naming the target
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise OutputError(target, f"cannot write: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -23,6 +23,9 @@ from flare.runtime.image.nifti import LoadedImage
 __all__ = ["segment_descriptions", "write_dicom_seg"]
 
 SERIES_DESCRIPTION = "flare abdominal CT segmentation"
+#: type-2 attributes (may be empty) that a DICOM-SEG copies from the source series: empty when the series lacks them
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                 "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
 def _coded(hd: Any, code: tuple[str, str]) -> Any:
@@ -54,6 +57,21 @@ def segment_descriptions(label_ids: list[int]) -> list[Any]:
     return out
 
 
+def _with_type2(datasets: tuple[Any, ...]) -> list[Any]:
+    """Copies of the source headers with every type-2 attribute a SEG copies present (empty where the series lacks
+    it, as the standard allows: common after anonymisation)."""
+    import copy
+
+    out = []
+    for ds in datasets:
+        ds = copy.deepcopy(ds)
+        for keyword in TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, None)
+        out.append(ds)
+    return out
+
+
 def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage) -> None:
     """Write ``labels`` (uint8 FLARE ids in ``image``'s voxel grid) as a DICOM-SEG referencing ``image``'s source
     series, atomically. ``OutputError`` when ``image`` was not read from DICOM, no label is present, or the file
@@ -76,7 +94,7 @@ def write_dicom_seg(output: str | Path, labels: np.ndarray, image: LoadedImage) 
     frames = np.ascontiguousarray(lut[labels.transpose(2, 1, 0)])
     try:
         seg = hd.seg.Segmentation(
-            source_images=list(image.source.datasets), pixel_array=frames,
+            source_images=_with_type2(image.source.datasets), pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segment_descriptions(present),
             series_instance_uid=hd.UID(), series_number=int(getattr(image.source.datasets[0], "SeriesNumber", 0)

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from flare.runtime.image.dicom import DicomSource
 
 __all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "check_header", "from_array",
-           "image_bytes", "label_bytes", "read_image", "read_image_bytes", "to_canonical", "write_labels"]
+           "image_bytes", "label_bytes", "read_image", "read_image_bytes", "to_canonical", "write_labels",
+           "written_by_flare"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -66,6 +67,8 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _READ_CHUNK = 64 * 2**20
 _OBLIQUE_TOL_RAD = 1e-4  # axes within 0.006 degrees of the world axes count as aligned
 _LABEL_GZIP_LEVEL = 1
+FLARE_MARK = b"flare-seg"
+"""``descrip`` of every label map flare writes (NIfTI header, 80 bytes): folder runs skip such files."""
 
 
 @dataclass
@@ -325,9 +328,10 @@ def _check_affine(path: Path | None, affine: np.ndarray) -> None:
         raise InputError(path, "the affine (sform/qform) is singular")
 
 
-Preflight = Callable[[Path, tuple[int, int, int], np.ndarray, int, bool], None]
-"""``preflight(path, shape, affine, itemsize, scaled)``: called after the header checks, before any voxel array is
-allocated (e.g. :func:`flare.runtime.pipeline.limits.check_grids` on the grids the pipeline will need); raises to refuse."""
+Preflight = Callable[[Path, tuple[int, int, int], np.ndarray, int, bool, int], None]
+"""``preflight(path, shape, affine, itemsize, scaled, source_bytes)``: called after the header checks, before any
+voxel array is allocated (e.g. :func:`flare.runtime.pipeline.limits.check_grids` on the grids the pipeline will need);
+``source_bytes`` is the size of the file (or of the received bytes); raises to refuse."""
 
 
 @dataclass(frozen=True)
@@ -349,7 +353,7 @@ def _checked_header(path: Path, stream: IO[bytes], file_size: int, compressed: b
     affine = _header_affine(path, hdr)
     scaled = _scaling(path, hdr) is not None
     if preflight is not None:
-        preflight(path, shape, affine, dtype.itemsize, scaled)
+        preflight(path, shape, affine, dtype.itemsize, scaled, file_size)
     return _Header(hdr, shape, dtype, offset, affine, scaled)
 
 
@@ -521,14 +525,31 @@ def _image_like(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
 
 def label_bytes(labels: np.ndarray, like: LoadedImage, compressed: bool = True) -> bytes:
     """A label map as the bytes of a uint8 NIfTI file (gzip-compressed unless ``compressed`` is false) in ``like``'s
-    space: its shape, affine and header fields. ``labels`` must have ``like``'s shape and values in 0..255."""
+    space: its shape, affine and header fields, and ``descrip`` = :data:`FLARE_MARK` (so that a later folder run
+    recognises it as flare's output, not a CT). ``labels`` must have ``like``'s shape and values in 0..255."""
     if tuple(labels.shape) != tuple(like.data.shape):
         raise ValueError(f"labels shape {labels.shape} does not match the image shape {like.data.shape}")
     if labels.dtype != np.uint8:
         if labels.size and (labels.min() < 0 or labels.max() > 255):
             raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
         labels = labels.astype(np.uint8)
-    return _nifti_bytes(_image_like(labels, like), compressed)
+    img = _image_like(labels, like)
+    img.header["descrip"] = FLARE_MARK
+    return _nifti_bytes(img, compressed)
+
+
+def written_by_flare(path: str | Path) -> str | None:
+    """The header's ``descrip`` when ``path`` is a NIfTI label map flare wrote (``descrip`` starts with
+    :data:`FLARE_MARK`), else None; never raises (an unreadable file is judged when it is read)."""
+    path = Path(path)
+    try:
+        _, compressed = _check_path(path)
+        with _open_stream(path, path, compressed) as stream:
+            hdr = _read_header(path, stream)
+    except (InputError, OSError, EOFError):
+        return None
+    descrip = bytes(hdr["descrip"]).split(b"\x00")[0]
+    return descrip.decode("ascii", "replace") if descrip.startswith(FLARE_MARK) else None
 
 
 def image_bytes(img: LoadedImage, compressed: bool = True) -> bytes:

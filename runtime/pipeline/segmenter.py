@@ -33,7 +33,7 @@ from flare.runtime.ops.stats import label_volumes
 
 log = logging.getLogger("flare.runtime")
 
-__all__ = ["STAGES", "Segmenter", "StageHooks", "segment"]
+__all__ = ["STAGES", "Segmenter", "StageHooks", "rss_peak_mb", "segment"]
 
 STAGES = ("read", "locate", "crop_resample", "infer", "postprocess", "restore", "write")
 
@@ -47,7 +47,7 @@ class StageHooks:
     tiles_done: Callable[[int], None] = lambda n: None
 
 
-def _rss_peak_mb() -> float:
+def rss_peak_mb() -> float:
     """This process's own peak resident set size (MB): ``VmHWM`` of ``/proc/self/status`` on Linux (reset at exec,
     unlike ``getrusage``'s ``ru_maxrss``, which Linux carries over from the parent across fork/exec), else
     ``ru_maxrss``."""
@@ -133,12 +133,13 @@ class Segmenter:
                                             max_roi=cap, arena_mb=self._arena_mb)
 
     def check_grids(self, path: Path | None, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int,
-                    scaled: bool) -> None:
+                    scaled: bool, source_bytes: int | None = None) -> None:
         """Refuse (one-line InputError) an image whose grids in this pipeline would exceed the limits
         (:mod:`flare.runtime.pipeline.limits`); called from the header, before the voxels are read."""
         from flare.runtime.pipeline.limits import check_grids, pipeline_grids
 
-        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, self.bundle))
+        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, self.bundle), affine=affine,
+                    source_bytes=source_bytes)
 
     def _check_folds(self, folds: int | None, available: int) -> None:
         if folds is not None and not 1 <= folds <= available:
@@ -299,7 +300,7 @@ class Segmenter:
             "postprocess": {"mode": self.postprocess_mode},
             "stages": {name: times.get(name, 0.0) for name in STAGES},
             "total_s": round(total, 4),
-            "rss_peak_mb": round(_rss_peak_mb(), 1),
+            "rss_peak_mb": round(rss_peak_mb(), 1),
             "gpu_peak_mb": None,
         }
 

@@ -37,6 +37,8 @@ OUTPUT_LABELS = "labels"
 OUTPUT_REPORT = "report"
 ERROR_MARKER = "flare-error: "
 DEFAULT_TIMEOUT_S = 3600.0
+READY_TIMEOUT_S = 120.0
+"""How long a client waits for model ``flare`` to become ready on a server that answers but is still loading it."""
 
 
 class RemoteError(FlareError):
@@ -88,6 +90,21 @@ class RemoteSegmenter:
         #: what flare-run's summary records in place of a local bundle and device
         self.bundle = ServerRef(f"flare-serve at {url}")
         self.device = "server"
+        self._ready = False
+
+    def _wait_ready(self, client: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Before the first request: wait (at most ``timeout_s``) while the server answers but model ``flare`` is not
+        ready yet (a server that is starting); a server that does not answer is reported by the request itself."""
+        deadline = time.monotonic() + timeout_s
+        while not self._ready:
+            try:
+                self._ready = bool(client.is_model_ready(MODEL))
+            except Exception:  # noqa: BLE001 - unreachable: the request gives the one-line error
+                return
+            if not self._ready:
+                if time.monotonic() > deadline:
+                    raise RemoteError(self.url, f"model '{MODEL}' is not ready after {timeout_s:.0f} s")
+                time.sleep(0.5)
 
     def request(self, blob: bytes, name: str, compressed: bool = True) -> tuple[bytes, dict[str, Any]]:
         """Send one NIfTI file's bytes; returns the label map's NIfTI bytes and the report."""
@@ -104,6 +121,7 @@ class RemoteSegmenter:
         except Exception as err:  # noqa: BLE001 - tritonclient raises several kinds for a bad address
             raise RemoteError(self.url, f"cannot use the server address ({err})") from None
         try:
+            self._wait_ready(client)
             result = client.infer(MODEL, [inp], outputs=outputs, parameters=params)
         except utils.InferenceServerException as err:
             message = err.message() or str(err)

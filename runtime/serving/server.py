@@ -43,11 +43,35 @@ START_ATTEMPTS = 3
 """Starts of Triton when the model fails to load (PyTriton's instance handshake times out on a busy machine)."""
 
 
+MAX_REQUEST_BYTES = 2**30
+"""Default of ``FLARE_MAX_REQUEST_BYTES``: a request's image larger than this is refused before it is parsed."""
+ENV_REQUEST_BYTES = "FLARE_MAX_REQUEST_BYTES"
+READY_WAIT_S = 300.0
+"""How long flare-serve waits for model ``flare`` to answer ready before it reports failure."""
+
+
 class RequestError(Exception):
-    """Fails one request; Triton returns the message, whose :data:`ERROR_MARKER` line the client reads."""
+    """Fails one request with ONE line, ``flare-error: <file>: <problem>``, whatever the client.
+
+    PyTriton sends a failed request's error as ``traceback.format_exception(None, err, err.__traceback__)`` (the
+    stack, with this server's file paths and line numbers, and ``module.Class: message``). This class reports no
+    traceback and formats as ``flare-error: message``, so that the text is exactly the one line."""
 
     def __init__(self, line: str) -> None:
-        super().__init__(ERROR_MARKER + line)
+        super().__init__(" ".join(str(line).split()))
+
+    @property  # type: ignore[override]
+    def __traceback__(self) -> None:  # what traceback.format_exception reads: no stack
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value: object) -> None:
+        pass
+
+
+# formats as "flare-error: <message>" (traceback prints "<qualname>: <message>" for builtins)
+RequestError.__module__ = "builtins"
+RequestError.__qualname__ = ERROR_MARKER.rstrip(": ")
 
 
 # ------------------------------------------------------------------------------------------------ libpython
@@ -129,24 +153,36 @@ class FlareModel:
         self.segmenter = segmenter
 
     def __call__(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-        return [self.infer(request.data, request.parameters or {}) for request in requests]
+        out = []
+        for request in requests:
+            try:
+                data, params = request.data, dict(request.parameters or {})
+            except Exception as err:  # noqa: BLE001 - a request PyTriton could not unpack: still one line
+                raise RequestError(f"request: cannot read the request ({type(err).__name__})") from None
+            out.append(self.infer(data, params))
+        return out
 
     def infer(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """One request: NIfTI bytes in, label-map NIfTI bytes and the JSON report out."""
-        name = str(params.get("filename") or "request")
+        """One request: NIfTI bytes in, label-map NIfTI bytes and the JSON report out. Every failure is one
+        :class:`RequestError` line; the memory a refused request used is given back to the system."""
+        name = _name(params.get("filename"))
         try:
             labels, report = self._segment(inputs, params, name)
         except FlareError as err:
             log.warning("request rejected: %s", err)
-            raise RequestError(str(err)) from None
+            error = RequestError(str(err))
         except MemoryError:
             log.warning("request failed: %s: out of memory", name)
-            raise RequestError(f"{name}: out of memory on the server") from None
+            error = RequestError(f"{name}: out of memory on the server")
         except Exception as err:
             log.exception("request failed: %s", name)
-            raise RequestError(f"{name}: internal server error ({type(err).__name__}: {err})") from None
-        return {OUTPUT_LABELS: np.array([labels], dtype=object),
-                OUTPUT_REPORT: np.array([json.dumps(report).encode()], dtype=object)}
+            error = RequestError(f"{name}: internal server error ({type(err).__name__})")
+        else:
+            return {OUTPUT_LABELS: np.array([labels], dtype=object),
+                    OUTPUT_REPORT: np.array([json.dumps(report).encode()], dtype=object)}
+        inputs = params = {}  # drop this frame's references to the request before giving memory back
+        return_memory()
+        raise error
 
     def _segment(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any], name: str
                  ) -> tuple[bytes, dict[str, Any]]:
@@ -155,6 +191,10 @@ class FlareModel:
         image = inputs.get(INPUT)
         if image is None or image.size != 1 or not isinstance(image.flat[0], bytes):
             raise InputError(name, f"the request needs one BYTES element in input {INPUT!r}")
+        limit = max_request_bytes()
+        if len(image.flat[0]) > limit:
+            raise InputError(name, f"the request's image is {len(image.flat[0])} bytes, more than the limit of "
+                                   f"{limit} ({ENV_REQUEST_BYTES})")
         folds = None if params.get("folds") is None else _number(params["folds"], "folds", int)
         overlap = None if params.get("overlap") is None else _number(params["overlap"], "overlap", float)
         compressed = _flag(params.get("compressed", True), "compressed")
@@ -165,7 +205,99 @@ class FlareModel:
         return label_bytes(labels, img, compressed), report
 
 
+def _name(value: Any) -> str:
+    """The request's ``filename`` parameter as one short line (it names the input in errors)."""
+    text = " ".join(str(value or "").split())[:200]
+    return text or "request"
+
+
+def max_request_bytes() -> int:
+    """``FLARE_MAX_REQUEST_BYTES`` (K/M/G suffixes), default :data:`MAX_REQUEST_BYTES`."""
+    from flare.runtime.pipeline.limits import parse_size
+
+    text = os.environ.get(ENV_REQUEST_BYTES)
+    return parse_size(text, ENV_REQUEST_BYTES) if text else MAX_REQUEST_BYTES
+
+
+def return_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``): after a large refused request the
+    process would otherwise keep its peak resident size. A no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # ------------------------------------------------------------------------------------------------ the server
+_PROXY_RAISE = """                if triton_responses_or_error is not None and isinstance(triton_responses_or_error, Exception):
+                    raise triton_responses_or_error
+"""
+_PROXY_RESPOND = """                if triton_responses_or_error is not None and isinstance(triton_responses_or_error, Exception):
+                    return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(triton_responses_or_error).strip()))
+                            for _ in triton_requests]  # flare: the error alone, not the stub's traceback
+"""
+
+
+def one_line_errors(model_class: Any) -> bool:
+    """Make the proxy model PyTriton runs inside Triton answer a failed request with the error text alone.
+
+    PyTriton 0.7's proxy model (``pytriton/proxy/model.py``, copied into Triton's model repository) *raises* a failed
+    request's error inside ``execute``, which Triton reports as ``Model execute error: Traceback ...`` with the
+    proxy's stack. Returning ``InferenceResponse(error=TritonError(message))`` instead is the Python backend's way to
+    fail a request, and the client gets exactly the message (one ``flare-error: ...`` line). The proxy's text is
+    patched when PyTriton hands it to Triton; with another PyTriton (the lines differ) nothing is patched and False is
+    returned (the errors then keep the proxy's stack, still with the one ``flare-error:`` line in it)."""
+    source = (Path(model_class.__module__ and sys.modules[model_class.__module__].__file__ or "").parent.parent
+              / "proxy" / "model.py")
+    try:
+        if _PROXY_RAISE not in source.read_text():
+            return False
+    except OSError:
+        return False
+    original_files, original_generate = model_class.get_proxy_model_files, model_class.generate_model
+
+    def get_proxy_model_files(self: Any) -> dict[str, bytes]:
+        files = original_files(self)
+        return {k: (v.decode().replace(_PROXY_RAISE, _PROXY_RESPOND).encode() if k.endswith("/model.py") else v)
+                for k, v in files.items()}
+
+    def generate_model(self: Any, model_repository: Path) -> None:
+        original_generate(self, model_repository)
+        target = Path(model_repository) / self.model_name / str(self.model_version) / "model.py"
+        target.write_text(target.read_text().replace(_PROXY_RAISE, _PROXY_RESPOND))
+
+    if not getattr(model_class, "_flare_one_line_errors", False):
+        model_class.get_proxy_model_files, model_class.generate_model = get_proxy_model_files, generate_model
+        model_class._flare_one_line_errors = True
+    return True
+
+
+def wait_model_ready(host: str, port: int, timeout_s: float = READY_WAIT_S) -> None:
+    """Wait until ``GET /v2/models/flare/ready`` answers 200 (Triton's ``/v2/health/ready`` answers 200 before
+    PyTriton has loaded the model); FlareError after ``timeout_s``."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    probe = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}/v2/models/{MODEL}/ready"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise FlareError(None, f"model '{MODEL}' did not become ready within {timeout_s:.0f} s ({url})")
+        time.sleep(0.2)
+
+
 def check_ports_free(host: str, ports: Mapping[str, int]) -> None:
     """FlareError when a port cannot be bound on ``host`` (in use, or ``host`` is not a local address): PyTriton
     would otherwise talk to whatever server already listens there."""
@@ -209,6 +341,8 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     triton_mod = lazy_import("pytriton.triton", "serve").load()
     config_mod = lazy_import("pytriton.model_config", "serve").load()
     check_ports_free(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
+    if not one_line_errors(lazy_import("pytriton.models.model", "serve").load().Model):
+        log.warning("this PyTriton's proxy model is not the one flare knows: rejected requests keep its stack")
     prepare_server_environment()
     _quiet_pytriton(verbose)
     loaded = load_bundle(bundle)
@@ -234,6 +368,9 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                                          tensor(name=OUTPUT_REPORT, dtype=object, shape=(1,))],
                                 config=model_config(batching=False), strict=True)
                     triton.run()
+                    wait_model_ready(host, http_port)
+                except FlareError:
+                    raise
                 except Exception as err:
                     # PyTriton gives instances 2..N of a model 1 s to reach instance 1's handshake socket; on a busy
                     # machine that can fail the model load: start Triton again (the Segmenters stay loaded)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -331,6 +332,37 @@ def test_bad_request_among_good_ones(server: Server, local_results: dict, tiny_b
     _assert_same_nifti(tmp_path / "e.nii.gz", local_results[good.name][0])
     assert _counter(_get(server.metrics)[1], "nv_inference_request_failure") - failures == 2
     assert f"flare-serve: WARNING: request rejected: {bad}: not a NIfTI file" in server.log.read_text()
+    assert server.proc.poll() is None
+
+
+def _raw_infer(server: Server, body: bytes, params: dict | None = None) -> tuple[int, str]:
+    """POST one BYTES tensor with Triton's binary-data extension, as curl would; (status, error text)."""
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(body) + 4}}],
+                         "parameters": params or {}}).encode()
+    request = urllib.request.Request(f"http://{server.http}/v2/models/flare/infer", method="POST",
+                                     data=header + len(body).to_bytes(4, "little") + body,
+                                     headers={"Inference-Header-Content-Length": str(len(header))})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as answer:
+            return answer.status, ""
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())["error"]
+
+
+def test_rejected_requests_are_one_line_for_any_client(server: Server) -> None:
+    """Issue 18 row 12: whatever a raw HTTP client sends, a rejected request's error is exactly one line, with no
+    stack, file paths or line numbers of the server."""
+    blob = data_path("ts_abdomen_ct_3mm.nii.gz").read_bytes()
+    cases = [(b"", {}), (os.urandom(4096), {}), (gzip.compress(os.urandom(4096)), {}), (blob[: len(blob) // 2], {}),
+             (blob, {"folds": "x"}), (blob, {"overlap": "nan?"}), (blob, {"postprocess": "bogus"}),
+             (b"junk", {"filename": "a\nb\nc"})]
+    for body, params in cases:
+        status, error = _raw_infer(server, body, params)
+        assert status == 400 or status == 500, (status, error)
+        lines = error.strip().splitlines()
+        assert len(lines) == 1 and "flare-error: " in lines[0], error
+        assert "Traceback" not in error and ".py" not in error and "line " not in error, error
     assert server.proc.poll() is None
 
 
