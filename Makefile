@@ -37,7 +37,7 @@ test: install
 demo: install
 	$(VENV)/bin/flare-demo $(DEMO_ARGS)
 
-# the proof that the recipe learns (docs/training.md): ~1 h on 2 idle cores, results in proof-out/proof.md
+# the proof that the recipe learns (docs/training.md): estimated under an hour on 2 idle cores (not measured); results in proof-out/proof.md
 proof: install
 	nice $(VENV)/bin/flare-demo --proof --out proof-out $(PROOF_ARGS)
 
