@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flare.runtime.bundle.manifest import FORMAT, model_entry, new_bundle_json, sha256_file, write_bundle_json
+from flare.runtime.bundle.card import CARD_FILE, ModelCard, card_from_raw
+from flare.runtime.bundle.manifest import (
+    FORMAT,
+    model_entry,
+    new_bundle_json,
+    read_card_file,
+    sha256_file,
+    write_bundle_json,
+)
 from flare.runtime.foundation.errors import OutputError
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, SPATIAL_DIVISOR, export_onnx, optimise_if_helpful
@@ -27,7 +35,8 @@ Step = Callable[[str], None]
 
 
 def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, fp16: bool = False, trt: bool = False,
-                  opset: int = 17, verify: bool = True, progress: bool = True, command: str | None = None) -> Path:
+                  opset: int = 17, verify: bool = True, progress: bool = True, command: str | None = None,
+                  card: str | Path | None = None) -> Path:
     """Export the ``flare-train`` checkpoints in ``ckpt_dir`` (locator + fold0..N) to a bundle at ``out_dir``.
 
     Returns the bundle folder. Problems raise :class:`flare.runtime.foundation.errors.FlareError` subclasses."""
@@ -39,14 +48,17 @@ def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, fp16: bool = False,
     cmd = command or f"flare.export.export_bundle({str(ckpt_dir)!r}, {str(out_dir)!r}, fp16={fp16}, trt={trt}, " \
                      f"opset={opset}, verify={verify})"
     return export_sources(sources, out_dir, fp16=fp16, trt=trt, opset=opset, verify=verify, progress=progress,
-                          command=cmd)
+                          command=cmd, card=card)
 
 
 def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = False, trt: bool = False,
-                   opset: int = 17, verify: bool = True, progress: bool = True, command: str = "") -> Path:
-    """Export already loaded :class:`ExportSources` (flare checkpoints or an Auto3DSeg import) to ``out_dir``."""
+                   opset: int = 17, verify: bool = True, progress: bool = True, command: str = "",
+                   card: str | Path | None = None) -> Path:
+    """Export already loaded :class:`ExportSources` (flare checkpoints or an Auto3DSeg import) to ``out_dir``;
+    ``card``: a model-card JSON file whose fields replace the derived ones (:func:`model_card`)."""
     out = Path(out_dir).resolve()
     check_target(out)
+    model_card_doc = model_card(sources, card).to_json()  # a bad card file fails before the long work
     n_steps = len(sources.models) * (2 + int(fp16) + int(verify)) + int(trt) + 1
     with _progress(progress, n_steps) as step, _staging(out) as tmp:
         models, optimisation = {}, {}
@@ -54,6 +66,7 @@ def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = 
             models[src.name], optimisation[src.name] = export_model(src, tmp, fp16, opset, step)
         report = verify_models(sources, tmp, models, fp16, step) if verify else {"skipped": True}
         doc = bundle_document(sources, models, opset, command)
+        doc["card"] = model_card_doc
         doc["verification"] = report
         doc["provenance"]["optimisation"] = optimisation
         if trt:
@@ -118,6 +131,23 @@ def bundle_document(sources: ExportSources, models: dict[str, dict[str, Any]], o
                           roi=sources.roi, locator_roi=sources.locator_roi, provenance=provenance(sources, opset,
                                                                                                   command))
     return doc
+
+
+def model_card(sources: ExportSources, card_file: str | Path | None = None) -> ModelCard:
+    """The bundle's model card: ``card.json`` of the checkpoint folder (written by flare-train) when there is one,
+    else what the checkpoints tell (recipe, date of the newest checkpoint; the data set stays ``unknown``), then
+    the fields of ``card_file`` (``flare-export --card``) on top."""
+    own = sources.root / CARD_FILE
+    if own.is_file():
+        card = card_from_raw(read_card_file(own))
+    else:
+        recipe = {str(m.config.get("training_config", {}).get("name") or "") for m in sources.folds} - {""}
+        newest = max((m.checkpoint.stat().st_mtime for m in sources.models), default=None)
+        card = ModelCard(recipe="auto3dseg segresnet" if sources.kind == "auto3dseg" else
+                         (", ".join(sorted(recipe)) or "unknown"),
+                         trained_at="unknown" if newest is None else
+                         _dt.datetime.fromtimestamp(newest, _dt.UTC).date().isoformat())
+    return card.merged(read_card_file(card_file)) if card_file is not None else card
 
 
 def provenance(sources: ExportSources, opset: int, command: str) -> dict[str, Any]:

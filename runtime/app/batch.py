@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,14 +84,22 @@ def _preflight(seg: Any) -> Preflight:
 
 
 def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputFormat,
-                 hooks: StageHooks | None = None, read_s: float = 0.0) -> dict[str, Any]:
+                 hooks: StageHooks | None = None, read_s: float = 0.0,
+                 roi_subset: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Segment ``img`` and write the job's outputs; returns the run report (``read_s``: seconds it took to read
-    ``img``, added to the report's read stage). Statistics and the preview are computed before the first file is
-    written, so a failure there leaves no output behind."""
+    ``img``, added to the report's read stage; ``roi_subset``: the FLARE ids kept, others set to 0). Statistics and
+    the preview are computed before the first file is written, so a failure there leaves no output behind."""
     from flare.runtime.pipeline.segmenter import rss_peak_mb
 
     labels, affine, report = seg.segment(img, None, hooks)
     report["stages"]["read"] = round(report["stages"]["read"] + read_s, 4)
+    if roi_subset is not None:
+        from flare.runtime.app.label_outputs import keep_only
+        from flare.runtime.ops.stats import label_volumes
+
+        labels = keep_only(labels, roi_subset)
+        report["roi_subset"] = list(roi_subset)
+        report["voxels"], report["volume_ml"] = label_volumes(labels, affine)
     stats = png = None
     if job.statistics is not None:
         from flare.runtime.ops.stats import label_statistics
@@ -105,14 +113,27 @@ def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputForm
     if "rss_peak_mb" in report:  # statistics and the preview allocate too: the peak is sampled after them
         report["rss_peak_mb"] = max(report["rss_peak_mb"] or 0.0, round(rss_peak_mb(), 1))
     t0 = time.perf_counter()
+    synthetic = bool((report.get("model_card") or {}).get("warning"))
     if fmt is OutputFormat.dicom_seg:
         from flare.runtime.image.dicomseg import write_dicom_seg
 
-        write_dicom_seg(job.output, labels, img)
+        write_dicom_seg(job.output, labels, img, synthetic_model=synthetic)
+    elif fmt is OutputFormat.rtstruct:
+        from flare.runtime.image.rtstruct import write_rtstruct
+
+        write_rtstruct(job.output, labels, img, synthetic_model=synthetic)
     else:
         from flare.runtime.image.nifti import write_labels
 
         write_labels(job.output, labels, like=img)
+    if job.masks is not None:
+        from flare.runtime.app.label_outputs import write_masks
+
+        report["masks"] = [str(p) for p in write_masks(job.masks, labels, img, roi_subset)]
+    if job.tables:
+        from flare.runtime.app.label_outputs import write_label_tables
+
+        write_label_tables(job.tables)
     report["stages"]["write"] = round(time.perf_counter() - t0, 4)
     report["output"] = str(job.output)
     if stats is not None and job.statistics is not None:
@@ -156,34 +177,65 @@ def _error_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())  # one line, whatever the exception says
 
 
+def _run_job(seg: Segmenter, plan: Plan, job: CaseJob, loaded: Callable[[], tuple[LoadedImage, float]],
+             hooks: StageHooks | None) -> CaseResult:
+    """One case: read (``loaded()``), segment, write; a failure is recorded in the result, never raised."""
+    t0 = time.perf_counter()
+    result = CaseResult(job.case.name, str(job.case.source), job.case.series_uid, str(job.output), "ok", 0.0)
+    try:
+        img, read_s = loaded()
+        result.stages = process_case(seg, job, img, plan.fmt, hooks, read_s=read_s,
+                                     roi_subset=plan.roi_subset)["stages"]
+        del img
+        result.statistics = None if job.statistics is None else str(job.statistics)
+        result.preview = None if job.preview is None else str(job.preview)
+        result.report = None if job.report is None else str(job.report)
+    except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
+        result.status, result.error = "failed", _error_line(err)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
 def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], StageHooks | None] = lambda job: None,
              on_done: Callable[[CaseResult], None] = lambda result: None,
-             summary_extra: dict[str, Any] | None = None) -> list[CaseResult]:
+             summary_extra: dict[str, Any] | None = None, concurrency: int = 1) -> list[CaseResult]:
     """Segment every job of ``plan`` with ``seg``; never raises for one case's problem (it is recorded with a
     one-line error and the next case runs). ``KeyboardInterrupt`` stops the run (the summary so far is kept); a summary
-    that cannot be written raises :class:`SummaryError`."""
-    results: list[CaseResult] = []
+    that cannot be written raises :class:`SummaryError`.
+
+    ``concurrency`` > 1 (``flare-run --server``: the work is on the servers) keeps that many cases in flight, each
+    read, sent and written by its own thread; the results and the summary stay in the plan's order."""
     extra = dict(summary_extra or {})
-    jobs = plan.jobs
     preflight = _preflight(seg)
+    if concurrency > 1:
+        return _run_concurrently(plan, seg, concurrency, preflight, on_done, extra)
+    results: list[CaseResult] = []
+    jobs = plan.jobs
     upcoming: Future | None = _read_ahead(jobs[0], preflight) if jobs else None
     for i, job in enumerate(jobs):
-        t0 = time.perf_counter()
         current = upcoming
         upcoming = _read_ahead(jobs[i + 1], preflight) if i + 1 < len(jobs) else None  # overlaps this case
-        result = CaseResult(job.case.name, str(job.case.source), job.case.series_uid, str(job.output), "ok", 0.0)
-        try:
-            assert current is not None
-            img, read_s = current.result()
-            result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s)["stages"]
-            del img
-            result.statistics = None if job.statistics is None else str(job.statistics)
-            result.preview = None if job.preview is None else str(job.preview)
-            result.report = None if job.report is None else str(job.report)
-        except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
-            result.status, result.error = "failed", _error_line(err)
-        result.seconds = round(time.perf_counter() - t0, 3)
+        assert current is not None
+        result = _run_job(seg, plan, job, current.result, hooks_for(job))
         results.append(result)
         on_done(result)
         write_summary(plan, results, extra)
     return results
+
+
+def _run_concurrently(plan: Plan, seg: Segmenter, concurrency: int, preflight: Preflight,
+                      on_done: Callable[[CaseResult], None], extra: dict[str, Any]) -> list[CaseResult]:
+    from concurrent.futures import as_completed
+
+    done: dict[int, CaseResult] = {}
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="flare-case")
+    try:
+        futures = {pool.submit(_run_job, seg, plan, job, lambda job=job: _read(job, preflight), None): i  # type: ignore[misc]
+                   for i, job in enumerate(plan.jobs)}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            write_summary(plan, [done[i] for i in sorted(done)], extra)
+            on_done(done[futures[future]])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return [done[i] for i in sorted(done)]

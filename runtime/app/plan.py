@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 __all__ = ["Case", "CaseJob", "OutputFormat", "Plan", "discover", "is_nifti_name", "make_plan"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: an output named ``*.rtstruct.dcm`` is an RTSTRUCT; any other ``*.dcm`` a DICOM-SEG
+RTSTRUCT_SUFFIX = ".rtstruct.dcm"
+#: ``--statistics`` given without a path (flare-run's TotalSegmentator habit): the statistics go beside the output
+BESIDE_OUTPUT = Path("::beside-the-output::")
 #: DICOM modalities that become cases when a folder is searched (other series, e.g. SEG or SR, are skipped)
 CASE_MODALITIES = ("CT", "")
 
@@ -39,10 +43,15 @@ class OutputFormat(str, Enum):
 
     nifti = "nifti"
     dicom_seg = "dicom-seg"
+    rtstruct = "rtstruct"
 
     @property
     def suffix(self) -> str:
-        return ".dcm" if self is OutputFormat.dicom_seg else ".nii.gz"
+        return {"nifti": ".nii.gz", "dicom-seg": ".dcm", "rtstruct": RTSTRUCT_SUFFIX}[self.value]
+
+    @property
+    def needs_dicom(self) -> bool:
+        return self is not OutputFormat.nifti
 
 
 @dataclass(frozen=True)
@@ -80,9 +89,11 @@ class CaseJob:
     statistics: Path | None = None
     preview: Path | None = None
     report: Path | None = None
+    masks: Path | None = None  # folder of one mask file per label (TotalSegmentator's names)
+    tables: tuple[Path, ...] = ()  # label tables for viewers (3D Slicer .ctbl, ITK-SNAP label description)
 
     def outputs(self) -> list[Path]:
-        return [p for p in (self.output, self.statistics, self.preview, self.report) if p is not None]
+        return [p for p in (self.output, self.statistics, self.preview, self.report, *self.tables) if p is not None]
 
 
 @dataclass
@@ -93,6 +104,7 @@ class Plan:
     out_dir: Path | None = None  # folder mode: where summary.json goes
     folders: list[Path] = field(default_factory=list)  # folders to create before the first case
     skipped: list[str] = field(default_factory=list)  # one line per DICOM series not taken as a case
+    roi_subset: tuple[int, ...] | None = None  # FLARE ids kept in the outputs (--roi-subset); None: all
 
     @property
     def summary_path(self) -> Path | None:
@@ -294,9 +306,19 @@ def _format_of(output: Path) -> OutputFormat:
     name = output.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return OutputFormat.nifti
+    if name.endswith(RTSTRUCT_SUFFIX):
+        return OutputFormat.rtstruct
     if name.endswith(".dcm"):
         return OutputFormat.dicom_seg
-    raise OutputError(output, "output must end in .nii.gz or .nii (NIfTI) or .dcm (DICOM-SEG)")
+    raise OutputError(output, f"output must end in .nii.gz or .nii (NIfTI), {RTSTRUCT_SUFFIX} (RTSTRUCT) or .dcm "
+                              "(DICOM-SEG)")
+
+
+def table_paths(output: Path) -> tuple[Path, Path]:
+    """The label tables written beside ``output`` with ``--label-table``: ``STEM.ctbl`` (3D Slicer colour table)
+    and ``STEM.itksnap.txt`` (ITK-SNAP label description file)."""
+    stem = _stem(output).removesuffix(".rtstruct")
+    return output.with_name(stem + ".ctbl"), output.with_name(stem + ".itksnap.txt")
 
 
 def _check_file_target(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
@@ -340,7 +362,8 @@ def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Seque
     for job in jobs:
         prefix = f"{job.case.name} " if len(jobs) > 1 else ""
         for role, path in (("segmentation", job.output), ("statistics", job.statistics),
-                           ("preview", job.preview), ("report", job.report)):
+                           ("preview", job.preview), ("report", job.report),
+                           *((f"label table {i + 1}", t) for i, t in enumerate(job.tables))):
             outputs[prefix + role] = path
     outputs.update({f"summary{'' if i == 0 else i}": p for i, p in enumerate(extra)})
     check_outputs([p for c in cases for p in _input_files(c)], outputs, writable=False)
@@ -348,27 +371,39 @@ def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Seque
 
 def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat | None = None,
               series: str | None = None, statistics: Path | None = None, preview: Path | None = None,
-              report: Path | None = None) -> Plan:
-    """Decide the cases and their output paths, checking every output before any work (one-line errors)."""
-    exclude = [p for p in (output, statistics, preview, report) if p is not None]
+              report: Path | None = None, masks: Path | None = None, label_table: bool = False,
+              roi_subset: Sequence[str] | None = None) -> Plan:
+    """Decide the cases and their output paths, checking every output before any work (one-line errors).
+    ``statistics`` may be :data:`BESIDE_OUTPUT` (``--statistics`` without a path)."""
+    subset = _subset_ids(roi_subset)
+    beside = statistics == BESIDE_OUTPUT
+    exclude = [p for p in (output, None if beside else statistics, preview, report, masks) if p is not None]
     cases, file_mode, skipped = discover(inputs, series, exclude)
     if file_mode:
         case = cases[0]
         out = output if output is not None else default_output(inputs[0], case.kind)
+        if output is None and fmt is not None and fmt is not OutputFormat.nifti:
+            out = out.with_name(out.name.removesuffix(".nii.gz") + fmt.suffix)
         out_fmt = _format_of(out)
         if fmt is not None and fmt is not out_fmt:
             raise OutputError(out, f"--format {fmt.value} does not match the output name (use {fmt.suffix})")
-        if out_fmt is OutputFormat.dicom_seg and case.kind != "dicom":
-            raise OutputError(out, f"DICOM-SEG output needs a DICOM input; {case.source} is NIfTI "
+        if out_fmt.needs_dicom and case.kind != "dicom":
+            what = "RTSTRUCT" if out_fmt is OutputFormat.rtstruct else "DICOM-SEG"
+            raise OutputError(out, f"{what} output needs a DICOM input; {case.source} is NIfTI "
                                    "(write .nii.gz instead)")
         _check_file_target(out, "output", NIFTI_SUFFIXES + (".dcm",))
+        if beside:
+            statistics = out.with_name(_stem(out).removesuffix(".rtstruct") + "_stats.json")
+        if masks is not None:
+            _check_folder_target(masks, "--masks folder")
         for path, what, suffixes in ((statistics, "--statistics", (".json",)), (preview, "--preview", (".png",)),
                                      (report, "--report", (".json",))):
             if path is not None:
                 _check_file_target(path, what, suffixes)
-        job = CaseJob(case, out, statistics, preview, report)
+        job = CaseJob(case, out, statistics, preview, report, masks, table_paths(out) if label_table else ())
         _check_distinct([job], cases)
-        return Plan([job], False, out_fmt, skipped=skipped)
+        return Plan([job], False, out_fmt, folders=[masks] if masks is not None and not masks.is_dir() else [],
+                    skipped=skipped, roi_subset=subset)
     if output is None:
         raise OutputError(None, f"{len(cases)} cases found: give an output folder with -o")
     for path, what in ((output, "-o"), (statistics, "--statistics"), (preview, "--preview"), (report, "--report")):
@@ -376,20 +411,42 @@ def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat 
                                                                                                  ".png")):
             raise OutputError(path, f"{len(cases)} cases found: {what} must be a folder, not a file name")
     fmt = fmt or OutputFormat.nifti
-    if fmt is OutputFormat.dicom_seg:
+    if fmt.needs_dicom:
         nifti = [c for c in cases if c.kind != "dicom"]
         if nifti:
-            raise OutputError(output, f"--format dicom-seg needs DICOM inputs; {nifti[0].source} is NIfTI "
+            raise OutputError(output, f"--format {fmt.value} needs DICOM inputs; {nifti[0].source} is NIfTI "
                                       "(use --format nifti)")
+    if beside:
+        statistics = output
     folders = []
     for path, what in ((output, "output"), (statistics, "--statistics"), (preview, "--preview"),
-                       (report, "--report")):
+                       (report, "--report"), (masks, "--masks")):
         if path is not None and _check_folder_target(path, f"{what} folder") and path not in folders:
             folders.append(path)
+    if masks is not None:
+        folders += [masks / c.name for c in cases if not (masks / c.name).is_dir()]
     jobs = [CaseJob(c, output / f"{c.name}{fmt.suffix}",
                     None if statistics is None else statistics / f"{c.name}_stats.json",
                     None if preview is None else preview / f"{c.name}_preview.png",
-                    None if report is None else report / f"{c.name}_report.json") for c in cases]
+                    None if report is None else report / f"{c.name}_report.json",
+                    None if masks is None else masks / c.name,
+                    table_paths(output / f"{c.name}{fmt.suffix}") if label_table else ()) for c in cases]
     _check_distinct(jobs, cases, [output / "summary.json"])
-    return Plan(jobs, True, fmt, output, folders, skipped)
+    return Plan(jobs, True, fmt, output, folders, skipped, subset)
+
+
+def _subset_ids(names: Sequence[str] | None) -> tuple[int, ...] | None:
+    """``--roi-subset`` names (TotalSegmentator's, e.g. ``kidney_left``, or the registry's short/full names) as
+    sorted FLARE ids; an unknown name is a one-line InputError listing the valid ones."""
+    if not names:
+        return None
+    from flare.runtime.foundation.labels import label_named
+
+    ids = set()
+    for name in names:
+        try:
+            ids.add(label_named(name).id)
+        except KeyError as err:
+            raise InputError(None, f"--roi-subset: {err.args[0]}") from None
+    return tuple(sorted(ids))
 

@@ -14,7 +14,8 @@ with strict integers, after size and nesting-depth limits)::
       "postprocess": {"mode": "paper", "min_tumor_voxels": 100, "largest_component": [1, 2, 3, 4, 5, 13],
                       "z_pass": true},
       "provenance": {"monai": "...", "torch": "...", "onnx": "...", "config_sha256": "...", ...},
-      "verification": {...}                   # optional, written by flare-export
+      "verification": {...},                  # optional, written by flare-export
+      "card": {...}                           # optional: the model card, see flare.runtime.bundle.card
     }
 
     MODEL = {"name": "fold0", "in_channels": 1, "out_channels": 13, "output": "logits",
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flare.runtime.bundle.card import ModelCard, card_from_raw
 from flare.runtime.foundation.errors import BundleError
 from flare.runtime.foundation.labels import check_snapshot
 from flare.runtime.ops.postprocessing import DEFAULT_MODE, check_mode
@@ -98,6 +100,7 @@ class Bundle:
     z_pass: bool
     postprocess_mode: str = DEFAULT_MODE
     provenance: dict[str, Any] = field(default_factory=dict)
+    card: ModelCard = field(default_factory=ModelCard)  # "unknown" fields for bundles without a card
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -114,6 +117,25 @@ def default_bundle_dir() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "flare" / "bundle"
+
+
+def how_to_get_a_bundle() -> str:
+    """Advice that names only commands this install can run: with the training/export extras ``flare-demo`` and
+    ``flare-export``; a runtime-only install gets a bundle folder made elsewhere."""
+    from importlib.util import find_spec
+
+    def has(name: str) -> bool:
+        try:
+            return find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    if all(has(m) for m in ("torch", "monai", "onnx")):
+        return ("pass --bundle DIR (or set FLARE_BUNDLE), or make one: flare-demo (a phantom-trained demo bundle, "
+                "installed as the default) or flare-export CHECKPOINT_DIR -o DIR")
+    return ("pass --bundle DIR (or set FLARE_BUNDLE) with a bundle exported elsewhere (flare-export, from the "
+            "'export' extra); this install has the runtime only: pip install 'flare-seg[train,export]' adds "
+            "flare-demo and flare-export")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -166,11 +188,14 @@ def _read_json(bundle_json: Path) -> Any:
 
 
 @functools.cache
-def _validator() -> Any:
-    """The JSON Schema validator of bundle.schema.json, with strict integers (``1.0`` and ``true`` are not)."""
+def _validator(definition: str | None = None) -> Any:
+    """The JSON Schema validator of bundle.schema.json (or of one of its ``$defs``), with strict integers (``1.0``
+    and ``true`` are not)."""
     import jsonschema
 
     schema = json.loads(SCHEMA_FILE.read_text())
+    if definition is not None:
+        schema = {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": f"#/$defs/{definition}"}
     base = jsonschema.validators.validator_for(schema)
     checker = base.TYPE_CHECKER.redefine(
         "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
@@ -198,6 +223,34 @@ def validate_bundle_json(raw: Any, bundle_json: Path) -> None:
     if len(message) > 160:
         message = message[:160] + "..."
     raise BundleError(bundle_json, f"field {where or '(top level)'}: {message}")
+
+
+def card_errors(raw: Any) -> str | None:
+    """The most relevant problem of a model card object against the schema's ``card`` definition, or None."""
+    from jsonschema.exceptions import best_match
+
+    err = best_match(_validator("card").iter_errors(raw))
+    if err is None:
+        return None
+    where = _where(err.absolute_path)
+    return f"{'field ' + where + ': ' if where else ''}{str(err.message)[:160]}"
+
+
+def read_card_file(path: str | Path) -> dict[str, Any]:
+    """A model card object from a JSON file (``flare-export --card FILE``, the checkpoint folder's ``card.json``),
+    checked against the schema's ``card`` definition; one-line :class:`~flare.runtime.foundation.errors.InputError`
+    on any problem."""
+    from flare.runtime.foundation.errors import InputError
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, f"cannot read the model card ({exc.__class__.__name__}: {exc})") from None
+    problem = card_errors(raw)
+    if problem is not None:
+        raise InputError(path, f"not a valid model card: {problem}")
+    return raw  # type: ignore[no-any-return]
 
 
 def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, verify: bool) -> ModelSpec:
@@ -266,7 +319,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     bundle_json = path if path.name == "bundle.json" else path / "bundle.json"
     root = bundle_json.parent
     if not root.exists():
-        raise BundleError(root, "bundle folder does not exist (run flare-export or flare-demo, or pass --bundle)")
+        raise BundleError(root, f"bundle folder does not exist; {how_to_get_a_bundle()}")
     if not bundle_json.is_file():
         raise BundleError(bundle_json, "bundle.json is missing: not a flare bundle folder")
     raw = _read_json(bundle_json)
@@ -305,6 +358,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         z_pass=post.get("z_pass", True),
         postprocess_mode=_postprocess_mode(post, bundle_json),
         provenance=dict(raw.get("provenance", {})),
+        card=card_from_raw(raw.get("card")),
     )
     _check_cross_fields(b, bundle_json)
     return b
@@ -333,7 +387,8 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
                     roi: tuple[int, int, int] = (224, 224, 224),
                     locator_roi: tuple[int, int, int] = (128, 128, 128),
                     overlap: float = 0.0, blend: str = "constant",
-                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                    provenance: dict[str, Any] | None = None,
+                    card: ModelCard | None = None) -> dict[str, Any]:
     """The bundle.json document with the defaults of DESIGN.md; flare-export and tests write bundles with it."""
     from flare.runtime.foundation.labels import LARGEST_COMPONENT_IDS, registry_snapshot
 
@@ -349,6 +404,7 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
         "postprocess": {"mode": DEFAULT_MODE, "min_tumor_voxels": 100, "largest_component": list(LARGEST_COMPONENT_IDS),
                         "z_pass": True},
         "provenance": provenance or {},
+        "card": (card or ModelCard()).to_json(),
     }
 
 

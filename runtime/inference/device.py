@@ -42,6 +42,7 @@ __all__ = [
     "device_memory_used_mb",
     "host_empty",
     "lazy_import",
+    "parse_device",
     "resolve_device",
     "to_device",
     "to_host",
@@ -161,12 +162,38 @@ def ort_providers() -> list[str]:
         return []
 
 
-@functools.lru_cache(maxsize=4)
+DEVICE_CHOICES = "auto, cpu, cuda, gpu, cuda:N or gpu:N"
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """``auto``/``cpu``/``cuda``/``gpu`` (TotalSegmentator's word for cuda), CUDA ones optionally with ``:N`` (the
+    GPU index, as CUDA numbers the visible devices) → ``(auto|cpu|cuda, N or None)``; DeviceError otherwise."""
+    text = device.strip().lower()
+    name, sep, index = text.partition(":")
+    name = "cuda" if name == "gpu" else name
+    if name not in ("auto", "cpu", "cuda") or (sep and (name != "cuda" or not index.isdigit())):
+        raise DeviceError(None, f"unknown device {device!r} (use {DEVICE_CHOICES})")
+    return name, int(index) if sep else None
+
+
 def resolve_device(device: str) -> Device:
-    """``auto`` → ``cuda`` when ONNX Runtime has a CUDA provider, else ``cpu``; ``cuda`` without one is a one-line
-    :class:`DeviceError`. On CUDA the array module is CuPy when :func:`cupy_status` says it works, else numpy."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise DeviceError(None, f"unknown device {device!r} (use auto, cpu or cuda)")
+    """:func:`parse_device`, then ``auto`` → ``cuda`` when ONNX Runtime has a CUDA provider, else ``cpu``; ``cuda``
+    without one is a one-line :class:`DeviceError`. On CUDA the array module is CuPy when :func:`cupy_status` says
+    it works, else numpy. ``cuda:N`` is CUDA device N (``Device.device_id``, passed to the engines and CuPy)."""
+    name, index = parse_device(device)
+    dev = _resolve(name)
+    if index is None:
+        return dev
+    if dev.on_gpu and index >= cupy.load().cuda.runtime.getDeviceCount():
+        raise DeviceError(None, f"device {device!r}: there are {cupy.load().cuda.runtime.getDeviceCount()} CUDA "
+                                "device(s), numbered from 0")
+    import dataclasses
+
+    return dataclasses.replace(dev, device_id=index)
+
+
+@functools.lru_cache(maxsize=4)
+def _resolve(device: str) -> Device:
     t0 = time.perf_counter()
     if device == "cpu":
         return Device("cpu", np, why="asked for", seconds=0.0)

@@ -312,7 +312,7 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
     if budget_mb is not None and key in MEMORY_MODELS:
         rois = list(candidate_rois(budget_mb, volume.shape, *key, overlap=overlap, channels=engines[0].out_channels,
                                    arena_mb=arena_mb))
-    peak = DeviceMemoryPeak() if key in MEMORY_MODELS else None
+    peak = DeviceMemoryPeak(getattr(engines[0], "device_id", 0)) if key in MEMORY_MODELS else None
     fallback: list[str] = []
     tried: list[list[int]] = []
 

@@ -235,6 +235,13 @@ class Segmenter:
                 hooks: StageHooks | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Segment ``image``; returns ``(labels uint8 in the input grid, input affine, report)`` and writes
         ``output`` when given."""
+        if self.dev.on_gpu:  # CuPy's arrays and kernels on this Segmenter's GPU (cuda:N), in this thread
+            with self.xp.cuda.Device(self.dev.device_id):
+                return self._segment(image, output, hooks)
+        return self._segment(image, output, hooks)
+
+    def _segment(self, image: str | Path | LoadedImage, output: str | Path | None,
+                 hooks: StageHooks | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         hooks = hooks or StageHooks()
         times: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -293,11 +300,13 @@ class Segmenter:
             "tiles": {"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,
                       "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
                       "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
-            "backend": {"device": self.device, "engine": self.engines[0].backend,
+            "backend": {"device": self.device, "device_id": self.dev.device_id if self.device == "cuda" else None,
+                        "engine": self.engines[0].backend,
                         "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
                         "load": dict(self.load)},
             "folds": ens.folds,
             "postprocess": {"mode": self.postprocess_mode},
+            "model_card": self.bundle.card.summary(),
             "stages": {name: times.get(name, 0.0) for name in STAGES},
             "total_s": round(total, 4),
             "rss_peak_mb": round(rss_peak_mb(), 1),

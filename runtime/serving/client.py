@@ -73,16 +73,34 @@ class ServerRef:
 
 
 class RemoteSegmenter:
-    """A :class:`~flare.runtime.pipeline.segmenter.Segmenter` on a ``flare-serve`` server (Triton HTTP at ``url``).
+    """A :class:`~flare.runtime.pipeline.segmenter.Segmenter` on ``flare-serve`` servers (Triton HTTP at ``url``:
+    one ``HOST:PORT`` or several, comma-separated).
 
     ``segment()`` returns ``(labels uint8 in the input grid, input affine, report)`` like the local one; the labels and
-    affine are read back from the server's NIfTI with the same validated reader.
+    affine are read back from the server's NIfTI with the same validated reader. It may be called from several
+    threads at once (``flare-run --concurrency``): each request goes to the server with the fewest requests in
+    flight from this client (ties: the one used least), on its own connection; a server that fails fails only the
+    requests sent to it (the error names it), and the report's ``server`` says which server answered.
     """
 
     def __init__(self, url: str, folds: int | None = None, overlap: float | None = None,
                  postprocess: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = False) -> None:
+        import threading
+
         self.url = url
-        self._host, self._ssl = _split_url(url)
+        self.urls = [u.strip() for u in url.split(",") if u.strip()]
+        if not self.urls:
+            raise RemoteError(None, f"--server {url!r}: give HOST:PORT, e.g. 127.0.0.1:8000")
+        self._hosts = [_split_url(u) for u in self.urls]
+        if len(set(self._hosts)) < len(self._hosts):
+            raise RemoteError(None, f"--server {url!r} names a server twice")
+        # imported here, in the constructing thread: concurrent first imports from the request threads would see
+        # a partially initialised tritonclient.http
+        self._http = lazy_import("tritonclient.http", "serve").load()
+        self._utils = lazy_import("tritonclient.utils", "serve").load()
+        self._lock = threading.Lock()
+        self._busy = [0] * len(self.urls)
+        self._used = [0] * len(self.urls)
         self.options: dict[str, Any] = {k: v for k, v in (("folds", folds), ("overlap", overlap),
                                                           ("postprocess", postprocess)) if v is not None}
         self.timeout_s = float(timeout_s)
@@ -106,20 +124,38 @@ class RemoteSegmenter:
                     raise RemoteError(self.url, f"model '{MODEL}' is not ready after {timeout_s:.0f} s")
                 time.sleep(0.5)
 
+    def _pick(self) -> int:
+        with self._lock:
+            i = min(range(len(self.urls)), key=lambda k: (self._busy[k], self._used[k], k))
+            self._busy[i] += 1
+            self._used[i] += 1
+            return i
+
     def request(self, blob: bytes, name: str, compressed: bool = True) -> tuple[bytes, dict[str, Any]]:
-        """Send one NIfTI file's bytes; returns the label map's NIfTI bytes and the report."""
-        http = lazy_import("tritonclient.http", "serve").load()
-        utils = lazy_import("tritonclient.utils", "serve").load()
+        """Send one NIfTI file's bytes to the least busy server; returns the label map's NIfTI bytes and the report
+        (with ``server``: the ``HOST:PORT`` that answered)."""
+        i = self._pick()
+        try:
+            labels, report = self._request(i, blob, name, compressed)
+        finally:
+            with self._lock:
+                self._busy[i] -= 1
+        report["server"] = self.urls[i]
+        return labels, report
+
+    def _request(self, i: int, blob: bytes, name: str, compressed: bool) -> tuple[bytes, dict[str, Any]]:
+        url, (host, ssl) = self.urls[i], self._hosts[i]
+        http, utils = self._http, self._utils
         inp = http.InferInput(INPUT, [1], "BYTES")
         inp.set_data_from_numpy(np.array([blob], dtype=object), binary_data=True)
         outputs = [http.InferRequestedOutput(OUTPUT_LABELS, binary_data=True),
                    http.InferRequestedOutput(OUTPUT_REPORT, binary_data=True)]
         params = {"filename": name, "compressed": bool(compressed), **self.options}
         try:
-            client = http.InferenceServerClient(self._host, ssl=self._ssl, connection_timeout=self.timeout_s,
+            client = http.InferenceServerClient(host, ssl=ssl, connection_timeout=self.timeout_s,
                                                 network_timeout=self.timeout_s)
         except Exception as err:  # noqa: BLE001 - tritonclient raises several kinds for a bad address
-            raise RemoteError(self.url, f"cannot use the server address ({err})") from None
+            raise RemoteError(url, f"cannot use the server address ({err})") from None
         try:
             self._wait_ready(client)
             result = client.infer(MODEL, [inp], outputs=outputs, parameters=params)
@@ -128,16 +164,16 @@ class RemoteSegmenter:
             line = flare_error_line(message)
             if line is not None:
                 raise RemoteError(None, line) from None
-            raise RemoteError(self.url, f"server error: {message.strip().splitlines()[0] if message else err}"
+            raise RemoteError(url, f"server error: {message.strip().splitlines()[0] if message else err}"
                               ) from None
         except (OSError, TimeoutError) as err:
-            raise RemoteError(self.url, f"cannot reach the flare server ({err.strerror or err})") from None
+            raise RemoteError(url, f"cannot reach the flare server ({err.strerror or err})") from None
         finally:
             client.close()
         labels = result.as_numpy(OUTPUT_LABELS)
         report = result.as_numpy(OUTPUT_REPORT)
         if labels is None or report is None or labels.size != 1 or report.size != 1:
-            raise RemoteError(self.url, f"the server's answer lacks the {OUTPUT_LABELS}/{OUTPUT_REPORT} outputs "
+            raise RemoteError(url, f"the server's answer lacks the {OUTPUT_LABELS}/{OUTPUT_REPORT} outputs "
                                         "(is it a flare-serve server?)")
         return bytes(labels.flat[0]), json.loads(bytes(report.flat[0]))
 
@@ -159,7 +195,7 @@ class RemoteSegmenter:
             print(f"flare-run: sending {name} ({len(blob) / 2**20:.1f} MB) to {self.url}", file=sys.stderr, flush=True)
         labels_blob, report = self.request(blob, name, compressed)
         if self.progress:
-            print(f"flare-run: {name} segmented by {self.url} in {time.perf_counter() - t0:.2f} s "
+            print(f"flare-run: {name} segmented by {report['server']} in {time.perf_counter() - t0:.2f} s "
                   f"(server pipeline {report.get('total_s')} s)", file=sys.stderr, flush=True)
         labels = read_image_bytes(labels_blob, name=f"{self.url} (labels of {name})")
         if output is not None:

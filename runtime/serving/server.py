@@ -33,7 +33,8 @@ from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.inference.device import lazy_import
 from flare.runtime.serving.client import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
 
-__all__ = ["FlareModel", "python_backend_env", "serve", "stub_libpython"]
+__all__ = ["FlareModel", "instance_devices", "load_models", "parse_devices", "python_backend_env", "serve",
+           "stub_libpython"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -331,13 +332,51 @@ def _stop_on_sigterm() -> list[int]:
     return received
 
 
-def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_port: int = 8000,
-          grpc_port: int = 8001, metrics_port: int = 8002, instances: int = 1, gpu_mem_budget: float | None = None,
-          verbose: bool = False) -> None:
-    """Load ``instances`` Segmenters, start Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
-    from flare.runtime.bundle.manifest import load_bundle
-    from flare.runtime.pipeline.segmenter import Segmenter
+def parse_devices(text: str) -> list[int]:
+    """``--devices 0,1,3`` → ``[0, 1, 3]`` (CUDA device indices, distinct); FlareError otherwise."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise FlareError(None, f"--devices {text!r}: give CUDA device indices separated by commas, e.g. 0,1")
+    ids = [int(p) for p in parts]
+    if len(set(ids)) < len(ids):
+        raise FlareError(None, f"--devices {text!r} names a device twice")
+    return ids
 
+
+def instance_devices(device: str, devices: Sequence[int] | None, instances: int | None) -> list[str]:
+    """The device of each model instance: without ``devices``, ``instances`` (default 1) times ``device``; with
+    ``devices``, the instances (default one per GPU) go round-robin over ``cuda:N`` for N in ``devices``
+    (``--device`` must then be ``auto``, ``cuda`` or ``gpu``)."""
+    if devices is None:
+        return [device] * (instances or 1)
+    if device.strip().lower() not in ("auto", "cuda", "gpu"):
+        raise FlareError(None, f"--devices puts the instances on CUDA devices; --device {device} contradicts it")
+    n = instances or len(devices)
+    return [f"cuda:{devices[i % len(devices)]}" for i in range(n)]
+
+
+def load_models(loaded: Any, devices: Sequence[str], gpu_mem_budget: float | None, segmenter: Any = None
+                ) -> list[FlareModel]:
+    """One FlareModel (a Segmenter on its device) per entry of ``devices``; CPU threads are shared out between the
+    instances that run on the CPU."""
+    factory = segmenter
+    if factory is None:
+        from flare.runtime.pipeline.segmenter import Segmenter
+
+        factory = Segmenter
+    threads = None if len(devices) == 1 else max(1, (os.cpu_count() or 1) // len(devices))
+    return [FlareModel(factory(loaded, device=dev, threads=threads, gpu_mem_budget=gpu_mem_budget))
+            for dev in devices]
+
+
+def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_port: int = 8000,
+          grpc_port: int = 8001, metrics_port: int = 8002, instances: int | None = None,
+          gpu_mem_budget: float | None = None, verbose: bool = False, devices: Sequence[int] | None = None) -> None:
+    """Load the model instances (``instances`` Segmenters on ``device``, or spread over the CUDA ``devices``), start
+    Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
+    from flare.runtime.bundle.manifest import load_bundle
+
+    per_instance = instance_devices(device, devices, instances)
     triton_mod = lazy_import("pytriton.triton", "serve").load()
     config_mod = lazy_import("pytriton.model_config", "serve").load()
     check_ports_free(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
@@ -346,9 +385,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     prepare_server_environment()
     _quiet_pytriton(verbose)
     loaded = load_bundle(bundle)
-    threads = None if instances == 1 else max(1, (os.cpu_count() or 1) // instances)
-    models = [FlareModel(Segmenter(loaded, device=device, threads=threads, gpu_mem_budget=gpu_mem_budget))
-              for _ in range(instances)]
+    models = load_models(loaded, per_instance, gpu_mem_budget)
     seg = models[0].segmenter
     triton_log = None if verbose else Path(tempfile.mkdtemp(prefix="flare-serve-")) / "tritonserver.log"
     config = triton_mod.TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
@@ -381,7 +418,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                     continue
                 print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
                       f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} "
-                      f"fold(s), device {seg.device}, {instances} instance(s); Triton's log: "
+                      f"fold(s), device(s) {', '.join(_device_names(models))}, {len(models)} instance(s); Triton's log: "
                       f"{triton_log or 'stdout'}; SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
                 triton.serve()
                 break
@@ -399,6 +436,15 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     print("flare-serve: stopped", file=sys.stderr, flush=True)
 
 
+def _device_names(models: Sequence[FlareModel]) -> list[str]:
+    names = []
+    for m in models:
+        dev = m.segmenter.dev
+        name = f"cuda:{dev.device_id}" if dev.name == "cuda" else dev.name
+        names.append(name)
+    return sorted(set(names))
+
+
 def _quiet_pytriton(verbose: bool) -> None:
     """PyTriton logs every failed request with a traceback; FlareModel logs one line instead."""
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="flare-serve: %(levelname)s: %(message)s")
@@ -414,14 +460,17 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 def main_command(
     bundle: Annotated[Path | None, typer.Option("--bundle", "-b",
                       help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, gpu, cuda:N or gpu:N.")] = "auto",
+    devices: Annotated[str | None, typer.Option(help="CUDA devices to spread the instances over, e.g. 0,1 "
+                       "(round-robin; default --instances: one per device).", show_default=False)] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes the server).")
                     ] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton HTTP/REST port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Prometheus metrics port.")] = 8002,
-    instances: Annotated[int, typer.Option(min=1, max=64,
-                         help="Model instances (each loads the models once and serves one request at a time).")] = 1,
+    instances: Annotated[int | None, typer.Option(min=1, max=64,
+                         help="Model instances (each loads the models once and serves one request at a time; "
+                              "default 1, with --devices one per device).", show_default=False)] = None,
     gpu_mem_budget: Annotated[float | None, typer.Option(min=500.0,
                               help="GPU memory budget per instance in MB (default: flare-run's).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Triton's and PyTriton's own logs on stdout "
@@ -432,7 +481,8 @@ def main_command(
 
     try:
         serve(bundle or default_bundle_dir(), device=device, host=host, http_port=http_port, grpc_port=grpc_port,
-              metrics_port=metrics_port, instances=instances, gpu_mem_budget=gpu_mem_budget, verbose=verbose)
+              metrics_port=metrics_port, instances=instances, gpu_mem_budget=gpu_mem_budget, verbose=verbose,
+              devices=None if devices is None else parse_devices(devices))
     except FlareError as err:
         typer.echo(f"flare-serve: error: {err}", err=True)
         raise typer.Exit(2) from None

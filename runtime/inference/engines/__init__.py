@@ -30,13 +30,16 @@ def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str 
                   algo_search: str = "HEURISTIC") -> Engine:
     """Engine for ``spec`` on ``device`` (a name, resolved once by :func:`flare.runtime.inference.device.resolve_device`, or
     a :class:`~flare.runtime.inference.device.Device`). ``mem_limit_mb`` caps ONNX Runtime's CUDA arena (the memory budget),
-    ``algo_search`` is cuDNN's convolution algorithm search (HEURISTIC, EXHAUSTIVE or DEFAULT); both are CUDA-only."""
-    name = device.name if isinstance(device, Device) else resolve_device(device).name
+    ``algo_search`` is cuDNN's convolution algorithm search (HEURISTIC, EXHAUSTIVE or DEFAULT); both are CUDA-only.
+    The CUDA provider runs on the device's ``device_id`` (``cuda:N``)."""
+    dev = device if isinstance(device, Device) else resolve_device(device)
+    name = dev.name
     precision = precision or default_precision(spec, name)
     if precision not in ("fp32", "fp16"):
         raise EngineError(None, f"unknown precision {precision!r} (use fp32 or fp16)")
     if name == "cuda":
         from flare.runtime.inference.engines.ort_cuda import CudaOrtEngine
 
-        return CudaOrtEngine(spec, precision, mem_limit_mb=mem_limit_mb, algo_search=algo_search, threads=threads)
+        return CudaOrtEngine(spec, precision, mem_limit_mb=mem_limit_mb, algo_search=algo_search, threads=threads,
+                             device_id=dev.device_id)
     return OrtEngine(spec, precision=precision, threads=threads)

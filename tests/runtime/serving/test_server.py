@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import data_path
+from serve_support import free_ports as _free_ports
+from serve_support import stop_server
 
 REAL_CTS = ("ts_abdomen_ct_3mm.nii.gz", "ts_body_ct_3mm_int32.nii.gz", "ts_torso_ct_1p5mm_lps.nii.gz")
 READY_TIMEOUT_S = 180.0
@@ -128,36 +129,12 @@ class Server:
     log: Path
 
 
-def _free_ports(n: int) -> list[int]:
-    """Ports the kernel picks for loopback binds to port 0 (held together so that they differ)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, r.read().decode()
     except OSError:
         return 0, ""
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the server's own process group (flare-serve and the tritonserver it started)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +155,7 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             time.sleep(0.5)
         yield Server(proc, f"127.0.0.1:{http}", f"http://127.0.0.1:{metrics}/metrics", log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
