@@ -187,6 +187,10 @@ def export_view(ckpt_root: Path, folds: Sequence[Path], out: Path, view: Path, l
     os.symlink((locator or ckpt_root / "locator").resolve(), view / "locator")
     for k, folder in enumerate(folds):
         os.symlink(Path(folder).resolve(), view / f"fold{k}")
+    from flare.runtime.bundle.card import CARD_FILE
+
+    if (ckpt_root / CARD_FILE).is_file():  # the run's model card (data set, recipe) goes into the bundle too
+        os.symlink((ckpt_root / CARD_FILE).resolve(), view / CARD_FILE)
     shutil.rmtree(out, ignore_errors=True)
     try:
         return export_bundle(view, out, fp16=False, verify=False, progress=False, command="flare-demo --proof")
