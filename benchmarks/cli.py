@@ -58,6 +58,9 @@ def bench(
                       ] = None,
     requests: Annotated[int, typer.Option(min=1, help="With --server: number of requests.")] = 20,
     concurrency: Annotated[int, typer.Option(min=1, help="With --server: requests in flight at once.")] = 4,
+    proxy: Annotated[str | None, typer.Option(help="Instead: the CPU proxy of the device pipeline's host work "
+                     "(worst or realistic synthetic 512x512x300 CT, instant engine, stand-in device arrays; "
+                     "--repeats runs); writes OUTPUT/proxy-<case>.json. See benchmarks/proxy.py.")] = None,
 ) -> None:
     """Run the benchmark and write OUTPUT/report.md, OUTPUT/report.json and OUTPUT/memory_*.png."""
     from flare.runtime.bundle.manifest import default_bundle_dir
@@ -70,6 +73,12 @@ def bench(
             raise OutputError(output, "output must be a folder")
         if not output.parent.is_dir():
             raise OutputError(output, f"parent folder {output.parent} does not exist")
+        if proxy is not None:
+            from .proxy import main as run_proxy
+
+            output.mkdir(exist_ok=True)
+            run_proxy(proxy, repeats, output / f"proxy-{proxy}.json")
+            return
         if server is not None:
             from .serve_load import run_load, write_load_report
 

@@ -169,7 +169,7 @@ def budget(path: Path, case: Path, budget_mb: float, device: str, runs: int) -> 
     img = read_image(case)
     for i in range(runs):  # run 0 is cold for the tile shape (cuDNN plans)
         t0 = time.perf_counter()
-        _, _, r = seg.segment(img)
+        r = seg.segment(img).report.to_json()
         emit(stage="budget", budget_mb=budget_mb, run=i, wall_s=round(time.perf_counter() - t0, 4),
              total_s=r["total_s"], stages=r["stages"], gpu_peak_mb=r.get("gpu_peak_mb"), gpu=r.get("gpu"),
              tiles=r["tiles"], crop=r["crop"], fallbacks=r.get("fallbacks"),

@@ -92,9 +92,9 @@ def warm_run(segmenter: Any, case: Path) -> tuple[Run, np.ndarray]:
     """One ``Segmenter.segment`` in this process (models already loaded)."""
     with MemorySampler() as sampler:
         t0 = time.perf_counter()
-        labels, _, report = segmenter.segment(case)
+        result = segmenter.segment(case)
         wall = time.perf_counter() - t0
-    return Run(wall, sampler.trace, report), labels
+    return Run(wall, sampler.trace, result.report.to_json()), result.labels
 
 
 def reference_run(pipeline: Any, case: Path) -> tuple[Run, np.ndarray]:

@@ -18,8 +18,9 @@ def flare_run(*args: str | Path, env: dict | None = None, **kwargs) -> subproces
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, names: str, *words: str) -> None:
-    """Exit 2, exactly one stderr line naming ``names`` and containing every word, no traceback."""
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    """Exit 2, exactly one stderr line naming ``names`` and containing every word, no traceback (the one
+    informational ``flare: device auto -> ...`` line that ``--device auto`` always prints is not an error line)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("flare: device auto -> ")]
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -88,6 +88,7 @@ def score_bundle(bundle: str | Path, entries: Sequence[dict[str, Any]], *, postp
     input grid, once per ``postprocess`` mode. With ``out_dir`` the labels of the first mode are written there
     (``<case>.nii.gz``, as flare-run would). Returns ``{mode: {"summary", "per_case"}, "seconds_per_case"}``."""
     from flare.runtime import Segmenter
+    from flare.runtime.app.write import Outputs, write_result
 
     from .datalist import case_name
 
@@ -101,8 +102,10 @@ def score_bundle(bundle: str | Path, entries: Sequence[dict[str, Any]], *, postp
         truth = _truth(entry)
         for k, (mode, seg) in enumerate(segs.items()):
             target = Path(out_dir) / f"{case_name(entry)}.nii.gz" if out_dir is not None and k == 0 else None
-            labels, _, _ = seg.segment(entry["image"], output=target)
-            dice = case_dice(np.asarray(labels), truth)
+            seg_result = seg.segment(entry["image"])
+            if target is not None:
+                write_result(seg_result, Outputs(target))
+            dice = case_dice(np.asarray(seg_result.labels), truth)
             per_case[mode].append({"case": case_name(entry), "extent": (entry.get("params") or {}).get("extent"),
                                    "dice": {L.name_of(c): round(v, 4) for c, v in dice.items()}, "_ids": dice})
         say(f"  scored {n + 1}/{len(entries)} {case_name(entry)}")

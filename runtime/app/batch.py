@@ -1,6 +1,6 @@
 """Run a :class:`~flare.runtime.app.plan.Plan`: one :class:`~flare.runtime.pipeline.segmenter.Segmenter` (models loaded once) for
 every case, the next case read in a background thread while the current one is segmented (a prefetch of depth 1),
-each case's outputs written atomically, a failing case recorded and skipped, and in folder mode ``OUT/summary.json``
+each case's outputs written by :mod:`flare.runtime.app.write`, a failing case recorded and skipped, and in folder mode ``OUT/summary.json``
 rewritten atomically after every case.
 
 Every case is read through the same header preflight as a single file (the Segmenter's limits, or, for a remote
@@ -23,7 +23,8 @@ from flare.runtime.app.plan import CaseJob, OutputFormat, Plan
 from flare.runtime.foundation.errors import FlareError, OutputError
 
 if TYPE_CHECKING:
-    from flare.runtime.image.nifti import LoadedImage
+    from flare.runtime.image.model import LoadedImage
+    from flare.runtime.pipeline.result import Report
     from flare.runtime.pipeline.segmenter import Segmenter, StageHooks
 
 __all__ = ["CaseResult", "SummaryError", "process_case", "run_plan", "write_summary"]
@@ -45,7 +46,7 @@ class CaseResult:
     statistics: str | None = None
     preview: str | None = None
     report: str | None = None
-    stages: dict[str, float] | None = None  # seconds per pipeline stage (see flare.runtime.pipeline.segmenter.STAGES)
+    stages: dict[str, float] | None = None  # seconds per pipeline stage (see flare.runtime.pipeline.result.STAGES)
 
 
 Preflight = Callable[..., None]
@@ -85,70 +86,20 @@ def _preflight(seg: Any) -> Preflight:
 
 def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputFormat,
                  hooks: StageHooks | None = None, read_s: float = 0.0,
-                 roi_subset: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Segment ``img`` and write the job's outputs; returns the run report (``read_s``: seconds it took to read
-    ``img``, added to the report's read stage; ``roi_subset``: the FLARE ids kept, others set to 0). Statistics and
-    the preview are computed before the first file is written, so a failure there leaves no output behind."""
-    from flare.runtime.pipeline.segmenter import rss_peak_mb
+                 roi_subset: tuple[int, ...] | None = None) -> Report:
+    """Segment ``img`` and write the job's outputs (:func:`flare.runtime.app.write.write_result`); returns the run
+    report (``read_s``: seconds it took to read ``img``, added to the report's read stage; ``roi_subset``: the FLARE ids kept, others set to 0)."""
+    from flare.runtime.app.write import Outputs, write_result
 
-    labels, affine, report = seg.segment(img, None, hooks)
-    report["stages"]["read"] = round(report["stages"]["read"] + read_s, 4)
-    if roi_subset is not None:
-        from flare.runtime.app.label_outputs import keep_only
-        from flare.runtime.ops.stats import label_volumes
-
-        labels = keep_only(labels, roi_subset)
-        report["roi_subset"] = list(roi_subset)
-        report["voxels"], report["volume_ml"] = label_volumes(labels, affine)
-    stats = png = None
-    if job.statistics is not None:
-        from flare.runtime.ops.stats import label_statistics
-
-        stats = {"input": str(job.case.source), "series_uid": job.case.series_uid, "segmentation": str(job.output),
-                 **label_statistics(labels, img.data, affine)}
-    if job.preview is not None:
-        from flare.runtime.app.preview import render_preview
-
-        png = render_preview(img.data, labels, affine, title=job.case.name)
-    if "rss_peak_mb" in report:  # statistics and the preview allocate too: the peak is sampled after them
-        report["rss_peak_mb"] = max(report["rss_peak_mb"] or 0.0, round(rss_peak_mb(), 1))
-    t0 = time.perf_counter()
-    synthetic = bool((report.get("model_card") or {}).get("warning"))
-    if fmt is OutputFormat.dicom_seg:
-        from flare.runtime.image.dicomseg import write_dicom_seg
-
-        write_dicom_seg(job.output, labels, img, synthetic_model=synthetic)
-    elif fmt is OutputFormat.rtstruct:
-        from flare.runtime.image.rtstruct import write_rtstruct
-
-        write_rtstruct(job.output, labels, img, synthetic_model=synthetic)
-    else:
-        from flare.runtime.image.nifti import write_labels
-
-        write_labels(job.output, labels, like=img)
-    if job.masks is not None:
-        from flare.runtime.app.label_outputs import write_masks
-
-        report["masks"] = [str(p) for p in write_masks(job.masks, labels, img, roi_subset)]
-    if job.tables:
-        from flare.runtime.app.label_outputs import write_label_tables
-
-        write_label_tables(job.tables)
-    report["stages"]["write"] = round(time.perf_counter() - t0, 4)
-    report["output"] = str(job.output)
-    if stats is not None and job.statistics is not None:
-        from flare.runtime.ops.stats import write_statistics
-
-        write_statistics(job.statistics, stats)
-    if png is not None and job.preview is not None:
-        from flare.runtime.app.preview import write_preview
-
-        write_preview(job.preview, png)
-    if job.report is not None:
-        from flare.runtime.foundation.atomic import write_text_atomic
-
-        write_text_atomic(job.report, json.dumps(report, indent=2) + "\n")
-    return report
+    result = seg.segment(img, hooks)
+    result.report.add_stage_time("read", read_s)
+    write_result(result, Outputs(job.output, dicom_seg=fmt is OutputFormat.dicom_seg,
+                                 rtstruct=fmt is OutputFormat.rtstruct, statistics=job.statistics,
+                                 preview=job.preview, report=job.report, title=job.case.name,
+                                 statistics_header={"input": str(job.case.source),
+                                                    "series_uid": job.case.series_uid},
+                                 roi_subset=roi_subset, masks=job.masks, tables=tuple(job.tables or ())))
+    return result.report
 
 
 def write_summary(plan: Plan, results: list[CaseResult], extra: dict[str, Any]) -> None:
@@ -185,7 +136,7 @@ def _run_job(seg: Segmenter, plan: Plan, job: CaseJob, loaded: Callable[[], tupl
     try:
         img, read_s = loaded()
         result.stages = process_case(seg, job, img, plan.fmt, hooks, read_s=read_s,
-                                     roi_subset=plan.roi_subset)["stages"]
+                                     roi_subset=plan.roi_subset).stages
         del img
         result.statistics = None if job.statistics is None else str(job.statistics)
         result.preview = None if job.preview is None else str(job.preview)

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
+from flare.runtime.app.process import Terminated
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.foundation.lifecycle import Terminated
+from flare.runtime.inference.memory_plan import DEFAULT_BUDGET_MB
 from flare.runtime.ops.postprocessing import Mode
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def _fail(message: str, code: int = EXIT_CANNOT_START) -> typer.Exit:
 
 
 def _setup_logging(quiet: bool) -> None:
-    from flare.runtime.foundation.lifecycle import StderrHandler
+    from flare.runtime.app.process import StderrHandler
 
     handler = StderrHandler()
     handler.setFormatter(logging.Formatter("flare-run: warning: %(message)s"))
@@ -67,7 +68,7 @@ def _setup_logging(quiet: bool) -> None:
 
 def _show_version(value: bool) -> None:
     if value:
-        from flare.runtime.app.entrypoints import version
+        from flare.runtime.foundation.version import version
 
         typer.echo(f"flare-run {version()}")
         raise typer.Exit(0)
@@ -167,8 +168,9 @@ def run(
     precision: Annotated[Precision | None, typer.Option(help="Model precision (default: fp16 on CUDA when the "
                                                              "bundle has it, else fp32).", show_default=False)] = None,
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
-                              help="GPU memory budget in MB: picks the tile size; OOM retries smaller, then CPU.")
-                              ] = 4000.0,
+                              help="GPU memory budget in MB (the process's whole NVML footprint): picks the tile "
+                                   "size; OOM retries smaller, then CPU.")
+                              ] = DEFAULT_BUDGET_MB,
     cudnn_algo_search: Annotated[str, typer.Option(help="CUDA: cuDNN convolution algorithm search, HEURISTIC "
                                  "(fast start) or EXHAUSTIVE (benchmarks each conv on the first tile).")
                                  ] = "HEURISTIC",
@@ -294,7 +296,7 @@ def ts_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     import sys
 
-    from flare.runtime.foundation.lifecycle import guard_stderr, install_signal_handlers
+    from flare.runtime.app.process import guard_stderr, install_signal_handlers
 
     guard_stderr()
     install_signal_handlers()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from flare.runtime.foundation.errors import InputError, OutputError
 
 if TYPE_CHECKING:
-    from flare.runtime.image.nifti import LoadedImage
+    from flare.runtime.image.model import LoadedImage
 
 __all__ = ["Case", "CaseJob", "OutputFormat", "Plan", "discover", "is_nifti_name", "make_plan"]
 

@@ -12,12 +12,11 @@ orientation letters (R/L, A/P, S/I) on the edges of each view. The legend names 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 from flare.runtime.foundation.labels import LABELS, NUM_FLARE_IDS
 
-__all__ = ["PREVIEW_WINDOW_HU", "render_preview", "write_preview"]
+__all__ = ["PREVIEW_WINDOW_HU", "render_preview"]
 
 #: CT window of the preview (soft-tissue abdomen: level 40, width 400)
 PREVIEW_WINDOW_HU = (-160.0, 240.0)
@@ -66,7 +65,7 @@ def _letters(ax: object, letters: tuple[str, str, str, str]) -> None:
 
 def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, title: str = "") -> bytes:
     """PNG bytes: three overlays through the labels' centre, a legend of the labels present; >= 512 px high."""
-    from flare.runtime.image.nifti import Reorientation
+    from flare.runtime.image.model import Reorientation
     from flare.runtime.ops.geometry import spacing_from_affine
     from flare.runtime.ops.stats import label_counts
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -104,9 +103,3 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, ti
     fig.savefig(buf, format="png", dpi=_DPI, facecolor="black")
     return buf.getvalue()
 
-
-def write_preview(path: str | Path, png: bytes) -> None:
-    """Write PNG bytes from :func:`render_preview` atomically."""
-    from flare.runtime.foundation.atomic import write_bytes_atomic
-
-    write_bytes_atomic(path, png)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,79 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+HASH_CACHE_NAME = ".flare-sha256-cache.json"
+"""Per-bundle cache of model-file hashes, keyed by file version (inode, size, mtime_ns)."""
+
+
+def _hash_cache_file(root: Path) -> Path:
+    """The bundle folder's cache file when the folder is writable, else one under ``~/.cache/flare/sha256`` named
+    after the bundle's path."""
+    import os
+
+    if os.access(root, os.W_OK):
+        return root / HASH_CACHE_NAME
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flare" / "sha256"
+    return cache / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32] + ".json")
+
+
+def _file_version(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def verify_files(root: Path, files: list[tuple[Path, str, str]],
+                 check: Callable[[Path, str], None] | None = None) -> int:
+    """Check each ``(path, expected sha256, what)``; a mismatch is a one-line BundleError. A file whose version
+    (inode, size, mtime_ns) matches the cache (:func:`_hash_cache_file`) with the expected hash is not read again;
+    hashes computed here are added to the cache (atomic write; an unwritable cache is only a slower next start).
+    Returns the number of files actually hashed."""
+    from flare.runtime.foundation.atomic import write_text_atomic
+
+    cache_file = _hash_cache_file(root)
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        entries = cache.get("files", {}) if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    hashed = 0
+    for path, expected, what in files:
+        version = _file_version(path)
+        hit = entries.get(str(path))
+        if isinstance(hit, dict) and hit.get("version") == version and hit.get("sha256") == expected:
+            continue
+        digest = sha256_file(path)
+        hashed += 1
+        if digest != expected:
+            raise BundleError(path, f"sha256 mismatch for {what}: the file was changed or corrupted")
+        if check is not None:  # further checks of a new file version (cached with its hash)
+            check(path, what)
+        entries[str(path)] = {"version": version, "sha256": digest}
+    if hashed:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cache_file, json.dumps({"format": "flare-sha256-cache", "files": entries}) + "\n")
+        except OSError:
+            pass
+    return hashed
+
+
+def verify_bundle(bundle: Bundle, precisions: dict[str, str] | None = None) -> int:
+    """Verify the model files that will be loaded: for each model name in ``precisions`` the file of that
+    precision (``ModelSpec.file_for``: fp16 falls back to fp32); ``None``: every file of every model. Cached per
+    file version (:func:`verify_files`); returns the number of files hashed."""
+    models = ([bundle.locator] if bundle.locator is not None else []) + list(bundle.folds)
+    todo = []
+    for m in models:
+        if precisions is None:
+            chosen = list(m.files.items())
+        elif m.name in precisions:
+            chosen = [(precisions[m.name], m.file_for(precisions[m.name]))]
+        else:
+            continue
+        todo += [(f.path, f.sha256, f"{m.name} ({p})") for p, f in chosen]
+    return verify_files(bundle.root, todo, check=_check_self_contained)
 
 
 MAX_BUNDLE_JSON_BYTES = 4 * 2**20
@@ -253,8 +327,8 @@ def read_card_file(path: str | Path) -> dict[str, Any]:
     return raw  # type: ignore[no-any-return]
 
 
-def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, verify: bool) -> ModelSpec:
-    """A schema-valid MODEL entry → ModelSpec, after the file checks (inside the bundle, present, sha256)."""
+def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path) -> ModelSpec:
+    """A schema-valid MODEL entry → ModelSpec, after the file checks (inside the bundle, present)."""
     files: dict[str, ModelFile] = {}
     for precision, f in entry["files"].items():
         rel = f["path"]
@@ -263,10 +337,6 @@ def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, ver
             raise BundleError(bundle_json, f"{where}.files.{precision}.path {rel!r} points outside the bundle")
         if not path.is_file():
             raise BundleError(path, f"model file of {where} ({precision}) is missing")
-        if verify and sha256_file(path) != f["sha256"]:
-            raise BundleError(path, f"sha256 mismatch for {where} ({precision}): the file was changed or corrupted")
-        if verify:
-            _check_self_contained(path, where, precision)
         files[precision] = ModelFile(path, f["sha256"], f.get("input_name", "image"), f.get("output_name", "logits"),
                                      f.get("input_dtype", "float32"), f.get("output_dtype", "float32"))
     return ModelSpec(name=entry.get("name", where), in_channels=entry.get("in_channels", 1),
@@ -274,7 +344,7 @@ def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, ver
                      opset=entry.get("opset", 17), files=files)
 
 
-def _check_self_contained(path: Path, where: str, precision: str) -> None:
+def _check_self_contained(path: Path, what: str) -> None:
     """Every byte a model loads must be covered by its sha256: ONNX external-data files are refused."""
     from flare.runtime.bundle.onnx_scan import uses_external_data
 
@@ -283,9 +353,9 @@ def _check_self_contained(path: Path, where: str, precision: str) -> None:
     try:
         external = uses_external_data(path)
     except (OSError, ValueError) as exc:
-        raise BundleError(path, f"model file of {where} ({precision}) is not a valid ONNX file ({exc})") from None
+        raise BundleError(path, f"model file of {what} is not a valid ONNX file ({exc})") from None
     if external:
-        raise BundleError(path, f"model {where} ({precision}) keeps weights in ONNX external-data files, which no "
+        raise BundleError(path, f"model {what} keeps weights in ONNX external-data files, which no "
                                 "sha256 of the bundle covers; export it with the weights inside the .onnx file")
 
 
@@ -307,8 +377,12 @@ def _check_cross_fields(b: Bundle, bundle_json: Path) -> None:
                                        f"locator.spatial_divisor {b.locator.spatial_divisor}")
 
 
-def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
+def load_bundle(path: str | Path, verify_hashes: bool | dict[str, str] = True) -> Bundle:
     """Load and validate a bundle folder (or its ``bundle.json``). Any problem raises a one-line BundleError.
+
+    ``verify_hashes``: True checks every model file's sha256, a ``{model name: precision}`` dict only the files
+    that will be loaded (what ``flare-run`` does), False none (the caller calls :func:`verify_bundle` later);
+    hashes are cached per file version, so a second start reads no model file.
 
     Order: size and depth limits, JSON parse, format and version gate, JSON Schema (bundle.schema.json), label
     registry, model files (inside the bundle, present, sha256), cross-field rules. The models' real inputs and
@@ -337,13 +411,13 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     except (KeyError, TypeError, AttributeError):
         raise BundleError(bundle_json, "labels: malformed label registry snapshot") from None
     pre, tiling, post = raw["preprocessing"], raw.get("tiling", {}), raw.get("postprocess", {})
-    folds = tuple(_model(m, f"folds[{i}]", root, bundle_json, verify_hashes) for i, m in enumerate(raw["folds"]))
+    folds = tuple(_model(m, f"folds[{i}]", root, bundle_json) for i, m in enumerate(raw["folds"]))
     locator = raw.get("locator")
     hu = pre["hu_window"]
     b = Bundle(
         root=root,
         raw=raw,
-        locator=_model(locator, "locator", root, bundle_json, verify_hashes) if locator else None,
+        locator=_model(locator, "locator", root, bundle_json) if locator else None,
         folds=folds,
         spacing_mm=tuple(float(v) for v in pre["spacing_mm"]),  # type: ignore[arg-type]
         hu_window=(float(hu[0]), float(hu[1])),
@@ -361,6 +435,8 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         card=card_from_raw(raw.get("card")),
     )
     _check_cross_fields(b, bundle_json)
+    if verify_hashes:
+        verify_bundle(b, None if verify_hashes is True else dict(verify_hashes))
     return b
 
 

@@ -51,8 +51,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flare.runtime.foundation.errors import InputError
 from flare.runtime.foundation.files import walk
-from flare.runtime.image.nifti import LoadedImage, from_array
-from flare.runtime.inference.device import lazy_import
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.image.model import DicomSource, LoadedImage, from_array
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -83,15 +83,6 @@ class SeriesInfo:
     modality: str  # Modality ('' when absent)
     n_instances: int  # number of files (instances) of the series
     folder: Path  # the deepest folder holding all of its files
-
-
-@dataclass(frozen=True)
-class DicomSource:
-    """What a DICOM-SEG needs to reference the series an image was read from (kept in ``LoadedImage.source``)."""
-
-    series_uid: str
-    files: tuple[Path, ...]  # one per slice, in voxel order: files[k] holds data[:, :, k]
-    datasets: tuple[Dataset, ...]  # the same slices' headers: small standard elements only
 
 
 #: imported on first use (the ``dicom`` extra); a missing one is a one-line DependencyError naming the extra

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime.app.entrypoints import version
 from flare.runtime.foundation.atomic import write_with
 from flare.runtime.foundation.errors import OutputError
 from flare.runtime.foundation.labels import LABELS, NUM_FLARE_IDS
+from flare.runtime.foundation.version import version
 from flare.runtime.image.dicom import highdicom_mod
-from flare.runtime.image.nifti import LoadedImage
+from flare.runtime.image.model import LoadedImage
 
 __all__ = ["present_labels", "segment_descriptions", "write_dicom_seg"]
 

@@ -16,9 +16,9 @@ import numpy as np
 from flare.runtime.foundation.atomic import write_with
 from flare.runtime.foundation.errors import OutputError
 from flare.runtime.foundation.labels import LABELS
+from flare.runtime.foundation.lazy import lazy_import
 from flare.runtime.image.dicomseg import present_labels
 from flare.runtime.image.nifti import LoadedImage
-from flare.runtime.inference.device import lazy_import
 
 __all__ = ["ROI_NAMES", "write_rtstruct"]
 

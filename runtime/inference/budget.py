@@ -53,7 +53,6 @@ log = logging.getLogger("flare.runtime")
 
 __all__ = [
     "CONTEXT_MB",
-    "DEFAULT_BUDGET_MB",
     "MEMORY_MODELS",
     "WORST_CROP",
     "MemoryModel",
@@ -71,7 +70,6 @@ __all__ = [
 T = TypeVar("T")
 Roi = tuple[int, int, int]
 
-DEFAULT_BUDGET_MB = 4000.0
 MB = 1e6
 #: ONNX Runtime CUDA fp16 time per tile (least-squares fit of the anchors' sweep): ns per voxel and ms per tile
 TIME_NS_PER_VOXEL = 7.84
@@ -92,11 +90,6 @@ MEMORY_MODELS: dict[tuple[str, str], MemoryModel] = {
         551.2, 1342.0, "fit of the ORT CUDA fp16 96³-224³ sweep, H100, onnxruntime-gpu 1.31.1 (measured)"),
     ("onnxruntime-cuda", "fp32"): MemoryModel(
         1100.0, 1520.0, "one point, 224³ fp32 = 13.9 GB, with the fp16 constant + fp32 weights (derived)"),
-    ("onnxruntime-trt", "fp16"): MemoryModel(
-        300.0, 1100.0, "estimate from torch fp16 channels-last (~240 B/voxel); unmeasured"),
-    ("onnxruntime-trt", "fp32"): MemoryModel(600.0, 1300.0, "estimate; unmeasured"),
-    ("tensorrt", "fp16"): MemoryModel(300.0, 1000.0, "estimate from torch fp16 channels-last; unmeasured"),
-    ("tensorrt", "fp32"): MemoryModel(600.0, 1200.0, "estimate; unmeasured"),
 }
 
 
@@ -251,7 +244,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     root = module.split(".")[0]
     if type(exc).__name__ == "OutOfMemoryError" and root in ("cupy", "cupy_backends", "torch"):
         return True
-    if root in ("onnxruntime", "tensorrt", "flare") or isinstance(exc, RuntimeError):
+    if root in ("onnxruntime", "flare") or isinstance(exc, RuntimeError):
         text = str(exc).lower()
         return any(p in text for p in ORT_OOM_PATTERNS)
     return False
@@ -268,11 +261,12 @@ def release_device_memory() -> None:
 
 
 def run_with_fallback(attempt: Callable[[Roi], T], rois: Sequence[Roi], on_cpu: Callable[[], T] | None, *,
-                      record: list[str] | None = None) -> T:
+                      record: list[str] | None = None, engines: Sequence[object] = ()) -> T:
     """``attempt(roi)`` for each roi until one succeeds; an out-of-memory error (:func:`is_out_of_memory`) moves to
     the next roi, any other error propagates. When all fail, ``on_cpu()`` runs with a warning (or, without
     ``on_cpu``, the last out-of-memory error is raised). ``record`` collects one line per failed attempt for the
-    report."""
+    report. After an out-of-memory error CuPy's cached blocks are freed and each of ``engines`` that can shrinks
+    its arena (``shrink_arena``)."""
     last: BaseException | None = None
     for roi in rois:
         try:
@@ -286,6 +280,10 @@ def run_with_fallback(attempt: Callable[[Roi], T], rois: Sequence[Roi], on_cpu: 
             if record is not None:
                 record.append(line)
             release_device_memory()
+            for engine in engines:
+                shrink = getattr(engine, "shrink_arena", None)
+                if callable(shrink):
+                    shrink()
     if on_cpu is None:
         assert last is not None, "run_with_fallback needs at least one roi or on_cpu"
         raise last

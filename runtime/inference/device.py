@@ -1,11 +1,8 @@
 """Where inference runs — answered once — and everything that depends on it.
 
-A leaf module (it imports only the standard library, numpy and :mod:`flare.runtime.foundation.errors`):
+A leaf of the inference layer (it imports only the standard library, numpy and :mod:`flare.runtime.foundation`).
+It holds the lazy handles of ONNX Runtime (:data:`ort`: its execution providers decide ``auto``) and CuPy:
 
-- :func:`lazy_import` — the one lazy-import helper of the runtime (Polygraphy's ``mod.lazy_import`` style): a module
-  proxy that imports on first attribute access, records how long the import took (:data:`IMPORT_SECONDS`, for the
-  report's ``load`` timings) and turns a missing or broken package into a one-line :class:`DependencyError` that
-  names the pip extra to install;
 - :func:`resolve_device` — ``auto`` / ``cpu`` / ``cuda`` → a :class:`Device` (name, array module ``xp``), cached per
   name: "is there a usable GPU?" is answered here and nowhere else;
 - :func:`to_device` / :func:`to_host` / :func:`host_empty` — host↔device copies (no copy at all with ``xp=numpy``;
@@ -17,7 +14,6 @@ A leaf module (it imports only the standard library, numpy and :mod:`flare.runti
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import sys
 import time
@@ -28,20 +24,19 @@ from typing import Any
 
 import numpy as np
 from flare.runtime.foundation.errors import FlareError
+from flare.runtime.foundation.lazy import DependencyError, lazy_import
 
 log = logging.getLogger("flare.runtime")
 
 __all__ = [
-    "IMPORT_SECONDS",
-    "DependencyError",
     "Device",
     "DeviceError",
     "DeviceMemoryPeak",
-    "LazyModule",
+    "cap_memory_pool",
     "cupy_status",
     "device_memory_used_mb",
     "host_empty",
-    "lazy_import",
+    "is_device_array",
     "parse_device",
     "resolve_device",
     "to_device",
@@ -50,68 +45,9 @@ __all__ = [
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
-#: seconds spent importing each lazily imported module (first use only)
-IMPORT_SECONDS: dict[str, float] = {}
-
-
-class DependencyError(FlareError):
-    """An optional package the asked-for work needs is missing or broken."""
-
 
 class DeviceError(FlareError):
     """The asked-for device cannot be used."""
-
-
-class LazyModule:
-    """A module imported on first attribute access (``ort = lazy_import("onnxruntime", extra="cpu")`` at module
-    level costs nothing until ``ort.InferenceSession`` is touched)."""
-
-    def __init__(self, name: str, extra: str | None = None, hint: str | None = None) -> None:
-        self._name, self._extra, self._hint = name, extra, hint
-        self._module: ModuleType | None = None
-
-    def load(self) -> ModuleType:
-        """The imported module, or a one-line :class:`DependencyError` naming what to install."""
-        if self._module is None:
-            self._module = _import(self._name, self._extra, self._hint)
-        return self._module
-
-    def available(self) -> bool:
-        """True when the module imports (the error, if any, is not raised)."""
-        try:
-            self.load()
-        except DependencyError:
-            return False
-        return True
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_") and not attr.startswith("__"):
-            raise AttributeError(attr)
-        return getattr(self.load(), attr)
-
-    def __repr__(self) -> str:
-        return f"<lazy module {self._name!r} ({'loaded' if self._module is not None else 'not loaded'})>"
-
-
-def _import(name: str, extra: str | None, hint: str | None) -> ModuleType:
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    t0 = time.perf_counter()
-    try:
-        module = importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001 - ImportError, or OSError from a missing shared library
-        how = hint or (f"pip install 'flare-seg[{extra}]'" if extra else f"pip install {name}")
-        first = (str(exc).splitlines() or [""])[0][:160]
-        raise DependencyError(None, f"{name} is not usable ({type(exc).__name__}: {first}); {how}") from None
-    IMPORT_SECONDS[name] = round(time.perf_counter() - t0, 4)
-    return module
-
-
-def lazy_import(name: str, extra: str | None = None, *, hint: str | None = None) -> LazyModule:
-    """A :class:`LazyModule` for ``name``; ``extra`` is the flare-seg extra that provides it (named in the error),
-    ``hint`` replaces the whole install advice."""
-    return LazyModule(name, extra, hint)
 
 
 ort = lazy_import("onnxruntime", hint="pip install 'flare-seg[cpu]' (or 'flare-seg[gpu]' for onnxruntime-gpu; "
@@ -202,30 +138,72 @@ def _resolve(device: str) -> Device:
         raise DeviceError(None, "device cuda asked for, but ONNX Runtime has no CUDA provider "
                                 "(install onnxruntime-gpu: pip install 'flare-seg[gpu]')")
     if not has_cuda:
-        log.info("device auto -> cpu (no ONNX Runtime CUDA provider)")
+        _say(f"device auto -> cpu: the installed ONNX Runtime has no CUDA provider ({', '.join(ort_providers())})")
         return Device("cpu", np, why="no ONNX Runtime CUDA provider", seconds=time.perf_counter() - t0)
     ok, why = cupy_status()
     if not ok:
         log.warning("CUDA without CuPy (%s): crop, resampling and the ensemble run on the host", why)
+    if device == "auto":
+        _say(f"device auto -> cuda: ONNX Runtime has the CUDA provider; {why}"
+             + ("" if ok else " (arrays stay on the host)"))
     xp = cupy.load() if ok else np
     return Device("cuda", xp, why=why, seconds=round(time.perf_counter() - t0, 4))
 
 
+def _say(line: str) -> None:
+    """One line on stderr, always (not a log record: ``flare-run`` shows no INFO logs): why ``--device auto``
+    chose what it chose."""
+    print(f"flare: {line}", file=sys.stderr, flush=True)
+
+
 # -- host <-> device -----------------------------------------------------------------------------------------------
+#: host bytes per upload step when an array is not contiguous in its memory order (a crop of a nibabel image)
+UPLOAD_CHUNK_BYTES = 16 << 20
+
+
+def is_device_array(arr: Any) -> bool:
+    """True for arrays of a device module (CuPy, or a stand-in with the same ``get``/``set`` interface)."""
+    return callable(getattr(arr, "get", None)) and hasattr(arr, "shape")
+
+
+def _memory_order(arr: np.ndarray) -> tuple[int, ...]:
+    """Axes from slowest- to fastest-varying in memory (C order: 0, 1, 2; Fortran order: 2, 1, 0)."""
+    return tuple(sorted(range(arr.ndim), key=lambda a: -abs(arr.strides[a])))
+
+
 def to_device(arr: Array, xp: ModuleType) -> Array:
-    """``arr`` as an array of ``xp``: no copy with numpy (views stay views), one host→device copy with CuPy."""
+    """``arr`` as an array of ``xp``: no copy with numpy (views stay views); with a device module one host→device
+    copy **in the array's own memory order** — a Fortran-order image or a crop of one is uploaded as the
+    C-contiguous transpose it already is in memory and transposed back on the device as a view (no transposing
+    copy on the host; a strided crop goes up in slabs of :data:`UPLOAD_CHUNK_BYTES`, each a row-wise gather)."""
     if xp is np:
         return np.asarray(arr)
-    if isinstance(arr, np.ndarray):
-        return xp.asarray(np.ascontiguousarray(arr))
-    return xp.asarray(arr)
+    if is_device_array(arr):
+        return xp.asarray(arr)
+    arr = np.asarray(arr)
+    if arr.ndim < 2 or arr.flags.c_contiguous:
+        return xp.asarray(arr)
+    order = _memory_order(arr)
+    view = arr.transpose(order)  # slowest → fastest: the last axis holds the contiguous runs
+    if view.flags.c_contiguous:
+        dev = xp.asarray(view)
+    else:
+        dev = xp.empty(view.shape, view.dtype)
+        step = max(1, UPLOAD_CHUNK_BYTES // max(1, view[0].nbytes))
+        for a in range(0, view.shape[0], step):
+            chunk = np.ascontiguousarray(view[a:a + step])
+            if hasattr(dev, "set"):
+                dev[a:a + step].set(chunk)
+            else:  # an array module without CuPy's set(): copy through its asarray
+                dev[a:a + step] = xp.asarray(chunk)
+    return dev.transpose(tuple(int(i) for i in np.argsort(order)))
 
 
 def to_host(arr: Array, out: np.ndarray | None = None) -> np.ndarray:
-    """A numpy array of ``arr`` (one device→host copy for CuPy arrays, into ``out`` when given; none for numpy)."""
-    if isinstance(arr, np.ndarray):
+    """A numpy array of ``arr`` (one device→host copy for device arrays, into ``out`` when given; none for numpy)."""
+    if not is_device_array(arr):
         if out is None:
-            return arr
+            return np.asarray(arr)
         out[...] = arr
         return out
     return arr.get(out=out) if out is not None else arr.get()  # type: ignore[no-any-return]
@@ -248,6 +226,14 @@ def host_empty(shape: Sequence[int], dtype: Any, xp: ModuleType, *, zero: bool =
 
 
 # -- device memory -------------------------------------------------------------------------------------------------
+def cap_memory_pool(limit_mb: float) -> None:
+    """Cap CuPy's default memory pool (``set_limit``) at ``limit_mb``: CuPy raises its OutOfMemoryError (which the
+    fallback handles) instead of growing past the plan. A no-op when CuPy is not in use."""
+    cp = sys.modules.get("cupy")
+    if cp is not None and cupy_status()[0]:
+        cp.get_default_memory_pool().set_limit(size=int(limit_mb * 1e6))
+
+
 @functools.lru_cache(maxsize=4)
 def _nvml_handle(device_id: int) -> Any:
     try:

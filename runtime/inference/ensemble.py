@@ -8,15 +8,13 @@ volume's edge, and overlap > 0 covers everything several times) have their parti
 accumulator (``base``) that the later tile reads back before adding its own scores — so every voxel gets the sum
 over all tiles and models covering it, exactly as the classic fold-major accumulation does.
 
-The paper's z-crop (:func:`infer_ensemble`): pass 1 runs fold 0 alone over the whole volume and parks its blended
-probabilities in host memory (``base``: float16 with CuPy, float32 with numpy) — fold 0's labels decide the abdominal z-range;
-pass 2 runs folds 1..N-1 tile-major on that range only, starting from the parked fold-0 probabilities. Parking
-rather than recomputing: fold 0 on pass-2 tiles would be one more model run per tile (on the CPU that is a whole
-extra fold on the z-range — the largest cost of all), and recomputing on the pass-2 tile grid would change fold
-0's tile positions, so the labels would no longer equal the classic result. With ``xp=numpy`` the parked
-probabilities are the accumulator itself (no copy), and the labels are identical to the classic fold-major
-ensemble wherever a voxel is covered by one tile per fold (the summation order differs only inside the overlap of
-shifted edge tiles, by float32 rounding).
+The paper's z-crop (:func:`infer_ensemble`): pass 1 runs fold 0 alone over the whole volume — its labels decide
+the abdominal z-range; pass 2 runs folds 1..N-1 tile-major on that range only, on top of fold 0's probabilities
+there. On the host (numpy) pass 1 keeps fold 0's probabilities in a float32 accumulator (``base``: recomputing would
+cost a whole extra fold on the CPU); on the device nothing volume-sized goes to the host: fold 0 is recomputed in
+pass 2 on pass 1's own tiles inside the z-range (:class:`_Fold0OnPass1Grid`), so fold 0's tile positions — and the
+labels — stay those of the classic fold-major ensemble (MONAI ``sliding_window_inference`` per fold), up to float32
+summation order inside the overlap of shifted edge tiles.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ __all__ = [
     "infer_ensemble",
     "infer_with_budget",
     "planned_tiles",
-    "sliding_window",
     "softmax_",
     "tile_runner",
     "tile_to_target",
@@ -49,6 +46,7 @@ __all__ = [
 Progress = Callable[[int], None]  # called with the number of (tile, model) runs just finished
 TileRunner = Callable[[Array], Array]
 Decide = Callable[[Array, ModuleType], Array]
+Prior = Callable[[TilePlan, tuple[int, int, int], tuple[slice, ...]], Array | None]
 #: merged classes that define the abdominal z-range (the organs; not tumor)
 _ORGAN_CLASSES = (1, 11)
 Z_MARGIN_MM = 10.0
@@ -142,6 +140,33 @@ class _Weights:
         return to_device(self.weight / (cx[:, None, None] * cy[None, :, None] * cz[None, None, :]), self.xp)
 
 
+def _partial_sums(shape: tuple[int, ...], dtype: Any, xp: ModuleType) -> np.ndarray:
+    """The host accumulator ``(C, X, Y, Z)`` of partial sums, ``np.zeros``: pages are touched only where written.
+    With numpy it is the accumulator itself (C order). For a device it only receives overlap slabs, so its memory
+    runs z-major (a ``(Z, Y, X, C)`` array seen transposed): the z-slab of a shifted last tile then touches its own
+    pages only — in C order every 4 KB page holds a piece of every z-range and the slab would touch them all."""
+    if xp is np:
+        return host_empty(shape, dtype, xp, zero=True, pinned=False)
+    return np.zeros(shape[::-1], dtype).transpose(tuple(range(len(shape)))[::-1])
+
+
+def _add(acc: Array, other: Array) -> Array:
+    acc += other
+    return acc
+
+
+def _later_slabs(final: tuple[slice, ...], vol_sl: tuple[slice, ...]) -> list[tuple[slice, ...]]:
+    """The parts of a tile (in its in-volume coordinates) that later tiles cover: per axis where the final part
+    ends before the tile, the slab beyond it (full extent on the other axes; corners are written twice, same
+    values)."""
+    sizes = [v.stop - v.start for v in vol_sl]
+    slabs = []
+    for axis, (f, n) in enumerate(zip(final, sizes)):
+        if f.stop < n:
+            slabs.append(tuple(slice(max(f.stop, 0), n) if a == axis else slice(0, sizes[a]) for a in range(3)))
+    return slabs
+
+
 def tile_runner(engine: Any, xp: ModuleType) -> TileRunner:
     """How to run one tile of ``xp`` arrays on ``engine``: ``engine.run`` for numpy; ``engine.run_cupy`` (IO
     binding, no host copy) for CuPy when the engine has it, else a host round trip through ``engine.run``."""
@@ -157,7 +182,7 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
                  channels: int, overlap: float = 0.0, blend: str = "constant", activation: str = "softmax",
                  decide: Decide = argmax_uint8, base: np.ndarray | None = None, keep_all: bool = False,
                  base_dtype: Any = np.float32, progress: Progress | None = None,
-                 on_tile: Callable[[], None] | None = None, divisor: int = 16
+                 on_tile: Callable[[], None] | None = None, divisor: int = 16, prior: Prior | None = None
                  ) -> tuple[np.ndarray, TilePlan, np.ndarray | None]:
     """Tile-major inference of ``runners`` over ``volume`` (X, Y, Z float32, on ``xp``'s device or the host).
 
@@ -166,15 +191,17 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
     earlier contributions, or zeros); the voxels final in this tile are decided (``decide``, e.g. argmax → uint8)
     and copied into the host label volume; the rest of the sum goes back to ``base`` for the later tiles that cover
     it (``keep_all``: the whole sum goes back — ``base`` then holds the blended scores of these runners). ``base``
-    is allocated on first need (``base_dtype``; pageable: a volume-sized page-locked allocation costs more than the
-per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labels uint8 host, plan, base)``."""
+    is allocated on first need (``base_dtype``, ``np.zeros``: only the pages written are ever touched). On the
+    device only the slabs of a tile that a later tile covers are written back (overlap slabs, not whole tiles).
+    ``prior(plan, start, vol_sl)`` adds earlier contributions computed on the device (the recomputed fold 0 of
+    :func:`infer_ensemble`'s pass 2) to the tile's sum. Returns ``(labels uint8 host, plan, base)``."""
     plan = plan_tiles(volume.shape, effective_roi(volume.shape, tuple(int(r) for r in roi), divisor), overlap)
     weights = _Weights(plan, blend, xp)
     ends = _final_ends(plan)
     labels = host_empty(plan.shape, np.uint8, xp, zero=True)
     fresh = _fresh_tiles(plan) if base is None else set()  # a caller's base always holds earlier contributions
     if keep_all and base is None:
-        base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True, pinned=False)
+        base = _partial_sums((channels,) + plan.shape, base_dtype, xp)
     for start in plan.starts:
         parts = tile_to_target(plan, start)
         if parts is None:  # a tile wholly in the zero padding: nothing of it is kept
@@ -194,6 +221,10 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
             acc = base[region]  # type: ignore[index]
         elif base is not None and start not in fresh:  # device: copy up only what earlier tiles left
             acc = to_device(base[region], xp).astype(xp.float32)
+        if prior is not None:
+            earlier = prior(plan, start, vol_sl)
+            if earlier is not None:
+                acc = earlier if acc is None else _add(acc, earlier)
         for run in runners:
             scores = run(tile)[0]
             if activation == "softmax":
@@ -217,22 +248,15 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
         rest = keep_all or any(f.stop < v.stop - v.start for f, v in zip(final, vol_sl))
         if rest and not in_place:
             if base is None:
-                base = host_empty((channels,) + plan.shape, base_dtype, xp, zero=True, pinned=False)
-            base[region] = to_host(acc.astype(base.dtype, copy=False))  # cast on the device: fewer bytes to copy
+                base = _partial_sums((channels,) + plan.shape, base_dtype, xp)
+            for part in ([tuple(slice(0, v.stop - v.start) for v in vol_sl)] if keep_all else
+                         _later_slabs(final, vol_sl)):  # only what later tiles read: overlap slabs
+                dest = (slice(None),) + tuple(slice(v.start + p.start, v.start + p.stop) for v, p in zip(vol_sl, part))
+                base[dest] = to_host(acc[(slice(None),) + part].astype(base.dtype, copy=False))  # cast on the device
         del acc
         if on_tile is not None:
             on_tile()
     return labels, plan, base
-
-
-def sliding_window(volume: np.ndarray, engine: Any, roi: tuple[int, int, int], out: np.ndarray, *,
-                   overlap: float = 0.0, blend: str = "constant", activation: str = "softmax",
-                   progress: Progress | None = None, divisor: int = 16) -> TilePlan:
-    """One model over ``volume`` (host), its blended per-tile outputs **added** to ``out`` (C, X, Y, Z float32):
-    :func:`tiled_labels` with ``out`` as the kept accumulator."""
-    _, plan, _ = tiled_labels(volume, [engine.run], roi, np, channels=out.shape[0], overlap=overlap, blend=blend,
-                              activation=activation, base=out, keep_all=True, progress=progress, divisor=divisor)
-    return plan
 
 
 def abdominal_z_range(labels: np.ndarray, spacing_z: float, margin_mm: float = Z_MARGIN_MM) -> tuple[int, int] | None:
@@ -258,6 +282,73 @@ class EnsembleResult:
     z_range: tuple[int, int] | None       # the folds 1..N-1 range (None: whole volume)
     folds: int
     per_fold_tiles: list[int] = field(default_factory=list)
+    fold0_recomputed: int = 0             # device path: fold 0's pass-1 tiles run again in pass 2 (no parking)
+
+
+class _Fold0OnPass1Grid:
+    """Pass 2's ``prior`` on the device: fold 0's blended softmax over the z-range, recomputed tile by tile on
+    **pass 1's tile grid** (so fold 0's tile positions — and the labels — are those of the classic fold-major
+    ensemble), never parked on the host.
+
+    Pass 2's grid (the z-cropped volume) shares pass 1's x/y tile starts (same x/y sizes and tile). Each pass-1 tile
+    of a column is assigned, slice by slice along z, to the pass-2 tile of the same column whose *fresh* z-interval
+    (not covered by an earlier tile of that column) holds the slice — the fresh intervals partition the z-range, so
+    every fold-0 contribution is added exactly once; the x/y overlaps between columns go through the usual partial
+    sums. A pass-1 tile's output stays on the device while pass-2 tiles of its column still need it (at most two
+    tile-sized buffers with non-overlapping tiles)."""
+
+    def __init__(self, volume: Array, runner: TileRunner, plan0: TilePlan, blend: str, xp: ModuleType,
+                 z0: int) -> None:
+        self.volume, self.run, self.plan0, self.xp, self.z0 = volume, runner, plan0, xp, z0
+        self.weights = _Weights(plan0, blend, xp)
+        self.cache: dict[tuple[int, int, int], tuple[Array, tuple[slice, ...]]] = {}
+        self.column: tuple[int, int] | None = None
+        self.runs = 0
+
+    def _fold0(self, start: tuple[int, int, int]) -> tuple[Array, tuple[slice, ...]]:
+        if start not in self.cache:
+            parts = tile_to_target(self.plan0, start)
+            assert parts is not None
+            tile_sl, vol_sl = parts
+            tile = self.xp.zeros((1, 1) + tuple(self.plan0.roi), dtype=self.xp.float32)
+            tile[(0, 0) + tile_sl] = to_device(self.volume[vol_sl], self.xp)
+            scores = softmax_(self.run(tile)[0], self.xp)
+            factor = self.weights.factor(start)
+            if factor is not None:
+                scores *= factor
+            self.cache[start] = (scores[(slice(None),) + tile_sl], vol_sl)
+            self.runs += 1
+        return self.cache[start]
+
+    def __call__(self, plan: TilePlan, start: tuple[int, int, int], vol_sl: tuple[slice, ...]) -> Array | None:
+        column = (start[0], start[1])
+        if column != self.column:
+            self.cache.clear()
+            self.column = column
+        # this pass-2 tile's fresh z-interval, in full-volume coordinates
+        starts_z = sorted({s[2] for s in plan.starts})
+        k = starts_z.index(start[2])
+        fresh_lo = max(start[2], starts_z[k - 1] + plan.roi[2]) if k else start[2]
+        lo = max(fresh_lo, plan.pad_before[2]) - plan.pad_before[2] + self.z0
+        hi = min(start[2] + plan.roi[2], plan.pad_before[2] + plan.shape[2]) - plan.pad_before[2] + self.z0
+        out = None
+        for s0 in self.plan0.starts:
+            if (s0[0], s0[1]) != column:
+                continue
+            z_lo, z_hi = s0[2] - self.plan0.pad_before[2], s0[2] - self.plan0.pad_before[2] + self.plan0.roi[2]
+            a, b = max(lo, z_lo, 0), min(hi, z_hi)
+            if b <= a:
+                continue
+            scores, g_sl = self._fold0(s0)
+            if out is None:
+                out = self.xp.zeros((scores.shape[0],) + tuple(v.stop - v.start for v in vol_sl), self.xp.float32)
+            zs = g_sl[2].start
+            src = scores[:, :, :, a - zs:b - zs]
+            dz = vol_sl[2].start + self.z0
+            out[:, :, :, a - dz:b - dz] += src
+        for s0 in [s for s, (_, g) in self.cache.items() if g[2].stop <= hi]:
+            del self.cache[s0]  # no later pass-2 tile of this column needs it
+        return out
 
 
 def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp: ModuleType = np, *,
@@ -265,9 +356,17 @@ def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp
                    park_dtype: Any = None, progress: Progress | None = None,
                    on_tile: Callable[[], None] | None = None) -> EnsembleResult:
     """The fold ensemble over ``volume`` (X, Y, Z normalised float32 on ``xp``'s device or the host): uint8 merged
-    labels on the host. With several folds and ``z_crop``: fold 0 first (its probabilities parked on the host in
-    ``park_dtype``: float32 with numpy, float16 with CuPy by default), folds 1..N-1 tile-major on the abdominal
-    z-range; otherwise every fold tile-major in one pass."""
+    labels on the host. With several folds and ``z_crop``: pass 1 runs fold 0 alone (its labels decide the
+    abdominal z-range), pass 2 runs folds 1..N-1 tile-major on that range, on top of fold 0's probabilities there.
+
+    Where fold 0's probabilities come from in pass 2 depends on the device (one decision, here):
+
+    - host (numpy): pass 1 keeps them in a float32 accumulator (``park_dtype``) — on the CPU a recomputation would
+      be a whole extra fold, the largest cost of all, and host memory is where the work happens anyway;
+    - device (CuPy, or a stand-in): nothing is parked on the host — fold 0 is recomputed on pass 1's tiles inside
+      the z-range (:class:`_Fold0OnPass1Grid`), on the device, in pass 2. Costs one fold over the z-range of
+      network time; saves a volume-sized host array (≈ 1.4 GB fp16 for the worst case) and its scatter/gather.
+    """
     if not engines:
         raise ValueError("at least one fold engine is needed")
     runners = [tile_runner(e, xp) for e in engines]
@@ -277,16 +376,23 @@ def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp
     if n == 1 or not z_crop:  # float32 partial sums: only the pages of overlapping slabs are ever touched
         labels, plan, _ = tiled_labels(volume, runners, roi, xp, **kw)
         return EnsembleResult(labels, plan.n_tiles * n, plan.roi, None, n, [plan.n_tiles] * n)
-    park = park_dtype or (np.float32 if xp is np else np.float16)
-    labels, plan, parked = tiled_labels(volume, runners[:1], roi, xp, keep_all=True, base_dtype=park, **kw)
+    on_host = xp is np
+    park = park_dtype or np.float32
+    labels, plan, parked = tiled_labels(volume, runners[:1], roi, xp, keep_all=on_host, base_dtype=park, **kw)
     z_range = abdominal_z_range(labels, spacing_z)
     z0, z1 = z_range if z_range is not None else (0, volume.shape[2])
-    assert parked is not None
-    sub, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners[1:], roi, xp, base=parked[:, :, :, z0:z1], **kw)
-    del parked
+    if on_host:
+        assert parked is not None
+        sub, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners[1:], roi, xp, base=parked[:, :, :, z0:z1], **kw)
+        del parked
+        recomputed = 0
+    else:
+        fold0 = _Fold0OnPass1Grid(volume, runners[0], plan, blend, xp, z0)
+        sub, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners[1:], roi, xp, prior=fold0, **kw)
+        recomputed = fold0.runs
     labels[:, :, z0:z1] = sub
     tiles = [plan.n_tiles] + [sub_plan.n_tiles] * (n - 1)
-    return EnsembleResult(labels, sum(tiles), plan.roi, z_range, n, tiles)
+    return EnsembleResult(labels, sum(tiles) + recomputed, plan.roi, z_range, n, tiles, recomputed)
 
 
 def planned_tiles(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float) -> int:
@@ -295,24 +401,23 @@ def planned_tiles(shape: tuple[int, int, int], roi: tuple[int, int, int], overla
 
 
 def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequence[int], xp: ModuleType = np, *,
-                      budget_mb: float | None = None, overlap: float = 0.0, blend: str = "constant",
+                      plan: Any = None, overlap: float = 0.0, blend: str = "constant",
                       spacing_z: float = 1.0, progress: Progress | None = None,
                       on_tile: Callable[[], None] | None = None,
-                      on_cpu: Callable[[], EnsembleResult] | None = None, arena_mb: float | None = None
+                      on_cpu: Callable[[], EnsembleResult] | None = None
                       ) -> tuple[EnsembleResult, dict[str, Any]]:
-    """:func:`infer_ensemble` under a device memory budget: tiles from :func:`flare.runtime.inference.budget.candidate_rois`
-    for the engines' ``(backend, precision)`` (the bundle's roi when there is no memory model for them — the CPU),
-    retried with smaller tiles on out-of-memory errors, then ``on_cpu()``. Returns the result and a report part:
-    ``{"budget_mb", "rois_tried", "fallback", "gpu_peak_mb"}``."""
-    from flare.runtime.inference.budget import MEMORY_MODELS, candidate_rois, run_with_fallback
+    """:func:`infer_ensemble` under the memory plan (:class:`flare.runtime.inference.memory_plan.MemoryPlan`):
+    its tiles (the bundle's roi when no memory model applies — the CPU), retried with smaller tiles on
+    out-of-memory errors, then ``on_cpu()``. Returns the result and a report part:
+    ``{"budget_mb", "rois_tried", "fallback", "gpu_peak_mb", "plan"}``."""
+    from flare.runtime.inference.budget import run_with_fallback
     from flare.runtime.inference.device import DeviceMemoryPeak
 
-    key = (engines[0].backend, engines[0].precision)
+    applies = plan is not None and plan.applies
     rois: list[tuple[int, ...]] = [tuple(int(r) for r in bundle_roi)]
-    if budget_mb is not None and key in MEMORY_MODELS:
-        rois = list(candidate_rois(budget_mb, volume.shape, *key, overlap=overlap, channels=engines[0].out_channels,
-                                   arena_mb=arena_mb))
-    peak = DeviceMemoryPeak(getattr(engines[0], "device_id", 0)) if key in MEMORY_MODELS else None
+    if applies:
+        rois = list(plan.rois(volume.shape, overlap=overlap, channels=engines[0].out_channels))
+    peak = DeviceMemoryPeak(getattr(engines[0], "device_id", 0)) if applies else None
     fallback: list[str] = []
     tried: list[list[int]] = []
 
@@ -327,6 +432,7 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
         return infer_ensemble(volume, engines, roi, xp, overlap=overlap, blend=blend, spacing_z=spacing_z,
                               progress=progress, on_tile=sample)
 
-    result = run_with_fallback(attempt, rois, on_cpu, record=fallback)  # type: ignore[arg-type]
+    result = run_with_fallback(attempt, rois, on_cpu, record=fallback, engines=engines)  # type: ignore[arg-type]
     gpu_peak = None if peak is None or peak.peak_mb is None else round(peak.peak_mb, 1)
-    return result, {"budget_mb": budget_mb, "rois_tried": tried, "fallback": fallback, "gpu_peak_mb": gpu_peak}
+    return result, {"budget_mb": plan.budget_mb if plan is not None else None, "rois_tried": tried,
+                    "fallback": fallback, "gpu_peak_mb": gpu_peak, "plan": plan.report() if plan is not None else None}

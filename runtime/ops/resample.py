@@ -16,6 +16,11 @@ the output slices are split between at most two threads (numpy releases the GIL 
 
 The result keeps the input's memory order (Fortran order for nibabel images); call ``np.ascontiguousarray`` if a
 consumer needs C order.
+
+Array API: the same code runs on the device — pass ``xp`` (CuPy, or any module with numpy's ``take``/``multiply``/
+``add``/``copyto``/``empty``/``asarray``): buffers, index and weight vectors then live on the device, the volume
+never comes back to the host, and the slices run one after the other (one kernel per plane pass; threads only
+with numpy).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -104,9 +111,10 @@ def _chunks(n: int, parts: int) -> list[range]:
     return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def _run_parallel(n_out: int, n_voxels: int, work: Callable[[range], None]) -> None:
-    """Call ``work`` on ranges of output slices, on up to MAX_THREADS threads for big volumes."""
-    parts = min(MAX_THREADS, n_out, max(1, n_voxels // _MIN_VOXELS_PER_THREAD))
+def _run_parallel(n_out: int, n_voxels: int, work: Callable[[range], None], xp: ModuleType = np) -> None:
+    """Call ``work`` on ranges of output slices, on up to MAX_THREADS threads for big host volumes (one thread on
+    a device: its kernels are the parallelism)."""
+    parts = min(MAX_THREADS, n_out, max(1, n_voxels // _MIN_VOXELS_PER_THREAD)) if xp is np else 1
     if parts <= 1:
         work(range(n_out))
         return
@@ -119,48 +127,52 @@ def _run_parallel(n_out: int, n_voxels: int, work: Callable[[range], None]) -> N
 class _PlaneResampler:
     """Resamples 2-D slices (rows = axis 0, columns = axis 1) with per-thread scratch buffers."""
 
-    def __init__(self, rows: _LinearAxis, cols: _LinearAxis, dtype: np.dtype) -> None:
-        self.rows, self.cols = rows, cols
+    def __init__(self, rows: _LinearAxis, cols: _LinearAxis, dtype: np.dtype, xp: ModuleType = np) -> None:
+        self.rows, self.cols, self.xp = rows, cols, xp
         m1, m2, p1, p2 = rows.n_in, cols.n_in, rows.n_out, cols.n_out
         # rows first costs whole-row copies on p1*m2 values, columns first a gather on m1*p2 values (~2x per value)
         self.rows_first = cols.identity or (not rows.identity and p1 * m2 + 2 * p1 * p2 <= 2 * m1 * p2 + p1 * p2)
-        self.r_w0, self.r_w1 = rows.w0[:, None], rows.w1[:, None]
-        self.c_w0, self.c_w1 = cols.w0[None, :], cols.w1[None, :]
+        self.r_idx = (xp.asarray(rows.i0), xp.asarray(rows.i1))
+        self.c_idx = (xp.asarray(cols.i0), xp.asarray(cols.i1))
+        self.r_w0, self.r_w1 = xp.asarray(rows.w0[:, None]), xp.asarray(rows.w1[:, None])
+        self.c_w0, self.c_w1 = xp.asarray(cols.w0[None, :]), xp.asarray(cols.w1[None, :])
         mid_shape = (p1, m2) if self.rows_first else (m1, p2)
-        self.mid = np.empty(mid_shape, np.float32)
-        self.gather_first = np.empty(mid_shape, dtype)  # the first pass gathers raw input values
-        self.tmp_first = np.empty(mid_shape, np.float32)
-        self.gather_second = np.empty((p1, p2), np.float32)
-        self.tmp_second = np.empty((p1, p2), np.float32)
+        self.mid = xp.empty(mid_shape, np.float32)
+        self.gather_first = xp.empty(mid_shape, dtype)  # the first pass gathers raw input values
+        self.tmp_first = xp.empty(mid_shape, np.float32)
+        self.gather_second = xp.empty((p1, p2), np.float32)
+        self.tmp_second = xp.empty((p1, p2), np.float32)
 
-    @staticmethod
-    def _pass(src: np.ndarray, ax: _LinearAxis, axis: int, w0: np.ndarray, w1: np.ndarray,
-              dst: np.ndarray, gather: np.ndarray, tmp: np.ndarray) -> None:
-        np.take(src, ax.i0, axis=axis, out=gather)
-        np.multiply(gather, w0, out=dst)
+    def _pass(self, src: Any, ax: _LinearAxis, idx: tuple[Any, Any], axis: int, w0: Any, w1: Any,
+              dst: Any, gather: Any, tmp: Any) -> None:
+        xp = self.xp
+        xp.take(src, idx[0], axis=axis, out=gather)
+        xp.multiply(gather, w0, out=dst)
         if ax.w1.any():
-            np.take(src, ax.i1, axis=axis, out=gather)
-            np.multiply(gather, w1, out=tmp)
-            np.add(dst, tmp, out=dst)
+            xp.take(src, idx[1], axis=axis, out=gather)
+            xp.multiply(gather, w1, out=tmp)
+            xp.add(dst, tmp, out=dst)
 
-    def __call__(self, plane: np.ndarray, dst: np.ndarray) -> None:
+    def __call__(self, plane: Any, dst: Any) -> None:
         rows, cols = self.rows, self.cols
         if rows.identity and cols.identity:
-            np.copyto(dst, plane, casting="unsafe")
+            self.xp.copyto(dst, plane, casting="unsafe")
         elif cols.identity:
-            self._pass(plane, rows, 0, self.r_w0, self.r_w1, dst, self.gather_first, self.tmp_first)
+            self._pass(plane, rows, self.r_idx, 0, self.r_w0, self.r_w1, dst, self.gather_first, self.tmp_first)
         elif rows.identity:
-            self._pass(plane, cols, 1, self.c_w0, self.c_w1, dst, self.gather_first, self.tmp_first)
+            self._pass(plane, cols, self.c_idx, 1, self.c_w0, self.c_w1, dst, self.gather_first, self.tmp_first)
         elif self.rows_first:
-            self._pass(plane, rows, 0, self.r_w0, self.r_w1, self.mid, self.gather_first, self.tmp_first)
-            self._pass(self.mid, cols, 1, self.c_w0, self.c_w1, dst, self.gather_second, self.tmp_second)
+            self._pass(plane, rows, self.r_idx, 0, self.r_w0, self.r_w1, self.mid, self.gather_first, self.tmp_first)
+            self._pass(self.mid, cols, self.c_idx, 1, self.c_w0, self.c_w1, dst, self.gather_second, self.tmp_second)
         else:
-            self._pass(plane, cols, 1, self.c_w0, self.c_w1, self.mid, self.gather_first, self.tmp_first)
-            self._pass(self.mid, rows, 0, self.r_w0, self.r_w1, dst, self.gather_second, self.tmp_second)
+            self._pass(plane, cols, self.c_idx, 1, self.c_w0, self.c_w1, self.mid, self.gather_first, self.tmp_first)
+            self._pass(self.mid, rows, self.r_idx, 0, self.r_w0, self.r_w1, dst, self.gather_second,
+                       self.tmp_second)
 
 
-def resample_linear(arr: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
-    """Trilinear resampling of a 3-D array of any real dtype to ``out_shape``; returns float32.
+def resample_linear(arr: Any, out_shape: Sequence[int], xp: ModuleType = np) -> Any:
+    """Trilinear resampling of a 3-D array of any real dtype to ``out_shape``; returns float32 (an ``xp`` array:
+    on the device when ``arr`` is a device array and ``xp`` its module).
 
     Equal to ``torch.nn.functional.interpolate(x, size=out_shape, mode="trilinear", align_corners=False)`` up to
     float32 rounding. The output keeps the input's memory order.
@@ -169,27 +181,27 @@ def resample_linear(arr: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
     order = _memory_order(arr)
     work = arr.transpose(order)
     w_shape = tuple(shape[a] for a in order)
-    out_w = np.empty(w_shape, np.float32)
+    out_w = xp.empty(w_shape, np.float32)
     outer, rows, cols = (_LinearAxis.build(work.shape[a], w_shape[a]) for a in range(3))
     plane_identity = rows.identity and cols.identity
 
     def work_range(out_slices: range) -> None:
-        resample_plane = _PlaneResampler(rows, cols, work.dtype)
+        resample_plane = _PlaneResampler(rows, cols, work.dtype, xp)
         if outer.identity:
             for o in out_slices:
                 resample_plane(work[o], out_w[o])
             return
-        cache: dict[int, np.ndarray] = {}
-        spare: list[np.ndarray] = []
-        tmp = np.empty(w_shape[1:], np.float32)
+        cache: dict[int, Any] = {}
+        spare: list[Any] = []
+        tmp = xp.empty(w_shape[1:], np.float32)
 
-        def plane(k: int, keep: tuple[int, int]) -> np.ndarray:
+        def plane(k: int, keep: tuple[int, int]) -> Any:
             if plane_identity:
                 return work[k]  # mixed-dtype ufuncs below cast to float32
             if k not in cache:
                 for old in [key for key in cache if key not in keep]:
                     spare.append(cache.pop(old))
-                buf = spare.pop() if spare else np.empty(w_shape[1:], np.float32)
+                buf = spare.pop() if spare else xp.empty(w_shape[1:], np.float32)
                 resample_plane(work[k], buf)
                 cache[k] = buf
             return cache[k]
@@ -198,14 +210,14 @@ def resample_linear(arr: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
             k0, k1 = int(outer.i0[o]), int(outer.i1[o])
             w0, w1 = outer.w0[o], outer.w1[o]
             if w1 == 0:
-                np.multiply(plane(k0, (k0, k0)), w0, out=out_w[o], casting="unsafe")
+                xp.multiply(plane(k0, (k0, k0)), w0, out=out_w[o], casting="unsafe")
                 continue
-            np.multiply(plane(k0, (k0, k1)), w0, out=out_w[o], casting="unsafe")
-            np.multiply(plane(k1, (k0, k1)), w1, out=tmp, casting="unsafe")
-            np.add(out_w[o], tmp, out=out_w[o])
+            xp.multiply(plane(k0, (k0, k1)), w0, out=out_w[o], casting="unsafe")
+            xp.multiply(plane(k1, (k0, k1)), w1, out=tmp, casting="unsafe")
+            xp.add(out_w[o], tmp, out=out_w[o])
 
-    _run_parallel(w_shape[0], int(np.prod(w_shape)), work_range)
-    return out_w.transpose(np.argsort(order))
+    _run_parallel(w_shape[0], int(np.prod(w_shape)), work_range, xp)
+    return out_w.transpose(tuple(int(a) for a in np.argsort(order)))
 
 
 # --------------------------------------------------------------------------------------------------- nearest
@@ -244,9 +256,10 @@ def resample_nearest(arr: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- intensity
-def normalise_hu(arr: np.ndarray, window: tuple[float, float] = (-250, 250), out: np.ndarray | None = None
-                 ) -> np.ndarray:
-    """``clip((x - lo) / (hi - lo), 0, 1)`` in float32 (MONAI ``ScaleIntensityRange(lo, hi, 0, 1, clip=True)``).
+def normalise_hu(arr: Any, window: tuple[float, float] = (-250, 250), out: Any = None,
+                 xp: ModuleType = np) -> Any:
+    """``clip((x - lo) / (hi - lo), 0, 1)`` in float32 (MONAI ``ScaleIntensityRange(lo, hi, 0, 1, clip=True)``),
+    with ``xp``'s ufuncs (on the device for a device array).
 
     ``out`` (float32, same shape; may be ``arr`` itself when that is float32) avoids a new array.
     """
@@ -254,10 +267,10 @@ def normalise_hu(arr: np.ndarray, window: tuple[float, float] = (-250, 250), out
     if not hi > lo:
         raise ValueError(f"HU window must have hi > lo, got {window}")
     if out is None:
-        out = np.empty_like(arr, dtype=np.float32)
+        out = xp.empty_like(arr, dtype=np.float32)
     elif out.shape != arr.shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 of shape {arr.shape}, got {out.dtype} {out.shape}")
-    np.subtract(arr, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
-    np.divide(out, np.float32(hi - lo), out=out)
-    np.clip(out, 0.0, 1.0, out=out)
+    xp.subtract(arr, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
+    xp.divide(out, np.float32(hi - lo), out=out)
+    xp.clip(out, 0.0, 1.0, out=out)
     return out

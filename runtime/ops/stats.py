@@ -7,14 +7,12 @@ inside each label. Tumors are also counted as 26-connected components (cc3d, as 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flare.runtime.foundation.labels import LABELS, NUM_FLARE_IDS, TUMOR
 
-__all__ = ["label_counts", "label_statistics", "label_volumes", "voxel_volume_ml", "write_statistics"]
+__all__ = ["label_counts", "label_statistics", "label_volumes", "voxel_volume_ml"]
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
@@ -76,7 +74,7 @@ def _chunks(n: int, size: int = 1 << 22) -> list[slice]:
 
 
 def _tumors(labels: np.ndarray, vml: float) -> dict[str, Any]:
-    from flare.runtime.ops.postprocessing import components
+    from flare.runtime.ops.components import components
 
     mask = labels == TUMOR
     if not mask.any():
@@ -85,9 +83,3 @@ def _tumors(labels: np.ndarray, vml: float) -> dict[str, Any]:
     sizes = sorted((int(c) for c in counts[1:] if c), reverse=True)
     return {"count": len(sizes), "volumes_ml": [round(c * vml, 3) for c in sizes]}
 
-
-def write_statistics(path: str | Path, stats: dict[str, Any]) -> None:
-    """Write ``stats`` (from :func:`label_statistics`, plus what the caller adds) as JSON, atomically."""
-    from flare.runtime.foundation.atomic import write_text_atomic
-
-    write_text_atomic(path, json.dumps(stats, indent=2) + "\n")

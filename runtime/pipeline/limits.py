@@ -115,10 +115,9 @@ class Grid:
 
 def ras_geometry(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """Shape and spacing of the canonical (RAS) grid of an image, from its shape and a finite, invertible affine."""
-    from nibabel.orientations import io_orientation
+    from flare.runtime.image.model import Reorientation
 
-    ornt = io_orientation(np.asarray(affine, dtype=np.float64))
-    perm = [int(a) for a in np.argsort(ornt[:, 0])]
+    perm = Reorientation.from_affine(np.asarray(affine, dtype=np.float64)).perm
     norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     return (tuple(int(shape[p]) for p in perm),  # type: ignore[return-value]
             tuple(float(norms[p]) for p in perm))  # type: ignore[return-value]

@@ -1,5 +1,6 @@
 """The whole ``flare-run`` pipeline: read → locate → crop/resample → tiled ensemble → left/right split and
-post-processing → restore to the input grid → write. See docs/architecture.md for each step's contract."""
+post-processing → restore to the input grid; returns a :class:`~flare.runtime.pipeline.result.SegmentResult` and
+writes nothing (writing is the app layer's). See docs/architecture.md for each step's contract."""
 
 from __future__ import annotations
 
@@ -9,33 +10,38 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
-from flare.runtime.bundle.manifest import Bundle, load_bundle
+from flare.runtime.bundle.manifest import Bundle, load_bundle, verify_bundle
 from flare.runtime.foundation.errors import BundleError
 from flare.runtime.foundation.labels import merged_to_flare
+from flare.runtime.foundation.lazy import IMPORT_SECONDS
 from flare.runtime.foundation.lifecycle import pause_point
-from flare.runtime.image.nifti import LoadedImage, read_image, to_canonical, write_labels
-from flare.runtime.inference.device import IMPORT_SECONDS, ort, resolve_device, to_device
-from flare.runtime.inference.engines import Engine, create_engine
+from flare.runtime.image.model import LoadedImage, to_canonical
+from flare.runtime.image.nifti import read_image
+from flare.runtime.inference.device import ort, resolve_device, to_device
+from flare.runtime.inference.engines import Engine, backend_for, create_engine, default_precision
 from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
+from flare.runtime.inference.memory_plan import MemoryPlan
 from flare.runtime.ops.geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
 from flare.runtime.ops.lr_split import split_left_right
 from flare.runtime.ops.postprocessing import check_mode, postprocess
 from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear, resample_nearest
 from flare.runtime.ops.stats import label_volumes
+from flare.runtime.pipeline.result import STAGES, Report, SegmentResult
 
 log = logging.getLogger("flare.runtime")
 
-__all__ = ["STAGES", "Segmenter", "StageHooks", "rss_peak_mb", "segment"]
+__all__ = ["Segmenter", "StageHooks", "rss_peak_mb"]
 
-STAGES = ("read", "locate", "crop_resample", "infer", "postprocess", "restore", "write")
+#: one thread per process that builds fold sessions in the background (see Segmenter.engines)
+_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare-sessions")
 
 
 @dataclass
@@ -69,10 +75,8 @@ class Segmenter:
                  overlap: float | None = None, precision: str | None = None, threads: int | None = None,
                  gpu_mem_budget: float | None = None, postprocess: str | None = None,
                  cudnn_algo_search: str = "HEURISTIC") -> None:
-        from flare.runtime.inference.budget import DEFAULT_BUDGET_MB
-
-        t_init = time.perf_counter()
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        t_init = self._t_init = time.perf_counter()
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_hashes=False)
         n_folds = len(self.bundle.folds)
         self._check_folds(folds, n_folds)
         self._set_overlap(overlap)
@@ -83,25 +87,37 @@ class Segmenter:
         ort.load()  # imported here (not inside the first session's creation) so that the load timings separate
         self.device = self.dev.name
         self.xp = self.dev.xp  # cupy on CUDA when CuPy works: the tile-major ensemble on the device
-        self.gpu_mem_budget = DEFAULT_BUDGET_MB if gpu_mem_budget is None else float(gpu_mem_budget)
         self._precision, self._threads = precision, threads
         self._set_postprocess(postprocess)
         specs = self.bundle.folds[: folds or n_folds]
         models = list(specs) + ([self.bundle.locator] if self.bundle.locator is not None else [])
-        self._arena_mb = self._arena_limit(models[0], precision) if self.device == "cuda" else None
+        t_hash = time.perf_counter()  # only the files that will be loaded; cached per file version
+        hashed = verify_bundle(self.bundle, {m.name: precision or default_precision(m, self.device) for m in models})
+        hash_s = time.perf_counter() - t_hash
+        # the one memory plan of this Segmenter: budget, arena cap, tiles, CuPy's pool (flare.runtime.inference.memory_plan)
+        self.plan = MemoryPlan.build(gpu_mem_budget, backend_for(self.device) if self.device == "cuda" else None,
+                                     precision or default_precision(specs[0], self.device), specs[0].out_channels)
+        self._arena_mb = self.plan.arena_mb
         sessions: dict[str, float] = {}
-        engines: list[Engine] = []
-        for spec in models:
+
+        def make(spec: Any) -> Engine:
             t0 = time.perf_counter()
-            engines.append(create_engine(spec, self.dev, precision, threads, mem_limit_mb=self._arena_mb,
-                                         algo_search=cudnn_algo_search))
+            engine = create_engine(spec, self.dev, precision, threads, mem_limit_mb=self._arena_mb,
+                                   algo_search=cudnn_algo_search)
             sessions[spec.name] = round(time.perf_counter() - t0, 4)
-        self.engines = engines[: len(specs)]
-        self.locator: Engine | None = engines[len(specs)] if self.bundle.locator is not None else None
+            return engine
+
+        self.locator: Engine | None = make(self.bundle.locator) if self.bundle.locator is not None else None
+        # the folds' sessions are built on a thread while the first image is read and located (ONNX Runtime
+        # releases the GIL while it builds a session); :attr:`engines` waits for them
+        self._folds_future: Future[list[Engine]] | None = _BUILDER.submit(lambda: [make(s) for s in specs])
+        self._engines: list[Engine] | None = None
         self.load_s = time.perf_counter() - t_init
         self.load: dict[str, Any] = {
             "imports_s": round(sum(IMPORT_SECONDS.values()) - imports_before, 4),
             "device_init_s": round(max(device_init, 0.0), 4),
+            "hash_s": round(hash_s, 4),
+            "files_hashed": hashed,
             "sessions_s": sessions,
             "first_tile_s": None,
             "cudnn_conv_algo_search": cudnn_algo_search if self.device == "cuda" else None,
@@ -109,28 +125,30 @@ class Segmenter:
         }
         self._first_tile = True
 
-    def _arena_limit(self, spec: Any, precision: str | None) -> float:
-        from flare.runtime.inference.budget import MEMORY_MODELS, arena_limit_mb
-        from flare.runtime.inference.engines import default_precision
+    @property
+    def engines(self) -> list[Engine]:
+        """The fold engines (waits for the background build on first use; its errors are raised here)."""
+        if self._engines is None:
+            assert self._folds_future is not None
+            self._engines = self._folds_future.result()
+            self._folds_future = None
+            self.plan.measure_sessions()  # every session exists now: read NVML, tiles from what is left
+            self.load_s = max(self.load_s, time.perf_counter() - self._t_init)
+        return self._engines
 
-        key = ("onnxruntime-cuda", precision or default_precision(spec, "cuda"))
-        if key not in MEMORY_MODELS:
-            return self.gpu_mem_budget
-        return arena_limit_mb(self.gpu_mem_budget, *key, channels=spec.out_channels)
+    @engines.setter
+    def engines(self, value: list[Engine]) -> None:
+        self._engines = value
 
     def _cpu_engine(self, spec: Any) -> Engine:
         """The CPU fallback's engine for ``spec`` (fp32), made when a GPU run has run out of memory."""
         return create_engine(spec, "cpu", "fp32", self._threads)
 
     def _choose_rois(self, engine: Engine, cap: tuple[int, int, int]) -> Any:
-        """Tiles to try for a model under the budget (the bundle's ``cap`` on the CPU)."""
-        from flare.runtime.inference.budget import MEMORY_MODELS, candidate_rois
-
-        key = (engine.backend, engine.precision)
-        if self.device != "cuda" or key not in MEMORY_MODELS:
+        """Tiles to try for a model under the memory plan (the bundle's ``cap`` where no memory model applies)."""
+        if not self.plan.applies:
             return None
-        return lambda shape: candidate_rois(self.gpu_mem_budget, shape, *key, channels=engine.out_channels,
-                                            max_roi=cap, arena_mb=self._arena_mb)
+        return lambda shape: self.plan.rois(shape, max_roi=cap, channels=engine.out_channels)
 
     def check_grids(self, path: Path | None, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int,
                     scaled: bool, source_bytes: int | None = None) -> None:
@@ -173,7 +191,7 @@ class Segmenter:
         return other
 
     # -- stages -------------------------------------------------------------------------------------------------
-    def _locate(self, data_ras: np.ndarray, spacing: tuple[float, float, float]) -> LocateResult:
+    def _locate(self, data_ras: Any, spacing: tuple[float, float, float]) -> LocateResult:
         if self.locator is None:
             return LocateResult(whole_box(data_ras.shape), False, tuple(data_ras.shape), 0)  # type: ignore[arg-type]
         b = self.bundle
@@ -183,14 +201,13 @@ class Segmenter:
                       margin_mm=b.locator_margin_mm, hu_window=b.hu_window, xp=self.xp,
                       choose_rois=self._choose_rois(self.locator, b.locator_roi), on_cpu=on_cpu)
 
-    def _crop_resample(self, data_ras: np.ndarray, spacing: tuple[float, float, float], box: Box) -> Any:
-        """Crop, resample and normalise on the host (one implementation: :mod:`flare.runtime.ops.resample`), then one
-        copy of the float32 volume to the device when the ensemble runs there."""
-        region = crop(data_ras, box)
+    def _crop_resample(self, image: Any, spacing: tuple[float, float, float], box: Box) -> Any:
+        """Crop (a view), resample and normalise where ``image`` lives — on the device after the one upload of the
+        image in its native dtype (one implementation for both: :mod:`flare.runtime.ops.resample` with ``xp``)."""
+        region = crop(image, box)
         shape = output_shape(region.shape, spacing, self.bundle.spacing_mm)
-        vol = resample_linear(region, shape)
-        vol = normalise_hu(vol, self.bundle.hu_window, out=vol)
-        return to_device(vol, self.xp)
+        vol = resample_linear(region, shape, self.xp)
+        return normalise_hu(vol, self.bundle.hu_window, out=vol, xp=self.xp)
 
     def _infer(self, vol: Any, hooks: StageHooks) -> tuple[Any, dict[str, Any] | None]:
         """The fold ensemble, tile-major on ``xp``'s device; on CUDA under the memory budget (smaller tiles on
@@ -212,9 +229,9 @@ class Segmenter:
 
         on_gpu = self.device == "cuda"
         result, part = infer_with_budget(vol, self.engines, self.bundle.roi, self.xp,
-                                         budget_mb=self.gpu_mem_budget if on_gpu else None,
+                                         plan=self.plan if on_gpu else None,
                                          progress=hooks.tiles_done, on_tile=first_tile,
-                                         on_cpu=on_cpu if on_gpu else None, arena_mb=self._arena_mb,
+                                         on_cpu=on_cpu if on_gpu else None,
                                          **kwargs)  # type: ignore[arg-type]
         return result, part if on_gpu else None
 
@@ -231,17 +248,15 @@ class Segmenter:
         return reorient.undo(full)
 
     # -- the pipeline -------------------------------------------------------------------------------------------
-    def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None,
-                hooks: StageHooks | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Segment ``image``; returns ``(labels uint8 in the input grid, input affine, report)`` and writes
-        ``output`` when given."""
+    def segment(self, image: str | Path | LoadedImage, hooks: StageHooks | None = None) -> SegmentResult:
+        """Segment ``image`` (a NIfTI path or a loaded image): the labels in its grid, the image and the report.
+        Writes nothing (the app layer writes: :mod:`flare.runtime.app.write`)."""
         if self.dev.on_gpu:  # CuPy's arrays and kernels on this Segmenter's GPU (cuda:N), in this thread
             with self.xp.cuda.Device(self.dev.device_id):
-                return self._segment(image, output, hooks)
-        return self._segment(image, output, hooks)
+                return self._segment(image, hooks)
+        return self._segment(image, hooks)
 
-    def _segment(self, image: str | Path | LoadedImage, output: str | Path | None,
-                 hooks: StageHooks | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _segment(self, image: str | Path | LoadedImage, hooks: StageHooks | None) -> SegmentResult:
         hooks = hooks or StageHooks()
         times: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -264,9 +279,11 @@ class Segmenter:
             data_ras, affine_ras, reorient = to_canonical(img)
             spacing = spacing_from_affine(affine_ras)
         with stage("locate"):
-            loc = self._locate(data_ras, spacing)
+            image = to_device(data_ras, self.xp)  # the one upload: native dtype, in its memory order
+            loc = self._locate(image, spacing)
         with stage("crop_resample"):
-            vol = self._crop_resample(data_ras, spacing, loc.box)
+            vol = self._crop_resample(image, spacing, loc.box)
+            del image
         with stage("infer"):
             per_fold = planned_tiles(vol.shape, self.bundle.roi, self.overlap)
             hooks.tiles_total(per_fold * len(self.engines))
@@ -278,51 +295,33 @@ class Segmenter:
             labels = self._postprocess(ens.labels, affine_1mm)
         with stage("restore"):
             out = self._restore(labels, loc.box, data_ras.shape, reorient)
-        times["write"] = 0.0
-        if output is not None:
-            with stage("write"):
-                write_labels(output, out, like=img)
         report = self._report(img, loc, ens, times, time.perf_counter() - t_start)
         if gpu_part is not None:
-            report["gpu"] = gpu_part
-            report["gpu_peak_mb"] = gpu_part.get("gpu_peak_mb")
-        report["voxels"], report["volume_ml"] = label_volumes(out, img.affine)  # in the written (input) grid
-        return out, img.affine, report
+            report.gpu = gpu_part
+            report.gpu_peak_mb = gpu_part.get("gpu_peak_mb")
+        report.voxels, report.volume_ml = label_volumes(out, img.affine)  # in the input grid (the one written)
+        return SegmentResult(out, img, report)
 
     def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],
-                total: float) -> dict[str, Any]:
-        return {
-            "input": {"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
-                      "spacing": [round(float(s), 5) for s in img.spacing],
-                      "orientation": "".join(nib.aff2axcodes(img.affine)), "oblique": img.oblique},
-            "crop": {"lo": list(loc.box.lo), "hi": list(loc.box.hi), "located": loc.found,
-                     "resampled_shape": list(ens.labels.shape)},
-            "tiles": {"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,
-                      "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
-                      "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
-            "backend": {"device": self.device, "device_id": self.dev.device_id if self.device == "cuda" else None,
-                        "engine": self.engines[0].backend,
-                        "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
-                        "load": dict(self.load)},
-            "folds": ens.folds,
-            "postprocess": {"mode": self.postprocess_mode},
-            "model_card": self.bundle.card.summary(),
-            "stages": {name: times.get(name, 0.0) for name in STAGES},
-            "total_s": round(total, 4),
-            "rss_peak_mb": round(rss_peak_mb(), 1),
-            "gpu_peak_mb": None,
-        }
+                total: float) -> Report:
+        return Report(
+            input={"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
+                   "spacing": [round(float(s), 5) for s in img.spacing],
+                   "orientation": img.orientation, "oblique": img.oblique},
+            crop={"lo": list(loc.box.lo), "hi": list(loc.box.hi), "located": loc.found,
+                  "resampled_shape": list(ens.labels.shape)},
+            tiles={"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,
+                   "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
+                   "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
+            backend={"device": self.device, "device_id": self.dev.device_id if self.device == "cuda" else None,
+                     "engine": self.engines[0].backend,
+                     "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
+                     "load": dict(self.load)},
+            folds=ens.folds,
+            postprocess={"mode": self.postprocess_mode},
+            stages={name: times.get(name, 0.0) for name in STAGES},
+            total_s=round(total, 4),
+            rss_peak_mb=round(rss_peak_mb(), 1),
+            model_card=self.bundle.card.summary(),
+        )
 
-
-def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
-            device: str = "auto", folds: int | None = None, overlap: float | None = None,
-            precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None,
-            cudnn_algo_search: str = "HEURISTIC"
-            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``.
-
-    ``postprocess`` picks the clean-up rules: ``"paper"`` or ``"strict"`` (see :mod:`flare.runtime.ops.postprocessing`);
-    None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise)."""
-    return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
-                     gpu_mem_budget=gpu_mem_budget, postprocess=postprocess,
-                     cudnn_algo_search=cudnn_algo_search).segment(image, output)

@@ -1,16 +1,6 @@
 """The client side of ``flare-serve``: :class:`RemoteSegmenter` and ``flare-run --server``.
 
-The wire protocol (Triton's KServe v2 HTTP/REST or gRPC, model :data:`MODEL`):
-
-* input ``image``: ``BYTES``, shape ``[1]`` — the bytes of a ``.nii`` or ``.nii.gz`` file (gzip is recognised by its
-  magic bytes; sending gzip keeps requests small);
-* outputs ``labels`` (``BYTES [1]``: the uint8 label map as a NIfTI file in the input's geometry, gzip-compressed
-  unless the request says ``compressed: false``) and ``report`` (``BYTES [1]``: the JSON report of ``flare-run``);
-* optional request parameters: ``filename`` (names the input in errors and in the report), ``folds`` (use the first N
-  folds), ``overlap`` (tile overlap ratio), ``postprocess`` (``paper`` or ``strict``), ``compressed`` (bool).
-
-A bad input fails the request with Triton's error message, whose line starting with :data:`ERROR_MARKER` carries the
-one-line :class:`~flare.runtime.foundation.errors.FlareError`; the server keeps serving. tritonclient is imported lazily.
+The wire protocol is :mod:`flare.runtime.serving.protocol`. tritonclient is imported lazily.
 """
 
 from __future__ import annotations
@@ -24,18 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.inference.device import lazy_import
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.pipeline.result import Report, SegmentResult
+from flare.runtime.serving.protocol import INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, flare_error_line
 
 if TYPE_CHECKING:
-    from flare.runtime.image.nifti import LoadedImage
+    from flare.runtime.image.model import LoadedImage
 
-__all__ = ["ERROR_MARKER", "MODEL", "RemoteError", "RemoteSegmenter"]
+__all__ = ["RemoteError", "RemoteSegmenter"]
 
-MODEL = "flare"
-INPUT = "image"
-OUTPUT_LABELS = "labels"
-OUTPUT_REPORT = "report"
-ERROR_MARKER = "flare-error: "
 DEFAULT_TIMEOUT_S = 3600.0
 READY_TIMEOUT_S = 120.0
 """How long a client waits for model ``flare`` to become ready on a server that answers but is still loading it."""
@@ -56,15 +43,6 @@ def _split_url(url: str) -> tuple[str, bool]:
     return url, ssl
 
 
-def flare_error_line(message: str) -> str | None:
-    """The one-line FlareError carried by a server error message, if any."""
-    for line in message.splitlines():
-        at = line.find(ERROR_MARKER)
-        if at >= 0:
-            return line[at + len(ERROR_MARKER):].strip()
-    return None
-
-
 @dataclass(frozen=True)
 class ServerRef:
     """Where a RemoteSegmenter's models are (``root``, like a local bundle's)."""
@@ -76,11 +54,11 @@ class RemoteSegmenter:
     """A :class:`~flare.runtime.pipeline.segmenter.Segmenter` on ``flare-serve`` servers (Triton HTTP at ``url``:
     one ``HOST:PORT`` or several, comma-separated).
 
-    ``segment()`` returns ``(labels uint8 in the input grid, input affine, report)`` like the local one; the labels and
-    affine are read back from the server's NIfTI with the same validated reader. It may be called from several
-    threads at once (``flare-run --concurrency``): each request goes to the server with the fewest requests in
-    flight from this client (ties: the one used least), on its own connection; a server that fails fails only the
-    requests sent to it (the error names it), and the report's ``server`` says which server answered.
+    ``segment()`` returns a :class:`~flare.runtime.pipeline.result.SegmentResult` like the local one; the labels are
+    read back from the server's NIfTI with the same validated reader. It may be called from several threads at once
+    (``flare-run --concurrency``): each request goes to the server with the fewest requests in flight from this
+    client (ties: the one used least), on its own connection; a server that fails fails only the requests sent to it
+    (the error names it), and the report's ``server`` says which server answered.
     """
 
     def __init__(self, url: str, folds: int | None = None, overlap: float | None = None,
@@ -177,33 +155,31 @@ class RemoteSegmenter:
                                         "(is it a flare-serve server?)")
         return bytes(labels.flat[0]), json.loads(bytes(report.flat[0]))
 
-    def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None, hooks: Any = None
-                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Segment ``image`` on the server: a NIfTI file (its bytes are sent) or a loaded image (sent as NIfTI,
-        e.g. a DICOM series read here); writes ``output`` (atomically) when given. ``hooks`` is accepted for
-        ``Segmenter`` compatibility (the stages run on the server)."""
-        from flare.runtime.foundation.atomic import write_bytes_atomic
+    def segment(self, image: str | Path | LoadedImage, hooks: Any = None) -> SegmentResult:
+        """Segment ``image`` on the server: a NIfTI file (its bytes are sent, and read here too, with the same
+        validated reader, for the result's image) or a loaded image (sent as NIfTI, e.g. a DICOM series read here).
+        Writes nothing, like the local ``Segmenter`` (the app layer writes). ``hooks`` is accepted for ``Segmenter``
+        compatibility (the stages run on the server)."""
         from flare.runtime.image.nifti import image_bytes, read_image_bytes
 
         if isinstance(image, (str, Path)):
             name, blob = str(image), _read_input(Path(image))
+            img = read_image_bytes(blob, name)
         else:
-            name, blob = str(image.path or "image"), image_bytes(image)
-        compressed = output is None or str(output).endswith(".gz")
+            name, blob, img = str(image.path or "image"), image_bytes(image), image
         t0 = time.perf_counter()
         if self.progress:
             print(f"flare-run: sending {name} ({len(blob) / 2**20:.1f} MB) to {self.url}", file=sys.stderr, flush=True)
-        labels_blob, report = self.request(blob, name, compressed)
+        labels_blob, report = self.request(blob, name)
         if self.progress:
             print(f"flare-run: {name} segmented by {report['server']} in {time.perf_counter() - t0:.2f} s "
                   f"(server pipeline {report.get('total_s')} s)", file=sys.stderr, flush=True)
         labels = read_image_bytes(labels_blob, name=f"{self.url} (labels of {name})")
-        if output is not None:
-            write_bytes_atomic(output, labels_blob)
-        # a loaded image keeps its own affine (NIfTI stores the sform in float32: an in-memory float64 affine
-        # comes back rounded); the labels are in its grid either way
-        return labels.data, labels.affine if isinstance(image, (str, Path)) else image.affine, report
-
+        if labels.shape != img.shape:
+            raise RemoteError(self.url, f"the labels of {name} have shape {labels.shape}, the image {img.shape}")
+        # the image keeps its own affine (NIfTI stores the sform in float32: an in-memory float64 affine comes back
+        # rounded); the labels are in its grid either way
+        return SegmentResult(labels.data, img, Report.from_json(report))
 
 def _read_input(path: Path) -> bytes:
     if not path.exists():

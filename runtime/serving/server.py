@@ -2,8 +2,8 @@
 
 PyTriton starts a real ``tritonserver``; Triton's Python backend runs a proxy model in its
 ``triton_python_backend_stub`` process, which forwards each request to :class:`FlareModel` in this process (one
-:class:`~flare.runtime.pipeline.segmenter.Segmenter` per model instance, its models loaded once). The wire protocol is described
-in :mod:`flare.runtime.serving.client`.
+:class:`~flare.runtime.pipeline.segmenter.Segmenter` per model instance, its models loaded once). The wire protocol is
+:mod:`flare.runtime.serving.protocol`.
 
 The stub links ``libpython3.X.so.1.0`` and the dynamic loader finds the first one on its search path: a system
 libpython of another patch release (Debian's 3.11.2 under pyenv's 3.11.7 fails with ``'_thread.RLock' object has no
@@ -30,8 +30,8 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.inference.device import lazy_import
-from flare.runtime.serving.client import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
 
 __all__ = ["FlareModel", "instance_devices", "load_models", "parse_devices", "python_backend_env", "serve",
            "stub_libpython"]
@@ -202,8 +202,8 @@ class FlareModel:
         postprocess = None if params.get("postprocess") is None else str(params["postprocess"])
         seg = self.segmenter.with_options(folds=folds, overlap=overlap, postprocess=postprocess)
         img = read_image_bytes(image.flat[0], name, preflight=seg.check_grids)  # grid limits from the header
-        labels, _, report = seg.segment(img)
-        return label_bytes(labels, img, compressed), report
+        result = seg.segment(img)
+        return label_bytes(result.labels, img, compressed), result.report.to_json()
 
 
 def _name(value: Any) -> str:

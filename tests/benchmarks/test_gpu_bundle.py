@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from conftest import data_path
 from flare.benchmarks.gpu_bundle import _rule_modules
-from flare.runtime.image.nifti import read_image, to_canonical
+from flare.runtime.image.model import to_canonical
+from flare.runtime.image.nifti import read_image
 from flare.runtime.inference.ensemble import abdominal_z_range, foreground_uint8
 from flare.runtime.ops.geometry import box_from_mask
 from flare.runtime.ops.resample import normalise_hu

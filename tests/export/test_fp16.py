@@ -69,8 +69,9 @@ def test_fp16_matches_fp32_on_real_cts(fp16_bundle: Path, ct: str) -> None:
     from flare.runtime.pipeline.segmenter import Segmenter
 
     path = data_path(ct)
-    ref, _, _ = Segmenter(fp16_bundle, device="cpu", precision="fp32").segment(path)
-    got, _, report = Segmenter(fp16_bundle, device="cpu", precision="fp16").segment(path)
+    ref = Segmenter(fp16_bundle, device="cpu", precision="fp32").segment(path).labels
+    result = Segmenter(fp16_bundle, device="cpu", precision="fp16").segment(path)
+    got, report = result.labels, result.report.to_json()
     assert report["backend"]["precision"] == "fp16"
     counts = np.bincount(ref.ravel(), minlength=15)
     dice = dice_per_class(got, ref)

@@ -2,12 +2,10 @@
 
 - :mod:`.base` — the :class:`Engine` protocol, :class:`EngineError`, the NaN/inf check;
 - :mod:`.ort_cpu` — ONNX Runtime, CPU provider;
-- :mod:`.ort_cuda` — ONNX Runtime, CUDA provider (IO binding, arena capped by the memory budget) and its TensorRT
-  provider;
-- :mod:`.tensorrt` — native TensorRT plans (guarded, unverified).
+- :mod:`.ort_cuda` — ONNX Runtime, CUDA provider (IO binding, arena capped by the memory budget);
+- :mod:`.contract` — the bundle's declared inputs/outputs checked against the loaded model.
 
-:func:`create_engine` is the one factory. Nothing heavy is imported here: ONNX Runtime, CuPy and TensorRT load on
-first use (:func:`flare.runtime.inference.device.lazy_import`).
+:func:`create_engine` is the one factory. Nothing heavy is imported here: ONNX Runtime and CuPy load on first use (:func:`flare.runtime.foundation.lazy.lazy_import`).
 """
 
 from __future__ import annotations
@@ -17,12 +15,22 @@ from flare.runtime.inference.device import Device, resolve_device
 from flare.runtime.inference.engines.base import Engine, EngineError
 from flare.runtime.inference.engines.ort_cpu import OrtEngine
 
-__all__ = ["Engine", "EngineError", "OrtEngine", "create_engine", "default_precision"]
+__all__ = ["Engine", "EngineError", "OrtEngine", "backend_for", "create_engine", "default_precision"]
 
 
 def default_precision(spec: ModelSpec, device: str) -> str:
     """fp16 on CUDA when the bundle has it, else fp32 (ONNX Runtime's CPU kernels are fp32)."""
     return "fp16" if device == "cuda" and "fp16" in spec.files else "fp32"
+
+
+def backend_for(device: str) -> str:
+    """The backend :func:`create_engine` builds on ``device`` (the memory plan's key; backends are named only
+    here, in the engines)."""
+    if device == "cuda":
+        from flare.runtime.inference.engines.ort_cuda import CudaOrtEngine
+
+        return CudaOrtEngine.backend
+    return OrtEngine.backend
 
 
 def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str | None = None,

@@ -32,7 +32,7 @@ def synthetic_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
 def full_labels(tiny_bundle: Path) -> np.ndarray:
     from flare.runtime.pipeline.segmenter import Segmenter
 
-    labels, _, _ = Segmenter(tiny_bundle, device="cpu").segment(data_path(CT))
+    labels = Segmenter(tiny_bundle, device="cpu").segment(data_path(CT)).labels
     return labels
 
 

@@ -71,3 +71,39 @@ def test_postprocess_mode(tiny_bundle: Path, tmp_path: Path, edit, mode: str) ->
     edit(doc)
     (b / "bundle.json").write_text(json.dumps(doc))
     assert load_bundle(b).postprocess_mode == mode
+
+
+def test_hashes_cached_per_file_version_and_only_for_the_loaded_precision(tiny_bundle: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from flare.runtime.bundle.manifest import HASH_CACHE_NAME, verify_bundle
+
+    b = _copy(tiny_bundle, tmp_path)
+    (b / HASH_CACHE_NAME).unlink(missing_ok=True)
+    bundle = load_bundle(b, verify_hashes=False)
+    fp32 = {m.name: "fp32" for m in (bundle.locator, *bundle.folds) if m is not None}
+    assert verify_bundle(bundle, fp32) == 3 and (b / HASH_CACHE_NAME).is_file()
+    assert verify_bundle(bundle, fp32) == 0  # second start: nothing read
+    assert verify_bundle(bundle, {"fold0": "fp32"}) == 0
+    st = os.stat(b / "fold1.fp32.onnx")
+    os.utime(b / "fold1.fp32.onnx", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # a new file version
+    assert verify_bundle(bundle, fp32) == 1
+    with open(b / "fold1.fp32.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        verify_bundle(bundle, fp32)
+    assert verify_bundle(bundle, {"fold0": "fp32"}) == 0  # fold1 not loaded: not checked
+    if os.geteuid() == 0:
+        return  # root may write into a read-only folder: the fallback below cannot be seen
+    # a read-only bundle folder: the cache goes under $XDG_CACHE_HOME/flare/sha256
+    ro = _copy(tiny_bundle, tmp_path / "ro")
+    (ro / HASH_CACHE_NAME).unlink(missing_ok=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    os.chmod(ro, 0o555)
+    try:
+        rob = load_bundle(ro, verify_hashes=False)
+        assert verify_bundle(rob, fp32) == 3 and verify_bundle(rob, fp32) == 0
+        assert not (ro / HASH_CACHE_NAME).exists() and list((tmp_path / "cache" / "flare" / "sha256").glob("*.json"))
+    finally:
+        os.chmod(ro, 0o755)

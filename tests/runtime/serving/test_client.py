@@ -76,7 +76,7 @@ def test_two_servers_concurrency_4_equal_local(tiny_bundle: Path, tmp_path: Path
 
     cases = _cases(tmp_path, 4)
     local = Segmenter(tiny_bundle, device="cpu")
-    expected = {name: local.segment(data_path(name))[0] for name in REAL_CTS}
+    expected = {name: local.segment(data_path(name)).labels for name in REAL_CTS}
     out = tmp_path / "out"
     with flare_servers(tiny_bundle, tmp_path, 2) as servers:
         proc = subprocess.run([str(BIN / "flare-run"), str(cases), "-o", str(out), "--server", ",".join(servers),

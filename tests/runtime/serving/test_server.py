@@ -82,7 +82,8 @@ def test_label_bytes_is_what_write_labels_writes(tmp_path: Path) -> None:
 
 
 def test_image_bytes_round_trip() -> None:
-    from flare.runtime.image.nifti import from_array, image_bytes, read_image, read_image_bytes
+    from flare.runtime.image.model import from_array
+    from flare.runtime.image.nifti import image_bytes, read_image, read_image_bytes
 
     img = read_image(data_path("ts_torso_ct_1p5mm_lps.nii.gz"))
     arr = from_array(np.linspace(-1000, 1000, 60, dtype=np.float32).reshape(3, 4, 5), np.diag([0.7, 0.8, 2.5, 1]))
@@ -161,15 +162,16 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 @pytest.fixture(scope="module")
 def local_results(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
     """Each real CT segmented here (the local flare-run path): output file and report."""
+    from flare.runtime.app.write import Outputs, write_result
     from flare.runtime.pipeline.segmenter import Segmenter
 
     out = tmp_path_factory.mktemp("local")
     seg = Segmenter(tiny_bundle, device="cpu")
     results = {}
     for name in REAL_CTS:
-        path = data_path(name)
-        _, _, report = seg.segment(path, out / name)
-        results[name] = (out / name, report)
+        result = seg.segment(data_path(name))
+        write_result(result, Outputs(out / name))
+        results[name] = (out / name, result.report.to_json())
     return results
 
 
@@ -224,7 +226,8 @@ def test_remote_segmenter_equals_local(server: Server, local_results: dict, name
     from flare.runtime.serving.client import RemoteSegmenter
 
     local_file, local_report = local_results[name]
-    labels, affine, report = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(data_path(name))
+    result = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(data_path(name))
+    labels, affine, report = result.labels, result.affine, result.report.to_json()
     local = nib.load(local_file)
     assert labels.dtype == np.uint8 and np.array_equal(labels, np.asarray(local.dataobj))
     assert np.array_equal(affine, local.affine)
@@ -238,7 +241,8 @@ def test_remote_segmenter_takes_a_loaded_image(server: Server, local_results: di
 
     name = "ts_torso_ct_1p5mm_lps.nii.gz"
     img = read_image(data_path(name))
-    labels, affine, _ = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(img)
+    result = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(img)
+    labels, affine = result.labels, result.affine
     local = nib.load(local_results[name][0])
     assert np.array_equal(labels, np.asarray(local.dataobj)) and np.array_equal(affine, local.affine)
 
@@ -267,8 +271,8 @@ def test_uncompressed_output_and_request_options(server: Server, local_results: 
                       "--report", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:2] != b"\x1f\x8b"  # plain .nii
-    labels, affine, report = Segmenter(tiny_bundle, device="cpu", folds=1, overlap=0.25,
-                                       postprocess="strict").segment(ct)
+    result = Segmenter(tiny_bundle, device="cpu", folds=1, overlap=0.25, postprocess="strict").segment(ct)
+    labels, affine, report = result.labels, result.affine, result.report.to_json()
     img = nib.load(out)
     assert np.array_equal(np.asarray(img.dataobj), labels) and np.array_equal(img.affine, affine)
     remote = json.loads((tmp_path / "r.json").read_text())
@@ -358,7 +362,7 @@ def test_sigterm_stops_the_server_gracefully(server: Server) -> None:
     def request() -> None:
         try:
             outcome.append(RemoteSegmenter(server.http, timeout_s=60).segment(
-                data_path("ts_torso_ct_1p5mm_lps.nii.gz"))[0].shape)
+                data_path("ts_torso_ct_1p5mm_lps.nii.gz")).labels.shape)
         except RemoteError as err:
             outcome.append(err)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from flare.export.demo import summary_lines
+from flare.benchmarks.demo import summary_lines
 from flare.runtime.foundation import labels as L
 from flare.train.proof import summarise
 
@@ -24,7 +24,7 @@ def test_summary_is_short_and_has_the_headline() -> None:
 
 @pytest.mark.slow
 def test_demo_end_to_end_scores_every_heldout_case(tmp_path) -> None:
-    from flare.export.demo import run_demo
+    from flare.benchmarks.demo import run_demo
     from flare.train.config import load_config
 
     cfg = load_config("demo", {"spacing_mm": [8.0, 8.0, 8.0],
