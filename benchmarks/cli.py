@@ -19,7 +19,7 @@ from .reference import MODES
 
 #: --reference-mode choices, shown in --help (the modes are defined once, in benchmarks/reference.py)
 ReferenceMode = Enum("ReferenceMode", {m: m for m in MODES}, type=str)  # type: ignore[misc]
-DEFAULT_REFERENCE_MODE = ReferenceMode("auto3dseg")
+DEFAULT_REFERENCE_MODE = ReferenceMode("whole-image-nearest")
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Benchmark a flare bundle: cold/warm time per case, per-stage times, GPU memory (NVML) peak "
@@ -43,7 +43,7 @@ def bench(
                                "(default: all on GPU, 1 on CPU).")] = None,
     reference_folds: Annotated[int | None, typer.Option(min=1, help="Reference (and a matching runtime run) "
                                "with the first N folds (default: all on GPU, 1 on CPU).")] = None,
-    reference_mode: Annotated[ReferenceMode, typer.Option(help="auto3dseg (the peer) or mirror (the runtime's steps).")]
+    reference_mode: Annotated[ReferenceMode, typer.Option(help="whole-image-nearest (the peer: whole image, labels restored nearest; auto3dseg is its old name) or mirror (the runtime's steps).")]
     = DEFAULT_REFERENCE_MODE,
     checkpoints: Annotated[Path | None, typer.Option(help="Checkpoint folder for the reference "
                            "(default: the bundle's provenance.checkpoint_dir).")] = None,

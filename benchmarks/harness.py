@@ -7,7 +7,7 @@ Per case:
   peak is the child's own ``VmHWM`` from the report (exact, not inherited from this process), the 20 ms samples
   stay as ``rss_sampled_peak_mb``;
 - **warm**: :class:`flare.runtime.Segmenter` loaded once, ``repeats`` runs per case (no output file written);
-- **reference** (optional): the MONAI/PyTorch pipeline in ``auto3dseg`` mode on the same weights (the checkpoints
+- **reference** (optional): the MONAI/PyTorch pipeline in ``whole-image-nearest`` mode on the same weights (the checkpoints
   behind the bundle), loaded once, ``reference_repeats`` runs per case; Dice per class against the runtime's
   output.
 
@@ -190,7 +190,7 @@ def _jsonable(value: Any) -> Any:
 
 def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "synthetic", reference: bool = True,
                   out_dir: str | Path = "bench-out", repeats: int = 3, device: str = "auto", *,
-                  cold: int = 1, reference_repeats: int = 1, reference_mode: str = "auto3dseg",
+                  cold: int = 1, reference_repeats: int = 1, reference_mode: str = "whole-image-nearest",
                   reference_cases: int | None = None, reference_folds: int | None = None,
                   checkpoints: str | Path | None = None, cache_dir: str | Path | None = None,
                   quiet: bool = False, command: str | None = None, runs_log: str | Path | None = None

@@ -10,11 +10,13 @@ Two modes, both on the PyTorch networks of the checkpoint folder behind a bundle
     ``flare.runtime.ops.geometry``, so the two implementations check each other. Left/right splitting and
     post-processing are the shared numpy functions of ``flare.runtime``.
 
-``auto3dseg``
-    What a MONAI user would run with Auto3DSeg-like settings: ``Orientationd("RAS")`` + ``Spacingd`` of the whole
-    image to the bundle spacing (no locator crop), ``ScaleIntensityRanged``, sliding window with overlap 0.625 and
-    Gaussian blending, AMP on CUDA, the folds' softmax averaged, argmax, left/right split and post-processing on
-    the resampled grid, then ``Invertd`` (nearest) back to the input grid.
+``whole-image-nearest`` (alias ``auto3dseg``, its old name)
+    A plain MONAI pipeline with Auto3DSeg-like inference settings: ``Orientationd("RAS")`` + ``Spacingd`` of the
+    whole image to the bundle spacing (no locator crop), ``ScaleIntensityRanged``, sliding window with overlap 0.625
+    and Gaussian blending, AMP on CUDA, the folds' softmax averaged, argmax, left/right split and post-processing
+    on the resampled grid, then ``Invertd`` of the **label map** with nearest-neighbour interpolation back to the
+    input grid. It is not what Auto3DSeg itself does at the end (Auto3DSeg inverts the probabilities, then takes
+    the argmax in the input grid), hence the name; ``auto3dseg`` is still accepted and means this mode.
 
 The public entry points are :func:`load_reference` (networks once) and :class:`ReferencePipeline.segment`; each
 stage is its own function so the benchmark can time them and tests can check them one by one.
@@ -35,9 +37,12 @@ from flare.runtime.foundation.errors import BundleError, InputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-Mode = Literal["mirror", "auto3dseg"]
-MODES: tuple[str, ...] = ("mirror", "auto3dseg")
-AUTO3DSEG_OVERLAP = 0.625
+Mode = Literal["mirror", "whole-image-nearest", "auto3dseg"]
+WHOLE_IMAGE_NEAREST = "whole-image-nearest"
+#: old mode names -> the mode they mean
+MODE_ALIASES: dict[str, str] = {"auto3dseg": WHOLE_IMAGE_NEAREST}
+MODES: tuple[str, ...] = ("mirror", WHOLE_IMAGE_NEAREST, *MODE_ALIASES)
+AUTO3DSEG_OVERLAP = 0.625  # Auto3DSeg's SegResNet inference overlap
 Z_MARGIN_MM = 10.0
 ORGAN_MERGED = tuple(range(1, 12))  # merged classes 1..11 = the organs (tumor is the last merged class)
 
@@ -272,8 +277,8 @@ def infer_mirror(vol: Any, models: ReferenceModels, bundle: Bundle, overlap: flo
     return torch.argmax(acc, dim=0).to(torch.uint8).numpy()
 
 
-def infer_auto3dseg(vol: Any, models: ReferenceModels, bundle: Bundle) -> np.ndarray:
-    """Auto3DSeg-like: every fold on the whole volume, overlap 0.625, Gaussian, AMP on CUDA; softmax averaged."""
+def infer_whole_image(vol: Any, models: ReferenceModels, bundle: Bundle) -> np.ndarray:
+    """Every fold on the whole volume, overlap 0.625, Gaussian, AMP on CUDA; softmax averaged."""
     import torch
 
     x = vol.as_tensor()[None].float()
@@ -318,8 +323,8 @@ def restore(labels: np.ndarray, crop_shape: tuple[int, ...], box: tuple[tuple[in
     return out
 
 
-# ------------------------------------------------------------------------------------------- auto3dseg stages
-def auto3dseg_preprocess(path: str | Path, bundle: Bundle) -> tuple[dict[str, Any], Any]:
+# ------------------------------------------------------------------------------- whole-image-nearest stages
+def whole_image_preprocess(path: str | Path, bundle: Bundle) -> tuple[dict[str, Any], Any]:
     """Dictionary transforms: load, channel first, RAS, ``Spacingd`` (bilinear) to the bundle spacing, HU window."""
     from monai.transforms import Compose, LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd
 
@@ -336,7 +341,7 @@ def auto3dseg_preprocess(path: str | Path, bundle: Bundle) -> tuple[dict[str, An
     return pre({"image": str(path)}), pre
 
 
-def auto3dseg_invert(labels: np.ndarray, data: dict[str, Any], pre: Any) -> np.ndarray:
+def invert_labels_nearest(labels: np.ndarray, data: dict[str, Any], pre: Any) -> np.ndarray:
     """``Invertd`` (nearest) of the label map back through Spacing and Orientation to the input grid."""
     import torch
     from monai.data import MetaTensor
@@ -352,7 +357,7 @@ def auto3dseg_invert(labels: np.ndarray, data: dict[str, Any], pre: Any) -> np.n
 
 # -------------------------------------------------------------------------------------------- the pipeline
 class ReferencePipeline:
-    """Networks loaded once; :meth:`segment` runs one case in ``mirror`` or ``auto3dseg`` mode."""
+    """Networks loaded once; :meth:`segment` runs one case in ``mirror`` or ``whole-image-nearest`` mode."""
 
     def __init__(self, bundle: str | Path | Bundle, checkpoints: str | Path | None = None, device: str = "cpu",
                  mode: str = "mirror", overlap: float | None = None, blend: str | None = None,
@@ -360,7 +365,7 @@ class ReferencePipeline:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.mode = mode
+        self.mode = MODE_ALIASES.get(mode, mode)
         self.overlap = self.bundle.overlap if overlap is None else float(overlap)
         # like the runtime: any overlap blends with Gaussian weights
         self.blend = blend or ("gaussian" if self.overlap > 0 else self.bundle.blend)
@@ -378,8 +383,8 @@ class ReferencePipeline:
             return self._segment(path)
 
     def _segment(self, path: str | Path) -> ReferenceResult:
-        if self.mode == "auto3dseg":
-            return self._segment_auto3dseg(path)
+        if self.mode == WHOLE_IMAGE_NEAREST:
+            return self._segment_whole_image(path)
         stages: dict[str, float] = {}
         t = time.perf_counter()
         canon = read_canonical(path)
@@ -402,20 +407,20 @@ class ReferencePipeline:
         report = self._report(path, canon.original_shape, stages, {"lo": list(box[0]), "hi": list(box[1])})
         return ReferenceResult(out, canon.original_affine, report)
 
-    def _segment_auto3dseg(self, path: str | Path) -> ReferenceResult:
+    def _segment_whole_image(self, path: str | Path) -> ReferenceResult:
         stages: dict[str, float] = {}
         t = time.perf_counter()
-        data, pre = auto3dseg_preprocess(path, self.bundle)
+        data, pre = whole_image_preprocess(path, self.bundle)
         stages["read_resample"] = _lap(t)
         vol = data["image"]
         t = time.perf_counter()
-        merged = infer_auto3dseg(vol, self.models, self.bundle)
+        merged = infer_whole_image(vol, self.models, self.bundle)
         stages["infer"] = _lap(t)
         t = time.perf_counter()
         labels = postprocess_labels(merged, np.asarray(vol.affine, dtype=np.float64), self.bundle)
         stages["postprocess"] = _lap(t)
         t = time.perf_counter()
-        out = auto3dseg_invert(labels, data, pre)
+        out = invert_labels_nearest(labels, data, pre)
         stages["restore"] = _lap(t)
         affine = np.asarray(data["image"].meta.get("original_affine", vol.affine), dtype=np.float64)
         report = self._report(path, tuple(out.shape), stages, None)
@@ -423,8 +428,8 @@ class ReferencePipeline:
 
     def _report(self, path: str | Path, shape: tuple[int, ...], stages: dict[str, float],
                 crop: dict[str, list[int]] | None) -> dict[str, Any]:
-        overlap = AUTO3DSEG_OVERLAP if self.mode == "auto3dseg" else self.overlap
-        blend = "gaussian" if self.mode == "auto3dseg" else self.blend
+        overlap = AUTO3DSEG_OVERLAP if self.mode == WHOLE_IMAGE_NEAREST else self.overlap
+        blend = "gaussian" if self.mode == WHOLE_IMAGE_NEAREST else self.blend
         return {"input": {"path": str(path), "shape": list(shape)}, "crop": crop, "mode": self.mode,
                 "backend": f"monai-torch-{self.models.device}", "folds": len(self.models.folds),
                 "overlap": overlap, "blend": blend, "load_s": self.load_s, "stages": stages,

@@ -126,7 +126,7 @@ def _fit(role: str, datalist: Path, config: str, fold: int, stage: int | None, o
     trainer = Trainer(cfg, out, RunLog(out / "train.log", quiet=quiet, enabled=d.main), d, resume=resume)
     if role == "locator":
         return train_locator(trainer, full_cases(entries))
-    train, val = fold_sets(entries, fold, stage or 1)
+    train, val = fold_sets(entries, fold, stage or 1, 5, int(cfg["train"].get("seed", 0)))
     return trainer("fold", train, val, out / ("stage1" if stage == 1 else "") / f"fold{fold}", fold=fold,
                    stage=stage, init=init)
 

@@ -41,7 +41,7 @@ def load_config(name_or_path: str | Path | dict[str, Any], overrides: dict[str, 
         source: str | Path = "<dict>"
     else:
         source = Path(name_or_path)
-        if not source.suffix and not source.exists():
+        if not source.suffix and not source.is_file():  # a folder of that name in the cwd is no config
             source = CONFIG_DIR / f"{name_or_path}.json"
         if not source.is_file():
             raise InputError(name_or_path, f"no such config (named configs: {', '.join(available_configs())})")

@@ -2,13 +2,14 @@
 
 Preprocessing (deterministic, cached per case): LoadImage -> channel first -> Orientation RAS -> resample to
 ``spacing_mm`` (MONAI Resize, trilinear / nearest-exact, the runtime's grid) -> ``hu_window`` -> 0..1, clipped,
-in place -> labels to the 13
-merged classes (or the binary organ union for the locator) -> crop centres per class, at most
-``data.max_samples_per_class`` of them (MONAI ``ClassesToIndicesd(max_samples_per_class=...)``: evenly spaced over
-the class's voxels; without the cap the background alone needs 8 bytes per voxel of the volume).
-Augmentation per step: pad to the roi -> crops centred on each present class with equal probability -> rotation in
-the axial plane and scaling (``augment.scale_axes``: ``"xy"`` as the paper, ``"xyz"`` the old behaviour) -> flips
--> histogram shift -> contrast.
+in place -> crop centres per class of the **15 FLARE ids** (background, 13 organs, tumour; the binary organ union
+for the locator), at most ``data.max_samples_per_class`` of them (MONAI ``ClassesToIndicesd(max_samples_per_class=
+...)``: evenly spaced over the class's voxels; without the cap the background alone needs 8 bytes per voxel).
+Augmentation per step: pad to the roi -> crops centred on each present class with equal probability (the paper's
+"equal probability from one of the 15 regions": each kidney and each adrenal gland is its own region, so they get
+the weight of one class each, not half of a merged one) -> rotation in the axial plane and scaling
+(``augment.scale_axes``: ``"xy"`` as the paper, ``"xyz"`` the old behaviour) -> flips -> histogram shift ->
+contrast -> labels to the 13 merged training classes (left/right merged).
 
 ``data.cache`` chooses where the preprocessed cases live (measured in ``train/results/RESULTS.md``):
 
@@ -38,6 +39,7 @@ from monai.transforms import MapTransform  # this module is only imported by tor
 ORGAN_UNION_LUT = np.array([0] + [1] * 13 + [0], dtype=np.uint8)
 IDENTITY_LUT = np.arange(L.NUM_FLARE_IDS, dtype=np.uint8)
 CACHE_MODES = ("disk", "memory", "none")
+LABEL_SPACES = ("flare", "merged")
 DATA_DEFAULTS: dict[str, Any] = {"cache": "disk", "cache_dir": None, "cache_rate": 1.0,
                                  "max_samples_per_class": 10000, "prep_workers": 2}
 
@@ -50,14 +52,20 @@ def data_config(eff: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def num_classes(eff: dict[str, Any]) -> int:
-    return 2 if eff.get("labels") == "organ-union" else L.NUM_MERGED_CLASSES
-
-
 def _label_lut(eff: dict[str, Any], label_space: str) -> np.ndarray:
+    """Label map applied in preprocessing: the organ union for the locator; for the folds FLARE ids as they are
+    (``"flare"``: validation, and training, whose crop centres are drawn over the 15 FLARE classes before
+    :func:`augment_transform` merges left and right) or the 13 merged classes (``"merged"``)."""
     if eff.get("labels") == "organ-union":
         return ORGAN_UNION_LUT
-    return L.FLARE_TO_MERGED if label_space == "train" else IDENTITY_LUT
+    if label_space not in LABEL_SPACES:
+        raise ValueError(f"label_space must be one of {LABEL_SPACES}, not {label_space!r}")
+    return L.FLARE_TO_MERGED if label_space == "merged" else IDENTITY_LUT
+
+
+def sampling_classes(eff: dict[str, Any]) -> int:
+    """Classes the crop centres are drawn over: 2 for the locator, the 15 FLARE ids (0..14) for the folds."""
+    return 2 if eff.get("labels") == "organ-union" else L.NUM_FLARE_IDS
 
 
 def _map_labels(lut: np.ndarray):
@@ -113,7 +121,7 @@ class ResampleToSpacingd(MapTransform):
         return d
 
 
-def preprocess_transform(eff: dict[str, Any], *, with_label: bool = True, label_space: str = "train",
+def preprocess_transform(eff: dict[str, Any], *, with_label: bool = True, label_space: str = "flare",
                          indices: bool = True):
     """Deterministic part: load, RAS, spacing, HU window, label mapping and (capped) crop centres per class."""
     from monai import transforms as T
@@ -132,7 +140,7 @@ def preprocess_transform(eff: dict[str, Any], *, with_label: bool = True, label_
     if with_label:
         steps.append(T.Lambdad(keys="label", func=_map_labels(_label_lut(eff, label_space))))
         if indices:
-            steps.append(T.ClassesToIndicesd(keys="label", num_classes=num_classes(eff),
+            steps.append(T.ClassesToIndicesd(keys="label", num_classes=sampling_classes(eff),
                                              indices_postfix="_cls_indices",
                                              max_samples_per_class=int(data_config(eff)["max_samples_per_class"])))
     return T.Compose(steps)
@@ -152,7 +160,7 @@ def augment_transform(eff: dict[str, Any]):
         raise InputError("config", f"augment.scale_axes must be 'xy' or 'xyz', not {axes!r}")
     return T.Compose([
         T.SpatialPadd(keys=keys, spatial_size=roi),
-        T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=roi, num_classes=num_classes(eff),
+        T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=roi, num_classes=sampling_classes(eff),
                                   num_samples=int(eff["train"].get("num_crops", 1)),
                                   indices_key="label_cls_indices", warn=False),
         T.RandAffined(keys=keys, prob=float(aug["prob_affine"]), rotate_range=(0.0, 0.0, rot),
@@ -165,6 +173,8 @@ def augment_transform(eff: dict[str, Any]):
         T.RandAdjustContrastd(keys="image", prob=float(aug["contrast_prob"]), gamma=tuple(aug["gamma"])),
         T.DeleteItemsd(keys=["label_cls_indices", "affine"]),
         T.EnsureTyped(keys=keys, track_meta=False),
+        *([] if eff.get("labels") == "organ-union" else
+          [T.Lambdad(keys="label", func=_map_labels(L.FLARE_TO_MERGED))]),  # FLARE ids -> 13 merged classes
     ])
 
 
@@ -184,7 +194,7 @@ def _slim(entries: list[dict[str, Any]], label_key: str | None) -> list[dict[str
 def cache_folder(eff: dict[str, Any], root: str | Path, kind: str) -> Path:
     """``root/<kind>-<hash of the preprocessing settings>``: a new folder whenever the preprocessing changes."""
     key = {"spacing_mm": eff["spacing_mm"], "hu_window": eff["hu_window"], "labels": eff.get("labels"),
-           "kind": kind, "max_samples_per_class": data_config(eff)["max_samples_per_class"], "version": 1}
+           "kind": kind, "max_samples_per_class": data_config(eff)["max_samples_per_class"], "version": 2}
     return Path(root) / f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
@@ -243,7 +253,7 @@ def warm_cache(ds: Any, indices: list[int], workers: int = 2, progress: Any = No
 
 
 def preprocess(entries: list[dict[str, Any]], eff: dict[str, Any], *, label_key: str = "label",
-               label_space: str = "train") -> list[dict[str, Any]]:
+               label_space: str = "merged") -> list[dict[str, Any]]:
     """Preprocess whole cases into memory (tests and small experiments; training streams instead)."""
     ds = eval_dataset(entries, {**eff, "data": {**data_config(eff), "cache": "none"}}, None, label_key, label_space)
     return [ds[i] for i in range(len(ds))]

@@ -82,6 +82,16 @@ def folds_of(entries: list[dict[str, Any]], fold: int) -> tuple[list[dict[str, A
     return train, val
 
 
+def draw_folds(entries: list[dict[str, Any]], folds: int, seed: int) -> list[dict[str, Any]]:
+    """Copies of ``entries`` dealt into ``folds`` folds after a permutation seeded by ``seed`` (a split drawn
+    independently of the datalist's ``fold``)."""
+    order = np.random.default_rng(seed).permutation(len(entries))
+    out = [dict(e) for e in entries]
+    for rank, idx in enumerate(order):
+        out[int(idx)]["fold"] = int(rank % folds)
+    return out
+
+
 def assign_folds(entries: list[dict[str, Any]], folds: int) -> list[dict[str, Any]]:
     """Keep the datalist's folds; entries without one get ``index % folds``."""
     return [e if "fold" in e else {**e, "fold": i % folds} for i, e in enumerate(entries)]

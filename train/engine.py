@@ -132,20 +132,56 @@ def _probabilities_(logits: Any) -> Any:
     return logits.div_(logits.sum(0, keepdim=True))
 
 
+#: host memory for one z-slab of one network's logits in :func:`segment` (``validation.slab_mb`` overrides)
+SLAB_MB = 512.0
+
+
+def z_slabs(shape: tuple[int, ...], channels: int, roi_z: int, slab_mb: float = SLAB_MB) -> list[tuple[int, int, int, int]]:
+    """Split the z axis of a (X, Y, Z) volume into slabs whose logits (``channels`` float32, plus half a roi of
+    context on each side) fit in ``slab_mb``: ``(z0, z1, c0, c1)`` = kept part and predicted part (with context).
+    One slab (the whole volume) when it fits."""
+    x, y, z = (int(v) for v in shape[-3:])
+    per_slice = max(1, channels * x * y * 4)
+    margin = roi_z // 2
+    fit = int(slab_mb * 2**20 // per_slice)
+    if fit >= z:
+        return [(0, z, 0, z)]
+    keep = max(roi_z, (fit - 2 * margin) // roi_z * roi_z)
+    out = []
+    for z0 in range(0, z, keep):
+        z1 = min(z, z0 + keep)
+        out.append((z0, z1, max(0, z0 - margin), min(z, z1 + margin)))
+    return out
+
+
 def segment(nets: list[Any], image: Any, eff: dict[str, Any], device: Any) -> np.ndarray:
-    """Ensemble prediction (mean softmax or mean sigmoid) -> class map (X, Y, Z) uint8. One volume-sized
-    accumulator at a time (a single network's argmax needs no softmax)."""
-    acc = None
-    for net in nets:
-        logits = predict_logits(net, image, eff, device)[0]
-        if len(nets) > 1 or logits.shape[0] == 1:
-            logits = _probabilities_(logits)
-        acc = logits if acc is None else acc.add_(logits)
-        del logits
-    assert acc is not None
-    if acc.shape[0] == 1:
-        return (acc[0] > (0.5 * len(nets) if len(nets) > 1 else 0.5)).numpy().astype(np.uint8)
-    return acc.argmax(0).numpy().astype(np.uint8)
+    """Ensemble prediction (mean softmax or mean sigmoid) -> class map (X, Y, Z) uint8.
+
+    Streams along z: each slab (:func:`z_slabs`, half a roi of context on each side, dropped after prediction) is
+    predicted by every network, accumulated and turned into labels before the next, so host memory depends on the
+    slab, not on the case's length (a 314x314x876 case at 1.5 mm held 4.5 GB of logits per network before). A
+    single network's argmax needs no softmax."""
+    import torch
+
+    img = torch.as_tensor(image)
+    channels = int(eff["network"]["out_channels"])
+    slab_mb = float(eff.get("validation", {}).get("slab_mb", SLAB_MB))
+    out = np.empty(tuple(img.shape[-3:]), np.uint8)
+    for z0, z1, c0, c1 in z_slabs(tuple(img.shape), channels, int(eff["roi"][2]), slab_mb):
+        acc = None
+        for net in nets:
+            logits = predict_logits(net, img[..., c0:c1], eff, device)[0][..., z0 - c0:z1 - c0]
+            if len(nets) > 1 or logits.shape[0] == 1:
+                logits = _probabilities_(logits.contiguous())
+            acc = logits if acc is None else acc.add_(logits)
+            del logits
+        assert acc is not None
+        if acc.shape[0] == 1:
+            out[..., z0:z1] = (acc[0] > (0.5 * len(nets) if len(nets) > 1 else 0.5)).numpy()
+        else:
+            out[..., z0:z1] = acc.argmax(0).numpy()
+        del acc
+    return out
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> dict[int, float]:
@@ -339,6 +375,8 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     metrics = Metrics(Path(tensorboard) if tensorboard and d.main and tr.get("tensorboard", True) else None, log)
     t0 = log.elapsed()
     val_every = int(tr.get("val_every", 1))
+    stage2 = cfg.get("stage2", {}) if (role == "fold" and stage == 2) else {}
+    snapshots = {int(e) for e in stage2.get("snapshot_epochs", tr.get("snapshot_epochs")) or []}
     for epoch in range(start, epochs):
         losses.append(train_steps(model, batches, loss_fn, opt, sched, scaler, d.device, steps, amp))
         scalars = {"train/loss": losses[-1], "train/lr": float(sched.get_last_lr()[0])}
@@ -362,6 +400,9 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
             save_checkpoint(out_folder, unwrap(model), ck_cfg, epoch=epoch, best_metric=best, filename="last.pt",
                             extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "best_epoch": best_epoch, "losses": losses})
+            if epoch + 1 in snapshots:  # weights for a learning curve: OUT/foldK/snapshots/stepNNNNN/model.pt
+                save_checkpoint(out_folder / "snapshots" / f"step{(epoch + 1) * steps:06d}", unwrap(model), ck_cfg,
+                                epoch=epoch)
             metrics.scalars(scalars, (epoch + 1) * steps)
             log(msg)
         barrier(d)

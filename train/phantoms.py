@@ -120,13 +120,30 @@ class Shape:
     bbox: tuple[np.ndarray, np.ndarray]
 
 
-def ellipsoid(center: Any, radii: Any) -> Shape:
+def rotation(yaw_deg: float = 0.0, pitch_deg: float = 0.0) -> np.ndarray:
+    """Rotation by ``pitch_deg`` about x (tilt towards head/feet), then ``yaw_deg`` about z (in the axial plane)."""
+    a, b = np.radians(yaw_deg), np.radians(pitch_deg)
+    rz = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    rx = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(b), -np.sin(b)], [0.0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+def ellipsoid(center: Any, radii: Any, rot: np.ndarray | None = None) -> Shape:
+    """Ellipsoid with semi-axes ``radii`` along the columns of ``rot`` (axis-aligned without it)."""
     c, r = np.asarray(center, float), np.asarray(radii, float)
+    if rot is None:
+        def inside(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+            return ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1.0
 
-    def inside(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        return ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1.0
+        return Shape(inside, (c - r, c + r))
+    m = np.asarray(rot, float).T / r[:, None]  # world offset -> unit-sphere coordinates
 
-    return Shape(inside, (c - r, c + r))
+    def inside_rot(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        d = (x - c[0], y - c[1], z - c[2])
+        return sum((m[i, 0] * d[0] + m[i, 1] * d[1] + m[i, 2] * d[2]) ** 2 for i in range(3)) <= 1.0
+
+    half = np.sqrt(((np.asarray(rot, float) * r[None, :]) ** 2).sum(1))  # bounding box of the rotated ellipsoid
+    return Shape(inside_rot, (c - half, c + half))
 
 
 def capsule(p0: Any, p1: Any, radius: float) -> Shape:
@@ -179,49 +196,66 @@ def _body_outline(can: Canvas, a: float, b: float, shrink: float, hu: float, lab
 
 
 def _organs(can: Canvas, rng: np.random.Generator, s: float, b: float, c: float) -> dict[str, Any]:
-    """Paint the 13 FLARE organs; returns their centres for tumour placement."""
+    """Paint the 13 FLARE organs; returns their centres for tumour placement.
 
-    def j(v: tuple[float, float, float], sd: float = 8.0) -> np.ndarray:
-        return np.asarray(v) * s + rng.normal(0.0, sd, 3)
+    Each case varies the organs' size (±20 % per axis), position (a shared shift of the viscera along z of up to
+    ±25 mm, as the diaphragm's height varies, plus ~12 mm per organ), orientation (solid organs and kidneys turned
+    up to ~25° in the axial plane and tilted) and the liver's second lobe, so that no template fits every case."""
+    shift = np.array([0.0, 0.0, rng.uniform(-25.0, 25.0)])
+
+    def j(v: tuple[float, float, float], sd: float = 12.0) -> np.ndarray:
+        return np.asarray(v) * s + shift + rng.normal(0.0, sd, 3)
 
     def r(v: tuple[float, float, float]) -> np.ndarray:
-        return np.asarray(v) * s * rng.uniform(0.85, 1.15, 3)
+        return np.asarray(v) * s * rng.uniform(0.8, 1.2, 3)
+
+    def turn(yaw: float, pitch: float = 0.0) -> np.ndarray:
+        return rotation(rng.uniform(-yaw, yaw), rng.uniform(-pitch, pitch))
 
     spine_y = -b + 45.0 * s
     ctr: dict[str, Any] = {}
     liver_c, liver_r = j((55.0, 5.0, 95.0)), r((75.0, 85.0, 75.0))
-    can.paint(ellipsoid(liver_c, liver_r), 60.0 + 50.0 * c, L.LIVER)
-    can.paint(ellipsoid(liver_c + np.array([-50.0, 25.0, 10.0]) * s, liver_r * [0.6, 0.6, 0.5]), 60.0 + 50.0 * c, L.LIVER)
+    liver_hu = 60.0 + 50.0 * c
+    can.paint(ellipsoid(liver_c, liver_r, turn(15.0, 8.0)), liver_hu, L.LIVER)
+    lobe = np.array([rng.uniform(-65.0, -35.0), rng.uniform(10.0, 40.0), rng.uniform(0.0, 20.0)]) * s
+    can.paint(ellipsoid(liver_c + lobe, liver_r * rng.uniform(0.45, 0.7, 3), turn(30.0)), liver_hu, L.LIVER)
     ctr["liver"] = (liver_c, liver_r)
-    gb_c = liver_c + np.array([10.0, 45.0, -45.0]) * s
-    can.paint(ellipsoid(gb_c, r((15.0, 15.0, 30.0))), 10.0, L.GALLBLADDER)
+    gb_c = liver_c + np.array([10.0, 45.0, -45.0]) * s + rng.normal(0.0, 6.0, 3)
+    can.paint(ellipsoid(gb_c, r((15.0, 15.0, 30.0)), turn(30.0, 20.0)), 10.0, L.GALLBLADDER)
     spleen_c, spleen_r = j((-85.0, -30.0, 85.0)), r((25.0, 45.0, 50.0))
-    can.paint(ellipsoid(spleen_c, spleen_r), 50.0 + 70.0 * c, L.SPLEEN)
+    can.paint(ellipsoid(spleen_c, spleen_r, turn(25.0, 15.0)), 50.0 + 70.0 * c, L.SPLEEN)
     ctr["spleen"] = (spleen_c, spleen_r)
     for side, lid, z in ((1.0, L.RIGHT_KIDNEY, 10.0), (-1.0, L.LEFT_KIDNEY, 25.0)):
-        kc, kr = j((side * 60.0, -b / s + 95.0, z), 5.0), r((28.0, 25.0, 50.0))
-        can.paint(ellipsoid(kc, kr), 40.0 + 150.0 * c, lid)  # cortex
-        can.paint(ellipsoid(kc - [side * 6.0, 0, 0], kr * 0.55), 35.0 + 80.0 * c, lid)  # medulla / pelvis
+        kc, kr = j((side * 60.0, -b / s + 95.0, z), 7.0), r((28.0, 25.0, 50.0))
+        rot = rotation(side * rng.uniform(0.0, 25.0), rng.uniform(-15.0, 15.0))
+        can.paint(ellipsoid(kc, kr, rot), 40.0 + 150.0 * c, lid)  # cortex
+        can.paint(ellipsoid(kc - [side * 6.0, 0, 0], kr * 0.55, rot), 35.0 + 80.0 * c, lid)  # medulla / pelvis
         ctr["kidney_r" if side > 0 else "kidney_l"] = (kc, kr)
     for side, lid, z in ((1.0, L.RIGHT_ADRENAL, 75.0), (-1.0, L.LEFT_ADRENAL, 68.0)):
-        can.paint(ellipsoid(j((side * 38.0, -b / s + 100.0, z), 3.0), r((8.0, 5.0, 16.0))), 30.0 + 30.0 * c, lid)
-    ax, ivx = -12.0 * s + rng.normal(0, 3), 22.0 * s + rng.normal(0, 3)
+        can.paint(ellipsoid(j((side * 38.0, -b / s + 100.0, z), 4.0), r((8.0, 5.0, 16.0)), turn(30.0, 15.0)),
+                  30.0 + 30.0 * c, lid)
+    ax, ivx = -12.0 * s + rng.normal(0, 4), 22.0 * s + rng.normal(0, 4)
     vy = spine_y + 35.0 * s
-    can.paint(capsule((ax, vy, -110.0), (ax, vy, 260.0), 11.0 * s), 40.0 + 220.0 * c, L.AORTA)
-    can.paint(capsule((ivx, vy + 3.0, -110.0), (ivx, vy + 3.0, 130.0), 11.0 * s), 40.0 + 110.0 * c, L.IVC)
-    can.paint(capsule((ax + 4.0, vy + 12.0, 120.0), (ax + 4.0, vy + 2.0, 330.0), 8.0 * s), 40.0, L.ESOPHAGUS)
-    p0, p1 = j((30.0, 0.0, 30.0), 5.0), j((-75.0, -15.0, 50.0), 5.0)
-    pr = 12.0 * s * rng.uniform(0.85, 1.15)
+    bend = rng.normal(0.0, 6.0, 2)  # vessels are not straight lines
+    can.paint(capsule((ax + bend[0], vy, -110.0), (ax, vy, 60.0), 11.0 * s), 40.0 + 220.0 * c, L.AORTA)
+    can.paint(capsule((ax, vy, 60.0), (ax - bend[1], vy + bend[1], 260.0), 11.0 * s), 40.0 + 220.0 * c, L.AORTA)
+    can.paint(capsule((ivx + bend[1], vy + 3.0, -110.0), (ivx, vy + 3.0, 130.0), 11.0 * s * rng.uniform(0.8, 1.2)),
+              40.0 + 110.0 * c, L.IVC)
+    can.paint(capsule((ax + 4.0, vy + 12.0, 120.0), (ax + 4.0 + rng.normal(0, 5), vy + 2.0, 330.0), 8.0 * s), 40.0,
+              L.ESOPHAGUS)
+    p0, p1 = j((30.0, 0.0, 30.0), 7.0), j((-75.0, -15.0, 50.0), 7.0)
+    pr = 12.0 * s * rng.uniform(0.8, 1.2)
     can.paint(capsule(p0, p1, pr), 40.0 + 60.0 * c, L.PANCREAS)
     ctr["pancreas"] = ((p0 + p1) / 2, np.array([abs(p1[0] - p0[0]) / 2, pr, pr]))
-    d = [p0 + np.array([18.0, 15.0, 25.0]) * s, p0 + np.array([25.0, 10.0, -15.0]) * s,
-         p0 + np.array([-20.0, 0.0, -30.0]) * s]
+    d = [p0 + np.array([18.0, 15.0, 25.0]) * s, p0 + np.array([25.0, 10.0, -15.0]) * s + rng.normal(0, 5, 3),
+         p0 + np.array([-20.0, 0.0, -30.0]) * s + rng.normal(0, 5, 3)]
     for q0, q1 in itertools.pairwise(d):
         can.paint(capsule(q0, q1, 10.0 * s), 30.0 + 40.0 * c, L.DUODENUM)
-    st_c, st_r = j((-50.0, 25.0, 110.0)), r((45.0, 35.0, 45.0))
-    can.paint(ellipsoid(st_c, st_r), 40.0 + 40.0 * c, L.STOMACH)  # wall
-    can.paint(ellipsoid(st_c, st_r - 5.0 * s), 15.0, L.STOMACH)  # content
-    can.paint(ellipsoid(st_c + [0, 0, st_r[2] * 0.6], st_r * [0.6, 0.6, 0.35]), -900.0, L.STOMACH)  # gas cap
+    st_c, st_r, st_rot = j((-50.0, 25.0, 110.0)), r((45.0, 35.0, 45.0)), turn(20.0, 15.0)
+    can.paint(ellipsoid(st_c, st_r, st_rot), 40.0 + 40.0 * c, L.STOMACH)  # wall
+    can.paint(ellipsoid(st_c, st_r - 5.0 * s, st_rot), 15.0, L.STOMACH)  # content
+    can.paint(ellipsoid(st_c + [0, 0, st_r[2] * 0.6], st_r * [0.6, 0.6, 0.35]), -900.0, L.STOMACH,
+              only_label=L.STOMACH)  # gas cap
     ctr["stomach"] = (st_c, st_r)
     ctr["aorta_x"] = ax
     return ctr
@@ -284,10 +318,16 @@ def _tumors(can: Canvas, rng: np.random.Generator, ctr: dict[str, Any], b: float
     return out
 
 
-def _grid(rng: np.random.Generator, size: int, a: float, b: float) -> tuple[Grid, str]:
+def _grid(rng: np.random.Generator, size: int, a: float, b: float, extent: str | None = None) -> tuple[Grid, str]:
     factor = 512.0 / size
     sxy = float(rng.uniform(0.6, 1.0))
-    name, _, (z0, z1) = EXTENTS[int(rng.choice(len(EXTENTS), p=[e[1] for e in EXTENTS]))]
+    pick = int(rng.choice(len(EXTENTS), p=[e[1] for e in EXTENTS]))
+    if extent is not None:
+        names = [e[0] for e in EXTENTS]
+        if extent not in names:
+            raise ValueError(f"extent must be one of {names}, not {extent!r}")
+        pick = names.index(extent)
+    name, _, (z0, z1) = EXTENTS[pick]
     z0, z1 = z0 + rng.uniform(-30, 30), z1 + rng.uniform(-30, 30)
     thickness = float(rng.choice(SLICE_THICKNESS_MM))
     if z1 - z0 > 600.0:  # long scans are reconstructed thicker, as in practice
@@ -310,8 +350,10 @@ def _texture(shape: tuple[int, ...], rng: np.random.Generator, amplitude: float)
                         grid_mode=True, mode="nearest")
 
 
-def make_case(index: int, seed: int = 0, size: int = 512, subset: str | None = None) -> Case:
-    """Generate phantom ``index`` of the series ``seed`` (RAS arrays; deterministic)."""
+def make_case(index: int, seed: int = 0, size: int = 512, subset: str | None = None,
+              extent: str | None = None) -> Case:
+    """Generate phantom ``index`` of the series ``seed`` (RAS arrays; deterministic); ``extent`` forces the scan's
+    z extent (a name of :data:`EXTENTS`) instead of drawing it."""
     from scipy import ndimage
 
     rng = np.random.default_rng([int(seed), int(index)])
@@ -322,7 +364,7 @@ def make_case(index: int, seed: int = 0, size: int = 512, subset: str | None = N
     site = SITES[subset]
     s = float(rng.uniform(0.85, 1.05))
     a, b = 150.0 * s, 110.0 * s * rng.uniform(0.9, 1.1)
-    grid, extent = _grid(rng, size, a, b)
+    grid, extent = _grid(rng, size, a, b, extent)
     fov = grid.spacing[0] * grid.shape[0]
     if 2.0 * a + 20.0 > fov:  # keep the body inside the field of view
         shrink = (fov - 20.0) / (2.0 * a)
@@ -390,22 +432,24 @@ def write_case(case: Case, out_dir: Path, name: str, orientation: str) -> dict[s
 
 
 def make_phantoms(out_dir: str | Path, cases: int, seed: int = 0, *, size: int = 512, holdout: int | None = None,
-                  folds: int = 5, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                  folds: int = 5, progress: Callable[[int], None] | None = None,
+                  long_every: int = 0) -> dict[str, Any]:
     """Write ``cases`` phantoms and ``dataset.json`` under ``out_dir``; returns the datalist.
 
-    The last ``holdout`` cases (default ``max(1, cases // 10)``) go to ``testing`` and never into a fold; the others
-    get folds ``0..folds-1`` round-robin within each label subset.
+    The last ``holdout`` cases (default ``max(1, cases // 10)``; ``holdout == cases``: a test set, no training
+    case) go to ``testing`` and never into a fold; the others get folds ``0..folds-1`` round-robin within each
+    label subset. ``long_every = n > 0`` makes every n-th case (0, n, 2n, ...) a head-to-thigh scan: organ-like
+    tissue far from the abdomen (heart, head, thighs) is where a network's remote false positives appear.
     """
     out = Path(out_dir)
     for sub in ("imagesTr", "labelsTr", "labelsFull"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    n_hold = max(1, cases // 10) if holdout is None else int(holdout)
-    n_hold = min(n_hold, max(0, cases - 1))
+    n_hold = min(max(1, cases // 10), cases - 1) if holdout is None else min(int(holdout), cases)
     training: list[dict[str, Any]] = []
     testing: list[dict[str, Any]] = []
     per_subset: dict[str, int] = {}
     for i in range(cases):
-        case = make_case(i, seed, size)
+        case = make_case(i, seed, size, extent="head-to-thigh" if long_every and i % long_every == 0 else None)
         orientation = ORIENTATIONS[int(np.random.default_rng([seed, i, 7]).integers(len(ORIENTATIONS)))]
         entry = write_case(case, out, f"phantom_{i:04d}", orientation)
         entry["params"] = case.params

@@ -30,7 +30,16 @@ from flare.runtime.foundation.atomic import write_text_atomic
 from flare.runtime.foundation.errors import InputError
 
 from .config import load_config, role_config
-from .datalist import assign_folds, folds_of, fully_labelled, given_ids, load_datalist, relative_to, write_datalist
+from .datalist import (
+    assign_folds,
+    draw_folds,
+    folds_of,
+    fully_labelled,
+    given_ids,
+    load_datalist,
+    relative_to,
+    write_datalist,
+)
 from .distributed import Dist, barrier, setup
 from .runlog import RunLog
 
@@ -51,14 +60,23 @@ def full_cases(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in entries if fully_labelled(given_ids(e))]
 
 
-def fold_sets(entries: list[dict[str, Any]], fold: int, stage: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training, validation) of a fold. Stage 1 trains and validates on the fully labelled cases; stage 2 trains on
-    every case (pseudo-labelled) and validates on all of the fold's cases, fully and partially labelled, against
-    the labels they came with."""
-    full = full_cases(entries)
+#: offset of the stage-1 split's seed from ``train.seed``
+STAGE1_SPLIT_SEED = 1
+
+
+def fold_sets(entries: list[dict[str, Any]], fold: int, stage: int, folds: int = 5,
+              seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training, validation) of a fold. The paper draws two independent splits: stage 1 trains and validates on
+    the fully labelled cases dealt into ``folds`` by a permutation seeded with ``seed + STAGE1_SPLIT_SEED``; stage 2
+    uses the datalist's folds (``fold % folds``) over every case (pseudo-labelled) and validates on all of the
+    fold's cases, fully and partially labelled, against the labels they came with. ``folds == 1``: one model trained
+    on every case, no validation."""
+    cases = full_cases(entries) if stage == 1 else entries
+    if folds == 1:
+        return list(cases), []
     if stage == 1:
-        return folds_of(full, fold)
-    return folds_of(entries, fold)
+        return folds_of(draw_folds(cases, folds, seed + STAGE1_SPLIT_SEED), fold)
+    return folds_of([{**e, "fold": int(e["fold"]) % folds} for e in cases], fold)
 
 
 def load_nets(folders: list[Path], device: Any) -> list[Any]:
@@ -94,8 +112,8 @@ class Trainer:
 
 
 def train_locator(trainer: Trainer, full: list[dict[str, Any]]) -> dict[str, Any]:
-    """Binary organ-union locator on the fully labelled cases (fold 0 validates)."""
-    train, val = folds_of(full, 0)
+    """Binary organ-union locator on the fully labelled cases (fold 0 of the stage-1 split validates)."""
+    train, val = fold_sets(full, 0, 1, seed=int(trainer.cfg["train"].get("seed", 0)))
     return trainer("locator", train or full, val, trainer.out / "locator")
 
 
@@ -104,7 +122,7 @@ def train_folds(trainer: Trainer, entries: list[dict[str, Any]], stage: int, fol
     """Train folds 0..folds-1 of ``stage`` (stage 1 -> OUT/stage1/foldK, stage 2 -> OUT/foldK)."""
     results = []
     for k in range(folds):
-        train, val = fold_sets(entries, k, stage)
+        train, val = fold_sets(entries, k, stage, folds, int(trainer.cfg["train"].get("seed", 0)))
         folder = trainer.out / ("stage1" if stage == 1 else "") / f"fold{k}"
         res = trainer("fold", train, val, folder, fold=k, stage=stage, init=init_dirs[k] if init_dirs else None,
                       cfg=cfg)

@@ -44,7 +44,7 @@ def test_report_files_and_numbers(small_run: tuple[dict, Path]) -> None:
     if not report["environment"]["gpu"]["available"]:
         assert case["flare"]["gpu_ok"] is None and cold["gpu_device_peak_mb"]["median"] is None
     md = (out / "report.md").read_text()
-    assert "ts_abdomen_ct_3mm.nii.gz" in md and "MONAI/PyTorch reference (auto3dseg)" in md
+    assert "ts_abdomen_ct_3mm.nii.gz" in md and "MONAI/PyTorch reference (whole-image-nearest)" in md
     assert "versions:" in md and "CPU:" in md
     if not report["environment"]["gpu"]["available"]:
         assert "n/a" in md

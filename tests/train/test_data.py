@@ -70,3 +70,20 @@ def test_workers_draw_different_crops_and_seed_reproduces(entries: list[dict], t
     one = _first_images(ds, eff, seed=5, n=1, workers=0)
     assert torch.equal(one[0], _first_images(ds, eff, seed=5, n=1, workers=0)[0])
     assert not torch.equal(one[0], _first_images(ds, eff, seed=6, n=1, workers=0)[0])
+
+
+def test_crop_centres_drawn_over_the_15_flare_classes(entries: list[dict], tmp_path: Path) -> None:
+    """The paper's "equal probability from one of the 15 regions": each kidney and adrenal gland is a region of its
+    own (the cache keeps FLARE ids and 15 index lists), and training crops come out in the 13 merged classes."""
+    from flare.runtime.foundation import labels as L
+
+    eff = role_config(load_config("tiny", SMALL), "fold")
+    ds = train_dataset(entries, eff, tmp_path / "cache")
+    crops = [c for i in range(len(ds)) for c in ds[i]]
+    cached = torch.load(next((tmp_path / "cache").rglob("*.pt")), weights_only=False)
+    assert len(cached["label_cls_indices"]) == L.NUM_FLARE_IDS
+    ids = set(torch.unique(cached["label"]).tolist())
+    assert {L.RIGHT_KIDNEY, L.LEFT_KIDNEY} <= ids  # FLARE ids in the cache, not merged classes
+    assert all(len(cached["label_cls_indices"][c]) > 0 for c in ids)
+    merged = set().union(*(torch.unique(c["label"]).tolist() for c in crops))
+    assert max(merged) < L.NUM_MERGED_CLASSES and L.LEFT_KIDNEY not in merged

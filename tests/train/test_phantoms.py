@@ -85,3 +85,28 @@ def test_analysis_table(phantom_dir: Path) -> None:
         if entry["subset"] in ("tumor", "unlabelled"):
             assert not case["fully_labelled"] and set(case["ids"]) <= {L.TUMOR}
     assert res["n_fully_labelled"] == sum(c["fully_labelled"] for c in res["cases"]) > 0
+
+
+def test_forced_extent_test_set_and_varied_anatomy(tmp_path: Path) -> None:
+    from flare.train.phantoms import ellipsoid, rotation
+
+    # a test set: every case held out, every 2nd a head-to-thigh scan
+    doc = make_phantoms(tmp_path, 4, seed=9, size=32, holdout=4, long_every=2)
+    assert not doc["training"] and len(doc["testing"]) == 4
+    assert [e["params"]["extent"] == "head-to-thigh" for e in doc["testing"]] == [True, False, True, False]
+    # organ positions and sizes vary from case to case: no template fits all
+    centres = []
+    for i in range(4):
+        lab = make_case(i, seed=9, size=64, subset="all").label_full
+        centres.append([np.argwhere(lab == c).mean(0) if (lab == c).any() else np.zeros(3)
+                        for c in (L.LIVER, L.SPLEEN, L.RIGHT_KIDNEY)])
+    assert np.std(np.asarray(centres), axis=0).max() > 1.0
+    # a rotated ellipsoid keeps its volume and its bounding box holds it
+    grid = np.mgrid[-40:41, -40:41, -40:41].astype(float)
+    plain = ellipsoid((0, 0, 0), (30, 10, 20))
+    turned = ellipsoid((0, 0, 0), (30, 10, 20), rotation(40.0, 25.0))
+    v0, v1 = plain.inside(*grid), turned.inside(*grid)
+    assert abs(int(v1.sum()) - int(v0.sum())) < 0.02 * v0.sum() and not np.array_equal(v0, v1)
+    lo, hi = turned.bbox
+    pts = np.stack([g[v1] for g in grid], 1)
+    assert np.all(pts >= lo - 1e-6) and np.all(pts <= hi + 1e-6)

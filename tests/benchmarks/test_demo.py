@@ -1,0 +1,38 @@
+"""flare-demo's closing table: the headline over every held-out case and a per-class table, short."""
+
+from __future__ import annotations
+
+import pytest
+from flare.benchmarks.demo import summary_lines
+from flare.runtime.foundation import labels as L
+from flare.train.proof import summarise
+
+
+def test_summary_is_short_and_has_the_headline() -> None:
+    per_case = [{c: 0.5 for c in range(1, L.NUM_FLARE_IDS)} for _ in range(12)]
+    summary = {"out": "demo-out", "seconds": {"total": 540.0},
+               "results": {"heldout": {"summary": summarise(per_case)}, "load_before": [3.0, 2.0, 1.0],
+                           "real_ct": {"organ_mean_dice": 0.1}, "bench_report": "demo-out/bench/report.md",
+                           "default_bundle": "~/.cache/flare/bundle"}}
+    lines = summary_lines(summary)
+    assert len(lines) <= 15 and all(len(line) <= 120 for line in lines)
+    assert "12 cases" in lines[0] and "13-organ mean Dice 0.5" in lines[0]
+    body = "\n".join(lines)
+    assert all(L.name_of(c) in body for c in range(1, L.NUM_FLARE_IDS))
+    assert "demo-out/demo.json" in body and "load average at start 3.0" in body
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_scores_every_heldout_case(tmp_path) -> None:
+    from flare.benchmarks.demo import run_demo
+    from flare.train.config import load_config
+
+    cfg = load_config("demo", {"spacing_mm": [8.0, 8.0, 8.0],
+                               "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
+                               "train": {"epochs": 1, "steps_per_epoch": 2}, "stage2": {"epochs": 1},
+                               "locator": {"train": {"epochs": 1, "steps_per_epoch": 2}}})
+    summary = run_demo(tmp_path, cases=10, test_cases=2, bench=False, install=False, config=cfg, size=48)
+    held = summary["results"]["heldout"]
+    assert held["summary"]["cases"] == 2 and len(held["per_case"]) == 2
+    assert len(list((tmp_path / "heldout_seg").glob("*.nii.gz"))) == 2
+    assert (tmp_path / "demo.json").is_file() and (tmp_path / "bundle" / "bundle.json").is_file()
