@@ -13,6 +13,7 @@ with strict integers, after size and nesting-depth limits)::
       "tiling": {"roi": [224, 224, 224], "overlap": 0.0, "blend": "constant", "locator_roi": [128, 128, 128]},
       "postprocess": {"mode": "paper", "min_tumor_voxels": 100, "largest_component": [1, 2, 3, 4, 5, 13],
                       "z_pass": true},
+      "profile": "cpu",                       # optional: "gpu" (default, the flare23 recipe) or "cpu" (docs/cpu.md)
       "provenance": {"monai": "...", "torch": "...", "onnx": "...", "config_sha256": "...", ...},
       "verification": {...}                   # optional, written by flare-export
     }
@@ -21,7 +22,7 @@ with strict integers, after size and nesting-depth limits)::
              "spatial_divisor": 16, "opset": 17,
              "files": {"fp32": {"path": "fold0.fp32.onnx", "sha256": "...", "input_name": "image",
                                 "output_name": "logits", "input_dtype": "float32", "output_dtype": "float32"},
-                       "fp16": {...}}}
+                       "fp16": {...}, "int8": {...}}}   # int8: static QDQ, float32 I/O (CPU)
 
 ``postprocess.mode`` is the default rule set of ``flare-run`` (``paper`` or ``strict``, see
 :mod:`flare.runtime.postprocessing`); bundles written before it existed get ``paper``. ``largest_component`` lists the
@@ -48,7 +49,8 @@ from .postprocessing import DEFAULT_MODE, check_mode
 
 FORMAT = "flare-bundle"
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+PROFILES = ("gpu", "cpu")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Bundle:
     z_pass: bool
     postprocess_mode: str = DEFAULT_MODE
     provenance: dict[str, Any] = field(default_factory=dict)
+    profile: str = "gpu"  # "cpu": a CPU recipe (bundles without the key are the GPU recipe)
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -288,6 +291,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         z_pass=post.get("z_pass", True),
         postprocess_mode=_postprocess_mode(post, bundle_json),
         provenance=dict(raw.get("provenance", {})),
+        profile=raw.get("profile", "gpu"),
     )
     _check_cross_fields(b, bundle_json)
     return b
@@ -316,7 +320,7 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
                     roi: tuple[int, int, int] = (224, 224, 224),
                     locator_roi: tuple[int, int, int] = (128, 128, 128),
                     overlap: float = 0.0, blend: str = "constant",
-                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                    provenance: dict[str, Any] | None = None, profile: str | None = None) -> dict[str, Any]:
     """The bundle.json document with the defaults of DESIGN.md; flare-export and tests write bundles with it."""
     from .labels import LARGEST_COMPONENT_IDS, registry_snapshot
 
@@ -332,6 +336,7 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
         "postprocess": {"mode": DEFAULT_MODE, "min_tumor_voxels": 100, "largest_component": list(LARGEST_COMPONENT_IDS),
                         "z_pass": True},
         "provenance": provenance or {},
+        **({"profile": profile} if profile else {}),
     }
 
 

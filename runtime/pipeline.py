@@ -294,7 +294,7 @@ class Segmenter:
                       "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
                       "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
             "backend": {"device": self.device, "engine": self.engines[0].backend,
-                        "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
+                        "precision": self.engines[0].precision, "profile": self.bundle.profile, "load_s": round(self.load_s, 4),
                         "load": dict(self.load)},
             "folds": ens.folds,
             "postprocess": {"mode": self.postprocess_mode},

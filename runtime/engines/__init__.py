@@ -12,7 +12,7 @@ first use (:func:`flare.runtime.device.lazy_import`).
 
 from __future__ import annotations
 
-from ..bundle import ModelSpec
+from ..bundle import PRECISIONS, ModelSpec
 from ..device import Device, resolve_device
 from .base import Engine, EngineError
 from .ort_cpu import OrtEngine
@@ -21,8 +21,11 @@ __all__ = ["Engine", "EngineError", "OrtEngine", "create_engine", "default_preci
 
 
 def default_precision(spec: ModelSpec, device: str) -> str:
-    """fp16 on CUDA when the bundle has it, else fp32 (ONNX Runtime's CPU kernels are fp32)."""
-    return "fp16" if device == "cuda" and "fp16" in spec.files else "fp32"
+    """fp16 on CUDA when the bundle has it; int8 on the CPU when the bundle has it (static QDQ models, verified
+    against fp32 at export: ONNX Runtime's integer kernels); else fp32."""
+    if device == "cuda":
+        return "fp16" if "fp16" in spec.files else "fp32"
+    return "int8" if "int8" in spec.files else "fp32"
 
 
 def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str | None = None,
@@ -33,8 +36,11 @@ def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str 
     ``algo_search`` is cuDNN's convolution algorithm search (HEURISTIC, EXHAUSTIVE or DEFAULT); both are CUDA-only."""
     name = device.name if isinstance(device, Device) else resolve_device(device).name
     precision = precision or default_precision(spec, name)
-    if precision not in ("fp32", "fp16"):
-        raise EngineError(None, f"unknown precision {precision!r} (use fp32 or fp16)")
+    if precision not in PRECISIONS:
+        raise EngineError(None, f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if precision == "int8" and (name != "cpu" or "int8" not in spec.files):
+        raise EngineError(spec.file_for("fp32").path, "int8 models run on the CPU only (--device cpu)" if name != "cpu"
+                          else f"the bundle has no int8 model of {spec.name} (export with flare-export --int8)")
     if name == "cuda":
         from .ort_cuda import CudaOrtEngine
 
