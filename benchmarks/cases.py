@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime.atomic import atomic_path
-from flare.runtime.errors import InputError
+from flare.runtime.foundation.atomic import atomic_path
+from flare.runtime.foundation.errors import InputError
 
 AIR_HU = -1024
 CASES_VERSION = 1

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from flare.runtime.cli import Device, Precision
-from flare.runtime.errors import FlareError
+from flare.runtime.app.cli import Device, Precision
+from flare.runtime.foundation.errors import FlareError
 
 from .reference import MODES
 
@@ -64,8 +64,8 @@ def bench(
     concurrency: Annotated[int, typer.Option(min=1, help="With --server: requests in flight at once.")] = 4,
 ) -> None:
     """Run the benchmark and write OUTPUT/report.md, OUTPUT/report.json and OUTPUT/memory_*.png."""
-    from flare.runtime.bundle import default_bundle_dir
-    from flare.runtime.errors import OutputError
+    from flare.runtime.bundle.manifest import default_bundle_dir
+    from flare.runtime.foundation.errors import OutputError
 
     from .cases import resolve_cases
     from .harness import run_benchmark

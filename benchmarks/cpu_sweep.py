@@ -53,9 +53,9 @@ def build_models(specs: list[str], folder: Path) -> dict[str, dict[str, Path]]:
 
 
 def session(path: Path, threads: int) -> Any:
-    """A session as the runtime's CPU engine makes it (:func:`flare.runtime.engines.ort_cpu.cpu_session_options`)."""
+    """A session as the runtime's CPU engine makes it (:func:`flare.runtime.inference.engines.ort_cpu.cpu_session_options`)."""
     import onnxruntime as ort
-    from flare.runtime.engines.ort_cpu import cpu_session_options
+    from flare.runtime.inference.engines.ort_cpu import cpu_session_options
 
     return ort.InferenceSession(str(path), cpu_session_options(threads), providers=["CPUExecutionProvider"])
 

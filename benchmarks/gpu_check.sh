@@ -14,7 +14,7 @@
 #   budget   warm runs at --gpu-mem-budget 2000 vs the default 4000, a fresh process each: time, NVML peak,
 #            tiles chosen, arena limit (the "peak <= budget at <= 1.5x the default time")
 #   sweep    engine memory per tile size, one FRESH process per (precision, side): fixed + bytes/voxel rows
-#   tests    pytest tests/test_gpu_runtime.py (gpu-marked tests: engines, device ensemble, real OOM -> CPU)
+#   tests    pytest tests/runtime/inference/test_gpu_runtime.py (gpu-marked tests: engines, device ensemble, real OOM -> CPU)
 #   monai    the MONAI reference on ONE case, one fold (flare-bench --reference): the speed ratio
 #
 # Carried into .gpu/ (ignored by git): ort/onnxruntime_gpu.part.NN (stash calls), whl/*.whl (monai, nibabel,
@@ -111,7 +111,7 @@ from pathlib import Path
 import torch  # noqa: F401  (before onnxruntime)
 from flare.benchmarks.cases import SYNTHETIC, build_case
 from flare.export.bundle_export import export_bundle
-from flare.runtime.bundle import write_bundle_json
+from flare.runtime.bundle.manifest import write_bundle_json
 from flare.train.checkpoints import save_checkpoint
 from flare.train.networks import FLARE23_NETWORK, LOCATOR_NETWORK, build_network
 
@@ -169,7 +169,7 @@ budget() {
 import json, sys
 import torch  # noqa: F401  (before onnxruntime)
 from flare.runtime import Segmenter
-from flare.runtime.io import read_image
+from flare.runtime.image.nifti import read_image
 
 seg = Segmenter(sys.argv[1], device=sys.argv[4], gpu_mem_budget=float(sys.argv[3]))
 img = read_image(sys.argv[2])
@@ -192,9 +192,9 @@ sweep() {
 import json, sys, time
 import torch  # noqa: F401  (before onnxruntime)
 import cupy
-from flare.runtime.bundle import load_bundle
-from flare.runtime.device import device_memory_used_mb
-from flare.runtime.engines.ort_cuda import CudaOrtEngine
+from flare.runtime.bundle.manifest import load_bundle
+from flare.runtime.inference.device import device_memory_used_mb
+from flare.runtime.inference.engines.ort_cuda import CudaOrtEngine
 
 spec, precision, side = load_bundle(sys.argv[1]).folds[0], sys.argv[2], int(sys.argv[3])
 before = device_memory_used_mb()
@@ -216,7 +216,7 @@ EOF
 
 run_tests() {
   environment
-  "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_runtime.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+  "$PY" -m pytest -q -rs -p no:cacheprovider tests/runtime/inference/test_gpu_runtime.py 2>&1 | tee "$OUT/pytest_gpu.txt"
 }
 
 monai() {

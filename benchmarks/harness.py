@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime.bundle import Bundle, load_bundle
-from flare.runtime.errors import FlareError, InputError
+from flare.runtime.bundle.manifest import Bundle, load_bundle
+from flare.runtime.foundation.errors import FlareError, InputError
 
 from .cases import resolve_cases
 from .environment import environment
@@ -61,9 +61,9 @@ class Run:
 
 
 def flare_run_command() -> list[str]:
-    """``flare-run`` when installed as a console script, else ``python -m flare.runtime.cli``."""
+    """``flare-run`` when installed as a console script, else ``python -m flare.runtime.app.cli``."""
     exe = shutil.which("flare-run")
-    return [exe] if exe else [sys.executable, "-m", "flare.runtime.cli"]
+    return [exe] if exe else [sys.executable, "-m", "flare.runtime.app.cli"]
 
 
 def cold_run(case: Path, bundle: Path, device: str, work: Path, precision: str | None = None,
@@ -282,7 +282,7 @@ def _cold_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
 def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
                 keep: dict[str, dict[str, MemoryTrace]], step: Progress, variants: list[str | None],
                 folds: int | None) -> dict[str, np.ndarray]:
-    from flare.runtime.pipeline import Segmenter
+    from flare.runtime.pipeline.segmenter import Segmenter
 
     segs = {v: Segmenter(b, device=device, precision=v, folds=folds) for v in variants}
     labels: dict[str | None, dict[str, np.ndarray]] = {v: {} for v in variants}
@@ -309,7 +309,7 @@ def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
 
 
 def _runtime_device(device: str) -> str:
-    from flare.runtime.device import resolve_device
+    from flare.runtime.inference.device import resolve_device
 
     return resolve_device(device).name
 
@@ -317,7 +317,7 @@ def _runtime_device(device: str) -> str:
 def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, results: list[dict[str, Any]],
                       step: Progress) -> dict[str, np.ndarray]:
     """One warm runtime run per case with only the first ``folds`` folds: the reference's counterpart."""
-    from flare.runtime.pipeline import Segmenter
+    from flare.runtime.pipeline.segmenter import Segmenter
 
     seg = Segmenter(b, device=device, folds=folds)
     labels: dict[str, np.ndarray] = {}

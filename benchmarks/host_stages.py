@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 from flare.benchmarks.cases import shared_data_dir
-from flare.runtime.atomic import write_text_atomic
+from flare.runtime.foundation.atomic import write_text_atomic
 
 SOURCE_CT = shared_data_dir() / "ts_body_ct_3mm_int32.nii.gz"
 CASE_SPACING = (0.75, 0.75, 1.25)
@@ -63,8 +63,8 @@ def machine_info() -> dict[str, Any]:
 def build_case(source: Path, folder: Path) -> Path:
     """Write the FLARE-size int16 test case (see the module docstring) and return its path."""
     import nibabel as nib
-    from flare.runtime.io import read_image, to_canonical
-    from flare.runtime.resample import output_shape, resample_linear
+    from flare.runtime.image.nifti import read_image, to_canonical
+    from flare.runtime.ops.resample import output_shape, resample_linear
 
     data, affine, _ = to_canonical(read_image(source))
     src_spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
@@ -121,8 +121,8 @@ def _without_isal() -> contextlib.AbstractContextManager[None]:
 def run(repeats: int = 3, peers: bool = True, quiet: bool = False, source: Path = SOURCE_CT) -> dict[str, Any]:
     """Build the case, time every stage and return the result document."""
     import nibabel as nib
-    from flare.runtime.io import read_image, to_canonical, write_labels
-    from flare.runtime.resample import normalise_hu, output_shape, resample_linear, resample_nearest
+    from flare.runtime.image.nifti import read_image, to_canonical, write_labels
+    from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear, resample_nearest
 
     console = None
     if not quiet:
@@ -192,7 +192,7 @@ def run(repeats: int = 3, peers: bool = True, quiet: bool = False, source: Path 
 
 
 def _resample_threads() -> int:
-    from flare.runtime.resample import MAX_THREADS
+    from flare.runtime.ops.resample import MAX_THREADS
 
     return MAX_THREADS
 

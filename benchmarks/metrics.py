@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flare.runtime.labels import NUM_FLARE_IDS
+from flare.runtime.foundation.labels import NUM_FLARE_IDS
 
 
 def spread(values: Sequence[float | None]) -> dict[str, Any]:

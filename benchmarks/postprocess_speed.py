@@ -49,7 +49,7 @@ def _nearest(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def build_maps(source: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """The ``clean``, ``outliers`` and ``noisy`` label maps (uint8, :data:`SHAPE`)."""
     import nibabel as nib
-    from flare.runtime.labels import TUMOR, Z_RUN_IDS
+    from flare.runtime.foundation.labels import TUMOR, Z_RUN_IDS
 
     data = np.asarray(nib.load(source).dataobj).astype(np.uint8)  # type: ignore[attr-defined]
     inner = (data.shape[0] * 3, data.shape[1] * 3, INNER_Z)
@@ -75,9 +75,9 @@ def build_maps(source: Path, seed: int = 0) -> dict[str, np.ndarray]:
 
 def run(source: Path, repeats: int = 5) -> dict[str, Any]:
     from flare.benchmarks.host_stages import machine_info
-    from flare.runtime.labels import merge_left_right, merged_to_flare
-    from flare.runtime.lr_split import split_left_right
-    from flare.runtime.postprocessing import MODES, postprocess
+    from flare.runtime.foundation.labels import merge_left_right, merged_to_flare
+    from flare.runtime.ops.lr_split import split_left_right
+    from flare.runtime.ops.postprocessing import MODES, postprocess
 
     maps = build_maps(source)
     def rules(mode: str) -> Callable[[np.ndarray], np.ndarray]:

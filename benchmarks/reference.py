@@ -3,11 +3,11 @@
 Two modes, both on the PyTorch networks of the checkpoint folder behind a bundle:
 
 ``mirror``
-    Exactly the steps of ``flare.runtime.segment`` (``docs/ARCHITECTURE.md``, "What flare.runtime.segment does"),
+    Exactly the steps of ``flare.runtime.segment`` (``docs/architecture.md``, "What flare.runtime.segment does"),
     built from MONAI/PyTorch components: MONAI ``LoadImage`` + ``Orientation("RAS")``, MONAI ``Resize``
     (trilinear / nearest-exact, ``align_corners=False``), ``ScaleIntensityRange``, ``sliding_window_inference``,
     ``torch.argmax``. Geometry (affines of crops and resampled grids) is tracked by MONAI's ``MetaTensor``, not by
-    ``flare.runtime.geometry``, so the two implementations check each other. Left/right splitting and
+    ``flare.runtime.ops.geometry``, so the two implementations check each other. Left/right splitting and
     post-processing are the shared numpy functions of ``flare.runtime``.
 
 ``auto3dseg``
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from flare.runtime.bundle import Bundle, load_bundle
-from flare.runtime.errors import BundleError, InputError
+from flare.runtime.bundle.manifest import Bundle, load_bundle
+from flare.runtime.foundation.errors import BundleError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -151,7 +151,7 @@ def spacing_of(image: Any) -> tuple[float, float, float]:
 
 # --------------------------------------------------------------------------------------------- helpers
 def _shape_at(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, int, int]:
-    from flare.runtime.resample import output_shape
+    from flare.runtime.ops.resample import output_shape
 
     return tuple(int(v) for v in output_shape(tuple(shape), tuple(spacing), tuple(target)))  # type: ignore[return-value]
 
@@ -255,7 +255,7 @@ def z_range(labels0: np.ndarray, spacing_z: float, margin_mm: float = Z_MARGIN_M
 def infer_mirror(vol: Any, models: ReferenceModels, bundle: Bundle, overlap: float, blend: str) -> np.ndarray:
     """Fold 0 on the whole volume; z-crop rule; the folds' softmax summed; argmax -> merged classes (uint8)."""
     import torch
-    from flare.runtime.labels import MERGED_TUMOR
+    from flare.runtime.foundation.labels import MERGED_TUMOR
 
     x = vol.as_tensor()[None].float()  # (1, 1, X, Y, Z)
     acc = _sliding(x, models.folds[0], bundle.roi, overlap, blend, True, models.device)[0]
@@ -287,9 +287,9 @@ def infer_auto3dseg(vol: Any, models: ReferenceModels, bundle: Bundle) -> np.nda
 def postprocess_labels(merged: np.ndarray, affine_1mm: np.ndarray, bundle: Bundle) -> np.ndarray:
     """Merged classes -> FLARE ids; the runtime's numpy ``split_left_right`` and ``postprocess`` with the bundle's
     rules (``postprocess.mode``, the paper's by default), as ``flare-run`` applies them by default."""
-    from flare.runtime.labels import merged_to_flare
-    from flare.runtime.lr_split import split_left_right
-    from flare.runtime.postprocessing import postprocess
+    from flare.runtime.foundation.labels import merged_to_flare
+    from flare.runtime.ops.lr_split import split_left_right
+    from flare.runtime.ops.postprocessing import postprocess
 
     spacing = tuple(float(v) for v in np.sqrt((np.asarray(affine_1mm)[:3, :3] ** 2).sum(axis=0)))
     labels = split_left_right(merged_to_flare(merged), np.asarray(affine_1mm, dtype=np.float64))

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flare.runtime.atomic import atomic_path, write_text_atomic
-from flare.runtime.labels import LABELS
+from flare.runtime.foundation.atomic import atomic_path, write_text_atomic
+from flare.runtime.foundation.labels import LABELS
 
 from .sampler import MemoryTrace
 

@@ -1,6 +1,6 @@
 """``flare-bench --server``: a small load test of a running ``flare-serve`` (N requests at concurrency C).
 
-Each request sends one case's file bytes through :class:`~flare.runtime.remote.RemoteSegmenter` (Triton HTTP) and
+Each request sends one case's file bytes through :class:`~flare.runtime.serving.client.RemoteSegmenter` (Triton HTTP) and
 waits for the label map; latency is measured per request on the client (send → labels received), throughput is
 successful requests per second of wall time. One untimed warm-up request per case runs first.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime.errors import FlareError
+from flare.runtime.foundation.errors import FlareError
 
 __all__ = ["run_load", "write_load_report"]
 
@@ -41,7 +41,7 @@ def _summary(values: list[float]) -> dict[str, float | None]:
 def run_load(server: str, cases: list[Path], requests: int, concurrency: int, timeout_s: float = 3600.0,
              warmup: bool = True, command: str = "") -> dict[str, Any]:
     """Send ``requests`` requests (cycling through ``cases``) with ``concurrency`` in flight; return the summary."""
-    from flare.runtime.remote import RemoteSegmenter
+    from flare.runtime.serving.client import RemoteSegmenter
 
     from .environment import environment
 
@@ -77,7 +77,7 @@ def run_load(server: str, cases: list[Path], requests: int, concurrency: int, ti
 
 def write_load_report(summary: dict[str, Any], out_dir: Path) -> Path:
     """``out_dir/serve_load.json`` and ``serve_load.md``; returns the Markdown path."""
-    from flare.runtime.atomic import write_text_atomic
+    from flare.runtime.foundation.atomic import write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "serve_load.json", json.dumps(summary, indent=2) + "\n")

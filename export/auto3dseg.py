@@ -25,9 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flare.runtime.bundle import sha256_file
-from flare.runtime.errors import InputError
-from flare.runtime.labels import LEFT_RIGHT_PAIRS, MERGED_TO_FLARE, NUM_FLARE_IDS, NUM_MERGED_CLASSES
+from flare.runtime.bundle.manifest import sha256_file
+from flare.runtime.foundation.errors import InputError
+from flare.runtime.foundation.labels import LEFT_RIGHT_PAIRS, MERGED_TO_FLARE, NUM_FLARE_IDS, NUM_MERGED_CLASSES
 
 from .sources import ExportSources, ModelSource, agreed, check_roi
 

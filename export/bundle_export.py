@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from flare.runtime.bundle import FORMAT, model_entry, new_bundle_json, sha256_file, write_bundle_json
-from flare.runtime.errors import OutputError
+from flare.runtime.bundle.manifest import FORMAT, model_entry, new_bundle_json, sha256_file, write_bundle_json
+from flare.runtime.foundation.errors import OutputError
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, SPATIAL_DIVISOR, export_onnx, optimise_if_helpful
 from .sources import ExportSources, ModelSource, config_hash, flare_sources
@@ -33,7 +33,7 @@ def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, fp16: bool = False,
 
     ``int8`` adds static int8 models calibrated on the ``calibration`` CTs (:mod:`flare.export.quantize`);
     ``profile`` ("gpu" or "cpu") defaults to the training config's ``profile`` key.
-    Returns the bundle folder. Problems raise :class:`flare.runtime.errors.FlareError` subclasses."""
+    Returns the bundle folder. Problems raise :class:`flare.runtime.foundation.errors.FlareError` subclasses."""
     if trt:
         from .trt import import_tensorrt
 

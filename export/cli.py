@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from flare.runtime.errors import FlareError
+from flare.runtime.foundation.errors import FlareError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Export flare-train (or Auto3DSeg segresnet) checkpoints to a verified ONNX bundle.")

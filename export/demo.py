@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from flare.runtime.errors import FlareError
+from flare.runtime.foundation.errors import FlareError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -27,7 +27,7 @@ def _say(msg: str) -> None:
 def install_default_bundle(bundle: Path, target: Path) -> Path:
     """Copy ``bundle`` to ``target`` (the default bundle folder) through a temporary folder and a rename; an
     existing flare bundle there is replaced, anything else is refused."""
-    from flare.runtime.bundle import load_bundle
+    from flare.runtime.bundle.manifest import load_bundle
 
     if target.exists() and not (target / "bundle.json").is_file():
         raise FlareError(target, "exists and is not a flare bundle; not replacing it (set FLARE_BUNDLE elsewhere)")
@@ -47,7 +47,7 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
 
 def _dice_table(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     from flare.benchmarks.metrics import dice_per_class
-    from flare.runtime.labels import name_of
+    from flare.runtime.foundation.labels import name_of
 
     truth_ids = set(np.unique(truth).tolist()) - {0}
     return {name_of(k): round(v, 3) for k, v in dice_per_class(pred, truth).items() if k in truth_ids}
@@ -99,8 +99,8 @@ def run_demo(out: Path, *, cases: int = 40, seed: int = 0, bench: bool = True, i
     from flare.benchmarks.cases import shared_data_dir
     from flare.export import export_bundle
     from flare.runtime import Segmenter
-    from flare.runtime.atomic import write_text_atomic
-    from flare.runtime.bundle import default_bundle_dir
+    from flare.runtime.bundle.manifest import default_bundle_dir
+    from flare.runtime.foundation.atomic import write_text_atomic
     from flare.train.phantoms import make_phantoms
     from flare.train.run import run_all
 

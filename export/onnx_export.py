@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flare.runtime.errors import FlareError
+from flare.runtime.foundation.errors import FlareError
 
 if TYPE_CHECKING:
     import torch

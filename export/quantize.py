@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime.errors import FlareError, InputError
+from flare.runtime.foundation.errors import FlareError, InputError
 
 from .onnx_export import INPUT_NAME, SPATIAL_DIVISOR, ort_session
 
@@ -62,9 +62,9 @@ class TileSet:
 
 def case_volume(path: Path, spacing_mm: Sequence[float], hu_window: tuple[float, float]) -> np.ndarray:
     """A CT on the model's grid, normalised, exactly as the runtime prepares it (whole image, no locator crop)."""
-    from flare.runtime.geometry import spacing_from_affine
-    from flare.runtime.io import read_image, to_canonical
-    from flare.runtime.resample import normalise_hu, output_shape, resample_linear
+    from flare.runtime.ops.geometry import spacing_from_affine
+    from flare.runtime.image.nifti import read_image, to_canonical
+    from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear
 
     img = read_image(path)
     data, affine, _ = to_canonical(img)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flare.runtime.bundle import sha256_file
-from flare.runtime.errors import InputError
-from flare.runtime.labels import NUM_MERGED_CLASSES
+from flare.runtime.bundle.manifest import sha256_file
+from flare.runtime.foundation.errors import InputError
+from flare.runtime.foundation.labels import NUM_MERGED_CLASSES
 
 if TYPE_CHECKING:
     import torch

@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flare.runtime.bundle import sha256_file
-from flare.runtime.errors import FlareError
+from flare.runtime.bundle.manifest import sha256_file
+from flare.runtime.foundation.errors import FlareError
 
 MIN_SIDE = 16  # smallest tile side of the optimisation profile (one spatial divisor)
 
@@ -75,7 +75,7 @@ def _profile(in_channels: int, roi: list[int]) -> dict[str, list[int]]:
 
 def build_engine(onnx_path: Path, folder: Path, key: dict[str, Any], input_name: str, strongly_typed: bool) -> Path:
     """Build, serialise and key one engine (see the module docstring for the precision rules)."""
-    from flare.runtime.atomic import atomic_path, write_text_atomic
+    from flare.runtime.foundation.atomic import atomic_path, write_text_atomic
 
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flare.runtime.errors import FlareError
+from flare.runtime.foundation.errors import FlareError
 
 from .onnx_export import INPUT_NAME, SPATIAL_DIVISOR, ort_session
 

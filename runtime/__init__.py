@@ -5,7 +5,7 @@ Public API (imported lazily so that ``import flare.runtime`` and ``flare-run --h
     from flare.runtime import segment, Segmenter, RemoteSegmenter, split_left_right, postprocess, load_bundle
     from flare.runtime import read_dicom, write_dicom_seg  # DICOM series in, DICOM-SEG out (the dicom extra)
 
-The functions live in small modules (``flare.runtime.postprocessing`` holds ``postprocess``); no module shares a
+The functions live in small modules (``flare.runtime.ops.postprocessing`` holds ``postprocess``); no module shares a
 name with a function exported here, so ``from flare.runtime import postprocess`` always gives the function.
 """
 
@@ -15,18 +15,18 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "segment": "pipeline",
-    "Segmenter": "pipeline",
-    "RemoteSegmenter": "remote",
-    "split_left_right": "lr_split",
-    "postprocess": "postprocessing",
-    "load_bundle": "bundle",
-    "read_image": "io",
-    "write_labels": "io",
-    "read_dicom": "dicom",
-    "find_series": "dicom",
-    "write_dicom_seg": "dicomseg",
-    "FlareError": "errors",
+    "segment": "pipeline.segmenter",
+    "Segmenter": "pipeline.segmenter",
+    "RemoteSegmenter": "serving.client",
+    "split_left_right": "ops.lr_split",
+    "postprocess": "ops.postprocessing",
+    "load_bundle": "bundle.manifest",
+    "read_image": "image.nifti",
+    "write_labels": "image.nifti",
+    "read_dicom": "image.dicom",
+    "find_series": "image.dicom",
+    "write_dicom_seg": "image.dicomseg",
+    "FlareError": "foundation.errors",
 }
 
 __all__ = list(_EXPORTS)

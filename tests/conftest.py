@@ -79,7 +79,7 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
 
 def _export_onnx(ckpt: Path, onnx_path: Path) -> dict:
     import torch
-    from flare.runtime.bundle import sha256_file
+    from flare.runtime.bundle.manifest import sha256_file
     from flare.train.checkpoints import load_network
 
     net, _ = load_network(ckpt)
@@ -94,7 +94,7 @@ def _export_onnx(ckpt: Path, onnx_path: Path) -> dict:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoints: Path, tmp_path_factory) -> Path:
     """A bundle made from ``tiny_checkpoints`` with a plain torch.onnx.export (fp32)."""
-    from flare.runtime.bundle import model_entry, new_bundle_json, write_bundle_json
+    from flare.runtime.bundle.manifest import model_entry, new_bundle_json, write_bundle_json
 
     root = tmp_path_factory.mktemp("tiny_bundle")
     loc = model_entry("locator", {"fp32": _export_onnx(tiny_checkpoints / "locator", root / "locator.fp32.onnx")},
@@ -111,3 +111,11 @@ def tiny_bundle(tiny_checkpoints: Path, tmp_path_factory) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def parity_bundle(tiny_checkpoints: Path, tmp_path_factory) -> Path:
+    """The re-biased bundle of parity_support, built once per session (shared by test_parity and test_bench_report)."""
+    from parity_support import build_parity_bundle
+
+    return build_parity_bundle(tiny_checkpoints, tmp_path_factory.getbasetemp() / "parity")

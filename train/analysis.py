@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flare.runtime import labels as L
-from flare.runtime.atomic import write_text_atomic
+from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.atomic import write_text_atomic
 
 from .datalist import case_name, fully_labelled, given_ids, load_datalist, relative_to
 

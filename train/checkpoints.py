@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flare.runtime.atomic import atomic_path, write_text_atomic
+from flare.runtime.foundation.atomic import atomic_path, write_text_atomic
 
 
 def save_checkpoint(folder: str | Path, net: torch.nn.Module, config: dict[str, Any], *, epoch: int = 0,

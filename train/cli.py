@@ -1,6 +1,6 @@
 """flare-train: build a datalist, analyse it, train the locator and the folds, pseudo-label, or run it all.
 
-User-facing problems (``flare.runtime.errors.FlareError``) print one line to stderr and exit 2. Heavy imports happen
+User-facing problems (``flare.runtime.foundation.errors.FlareError``) print one line to stderr and exit 2. Heavy imports happen
 inside the commands so ``--help`` is instant. Every training command runs under ``torchrun`` for multi-GPU /
 multi-node DistributedDataParallel (``torchrun --standalone --nproc_per_node 8 -m flare.train.cli fit ...``).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from flare.runtime.errors import FlareError
+from flare.runtime.foundation.errors import FlareError
 
 HELP = ("Train the FLARE23 recipe: datalist, analyze, locator, fit (per fold and stage), pseudolabel, or run "
         "(all steps, resumable). Also phantoms: synthetic CTs for trying it out.")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flare.runtime.errors import InputError
+from flare.runtime.foundation.errors import InputError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 REQUIRED = ("name", "network", "spacing_mm", "hu_window", "roi", "train", "augment", "validation", "locator")

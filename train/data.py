@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime import labels as L
-from flare.runtime.errors import InputError
+from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.errors import InputError
 from monai.transforms import MapTransform  # this module is only imported by torch-side code
 
 #: FLARE id -> 1 for the 13 organs, 0 for background and tumour (the locator's organ union)
@@ -92,7 +92,7 @@ def _keep_affine(item: dict[str, Any]) -> dict[str, Any]:
 
 class ResampleToSpacingd(MapTransform):
     """Resample to ``spacing`` mm with MONAI ``Resize`` (trilinear for the image, nearest-exact for a label) in the
-    runtime's align-centres grid convention and output size (``flare.runtime.resample.output_shape``), so training
+    runtime's align-centres grid convention and output size (``flare.runtime.ops.resample.output_shape``), so training
     sees the grid ``flare-run`` builds. ``Spacingd`` would build a float sampling grid of 12-24 bytes per output
     voxel (5.6 GB peak for a 313x313x875 case at 1.5 mm); ``Resize`` needs only the output."""
 
@@ -101,7 +101,7 @@ class ResampleToSpacingd(MapTransform):
         self.spacing = spacing
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        from flare.runtime.resample import output_shape
+        from flare.runtime.ops.resample import output_shape
         from monai.transforms import Resize
 
         d = dict(data)

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime import labels as L
-from flare.runtime.atomic import write_text_atomic
-from flare.runtime.errors import InputError
+from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.atomic import write_text_atomic
+from flare.runtime.foundation.errors import InputError
 
 #: entry keys that hold file paths
 PATH_KEYS = ("image", "label", "label_full", "label_given")

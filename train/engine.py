@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime import labels as L
+from flare.runtime.foundation import labels as L
 
 from .config import checkpoint_config, role_config
 from .distributed import Dist, barrier, gather, unwrap, wrap
@@ -184,7 +184,7 @@ def class_name(eff: dict[str, Any], c: int) -> str:
 def score_case(nets: list[Any], item: dict[str, Any], eff: dict[str, Any], device: Any) -> dict[int, float]:
     """Dice of one preprocessed case whose label is in FLARE ids (organ union for the locator): the merged
     prediction is mapped to FLARE ids and its kidneys/adrenals split into left and right in world coordinates
-    (``flare.runtime.lr_split``) before scoring."""
+    (``flare.runtime.ops.lr_split``) before scoring."""
     pred = segment(nets, item["image"], eff, device)
     truth = np.asarray(item["label"])[0]
     if eff.get("labels") != "organ-union":
@@ -281,7 +281,7 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     import json
 
     import torch
-    from flare.runtime.atomic import write_text_atomic
+    from flare.runtime.foundation.atomic import write_text_atomic
 
     from .checkpoints import load_checkpoint, save_checkpoint
     from .data import data_config, eval_dataset, train_dataset, warm_cache

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime import labels as L
-from flare.runtime.atomic import atomic_path, write_text_atomic
+from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.atomic import atomic_path, write_text_atomic
 
 #: FLARE23-like label subsets: the FLARE ids a case of the subset has labels for
 SUBSETS: dict[str, tuple[int, ...]] = {

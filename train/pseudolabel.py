@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime import labels as L
-from flare.runtime.atomic import atomic_path
+from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.atomic import atomic_path
 
 from .datalist import case_name
 
@@ -32,8 +32,8 @@ def merge_pseudo_labels(given: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
 
 def split_sides(flare: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Relabel merged kidneys (2) / adrenals (7) on the patient's left as left kidney (13) / left adrenal (8), in
-    world coordinates (``flare.runtime.lr_split``, the runtime's rule)."""
-    from flare.runtime.lr_split import split_left_right
+    world coordinates (``flare.runtime.ops.lr_split``, the runtime's rule)."""
+    from flare.runtime.ops.lr_split import split_left_right
 
     return np.asarray(split_left_right(flare, affine), dtype=np.uint8)
 

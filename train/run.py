@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flare.runtime import labels as L
-from flare.runtime.atomic import write_text_atomic
-from flare.runtime.errors import InputError
+from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.atomic import write_text_atomic
+from flare.runtime.foundation.errors import InputError
 
 from .config import load_config, role_config
 from .datalist import assign_folds, folds_of, fully_labelled, given_ids, load_datalist, relative_to, write_datalist

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import data_path
-from flare.runtime.bundle import load_bundle
-from flare.runtime.errors import FlareError
+from flare.runtime.bundle.manifest import load_bundle
+from flare.runtime.foundation.errors import FlareError
 
 CALIBRATION = ("ts_body_ct_3mm_int32.nii.gz", "ts_torso_ct_1p5mm_lps.nii.gz")
 

@@ -4,23 +4,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from cli_support import assert_clean_failure, flare_run
 from conftest import data_path
-
-RUN = [sys.executable, "-m", "flare.runtime.cli"]
-
-
-def flare_run(*args: str | Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLARE_BUNDLE": "/nonexistent-default-bundle"}
-    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +19,7 @@ def int8_bundle(tiny_bundle: Path, tmp_path_factory) -> Path:
     """``tiny_bundle`` plus static int8 models (calibrated on a real CT; random weights, so no accuracy gate here:
     tests/export/test_quantize.py tests the gate) and ``profile: cpu``."""
     from flare.export.quantize import case_tiles, case_volume, quantize_file
-    from flare.runtime.bundle import sha256_file, write_bundle_json
+    from flare.runtime.bundle.manifest import sha256_file, write_bundle_json
 
     root = tmp_path_factory.mktemp("int8_run") / "bundle"
     shutil.copytree(tiny_bundle, root)
@@ -67,14 +58,13 @@ def test_int8_without_int8_models_is_one_line(tiny_bundle: Path, tmp_path: Path)
     out = tmp_path / "seg.nii.gz"
     proc = flare_run(data_path("ts_abdomen_ct_3mm.nii.gz"), "-o", out, "--bundle", tiny_bundle, "--device", "cpu",
                      "--precision", "int8")
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "no int8 model" in lines[0] and "--int8" in lines[0]
+    assert_clean_failure(proc, "fp32.onnx", "no int8 model", "--int8")
     assert not out.exists()
 
 
 def test_default_precision_per_device(int8_bundle: Path, tiny_bundle: Path) -> None:
-    from flare.runtime.bundle import load_bundle
-    from flare.runtime.engines import EngineError, create_engine, default_precision
+    from flare.runtime.bundle.manifest import load_bundle
+    from flare.runtime.inference.engines import EngineError, create_engine, default_precision
 
     with_int8, without = load_bundle(int8_bundle), load_bundle(tiny_bundle)
     assert with_int8.precisions == ("fp32", "int8") and with_int8.profile == "cpu" and without.profile == "gpu"

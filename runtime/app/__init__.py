@@ -1,0 +1,1 @@
+"""flare-run: the CLI, the run plan, the output guard, batch, progress, preview and writing."""

@@ -1,0 +1,117 @@
+"""The console scripts: check that a command's optional dependencies (its pip *extra*) are installed, then run it.
+
+A runtime-only install (``pip install 'flare-seg[cpu]'``) still gets every console script; without this check
+``flare-train`` and friends would die with a long ``ModuleNotFoundError`` traceback, or (``flare-bench``) run for
+minutes and then fail. Each wrapper looks the packages up with :func:`importlib.util.find_spec` (nothing is
+imported), prints ONE line naming the extra to install and exits 2 before any work; ``--version`` always answers.
+This module imports nothing heavy: it must work on the smallest install.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import import_module
+from importlib.util import find_spec
+
+__all__ = ["COMMANDS", "Command", "missing_modules", "need", "version"]
+
+DIST = "flare-seg"
+
+
+@dataclass(frozen=True)
+class Command:
+    target: str  # module whose main() runs the command
+    needs: tuple[tuple[str, str], ...]  # (import name, extra)
+    #: more needs when an argument is given (e.g. flare-bench --reference needs torch)
+    when: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    #: needs dropped when an argument is given (e.g. flare-export --no-verify needs no onnxruntime)
+    unless: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def requirements(self, argv: Sequence[str]) -> list[tuple[str, str]]:
+        reqs = list(self.needs)
+        for flag, more in self.when.items():
+            if flag in argv:
+                reqs += more
+        for flag, dropped in self.unless.items():
+            if flag in argv:
+                reqs = [r for r in reqs if r[0] not in dropped]
+        return reqs
+
+
+_ORT = ("onnxruntime", "cpu")
+_TRAIN = (("torch", "train"), ("monai", "train"))
+_EXPORT = (("torch", "export"), ("monai", "export"), ("onnx", "export"), ("yaml", "export"))
+_CLIENT = ("tritonclient", "serve")
+
+COMMANDS: dict[str, Command] = {
+    "flare-run": Command("flare.runtime.app.cli", (_ORT,), when={"--server": (_CLIENT,)},
+                         unless={"--server": ("onnxruntime",)}),
+    "flare-export": Command("flare.export.cli", (*_EXPORT, _ORT), unless={"--no-verify": ("onnxruntime",)}),
+    "flare-demo": Command("flare.export.demo", (*_TRAIN, *_EXPORT, _ORT)),
+    "flare-train": Command("flare.train.cli", _TRAIN),
+    "flare-bench": Command("flare.benchmarks.cli", (("matplotlib", "bench"), _ORT),
+                           when={"--reference": _TRAIN, "--server": (_CLIENT,)}),
+    "flare-serve": Command("flare.runtime.serving.server", (_ORT, ("pytriton", "serve"), _CLIENT)),
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(DIST)
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
+        return "unknown"
+
+
+def missing_modules(names: Sequence[str]) -> list[str]:
+    """The import names in ``names`` that cannot be found (nothing is imported)."""
+    gone = []
+    for name in names:
+        try:
+            found = find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            gone.append(name)
+    return gone
+
+
+def need(reqs: Sequence[tuple[str, str]]) -> str | None:
+    """``"needs the extra …: pip install …"`` (one line) when some of ``reqs`` cannot be imported, else ``None``."""
+    gone = missing_modules(list(dict.fromkeys(name for name, _ in reqs)))
+    if not gone:
+        return None
+    extras = list(dict.fromkeys(extra for name, extra in reqs if name in gone))
+    spec = ",".join(extras)
+    also = " (or 'gpu' instead of 'cpu' on an NVIDIA GPU)" if "cpu" in extras else ""
+    word = "extra" if len(extras) == 1 else "extras"
+    return (f"needs the {word} {', '.join(repr(e) for e in extras)}{also}, not installed (no module "
+            f"{', '.join(gone)}): pip install '{DIST}[{spec}]' (from a clone: pip install -e '.[{spec}]')")
+
+
+def launch(name: str, argv: Sequence[str] | None = None) -> None:
+    """Run console script ``name``: ``--version``, else the extras check (exit 2), else the command's main()."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in args:
+        print(f"{name} {version()}")
+        raise SystemExit(0)
+    cmd = COMMANDS[name]
+    message = need(cmd.requirements(args))
+    if message is not None:
+        print(f"{name}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    import_module(cmd.target).main()
+
+
+# the console scripts (pyproject.toml [project.scripts]): zero-argument callables, one per command
+flare_run = partial(launch, "flare-run")
+flare_export = partial(launch, "flare-export")
+flare_demo = partial(launch, "flare-demo")
+flare_train = partial(launch, "flare-train")
+flare_bench = partial(launch, "flare-bench")
+flare_serve = partial(launch, "flare-serve")

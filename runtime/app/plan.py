@@ -1,0 +1,385 @@
+"""What ``flare-run`` will do, decided before any work: the cases behind its INPUT arguments and each case's outputs.
+
+An INPUT is a NIfTI file, a single DICOM file, a DICOM series folder, or a folder of cases (NIfTI files and/or DICOM
+series, found recursively; hidden files and folders are skipped). :func:`discover` turns the inputs into
+:class:`Case` objects with unique names; :func:`make_plan` adds the output paths. Every problem is a one-line
+:class:`~flare.runtime.foundation.errors.FlareError` raised before a model is loaded or a file is written.
+
+**File mode** (one INPUT that is one image: a NIfTI file, a ``.dcm`` file or a folder holding exactly one DICOM
+series, or one series picked with ``--series``): ``-o`` and the ``--statistics``/``--preview``/``--report`` values are
+files. **Folder mode** (anything else): they are folders (created), and each case writes ``CASE.nii.gz`` (or
+``CASE.dcm``), ``CASE_stats.json``, ``CASE_preview.png`` and ``CASE_report.json`` there; ``OUT/summary.json`` lists
+every case.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flare.runtime.foundation.errors import InputError, OutputError
+
+if TYPE_CHECKING:
+    from flare.runtime.image.nifti import LoadedImage
+
+__all__ = ["Case", "CaseJob", "OutputFormat", "Plan", "discover", "is_nifti_name", "make_plan"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: DICOM modalities that become cases when a folder is searched (other series, e.g. SEG or SR, are skipped)
+CASE_MODALITIES = ("CT", "")
+
+
+class OutputFormat(str, Enum):
+    """What a label map is written as."""
+
+    nifti = "nifti"
+    dicom_seg = "dicom-seg"
+
+    @property
+    def suffix(self) -> str:
+        return ".dcm" if self is OutputFormat.dicom_seg else ".nii.gz"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image to segment: a NIfTI file, or a DICOM series (a ``.dcm`` file or a folder plus its series UID)."""
+
+    name: str  # unique among the cases of one run; names the outputs in folder mode
+    source: Path
+    kind: str  # "nifti" or "dicom"
+    series_uid: str | None = None
+    description: str = ""
+    rel: str = ""  # path relative to the INPUT it was found in (disambiguates equal names)
+    error: str | None = None  # found broken while searching (a damaged DICOM file): read() raises it
+
+    def read(self) -> LoadedImage:
+        """Read and validate the image (one-line ``InputError`` on any problem)."""
+        if self.error is not None:
+            raise InputError(None, self.error)
+        if self.kind == "dicom":
+            from flare.runtime.image.dicom import read_dicom
+
+            return read_dicom(self.source, self.series_uid)
+        from flare.runtime.image.nifti import read_image
+
+        return read_image(self.source)
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """A case and the files it writes (``None``: not asked for)."""
+
+    case: Case
+    output: Path
+    statistics: Path | None = None
+    preview: Path | None = None
+    report: Path | None = None
+
+    def outputs(self) -> list[Path]:
+        return [p for p in (self.output, self.statistics, self.preview, self.report) if p is not None]
+
+
+@dataclass
+class Plan:
+    jobs: list[CaseJob]
+    folder_mode: bool
+    fmt: OutputFormat
+    out_dir: Path | None = None  # folder mode: where summary.json goes
+    folders: list[Path] = field(default_factory=list)  # folders to create before the first case
+    skipped: list[str] = field(default_factory=list)  # one line per DICOM series not taken as a case
+
+    @property
+    def summary_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "summary.json"
+
+    def create_folders(self) -> None:
+        for folder in self.folders:
+            try:
+                folder.mkdir(exist_ok=True)
+            except OSError as err:
+                raise OutputError(folder, f"cannot create the folder: {err.strerror or err}") from None
+
+
+# ------------------------------------------------------------------------------------------------ discovery
+def is_nifti_name(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES + (".dcm",):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of ``name`` (letters, digits, ``.``, ``_``, ``-``)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "case"
+
+
+def _inside(path: Path, folders: Sequence[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved == f or f in resolved.parents for f in folders)
+
+
+def _nifti_files(folder: Path, exclude: Sequence[Path]) -> Iterator[Path]:
+    """NIfTI files under ``folder``, sorted, skipping hidden entries and the ``exclude`` folders."""
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _inside(here / d, exclude))
+        for name in sorted(files):
+            if not name.startswith(".") and is_nifti_name(Path(name)):
+                yield here / name
+
+
+def _other_files(folder: Path, exclude: Sequence[Path]) -> bool:
+    """Whether ``folder`` holds any visible file that is not NIfTI (a candidate DICOM file)."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _inside(Path(root) / d, exclude)]
+        if any(not f.startswith(".") and not is_nifti_name(Path(f)) for f in files):
+            return True
+    return False
+
+
+def _series_cases(folder: Path, root: Path, exclude: Sequence[Path], skipped: list[str]) -> list[Case]:
+    """The DICOM CT series under ``folder``. A damaged DICOM file makes only the case around it fail: the search
+    is split per subfolder, and the innermost folder that still fails becomes a case that reports the problem."""
+    from flare.runtime.image.dicom import find_series, is_dicom_file
+
+    try:
+        found = [s for s in find_series(folder) if not _inside(s.folder, exclude)]
+    except InputError as err:
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                            and not _inside(p, exclude))
+        loose = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)]
+        cases = [c for sub in subfolders for c in _series_cases(sub, root, exclude, skipped)]
+        if loose:  # the files right here (or a subfolder's) hold the problem
+            cases.insert(0, Case(_safe(_rel_name(folder, root)), folder, "dicom", None, "", _rel(folder, root),
+                                 error=str(err)))
+        return cases
+    taken = [s for s in found if s.modality.upper() in CASE_MODALITIES]
+    skipped.extend(f"{s.folder}: series {s.uid} ({s.modality} {s.description!r}) is not a CT, skipped"
+                   for s in found if s not in taken)
+    per_folder: dict[Path, int] = {}
+    for s in taken:
+        per_folder[s.folder] = per_folder.get(s.folder, 0) + 1
+    cases = []
+    for s in sorted(taken, key=lambda s: (str(s.folder), s.uid)):
+        base = _rel_name(s.folder, root)
+        if per_folder[s.folder] > 1:
+            base = f"{base}_{s.description or s.uid.rsplit('.', 1)[-1]}"
+        cases.append(Case(_safe(base), s.folder, "dicom", s.uid, s.description, _rel(s.folder, root)))
+    return cases
+
+
+def _rel(folder: Path, root: Path) -> str:
+    try:
+        return str(folder.relative_to(root))
+    except ValueError:
+        return folder.name
+
+
+def _rel_name(folder: Path, root: Path) -> str:
+    """A series folder's name; the INPUT folder's own (resolved) name when the series is the INPUT itself."""
+    return folder.resolve().name if folder.resolve() == root.resolve() else folder.name
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    from flare.runtime.image.dicom import is_dicom_file
+
+    return is_dicom_file(path)
+
+
+def _cases_of(path: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[list[Case], bool]:
+    """The cases of one INPUT and whether the INPUT is itself one image (file mode is possible)."""
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if not path.is_dir():
+        if not is_nifti_name(path) and _is_dicom(path):
+            return [Case(_safe(_stem(path)), path, "dicom", None, "", path.name)], True
+        return [Case(_safe(_stem(path)), path, "nifti", None, "", path.name)], True  # read_image judges the rest
+    niftis = [Case(_safe(_stem(p)), p, "nifti", None, "", str(p.relative_to(path))) for p in _nifti_files(path, exclude)]
+    others = _other_files(path, exclude)
+    if not niftis and not others:
+        raise InputError(path, "is a folder without NIfTI files or DICOM series")
+    series: list[Case] = []
+    if others:
+        from flare.runtime.app.entrypoints import need
+
+        message = need([("pydicom", "dicom")])
+        if message is None:
+            series = _series_cases(path, path, exclude, skipped)
+        elif niftis:
+            skipped.append(f"{path}: files other than NIfTI were not searched for DICOM series (reading DICOM "
+                           f"{message})")
+        else:
+            raise InputError(path, f"holds no NIfTI files; reading DICOM {message}")
+    if not niftis and not series:
+        raise InputError(path, "folder holds no NIfTI files (.nii, .nii.gz) or DICOM CT series")
+    one_series = not niftis and len(series) == 1
+    return niftis + series, one_series
+
+
+def _unique_names(cases: list[Case]) -> list[Case]:
+    """Give equal names their relative path, then ``_2``, ``_3`` … in discovery order (case-insensitively)."""
+    counts: dict[str, int] = {}
+    for c in cases:
+        counts[c.name.lower()] = counts.get(c.name.lower(), 0) + 1
+    renamed = [replace(c, name=_safe(c.rel.replace(os.sep, "_").removesuffix(".nii.gz").removesuffix(".nii")
+                                      .removesuffix(".dcm")))
+               if counts[c.name.lower()] > 1 and c.rel not in ("", ".") else c for c in cases]
+    seen: set[str] = set()
+    out = []
+    for c in renamed:
+        name, k = c.name, 1
+        while name.lower() in seen:
+            k += 1
+            name = f"{c.name}_{k}"
+        seen.add(name.lower())
+        out.append(replace(c, name=name))
+    return out
+
+
+def discover(inputs: Sequence[Path], series: str | None = None, exclude: Iterable[Path] = ()
+             ) -> tuple[list[Case], bool, list[str]]:
+    """``(cases, file_mode, skipped)`` for the INPUT arguments; ``series`` keeps only that DICOM series."""
+    if not inputs:
+        raise InputError(None, "no INPUT given")
+    excluded = [p.resolve() for p in exclude]
+    cases: list[Case] = []
+    singles: list[bool] = []
+    skipped: list[str] = []
+    for path in inputs:
+        below = [e for e in excluded if path.resolve() in e.parents]  # outputs inside this input folder
+        found, single = _cases_of(path, below, skipped)
+        cases += found
+        singles.append(single)
+    if series is not None:
+        picked = [c for c in cases if c.kind == "dicom" and (c.series_uid in (None, series))]
+        if not picked:
+            raise InputError(inputs[0] if len(inputs) == 1 else None,
+                             f"no DICOM series {series} among the inputs")
+        cases = [replace(c, series_uid=series) for c in picked]
+    file_mode = len(inputs) == 1 and len(cases) == 1 and (singles[0] or series is not None)
+    return _unique_names(cases), file_mode, skipped
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def default_output(input_path: Path, kind: str = "nifti") -> Path:
+    """``ct.nii.gz`` → ``ct_seg.nii.gz`` beside the input; a DICOM folder ``study/ct``, or a file in it, →
+    ``study/ct_seg.nii.gz`` (beside the series, never inside it)."""
+    if kind == "dicom" and not input_path.is_dir():
+        input_path = input_path.parent
+    base = input_path if input_path.name not in ("", ".", "..") else input_path.resolve()
+    return base.with_name(_stem(base) + "_seg.nii.gz")
+
+
+def _format_of(output: Path) -> OutputFormat:
+    name = output.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return OutputFormat.nifti
+    if name.endswith(".dcm"):
+        return OutputFormat.dicom_seg
+    raise OutputError(output, "output must end in .nii.gz or .nii (NIfTI) or .dcm (DICOM-SEG)")
+
+
+def _check_file_target(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
+    from flare.runtime.foundation.atomic import ensure_writable_folder
+
+    if not path.name.lower().endswith(suffixes):
+        raise OutputError(path, f"{what} must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise OutputError(path, f"{what} is a folder; give a file name ending in {suffixes[0]}")
+    ensure_writable_folder(path)
+
+
+def _check_folder_target(path: Path, what: str) -> bool:
+    """Whether ``path`` must be created; OutputError when it cannot be a folder for the outputs."""
+    from flare.runtime.foundation.atomic import ensure_writable_folder
+
+    if path.exists() and not path.is_dir():
+        raise OutputError(path, f"{what} is a file; several cases need a folder")
+    if path.is_dir():
+        ensure_writable_folder(path / "x")
+        return False
+    ensure_writable_folder(path)  # the parent must exist and be writable
+    return True
+
+
+def _input_files(case: Case) -> list[Path]:
+    if case.source.is_dir():
+        return [p for p in case.source.iterdir() if p.is_file()]
+    return [case.source]
+
+
+def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Sequence[Path] = ()) -> None:
+    """No two outputs are the same file, and no output is an input (:func:`flare.runtime.app.output_guard.check_outputs`:
+    resolved paths and device/inode). Folders are checked (and created) separately."""
+    from flare.runtime.app.output_guard import check_outputs
+
+    outputs: dict[str, Path | None] = {}
+    for job in jobs:
+        prefix = f"{job.case.name} " if len(jobs) > 1 else ""
+        for role, path in (("segmentation", job.output), ("statistics", job.statistics),
+                           ("preview", job.preview), ("report", job.report)):
+            outputs[prefix + role] = path
+    outputs.update({f"summary{'' if i == 0 else i}": p for i, p in enumerate(extra)})
+    check_outputs([p for c in cases for p in _input_files(c)], outputs, writable=False)
+
+
+def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat | None = None,
+              series: str | None = None, statistics: Path | None = None, preview: Path | None = None,
+              report: Path | None = None) -> Plan:
+    """Decide the cases and their output paths, checking every output before any work (one-line errors)."""
+    exclude = [p for p in (output, statistics, preview, report) if p is not None]
+    cases, file_mode, skipped = discover(inputs, series, exclude)
+    if file_mode:
+        case = cases[0]
+        out = output if output is not None else default_output(inputs[0], case.kind)
+        out_fmt = _format_of(out)
+        if fmt is not None and fmt is not out_fmt:
+            raise OutputError(out, f"--format {fmt.value} does not match the output name (use {fmt.suffix})")
+        if out_fmt is OutputFormat.dicom_seg and case.kind != "dicom":
+            raise OutputError(out, f"DICOM-SEG output needs a DICOM input; {case.source} is NIfTI "
+                                   "(write .nii.gz instead)")
+        _check_file_target(out, "output", NIFTI_SUFFIXES + (".dcm",))
+        for path, what, suffixes in ((statistics, "--statistics", (".json",)), (preview, "--preview", (".png",)),
+                                     (report, "--report", (".json",))):
+            if path is not None:
+                _check_file_target(path, what, suffixes)
+        job = CaseJob(case, out, statistics, preview, report)
+        _check_distinct([job], cases)
+        return Plan([job], False, out_fmt, skipped=skipped)
+    if output is None:
+        raise OutputError(None, f"{len(cases)} cases found: give an output folder with -o")
+    for path, what in ((output, "-o"), (statistics, "--statistics"), (preview, "--preview"), (report, "--report")):
+        if path is not None and not path.is_dir() and path.name.lower().endswith(NIFTI_SUFFIXES + (".dcm", ".json",
+                                                                                                 ".png")):
+            raise OutputError(path, f"{len(cases)} cases found: {what} must be a folder, not a file name")
+    fmt = fmt or OutputFormat.nifti
+    if fmt is OutputFormat.dicom_seg:
+        nifti = [c for c in cases if c.kind != "dicom"]
+        if nifti:
+            raise OutputError(output, f"--format dicom-seg needs DICOM inputs; {nifti[0].source} is NIfTI "
+                                      "(use --format nifti)")
+    folders = []
+    for path, what in ((output, "output"), (statistics, "--statistics"), (preview, "--preview"),
+                       (report, "--report")):
+        if path is not None and _check_folder_target(path, f"{what} folder") and path not in folders:
+            folders.append(path)
+    jobs = [CaseJob(c, output / f"{c.name}{fmt.suffix}",
+                    None if statistics is None else statistics / f"{c.name}_stats.json",
+                    None if preview is None else preview / f"{c.name}_preview.png",
+                    None if report is None else report / f"{c.name}_report.json") for c in cases]
+    _check_distinct(jobs, cases, [output / "summary.json"])
+    return Plan(jobs, True, fmt, output, folders, skipped)
+

@@ -1,0 +1,1 @@
+"""The bundle: bundle.json (schema, model card), model files and their hashes."""

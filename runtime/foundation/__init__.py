@@ -1,0 +1,1 @@
+"""Foundation: errors, the label registry, atomic writes, process lifecycle. Imports nothing else of flare."""

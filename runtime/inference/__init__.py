@@ -1,0 +1,1 @@
+"""Inference: the device, tiling, the memory plan, the ensemble, the locator and the engines."""

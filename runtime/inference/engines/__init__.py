@@ -1,0 +1,48 @@
+"""Inference engines: one tile in, class scores out.
+
+- :mod:`.base` — the :class:`Engine` protocol, :class:`EngineError`, the NaN/inf check;
+- :mod:`.ort_cpu` — ONNX Runtime, CPU provider;
+- :mod:`.ort_cuda` — ONNX Runtime, CUDA provider (IO binding, arena capped by the memory budget) and its TensorRT
+  provider;
+- :mod:`.tensorrt` — native TensorRT plans (guarded, unverified).
+
+:func:`create_engine` is the one factory. Nothing heavy is imported here: ONNX Runtime, CuPy and TensorRT load on
+first use (:func:`flare.runtime.inference.device.lazy_import`).
+"""
+
+from __future__ import annotations
+
+from flare.runtime.bundle.manifest import PRECISIONS, ModelSpec
+from flare.runtime.inference.device import Device, resolve_device
+from flare.runtime.inference.engines.base import Engine, EngineError
+from flare.runtime.inference.engines.ort_cpu import OrtEngine
+
+__all__ = ["Engine", "EngineError", "OrtEngine", "create_engine", "default_precision"]
+
+
+def default_precision(spec: ModelSpec, device: str) -> str:
+    """fp16 on CUDA when the bundle has it; int8 on the CPU when the bundle has it (static QDQ models, verified
+    against fp32 at export: ONNX Runtime's integer kernels); else fp32."""
+    if device == "cuda":
+        return "fp16" if "fp16" in spec.files else "fp32"
+    return "int8" if "int8" in spec.files else "fp32"
+
+
+def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str | None = None,
+                  threads: int | None = None, *, mem_limit_mb: float | None = None,
+                  algo_search: str = "HEURISTIC") -> Engine:
+    """Engine for ``spec`` on ``device`` (a name, resolved once by :func:`flare.runtime.inference.device.resolve_device`, or
+    a :class:`~flare.runtime.inference.device.Device`). ``mem_limit_mb`` caps ONNX Runtime's CUDA arena (the memory budget),
+    ``algo_search`` is cuDNN's convolution algorithm search (HEURISTIC, EXHAUSTIVE or DEFAULT); both are CUDA-only."""
+    name = device.name if isinstance(device, Device) else resolve_device(device).name
+    precision = precision or default_precision(spec, name)
+    if precision not in PRECISIONS:
+        raise EngineError(None, f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if precision == "int8" and (name != "cpu" or "int8" not in spec.files):
+        raise EngineError(spec.file_for("fp32").path, "int8 models run on the CPU only (--device cpu)" if name != "cpu"
+                          else f"the bundle has no int8 model of {spec.name} (export with flare-export --int8)")
+    if name == "cuda":
+        from flare.runtime.inference.engines.ort_cuda import CudaOrtEngine
+
+        return CudaOrtEngine(spec, precision, mem_limit_mb=mem_limit_mb, algo_search=algo_search, threads=threads)
+    return OrtEngine(spec, precision=precision, threads=threads)

@@ -1,0 +1,185 @@
+"""Resource bounds checked from the header alone, before any voxel array is allocated.
+
+A NIfTI header of a few hundred bytes decides how much memory the pipeline needs: a 16³ image with 150 mm voxels
+becomes a 2400³ grid at the model's 1 mm spacing. :func:`pipeline_grids` lists every grid ``flare-run`` will
+allocate for an image — the input array (and its float32 copy when the header scales intensities), the canonical
+(RAS) copy, the locator grid and its scores and padded tile plan, the crop at the model spacing (worst case: the
+whole image, which is what happens when the locator finds nothing), the ensemble accumulator, the padded tile plan,
+the label map at the model spacing and the restored label map — and :func:`check_grids` refuses the image with a
+one-line :class:`~flare.runtime.foundation.errors.InputError` naming the file and the grid when one exceeds the limits.
+
+Limits (per grid; override with environment variables, sizes accept K/M/G/T suffixes, powers of 1024):
+
+* ``FLARE_MAX_GRID_VOXELS`` (default 1,000,000,000): spatial voxels of any one grid. The largest FLARE-size case
+  (512×512×300 at 0.8×0.8×2.5 mm) is about 126 M voxels at 1 mm, so the default leaves 8× headroom.
+* ``FLARE_MAX_GRID_BYTES`` (default 16G): bytes of any one array. The largest array is the float32 ensemble
+  accumulator, ``channels × voxels × 4`` bytes: about 6.5 GB for that case without a locator crop (2.5× headroom).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flare.runtime.foundation.errors import FlareError, InputError
+
+if TYPE_CHECKING:
+    from flare.runtime.bundle.manifest import Bundle
+
+__all__ = ["DEFAULT_MAX_GRID_BYTES", "DEFAULT_MAX_GRID_VOXELS", "Grid", "Limits", "check_grids", "pipeline_grids",
+           "preflight", "ras_geometry"]
+
+DEFAULT_MAX_GRID_VOXELS = 1_000_000_000
+DEFAULT_MAX_GRID_BYTES = 16 * 2**30
+ENV_VOXELS = "FLARE_MAX_GRID_VOXELS"
+ENV_BYTES = "FLARE_MAX_GRID_BYTES"
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class LimitError(FlareError):
+    """A limit setting (environment variable or option) is not understood."""
+
+
+def parse_size(text: str, name: str) -> int:
+    """``"123"``, ``"512M"``, ``"32G"`` (optionally with ``B``/``iB``) → a positive integer."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), flags=re.IGNORECASE)
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()] if m else 0.0
+    if not m or not 1 <= value < 2**63:
+        raise LimitError(None, f"{name}={text!r} is not a positive size (e.g. 1000000000, 512M, 32G)")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-grid bounds: spatial voxels and bytes of one array."""
+
+    max_grid_voxels: int = DEFAULT_MAX_GRID_VOXELS
+    max_grid_bytes: int = DEFAULT_MAX_GRID_BYTES
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        env = os.environ if environ is None else environ
+        voxels = env.get(ENV_VOXELS)
+        nbytes = env.get(ENV_BYTES)
+        return cls(parse_size(voxels, ENV_VOXELS) if voxels else DEFAULT_MAX_GRID_VOXELS,
+                   parse_size(nbytes, ENV_BYTES) if nbytes else DEFAULT_MAX_GRID_BYTES)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One array the pipeline allocates: ``channels × shape`` elements of ``itemsize`` bytes."""
+
+    name: str
+    shape: tuple[int, int, int]
+    itemsize: int
+    channels: int = 1
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.voxels * self.channels * self.itemsize
+
+    def describe(self) -> str:
+        dims = "x".join(_count(s) for s in self.shape)
+        return f"{self.channels} channels x {dims}" if self.channels > 1 else dims
+
+
+def ras_geometry(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Shape and spacing of the canonical (RAS) grid of an image, from its shape and a finite, invertible affine."""
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(np.asarray(affine, dtype=np.float64))
+    perm = [int(a) for a in np.argsort(ornt[:, 0])]
+    norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return (tuple(int(shape[p]) for p in perm),  # type: ignore[return-value]
+            tuple(float(norms[p]) for p in perm))  # type: ignore[return-value]
+
+
+def _resampled(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, int, int]:
+    """``output_shape`` of :mod:`flare.runtime.ops.resample` in exact integer-safe arithmetic (no overflow)."""
+    out = []
+    for n, si, so in zip(shape, spacing, target):
+        ratio = float(si) / float(so)
+        out.append(max(1, round(n * ratio)) if math.isfinite(ratio) else 2**63)
+    return out[0], out[1], out[2]
+
+
+def _padded(shape: tuple[int, int, int], roi: Sequence[int], divisor: int) -> tuple[int, int, int]:
+    """Shape after the tile plan's zero padding (tiles never larger than ``ceil_to(size, divisor)``)."""
+    eff = [min(int(r), -(-int(s) // divisor) * divisor) for s, r in zip(shape, roi)]
+    return max(shape[0], eff[0]), max(shape[1], eff[1]), max(shape[2], eff[2])
+
+
+def pipeline_grids(shape: Sequence[int], affine: np.ndarray, itemsize: int, scaled: bool,
+                   bundle: Bundle) -> list[Grid]:
+    """Every grid ``flare-run`` allocates for an image of ``shape``/``affine``/``itemsize`` with ``bundle``."""
+    ras_shape, spacing = ras_geometry(shape, affine)
+    grids = [Grid("input", ras_shape, itemsize)]
+    if scaled:
+        grids.append(Grid("scaled input (float32)", ras_shape, 4))
+    grids.append(Grid("canonical copy", ras_shape, 4 if scaled else itemsize))
+    if bundle.locator is not None:
+        coarse = _resampled(ras_shape, spacing, bundle.locator_spacing_mm)
+        div = bundle.locator.spatial_divisor
+        grids += [Grid("locator grid", coarse, 4),
+                  Grid("locator scores", coarse, 4, bundle.locator.out_channels),
+                  Grid("locator tile plan (padded)", _padded(coarse, bundle.locator_roi, div), 4)]
+    fold = bundle.folds[0]
+    model = _resampled(ras_shape, spacing, bundle.spacing_mm)  # crop worst case: the whole image
+    grids += [Grid("crop at the model spacing", model, 4),
+              Grid("ensemble accumulator", model, 4, fold.out_channels),
+              Grid("tile plan (padded)", _padded(model, bundle.roi, fold.spatial_divisor), 4),
+              Grid("labels at the model spacing", model, 1),
+              Grid("output labels", ras_shape, 1)]
+    return grids
+
+
+def preflight(image: str | Path, bundle_dir: str | Path, limits: Limits | None = None) -> None:
+    """Refuse ``image`` from its header alone, before any model is loaded: the header checks of ``read_image`` and
+    the grid limits for ``bundle_dir`` (its bundle.json only; the model files are checked when they are loaded)."""
+    from flare.runtime.bundle.manifest import load_bundle
+    from flare.runtime.image.nifti import check_header
+
+    bundle = load_bundle(bundle_dir, verify_hashes=False)
+    limits = limits or Limits.from_env()
+
+    def grids(path: Path, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int, scaled: bool) -> None:
+        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, bundle), limits)
+
+    check_header(image, preflight=grids)
+
+
+def check_grids(path: str | Path | None, grids: Sequence[Grid], limits: Limits | None = None) -> None:
+    """Raise a one-line ``InputError`` naming ``path`` and the first grid over the limits."""
+    limits = limits or Limits.from_env()
+    for g in grids:
+        if g.voxels > limits.max_grid_voxels:
+            raise InputError(path, f"the {g.name} would be {g.describe()} = {_count(g.voxels)} voxels, more than "
+                                   f"the limit of {_count(limits.max_grid_voxels)} ({ENV_VOXELS}); "
+                                   "check the voxel spacing and dimensions in the header")
+        if g.nbytes > limits.max_grid_bytes:
+            raise InputError(path, f"the {g.name} would be {g.describe()} = {_human(g.nbytes)}, more than "
+                                   f"the limit of {_human(limits.max_grid_bytes)} ({ENV_BYTES}); "
+                                   "check the voxel spacing and dimensions in the header")
+
+
+def _count(n: int) -> str:
+    return f"{n:,}" if n < 10**12 else f"{float(n):.3g}"
+
+
+def _human(n: int) -> str:
+    if n >= 2**50:
+        return f"{float(n):.3g} bytes"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"

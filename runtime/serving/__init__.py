@@ -1,0 +1,1 @@
+"""flare-serve (Triton) and its client."""

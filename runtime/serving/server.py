@@ -1,0 +1,309 @@
+"""``flare-serve``: the whole torch-free pipeline as model ``flare`` on NVIDIA Triton Inference Server (PyTriton).
+
+PyTriton starts a real ``tritonserver``; Triton's Python backend runs a proxy model in its
+``triton_python_backend_stub`` process, which forwards each request to :class:`FlareModel` in this process (one
+:class:`~flare.runtime.pipeline.segmenter.Segmenter` per model instance, its models loaded once). The wire protocol is described
+in :mod:`flare.runtime.serving.client`.
+
+The stub links ``libpython3.X.so.1.0`` and the dynamic loader finds the first one on its search path: a system
+libpython of another patch release (Debian's 3.11.2 under pyenv's 3.11.7 fails with ``'_thread.RLock' object has no
+attribute '_recursion_count'``), or none at all (pyenv's 3.12). :func:`python_backend_env` puts this interpreter's own
+``LIBDIR`` first on ``LD_LIBRARY_PATH`` of the server process and :func:`stub_libpython` checks with ``ldd`` which
+library the stub will load, before the server starts. pytriton is imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from flare.runtime.foundation.errors import FlareError, InputError
+from flare.runtime.inference.device import lazy_import
+from flare.runtime.serving.client import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
+
+__all__ = ["FlareModel", "python_backend_env", "serve", "stub_libpython"]
+
+log = logging.getLogger("flare.runtime")
+
+EXIT_TIMEOUT_S = 20
+"""Triton waits this long for in-flight requests on SIGTERM/SIGINT (the whole stop stays under 30 s)."""
+START_ATTEMPTS = 3
+"""Starts of Triton when the model fails to load (PyTriton's instance handshake times out on a busy machine)."""
+
+
+class RequestError(Exception):
+    """Fails one request; Triton returns the message, whose :data:`ERROR_MARKER` line the client reads."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(ERROR_MARKER + line)
+
+
+# ------------------------------------------------------------------------------------------------ libpython
+def libpython_path() -> Path:
+    """This interpreter's shared libpython (``LIBDIR/INSTSONAME``); FlareError when it was built without one."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
+    path = Path(libdir or "") / (soname or "")
+    if not (libdir and soname and path.is_file() and ".so" in path.name):
+        raise FlareError(None, f"this Python ({sys.executable}) has no shared libpython (built without "
+                               "--enable-shared); Triton's Python backend needs one: use a Python built with "
+                               "--enable-shared, e.g. pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared")
+    return path
+
+
+def python_backend_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's ``LIBDIR`` first on ``LD_LIBRARY_PATH`` (for the server process)."""
+    libdir = str(libpython_path().parent)
+    rest = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
+    return {**env, "LD_LIBRARY_PATH": os.pathsep.join([libdir, *rest])}
+
+
+def stub_libpython(env: Mapping[str, str]) -> Path | None:
+    """The libpython that PyTriton's Python-backend stub for this interpreter loads under ``env`` (``ldd``), or
+    None when that cannot be told (no ``ldd``, no stub)."""
+    from pytriton.utils.distribution import get_stub_path
+
+    stub = get_stub_path(f"{sys.version_info.major}.{sys.version_info.minor}")
+    try:
+        out = subprocess.run(["ldd", str(stub)], env=dict(env), capture_output=True, text=True, timeout=30,
+                             check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        name, _, where = line.strip().partition(" => ")
+        if name.startswith("libpython") and where:
+            found = where.split(" (")[0].strip()
+            return Path(found) if found.startswith("/") else None  # "not found"
+    return None
+
+
+def prepare_server_environment() -> None:
+    """Make the server process (started by PyTriton from ``os.environ``) load this interpreter's libpython, and
+    check it; FlareError when the stub would still load another one."""
+    os.environ.update(python_backend_env(os.environ))
+    found = stub_libpython(os.environ)
+    own = libpython_path()
+    if found is not None and found.resolve() != own.resolve():
+        raise FlareError(None, f"Triton's Python backend stub would load {found}, not this interpreter's {own}")
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InputError(None, f"request parameter {name}={value!r} is not a boolean")
+
+
+def _number(value: Any, name: str, kind: type) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise InputError(None, f"request parameter {name}={value!r} is not {'an integer' if kind is int else 'a number'}"
+                         ) from None
+    if kind is int and isinstance(value, float) and value != number:
+        raise InputError(None, f"request parameter {name}={value!r} is not an integer")
+    return number
+
+
+class FlareModel:
+    """One Triton model instance: a loaded Segmenter answering requests (a PyTriton inference callable)."""
+
+    def __init__(self, segmenter: Any) -> None:
+        self.segmenter = segmenter
+
+    def __call__(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        return [self.infer(request.data, request.parameters or {}) for request in requests]
+
+    def infer(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """One request: NIfTI bytes in, label-map NIfTI bytes and the JSON report out."""
+        name = str(params.get("filename") or "request")
+        try:
+            labels, report = self._segment(inputs, params, name)
+        except FlareError as err:
+            log.warning("request rejected: %s", err)
+            raise RequestError(str(err)) from None
+        except MemoryError:
+            log.warning("request failed: %s: out of memory", name)
+            raise RequestError(f"{name}: out of memory on the server") from None
+        except Exception as err:
+            log.exception("request failed: %s", name)
+            raise RequestError(f"{name}: internal server error ({type(err).__name__}: {err})") from None
+        return {OUTPUT_LABELS: np.array([labels], dtype=object),
+                OUTPUT_REPORT: np.array([json.dumps(report).encode()], dtype=object)}
+
+    def _segment(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any], name: str
+                 ) -> tuple[bytes, dict[str, Any]]:
+        from flare.runtime.image.nifti import label_bytes, read_image_bytes
+
+        image = inputs.get(INPUT)
+        if image is None or image.size != 1 or not isinstance(image.flat[0], bytes):
+            raise InputError(name, f"the request needs one BYTES element in input {INPUT!r}")
+        folds = None if params.get("folds") is None else _number(params["folds"], "folds", int)
+        overlap = None if params.get("overlap") is None else _number(params["overlap"], "overlap", float)
+        compressed = _flag(params.get("compressed", True), "compressed")
+        postprocess = None if params.get("postprocess") is None else str(params["postprocess"])
+        seg = self.segmenter.with_options(folds=folds, overlap=overlap, postprocess=postprocess)
+        img = read_image_bytes(image.flat[0], name, preflight=seg.check_grids)  # grid limits from the header
+        labels, _, report = seg.segment(img)
+        return label_bytes(labels, img, compressed), report
+
+
+# ------------------------------------------------------------------------------------------------ the server
+def check_ports_free(host: str, ports: Mapping[str, int]) -> None:
+    """FlareError when a port cannot be bound on ``host`` (in use, or ``host`` is not a local address): PyTriton
+    would otherwise talk to whatever server already listens there."""
+    import socket
+
+    if len(set(ports.values())) < len(ports):
+        raise FlareError(None, f"the ports must differ: {', '.join(f'{k} {v}' for k, v in ports.items())}")
+    for what, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver does
+            try:
+                sock.bind((host, port))
+            except OSError as err:
+                raise FlareError(None, f"cannot listen on {host}:{port} (--{what}-port): {err.strerror or err}"
+                                 ) from None
+
+
+def _stop_on_sigterm() -> list[int]:
+    """SIGTERM does what Ctrl-C does (PyTriton's serve() stops Triton gracefully on KeyboardInterrupt); further
+    signals during the stop are ignored so that it completes. Returns the list the received signal goes into."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return received
+
+
+def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_port: int = 8000,
+          grpc_port: int = 8001, metrics_port: int = 8002, instances: int = 1, gpu_mem_budget: float | None = None,
+          verbose: bool = False) -> None:
+    """Load ``instances`` Segmenters, start Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
+    from flare.runtime.bundle.manifest import load_bundle
+    from flare.runtime.pipeline.segmenter import Segmenter
+
+    triton_mod = lazy_import("pytriton.triton", "serve").load()
+    config_mod = lazy_import("pytriton.model_config", "serve").load()
+    check_ports_free(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
+    prepare_server_environment()
+    _quiet_pytriton(verbose)
+    loaded = load_bundle(bundle)
+    threads = None if instances == 1 else max(1, (os.cpu_count() or 1) // instances)
+    models = [FlareModel(Segmenter(loaded, device=device, threads=threads, gpu_mem_budget=gpu_mem_budget))
+              for _ in range(instances)]
+    seg = models[0].segmenter
+    triton_log = None if verbose else Path(tempfile.mkdtemp(prefix="flare-serve-")) / "tritonserver.log"
+    config = triton_mod.TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                                     metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=EXIT_TIMEOUT_S,
+                                     log_verbose=1 if verbose else 0, log_file=triton_log,
+                                     allow_gpu_metrics=seg.device == "cuda")
+    where = "rerun with --verbose" if triton_log is None else f"Triton's log: {triton_log}"
+    tensor, model_config = config_mod.Tensor, config_mod.ModelConfig
+    stop_signal = _stop_on_sigterm()
+    try:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            with triton_mod.Triton(config=config) as triton:  # starts tritonserver; bind() loads the model
+                try:
+                    triton.bind(model_name=MODEL, infer_func=models,
+                                inputs=[tensor(name=INPUT, dtype=object, shape=(1,))],
+                                outputs=[tensor(name=OUTPUT_LABELS, dtype=object, shape=(1,)),
+                                         tensor(name=OUTPUT_REPORT, dtype=object, shape=(1,))],
+                                config=model_config(batching=False), strict=True)
+                    triton.run()
+                except Exception as err:
+                    # PyTriton gives instances 2..N of a model 1 s to reach instance 1's handshake socket; on a busy
+                    # machine that can fail the model load: start Triton again (the Segmenters stay loaded)
+                    if attempt == START_ATTEMPTS or "load failed for model" not in str(err):
+                        raise
+                    log.warning("the model did not load (%s); starting Triton again (attempt %d of %d)",
+                                str(err).strip().splitlines()[0][:200], attempt + 1, START_ATTEMPTS)
+                    continue
+                print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
+                      f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} "
+                      f"fold(s), device {seg.device}, {instances} instance(s); Triton's log: "
+                      f"{triton_log or 'stdout'}; SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
+                triton.serve()
+                break
+    except KeyboardInterrupt:
+        pass
+    except FlareError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PyTriton raises several kinds when tritonserver fails or dies
+        raise FlareError(None, f"Triton failed ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}); "
+                               f"{where}") from None
+    if not stop_signal:  # serve() also returns when tritonserver or the proxy model dies
+        raise FlareError(None, f"the Triton server stopped unexpectedly ({where})")
+    if triton_log is not None:
+        shutil.rmtree(triton_log.parent, ignore_errors=True)
+    print("flare-serve: stopped", file=sys.stderr, flush=True)
+
+
+def _quiet_pytriton(verbose: bool) -> None:
+    """PyTriton logs every failed request with a traceback; FlareModel logs one line instead."""
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="flare-serve: %(levelname)s: %(message)s")
+    logging.getLogger("pytriton").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Serve flare segmentation on NVIDIA Triton Inference Server (HTTP/gRPC, Prometheus metrics).")
+
+
+@app.command()
+def main_command(
+    bundle: Annotated[Path | None, typer.Option("--bundle", "-b",
+                      help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes the server).")
+                    ] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Prometheus metrics port.")] = 8002,
+    instances: Annotated[int, typer.Option(min=1, max=64,
+                         help="Model instances (each loads the models once and serves one request at a time).")] = 1,
+    gpu_mem_budget: Annotated[float | None, typer.Option(min=500.0,
+                              help="GPU memory budget per instance in MB (default: flare-run's).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Triton's and PyTriton's own logs on stdout "
+                       "(default: Triton's log goes to a temporary file, named on errors).")] = False,
+) -> None:
+    """Serve model 'flare': NIfTI bytes in, the label map (NIfTI bytes) and the JSON report out."""
+    from flare.runtime.bundle.manifest import default_bundle_dir
+
+    try:
+        serve(bundle or default_bundle_dir(), device=device, host=host, http_port=http_port, grpc_port=grpc_port,
+              metrics_port=metrics_port, instances=instances, gpu_mem_budget=gpu_mem_budget, verbose=verbose)
+    except FlareError as err:
+        typer.echo(f"flare-serve: error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

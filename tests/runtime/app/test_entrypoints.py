@@ -1,0 +1,91 @@
+"""Install honesty: every console script of an extra that is not installed prints one line naming the extra and
+exits 2 before any work; --version always answers; the installed scripts go through flare.runtime.app.entrypoints.
+
+The missing extras are simulated in a subprocess by a meta-path finder that refuses to find the extra's packages
+(what ``find_spec`` sees in a venv without them); ``pip install -e '.[cpu]'`` in a real runtime-only venv was also
+checked by hand (README, "Install")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = set({blocked!r})
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Blocker())
+for mod in list(sys.modules):
+    if mod.split('.')[0] in BLOCKED:
+        del sys.modules[mod]
+sys.argv = {argv!r}
+from flare.runtime.app import entrypoints
+getattr(entrypoints, {func!r})()
+"""
+
+RUNTIME_ONLY = ["torch", "monai", "onnx", "yaml", "matplotlib", "pydicom", "highdicom"]
+
+
+def run_script(name: str, args: list[str], blocked: list[str]) -> subprocess.CompletedProcess:
+    code = BLOCKER.format(blocked=blocked, argv=[name, *args], func=name.replace("-", "_"))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize(("name", "args", "blocked", "extra"), [
+    ("flare-train", ["run", "data/"], RUNTIME_ONLY, "train"),
+    ("flare-export", ["ckpt", "-o", "bundle"], RUNTIME_ONLY, "export"),
+    ("flare-demo", [], RUNTIME_ONLY, "train,export"),
+    ("flare-bench", ["--cases", "synthetic"], RUNTIME_ONLY, "bench"),
+    ("flare-bench", ["--reference"], ["torch", "monai"], "train"),
+    ("flare-run", ["ct.nii.gz"], ["onnxruntime"], "cpu"),
+    ("flare-export", ["ckpt", "-o", "bundle"], ["onnxruntime"], "cpu"),
+])
+def test_missing_extra_is_one_line(name: str, args: list[str], blocked: list[str], extra: str, tmp_path) -> None:
+    proc = run_script(name, args, blocked)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"{name}: error: needs the extra")
+    assert f"[{extra}]" in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+def test_no_verify_export_needs_no_onnxruntime() -> None:
+    from flare.runtime.app.entrypoints import COMMANDS
+
+    reqs = COMMANDS["flare-export"].requirements(["ckpt", "-o", "b", "--no-verify"])
+    assert "onnxruntime" not in [name for name, _ in reqs]
+
+
+@pytest.mark.parametrize("name", ["flare-run", "flare-export", "flare-demo", "flare-train", "flare-bench"])
+def test_version_needs_nothing(name: str) -> None:
+    proc = run_script(name, ["--version"], RUNTIME_ONLY + ["onnxruntime"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(f"{name} ") and proc.stdout.strip().split()[1][0].isdigit()
+
+
+def test_installed_scripts_use_the_wrappers() -> None:
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("flare-")}
+    assert scripts == {n: f"flare.runtime.app.entrypoints:{n.replace('-', '_')}"
+                       for n in ("flare-run", "flare-export", "flare-demo", "flare-train", "flare-bench", "flare-serve")}
+
+
+def test_wrapper_runs_the_command_when_installed() -> None:
+    proc = run_script("flare-train", ["--help"], [])
+    assert proc.returncode == 0, proc.stderr
+    assert "phantoms" in proc.stdout
+
+
+def test_entrypoints_module_is_light() -> None:
+    code = ("import sys; import flare.runtime.app.entrypoints as e; e.need([('torch', 'train')]);"
+            "bad = [m for m in ('torch', 'monai', 'onnxruntime', 'numpy', 'typer') if m in sys.modules]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
