@@ -15,8 +15,9 @@
   calibration did not see, when at least two were given, plus the export's own verification CT from
   ``../shared/data``): NaN/inf check, voxel agreement of the argmax (sign for a one-channel locator) and per-class
   Dice of the int8 labels against the fp32 labels. Gate: agreement >= :data:`MIN_AGREEMENT` and Dice >=
-  :data:`MIN_DICE` for every class with at least :data:`MIN_CLASS_VOXELS` fp32 voxels; a model that fails with
-  every candidate is refused with a one-line error (no bundle is written).
+  :data:`MIN_DICE` for every class with at least :data:`MIN_CLASS_VOXELS` fp32 voxels. A fold that fails with
+  every candidate is refused with a one-line error (no bundle is written); the locator then stays fp32 only (the
+  runtime runs a model without an int8 file in fp32).
 
 ONNX Runtime runs the QDQ graph with its integer kernels (u8s8 convolutions). On x86 CPUs without AVX-512 VNNI /
 AVX-VNNI, u8s8 can saturate (``vpmaddubsw``): the verification here measures this machine's kernels only.
@@ -247,12 +248,16 @@ def compare_int8(int8_path: Path, fp32_path: Path, tiles: list[np.ndarray]) -> d
             "voxels": total, "tiles": len(tiles)}
 
 
-def quantize_model(fp32_path: Path, dst: Path, tiles: TileSet, gate: bool = True) -> dict[str, Any]:
+def quantize_model(fp32_path: Path, dst: Path, tiles: TileSet, gate: bool = True,
+                   optional: bool = False) -> dict[str, Any]:
     """Quantize ``fp32_path`` into ``dst`` with the most quantized :data:`FLOAT_LADDER` candidate that passes the
-    gate; returns the verification record (every candidate tried). Raises a one-line FlareError when none passes.
-    Without ``gate`` (``flare-export --no-verify``: random weights for timing) the first candidate is kept whatever
-    it measures (recorded with ``passed: null``)."""
+    gate; returns the verification record (every candidate tried, the one ``chosen``). When none passes: an
+    ``optional`` model (the locator: a small network on a coarse grid, cheap in fp32) keeps only its fp32 file
+    (``chosen: "fp32"``, no ``dst``); any other raises a one-line FlareError. Without ``gate`` (``flare-export
+    --no-verify``: random weights for timing) the first candidate is kept whatever it measures (``passed: null``)."""
     tried: list[dict[str, Any]] = []
+    record = {"calibration": {"cases": tiles.calibration_cases, "tiles": len(tiles.calibration), "method": "MinMax"},
+              "verification_cases": tiles.verification_cases}
     for choice in FLOAT_LADDER if gate else FLOAT_LADDER[:1]:
         exclude = float_nodes(fp32_path, choice)
         if tried and exclude == tried[-1]["float_nodes"]:
@@ -261,11 +266,10 @@ def quantize_model(fp32_path: Path, dst: Path, tiles: TileSet, gate: bool = True
         measure = compare_int8(dst, fp32_path, tiles.verification)
         tried.append({"float": choice, "float_nodes": exclude, **measure})
         if measure["passed"] or not gate:
-            return {"passed": True if gate else None, "chosen": choice, "candidates": tried,
-                    "calibration": {"cases": tiles.calibration_cases, "tiles": len(tiles.calibration),
-                                    "method": "MinMax"},
-                    "verification_cases": tiles.verification_cases}
+            return {"passed": True if gate else None, "chosen": choice, "candidates": tried, **record}
     dst.unlink(missing_ok=True)
+    if optional:
+        return {"passed": False, "chosen": "fp32", "candidates": tried, **record}
     last = tried[-1]
     detail = ("NaN/inf output" if not last.get("finite") else
               f"agreement {last['agreement']:.4f}, lowest class Dice {last['min_dice_gated']}")

@@ -22,7 +22,8 @@ __all__ = ["Engine", "EngineError", "OrtEngine", "create_engine", "default_preci
 
 def default_precision(spec: ModelSpec, device: str) -> str:
     """fp16 on CUDA when the bundle has it; int8 on the CPU when the bundle has it (static QDQ models, verified
-    against fp32 at export: ONNX Runtime's integer kernels); else fp32."""
+    against fp32 at export: ONNX Runtime's integer kernels); else fp32. A model without the file asked for runs
+    its fp32 file (:func:`flare.runtime.inference.engines.base.model_file`)."""
     if device == "cuda":
         return "fp16" if "fp16" in spec.files else "fp32"
     return "int8" if "int8" in spec.files else "fp32"
@@ -38,9 +39,8 @@ def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str 
     precision = precision or default_precision(spec, name)
     if precision not in PRECISIONS:
         raise EngineError(None, f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
-    if precision == "int8" and (name != "cpu" or "int8" not in spec.files):
-        raise EngineError(spec.file_for("fp32").path, "int8 models run on the CPU only (--device cpu)" if name != "cpu"
-                          else f"the bundle has no int8 model of {spec.name} (export with flare-export --int8)")
+    if precision == "int8" and name != "cpu":
+        raise EngineError(None, "int8 models run on the CPU only (--device cpu)")
     if name == "cuda":
         from flare.runtime.inference.engines.ort_cuda import CudaOrtEngine
 

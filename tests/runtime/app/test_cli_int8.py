@@ -58,7 +58,7 @@ def test_int8_without_int8_models_is_one_line(tiny_bundle: Path, tmp_path: Path)
     out = tmp_path / "seg.nii.gz"
     proc = flare_run(data_path("ts_abdomen_ct_3mm.nii.gz"), "-o", out, "--bundle", tiny_bundle, "--device", "cpu",
                      "--precision", "int8")
-    assert_clean_failure(proc, "fp32.onnx", "no int8 model", "--int8")
+    assert_clean_failure(proc, str(tiny_bundle), "has no int8 models", "flare-export --int8")
     assert not out.exists()
 
 
