@@ -35,7 +35,8 @@ def export(
     trt: Annotated[bool, typer.Option("--trt", help="also build TensorRT engines (needs tensorrt and a GPU)")] = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset", min=13)] = 17,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
-                                         help="check ONNX Runtime CPU against PyTorch per model")] = True,
+                                         help="check ONNX Runtime CPU against PyTorch per model (and int8 "
+                                              "against fp32: the int8 gate)")] = True,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress display")] = False,
 ) -> None:
     """Write BUNDLE_DIR/bundle.json and the model files; exit code 2 with one line on stderr on any problem."""

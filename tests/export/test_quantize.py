@@ -19,9 +19,9 @@ CALIBRATION = ("ts_body_ct_3mm_int32.nii.gz", "ts_torso_ct_1p5mm_lps.nii.gz")
 
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_checkpoints: Path, tmp_path_factory) -> Path:
-    """The tiny random-weight checkpoints exported with --int8 on small calibration tiles (fast), with the accuracy
-    gate lowered: a random 13-way head puts near-ties everywhere, which no int8 model reproduces (the gate itself is
-    tested below and measured on trained weights in benchmarks/RESULTS.md)."""
+    """The tiny random-weight checkpoints exported with --int8 --no-verify on small calibration tiles (fast): a random
+    13-way head puts near-ties everywhere, which no int8 model reproduces, so the gate is skipped here as it is for
+    timing bundles (the gate itself is tested below; on trained weights it is measured in benchmarks/RESULTS.md)."""
     from flare.export import export_bundle, quantize
 
     calibration = [data_path(n) for n in CALIBRATION]
@@ -29,8 +29,6 @@ def int8_bundle(tiny_checkpoints: Path, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quantize, "TILE_SIDE", 32)
         mp.setattr(quantize, "MAX_TILES_PER_CASE", 2)
-        mp.setattr(quantize, "MIN_AGREEMENT", 0.5)
-        mp.setattr(quantize, "MIN_DICE", 0.0)
         return export_bundle(tiny_checkpoints, tmp_path_factory.mktemp("int8") / "bundle", int8=True,
                              calibration=calibration, progress=False, profile="cpu", verify=False)
 
@@ -42,7 +40,7 @@ def test_int8_models_are_written_verified_and_recorded(int8_bundle: Path) -> Non
     assert b.precisions == ("fp32", "int8") and b.profile == "cpu"
     doc = json.loads((int8_bundle / "bundle.json").read_text())
     rec = doc["verification"]["int8"]
-    assert rec["passed"] and rec["gate"] == {"min_agreement": 0.5, "min_dice": 0.0, "min_class_voxels": 200}
+    assert rec["passed"] is None and rec["gate"] == {"min_agreement": 0.995, "min_dice": 0.98, "min_class_voxels": 200}
     assert rec["settings"]["quantized_ops"] == ["Conv", "ConvTranspose"]
     for m in (b.locator, *b.folds):
         r = rec["models"][m.name]
@@ -50,9 +48,9 @@ def test_int8_models_are_written_verified_and_recorded(int8_bundle: Path) -> Non
         # the held-out calibration case and the export's verification CT
         assert r["verification_cases"] == ["ts_torso_ct_1p5mm_lps.nii.gz", "ts_abdomen_ct_3mm.nii.gz"]
         kept = r["candidates"][-1]
-        assert kept["float"] == r["chosen"] and kept["passed"] and kept["finite"]
-        assert r["chosen"] == "none" and len(r["candidates"]) == 1  # the first passing candidate is kept
-        assert 0.5 <= kept["agreement"] <= 1.0 and set(kept["dice"]) == set(kept["fp32_voxels"])
+        assert r["passed"] is None and r["chosen"] == "none" and len(r["candidates"]) == 1  # no gate: the first
+        assert kept["float"] == "none" and kept["finite"] and kept["float_nodes"] == []
+        assert 0.0 < kept["agreement"] <= 1.0 and set(kept["dice"]) == set(kept["fp32_voxels"])
         graph = onnx.load(str(m.files["int8"].path)).graph
         ops = {n.op_type for n in graph.node}
         assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
