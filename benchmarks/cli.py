@@ -57,6 +57,8 @@ def bench(
     cache: Annotated[Path | None, typer.Option(help="Where synthetic cases are cached "
                      "(default ~/.cache/flare/bench-cases).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    runs_log: Annotated[Path | None, typer.Option(help="Append one JSON line per run to this file as each run "
+                        "ends (kept when the benchmark is cut short).")] = None,
     server: Annotated[str | None, typer.Option(help="Load-test a running flare-serve at HOST:PORT instead: "
                       "--requests at --concurrency, cycling through --cases; writes OUTPUT/serve_load.md/.json.")
                       ] = None,
@@ -87,7 +89,7 @@ def bench(
                                repeats=repeats, device=device.value, cold=cold, reference_repeats=reference_repeats,
                                reference_mode=reference_mode.value, reference_cases=reference_cases,
                                reference_folds=reference_folds, checkpoints=checkpoints, cache_dir=cache,
-                               quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]),
+                               quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]), runs_log=runs_log,
                                precisions=[p.value for p in precision or []], folds=folds)
     except FlareError as err:
         typer.echo(f"flare-bench: error: {err}", err=True)

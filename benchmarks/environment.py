@@ -10,7 +10,7 @@ from typing import Any
 
 from .sampler import gpu_info
 
-_PACKAGES = ("numpy", "scipy", "nibabel", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cupy-cuda12x", "torch",
+_PACKAGES = ("numpy", "scipy", "nibabel", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cupy-cuda12x", "cupy-cuda13x", "torch",
              "monai", "flare-seg")
 
 

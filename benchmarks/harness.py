@@ -57,7 +57,9 @@ class Run:
         if self.own_process and self.report.get("rss_peak_mb") is not None:
             mem["rss_peak_mb"] = self.report["rss_peak_mb"]  # exact peak (VmHWM), not a 20 ms sample
         return {"wall_s": self.wall_s, "error": self.error, "stages": self.report.get("stages"),
-                "report_rss_peak_mb": self.report.get("rss_peak_mb"), **mem}
+                "report_rss_peak_mb": self.report.get("rss_peak_mb"), "fallbacks": run_fallbacks(self.report),
+                "gpu_plan": self.report.get("gpu"), "crop": self.report.get("crop"),
+                "tiles": self.report.get("tiles"), **mem}
 
 
 def flare_run_command() -> list[str]:
@@ -93,9 +95,9 @@ def warm_run(segmenter: Any, case: Path) -> tuple[Run, np.ndarray]:
     """One ``Segmenter.segment`` in this process (models already loaded)."""
     with MemorySampler() as sampler:
         t0 = time.perf_counter()
-        labels, _, report = segmenter.segment(case)
+        result = segmenter.segment(case)
         wall = time.perf_counter() - t0
-    return Run(wall, sampler.trace, report), labels
+    return Run(wall, sampler.trace, result.report.to_json()), result.labels
 
 
 def reference_run(pipeline: Any, case: Path) -> tuple[Run, np.ndarray]:
@@ -120,11 +122,20 @@ def _stage_medians(runs: list[Run]) -> dict[str, float | None]:
     return {n: spread([(r.report.get("stages") or {}).get(n) for r in runs])["median"] for n in names}
 
 
+def run_fallbacks(report: dict[str, Any]) -> list[str]:
+    """Every fallback one run's report records: the runtime's own list (``fallbacks``, when it keeps one), the
+    memory plan's (``gpu.fallback``: smaller tiles, the CPU after an out-of-memory error)."""
+    found = [str(f) for f in (report.get("fallbacks") or [])]
+    found += [f"gpu: {f}" for f in ((report.get("gpu") or {}).get("fallback") or [])]
+    return list(dict.fromkeys(found))
+
+
 def summarise_backend(runs: list[Run], load_s: float | None = None) -> dict[str, Any]:
-    """Median/min/max of wall time, peaks and areas; per-stage medians; errors."""
+    """Median/min/max of wall time, peaks and areas; per-stage medians; errors; every fallback of every run."""
     return {
         "runs": len(runs),
         "errors": [r.error for r in runs if r.error],
+        "fallbacks": list(dict.fromkeys(f for r in runs for f in run_fallbacks(r.report))),
         "load_s": load_s,
         "wall_s": _stats(runs, "wall_s"),
         "gpu_device_peak_mb": _stats(runs, "gpu_device_peak_mb"),
@@ -142,8 +153,10 @@ def judge(case: dict[str, Any]) -> dict[str, Any]:
     cold, warm = case.get("cold") or {}, case.get("warm") or {}
     t = (cold.get("wall_s") or {}).get("median") or (warm.get("wall_s") or {}).get("median")
     gpu = (cold.get("gpu_device_peak_mb") or {}).get("median") or (warm.get("gpu_device_peak_mb") or {}).get("median")
+    own = (cold.get("gpu_process_peak_mb") or {}).get("median") or (warm.get("gpu_process_peak_mb") or {}).get("median")
     return {"time_s": t, "time_ok": None if t is None else t <= FLARE_TIME_S,
-            "gpu_mb": gpu, "gpu_ok": None if gpu is None else gpu <= FLARE_GPU_MB}
+            "gpu_mb": gpu, "gpu_ok": None if gpu is None else gpu <= FLARE_GPU_MB,
+            "gpu_process_mb": own}
 
 
 def compare(case: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +171,24 @@ def compare(case: dict[str, Any]) -> dict[str, Any]:
 
 
 Progress = Callable[[str], None]
+Record = Callable[[str, Path, Run], None]  # (phase, case, run): called as each run ends
+
+
+def run_recorder(path: Path | None, bundle: Path) -> Record:
+    """Append one JSON line per finished run to ``path`` (a timeout or crash later keeps what was measured)."""
+
+    def record(phase: str, case: Path, run: Run) -> None:
+        if path is None:
+            return
+        line = {"stage": "bench", "phase": phase, "case": case.name, "bundle": str(bundle), **run.summary()}
+        with open(path, "a") as f:
+            f.write(json.dumps(line, default=_jsonable) + "\n")
+
+    return record
+
+
+def _jsonable(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "synthetic", reference: bool = True,
@@ -166,7 +197,7 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
                   reference_cases: int | None = None, reference_folds: int | None = None,
                   checkpoints: str | Path | None = None, cache_dir: str | Path | None = None,
                   quiet: bool = False, command: str | None = None, precisions: Sequence[str] = (),
-                  folds: int | None = None) -> dict[str, Any]:
+                  folds: int | None = None, runs_log: str | Path | None = None) -> dict[str, Any]:
     """Benchmark ``bundle`` on ``cases`` and write ``report.json``, ``report.md`` and PNGs into ``out_dir``.
 
     Returns the report dictionary. ``repeats`` warm runs per case, ``cold`` fresh-process runs per case,
@@ -180,6 +211,7 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     that the load of a shared machine falls on each alike), into ``case["by_precision"]``, with the labels of each
     later precision compared with the first's (voxel agreement, per-class Dice); ``cold``/``warm`` are then the
     first precision's. ``folds`` runs the runtime with the first N folds only.
+    ``runs_log``: a JSON-lines file that gets one line per run as soon as it ends (the GPU check's results file).
     """
     from .report import write_reports
 
@@ -192,7 +224,7 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
                                Path(cache_dir) if cache_dir else None, progress=not quiet)
     env = environment(device)
     runs_ref = reference_repeats if reference else 0
-    on_cpu = _runtime_device(device) == "cpu"
+    on_cpu = _on_cpu(device)
     n_ref_cases = min(len(case_paths), reference_cases or (1 if on_cpu else len(case_paths)))
     n_ref_folds = min(len(b.folds), reference_folds or (1 if on_cpu else len(b.folds)))
     total = len(case_paths) * (cold + repeats) + n_ref_cases * (runs_ref + (n_ref_folds < len(b.folds)))
@@ -200,14 +232,15 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     keep: dict[str, dict[str, MemoryTrace]] = {"runtime": {}, "reference": {}}
     variants: list[str | None] = [*precisions] or [None]
     total += len(case_paths) * (cold + repeats) * (len(variants) - 1)
+    rec = run_recorder(Path(runs_log) if runs_log else None, b.root)
     with _progress(total, quiet) as step:
-        _cold_phase(case_paths, b, device, cold, results, keep, step, variants, folds)
-        labels = _warm_phase(case_paths, b, device, repeats, results, keep, step, variants, folds)
+        _cold_phase(case_paths, b, device, cold, results, keep, step, rec, variants, folds)
+        labels = _warm_phase(case_paths, b, device, repeats, results, keep, step, rec, variants, folds)
         if runs_ref:
             if n_ref_folds < len(b.folds):
-                labels = _same_folds_phase(case_paths[:n_ref_cases], b, device, n_ref_folds, results, step)
+                labels = _same_folds_phase(case_paths[:n_ref_cases], b, device, n_ref_folds, results, step, rec)
             _reference_phase(case_paths[:n_ref_cases], b, device, runs_ref, reference_mode, n_ref_folds, checkpoints,
-                             results, labels, keep, step)
+                             results, labels, keep, step, rec)
     for case in results:
         case["flare"] = judge(case)
         case["ratios"] = compare(case) if "reference" in case else None
@@ -264,7 +297,8 @@ def _store(res: dict[str, Any], phase: str, variants: list[str | None], runs: di
 
 
 def _cold_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
-                keep: dict[str, dict[str, MemoryTrace]], step: Progress, variants: list[str | None],
+                keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record,
+                variants: list[str | None],
                 folds: int | None) -> None:
     if n == 0:
         return
@@ -274,13 +308,15 @@ def _cold_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
             for _ in range(n):
                 for v in variants:  # interleaved
                     runs[v].append(cold_run(path, b.root, device, Path(tmp), v, folds))
+                    record("cold", path, runs[v][-1])
                     step(f"cold {path.name}" + (f" {v}" if v else ""))
             _store(res, "cold", variants, runs)
             keep["runtime"][path.name] = runs[variants[0]][-1].trace
 
 
 def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
-                keep: dict[str, dict[str, MemoryTrace]], step: Progress, variants: list[str | None],
+                keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record,
+                variants: list[str | None],
                 folds: int | None) -> dict[str, np.ndarray]:
     from flare.runtime.pipeline.segmenter import Segmenter
 
@@ -295,6 +331,7 @@ def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
                 except FlareError as err:
                     run = Run(0.0, MemoryTrace(False, "not run"), error=str(err))
                 runs[v].append(run)
+                record("warm", path, run)
                 step(f"warm {path.name}" + (f" {v}" if v else ""))
         _store(res, "warm", variants, runs, {v: segs[v].load_s for v in variants})
         first = labels[variants[0]].get(path.name)
@@ -308,14 +345,17 @@ def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
     return labels[variants[0]]
 
 
-def _runtime_device(device: str) -> str:
-    from flare.runtime.inference.device import resolve_device
+def _on_cpu(device: str) -> bool:
+    """Whether the runtime will run on the CPU, answered **without creating a CUDA context** in this process (no
+    CuPy, no device query: ONNX Runtime's provider list only). The cold runs come first and a context here would
+    add its 0.3-0.5 GB to every device-wide peak they measure; the children answer for themselves."""
+    from flare.runtime.inference.device import ort_providers
 
-    return resolve_device(device).name
+    return device == "cpu" or (device == "auto" and "CUDAExecutionProvider" not in ort_providers())
 
 
 def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, results: list[dict[str, Any]],
-                      step: Progress) -> dict[str, np.ndarray]:
+                      step: Progress, record: Record) -> dict[str, np.ndarray]:
     """One warm runtime run per case with only the first ``folds`` folds: the reference's counterpart."""
     from flare.runtime.pipeline.segmenter import Segmenter
 
@@ -323,6 +363,7 @@ def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, res
     labels: dict[str, np.ndarray] = {}
     for path, res in zip(cases, results):
         run, labels[path.name] = warm_run(seg, path)
+        record("warm_same_folds", path, run)
         res["warm_same_folds"] = summarise_backend([run], seg.load_s)
         res["warm_same_folds"]["folds"] = folds
         step(f"runtime {folds} fold(s) {path.name}")
@@ -331,7 +372,7 @@ def _same_folds_phase(cases: list[Path], b: Bundle, device: str, folds: int, res
 
 def _reference_phase(cases: list[Path], b: Bundle, device: str, n: int, mode: str, folds: int,
                      checkpoints: str | Path | None, results: list[dict[str, Any]], labels: dict[str, np.ndarray],
-                     keep: dict[str, dict[str, MemoryTrace]], step: Progress) -> None:
+                     keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record) -> None:
     from .reference import ReferencePipeline
 
     pipe = ReferencePipeline(b, checkpoints, device=device, mode=mode, folds=folds)
@@ -340,6 +381,7 @@ def _reference_phase(cases: list[Path], b: Bundle, device: str, n: int, mode: st
         for _ in range(n):
             run, ref_labels = reference_run(pipe, path)
             runs.append(run)
+            record("reference", path, run)
             step(f"reference {path.name}")
         res["reference"] = summarise_backend(runs, pipe.load_s)
         res["reference"]["backend"] = runs[-1].report.get("backend")

@@ -63,7 +63,8 @@ def machine_info() -> dict[str, Any]:
 def build_case(source: Path, folder: Path) -> Path:
     """Write the FLARE-size int16 test case (see the module docstring) and return its path."""
     import nibabel as nib
-    from flare.runtime.image.nifti import read_image, to_canonical
+    from flare.runtime.image.model import to_canonical
+    from flare.runtime.image.nifti import read_image
     from flare.runtime.ops.resample import output_shape, resample_linear
 
     data, affine, _ = to_canonical(read_image(source))
@@ -121,7 +122,8 @@ def _without_isal() -> contextlib.AbstractContextManager[None]:
 def run(repeats: int = 3, peers: bool = True, quiet: bool = False, source: Path = SOURCE_CT) -> dict[str, Any]:
     """Build the case, time every stage and return the result document."""
     import nibabel as nib
-    from flare.runtime.image.nifti import read_image, to_canonical, write_labels
+    from flare.runtime.image.model import to_canonical
+    from flare.runtime.image.nifti import read_image, write_labels
     from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear, resample_nearest
 
     console = None

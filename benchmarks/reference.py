@@ -3,7 +3,7 @@
 Two modes, both on the PyTorch networks of the checkpoint folder behind a bundle:
 
 ``mirror``
-    Exactly the steps of ``flare.runtime.segment`` (``docs/architecture.md``, "What flare.runtime.segment does"),
+    Exactly the steps of ``Segmenter.segment`` (``docs/architecture.md``, "What Segmenter.segment does"),
     built from MONAI/PyTorch components: MONAI ``LoadImage`` + ``Orientation("RAS")``, MONAI ``Resize``
     (trilinear / nearest-exact, ``align_corners=False``), ``ScaleIntensityRange``, ``sliding_window_inference``,
     ``torch.argmax``. Geometry (affines of crops and resampled grids) is tracked by MONAI's ``MetaTensor``, not by

@@ -131,6 +131,9 @@ def markdown(report: dict[str, Any]) -> str:
               for e in ((c.get(k) or {}).get("errors") or [])]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {name}: {err}" for name, err in errors]
+    fallbacks = [(c["name"], k, f) for c in report["cases"] for k in ("cold", "warm")
+                 for f in ((c.get(k) or {}).get("fallbacks") or [])]
+    lines += ["", "## Fallbacks", ""] + ([f"- {name} ({k}): {f}" for name, k, f in fallbacks] or ["none recorded"])
     plots = ", ".join(f"`{p}`" for p in report.get("plots", []))
     lines += ["", f"Memory over time: {plots or 'n/a'}", ""]
     return "\n".join(lines)

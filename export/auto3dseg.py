@@ -40,7 +40,8 @@ SIGMOID_REACH = 8.0  # |sigmoid argument| covered by the widened HU window
 
 
 def export_auto3dseg(work_dir: str | Path, out_dir: str | Path, fp16: bool = False, trt: bool = False,
-                     opset: int = 17, verify: bool = True, progress: bool = True, command: str | None = None) -> Path:
+                     opset: int = 17, verify: bool = True, progress: bool = True, command: str | None = None,
+                     card: str | Path | None = None) -> Path:
     """Convert the ``segresnet_*`` folds of an Auto3DSeg work dir into a bundle at ``out_dir``."""
     from .bundle_export import export_sources
 
@@ -52,7 +53,7 @@ def export_auto3dseg(work_dir: str | Path, out_dir: str | Path, fp16: bool = Fal
     cmd = command or f"flare.export.export_auto3dseg({str(work_dir)!r}, {str(out_dir)!r}, fp16={fp16}, trt={trt}, " \
                      f"opset={opset}, verify={verify})"
     return export_sources(sources, out_dir, fp16=fp16, trt=trt, opset=opset, verify=verify, progress=progress,
-                          command=cmd)
+                          command=cmd, card=card)
 
 
 def read_hyper_parameters(path: Path) -> dict[str, Any]:

@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from flare.runtime.bundle.manifest import FORMAT, model_entry, new_bundle_json, sha256_file, write_bundle_json
+from flare.runtime.bundle.card import CARD_FILE, ModelCard, card_from_raw
+from flare.runtime.bundle.manifest import (
+    FORMAT,
+    model_entry,
+    new_bundle_json,
+    read_card_file,
+    sha256_file,
+    write_bundle_json,
+)
 from flare.runtime.foundation.errors import OutputError
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, SPATIAL_DIVISOR, export_onnx, optimise_if_helpful
@@ -28,7 +36,8 @@ Step = Callable[[str], None]
 
 def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, fp16: bool = False, trt: bool = False,
                   opset: int = 17, verify: bool = True, progress: bool = True, command: str | None = None,
-                  int8: bool = False, calibration: Sequence[str | Path] = (), profile: str | None = None) -> Path:
+                  int8: bool = False, calibration: Sequence[str | Path] = (), profile: str | None = None,
+                  card: str | Path | None = None) -> Path:
     """Export the ``flare-train`` checkpoints in ``ckpt_dir`` (locator + fold0..N) to a bundle at ``out_dir``.
 
     ``int8`` adds static int8 models calibrated on the ``calibration`` CTs (:mod:`flare.export.quantize`);
@@ -48,16 +57,18 @@ def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, fp16: bool = False,
     cmd = command or f"flare.export.export_bundle({str(ckpt_dir)!r}, {str(out_dir)!r}, fp16={fp16}, trt={trt}, " \
                      f"opset={opset}, verify={verify}, int8={int8}, calibration={[str(c) for c in calibration]})"
     return export_sources(sources, out_dir, fp16=fp16, trt=trt, opset=opset, verify=verify, progress=progress,
-                          command=cmd, calibration=[Path(c) for c in calibration] if int8 else None)
+                          command=cmd, calibration=[Path(c) for c in calibration] if int8 else None, card=card)
 
 
 def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = False, trt: bool = False,
                    opset: int = 17, verify: bool = True, progress: bool = True, command: str = "",
-                   calibration: list[Path] | None = None) -> Path:
+                   calibration: list[Path] | None = None, card: str | Path | None = None) -> Path:
     """Export already loaded :class:`ExportSources` (flare checkpoints or an Auto3DSeg import) to ``out_dir``;
-    with ``calibration`` (CT paths) also static int8 models, verified against fp32."""
+    with ``calibration`` (CT paths) also static int8 models, verified against fp32; ``card``: a model-card JSON file
+    whose fields replace the derived ones (:func:`model_card`)."""
     out = Path(out_dir).resolve()
     check_target(out)
+    model_card_doc = model_card(sources, card).to_json()  # a bad card file fails before the long work
     int8 = calibration is not None
     n_steps = len(sources.models) * (2 + int(fp16) + int(verify) + int(int8)) + int(trt) + 1
     with _progress(progress, n_steps) as step, _staging(out) as tmp:
@@ -68,6 +79,7 @@ def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = 
         if int8:
             report["int8"] = quantize_models(sources, tmp, models, calibration or [], step, gate=verify)
         doc = bundle_document(sources, models, opset, command)
+        doc["card"] = model_card_doc
         doc["verification"] = report
         doc["provenance"]["optimisation"] = optimisation
         if trt:
@@ -157,6 +169,23 @@ def bundle_document(sources: ExportSources, models: dict[str, dict[str, Any]], o
                           roi=sources.roi, locator_roi=sources.locator_roi, provenance=provenance(sources, opset,
                                                                                                   command))
     return doc
+
+
+def model_card(sources: ExportSources, card_file: str | Path | None = None) -> ModelCard:
+    """The bundle's model card: ``card.json`` of the checkpoint folder (written by flare-train) when there is one,
+    else what the checkpoints tell (recipe, date of the newest checkpoint; the data set stays ``unknown``), then
+    the fields of ``card_file`` (``flare-export --card``) on top."""
+    own = sources.root / CARD_FILE
+    if own.is_file():
+        card = card_from_raw(read_card_file(own))
+    else:
+        recipe = {str(m.config.get("training_config", {}).get("name") or "") for m in sources.folds} - {""}
+        newest = max((m.checkpoint.stat().st_mtime for m in sources.models), default=None)
+        card = ModelCard(recipe="auto3dseg segresnet" if sources.kind == "auto3dseg" else
+                         (", ".join(sorted(recipe)) or "unknown"),
+                         trained_at="unknown" if newest is None else
+                         _dt.datetime.fromtimestamp(newest, _dt.UTC).date().isoformat())
+    return card.merged(read_card_file(card_file)) if card_file is not None else card
 
 
 def provenance(sources: ExportSources, opset: int, command: str) -> dict[str, Any]:

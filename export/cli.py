@@ -37,6 +37,10 @@ def export(
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
                                          help="check ONNX Runtime CPU against PyTorch per model (and int8 "
                                               "against fp32: the int8 gate)")] = True,
+    card: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--card", help="model card JSON (dataset, cases, data: synthetic|real, recipe, trained_at, validation_dice, "
+                       "intended_use, licence, ...): its fields replace those derived from the checkpoints "
+                       "(CHECKPOINT_DIR/card.json from flare-train, else recipe and date)", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress display")] = False,
 ) -> None:
     """Write BUNDLE_DIR/bundle.json and the model files; exit code 2 with one line on stderr on any problem."""
@@ -54,13 +58,13 @@ def export(
             from .auto3dseg import export_auto3dseg
 
             bundle = export_auto3dseg(from_auto3dseg, out, fp16=fp16, trt=trt, opset=opset, verify=verify,
-                                      progress=not quiet, command=command)
+                                      progress=not quiet, command=command, card=card)
         else:
             from .bundle_export import export_bundle
 
             bundle = export_bundle(checkpoint_dir, out, fp16=fp16, trt=trt, opset=opset,  # type: ignore[arg-type]
                                    verify=verify, progress=not quiet, command=command, int8=int8,
-                                   calibration=calibration or [], profile=profile)
+                                   calibration=calibration or [], profile=profile, card=card)
     except FlareError as exc:
         _fail(str(exc))
     if not quiet:

@@ -1,9 +1,15 @@
 """fp32 ONNX -> mixed-precision fp16 ONNX with float32 inputs and outputs.
 
-Compute-heavy, range-safe ops (convolutions, activations, additions, concatenation, pooling) run in float16; every
-other float op — normalisation (BatchNormalization, InstanceNormalization, GroupNormalization,
-LayerNormalization), Resize, reductions, Softmax, exp/log — stays float32, with ``Cast`` nodes inserted only where
-the precision changes. Weights of fp16 ops are stored as float16 initializers (half the file size). The graph's
+Compute-heavy, range-safe ops (convolutions, activations, additions, concatenation, pooling) and
+**BatchNormalization** run in float16; every other float op — the normalisations that reduce over the tile
+(InstanceNormalization, GroupNormalization, LayerNormalization), Resize, reductions, Softmax, exp/log — stays
+float32, with ``Cast`` nodes inserted only where the precision changes.
+
+BatchNormalization at inference is a per-channel affine map with fixed statistics (no reduction, nothing that can
+overflow that the convolution before it could not): in fp32 it put a Cast → BN → Cast pair around every norm of
+SegResNetDS (pre-activation blocks: 34 BatchNorm layers in the paper's network), which kept ONNX Runtime's CUDA provider
+from running the network as one fp16 chain. The norms that reduce over a whole tile stay fp32 until a GPU run shows
+their fp16 kernels accumulate safely (the finite-output check of every engine stays either way). Weights of fp16 ops are stored as float16 initializers (half the file size). The graph's
 input and output stay float32 (``input_dtype``/``output_dtype`` "float32" in ``bundle.json``): the runtime feeds the
 same array to both precisions, and the logits leave the model in fp32 for the softmax accumulator.
 
@@ -21,7 +27,7 @@ import numpy as np
 #: ops computed in float16; everything else that carries floats stays float32
 FP16_OPS = frozenset({
     "Conv", "ConvTranspose", "Relu", "LeakyRelu", "PRelu", "Add", "Sub", "Mul", "Concat", "MaxPool",
-    "AveragePool", "Identity", "Dropout", "Pad", "Slice", "Reshape", "Transpose",
+    "AveragePool", "Identity", "Dropout", "Pad", "Slice", "Reshape", "Transpose", "BatchNormalization",
 })
 #: fp16 weights are clipped to this range (float16 max is 65504) — larger weights would become inf
 _FP16_MAX = 65000.0

@@ -1,8 +1,9 @@
-"""flare.runtime — the torch-free FLARE23 inference runtime (numpy, nibabel, ONNX Runtime / TensorRT).
+"""flare.runtime — the torch-free FLARE23 inference runtime (numpy, nibabel, ONNX Runtime).
 
 Public API (imported lazily so that ``import flare.runtime`` and ``flare-run --help`` stay instant)::
 
-    from flare.runtime import segment, Segmenter, RemoteSegmenter, split_left_right, postprocess, load_bundle
+    from flare.runtime import segment, Segmenter, SegmentResult, Report, RemoteSegmenter, split_left_right
+    from flare.runtime import postprocess, load_bundle
     from flare.runtime import read_dicom, write_dicom_seg  # DICOM series in, DICOM-SEG out (the dicom extra)
 
 The functions live in small modules (``flare.runtime.ops.postprocessing`` holds ``postprocess``); no module shares a
@@ -15,8 +16,10 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "segment": "pipeline.segmenter",
+    "segment": "app.api",
     "Segmenter": "pipeline.segmenter",
+    "SegmentResult": "pipeline.result",
+    "Report": "pipeline.result",
     "RemoteSegmenter": "serving.client",
     "split_left_right": "ops.lr_split",
     "postprocess": "ops.postprocessing",

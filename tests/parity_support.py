@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -70,3 +70,15 @@ def build_parity_bundle(tiny_checkpoints: Path, root: Path) -> Path:
                           roi=(32, 32, 32), locator_roi=(32, 32, 32), provenance={"checkpoint_dir": str(ckpt)})
     write_bundle_json(bundle, doc)
     return bundle
+
+
+def fold_major(volume: Any, engine: Any, roi: tuple[int, int, int], out: Any, *, overlap: float = 0.0,
+               blend: str = "constant") -> Any:
+    """The classic fold-major oracle: one model over ``volume`` (host), its blended tile outputs ADDED to ``out``
+    (C, X, Y, Z float32), by the runtime's own tiling (``tiled_labels`` with ``out`` as the kept accumulator)."""
+    import numpy as np
+    from flare.runtime.inference.ensemble import tiled_labels
+
+    _, plan, _ = tiled_labels(volume, [engine.run], roi, np, channels=out.shape[0], overlap=overlap, blend=blend,
+                              base=out, keep_all=True)
+    return plan

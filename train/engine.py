@@ -188,9 +188,9 @@ def score_case(nets: list[Any], item: dict[str, Any], eff: dict[str, Any], devic
     pred = segment(nets, item["image"], eff, device)
     truth = np.asarray(item["label"])[0]
     if eff.get("labels") != "organ-union":
-        from .pseudolabel import split_sides
+        from flare.runtime.ops.lr_split import split_left_right
 
-        pred = split_sides(L.merged_to_flare(pred), np.asarray(item["affine"], dtype=np.float64))
+        pred = split_left_right(L.merged_to_flare(pred), np.asarray(item["affine"], dtype=np.float64))
     return dice_per_class(pred, truth, eval_classes(eff))
 
 

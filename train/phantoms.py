@@ -419,6 +419,7 @@ def make_phantoms(out_dir: str | Path, cases: int, seed: int = 0, *, size: int =
         if progress:
             progress(i)
     doc = {"name": "flare-phantoms", "description": f"synthetic abdominal CT phantoms, seed {seed}, size {size}",
+           "synthetic": True,
            "labels": {str(lab.id): lab.name for lab in L.LABELS}, "subsets": {k: list(v) for k, v in SUBSETS.items()},
            "seed": seed, "size": size, "training": training, "testing": testing}
     write_text_atomic(out / "dataset.json", json.dumps(doc, indent=1) + "\n")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.atomic import atomic_path
+from flare.runtime.ops.lr_split import split_left_right
 
 from .datalist import case_name
 
@@ -28,14 +29,6 @@ def merge_pseudo_labels(given: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
     out = np.array(given, dtype=np.uint8, copy=True)
     out[add] = pseudo[add]
     return out
-
-
-def split_sides(flare: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Relabel merged kidneys (2) / adrenals (7) on the patient's left as left kidney (13) / left adrenal (8), in
-    world coordinates (``flare.runtime.ops.lr_split``, the runtime's rule)."""
-    from flare.runtime.ops.lr_split import split_left_right
-
-    return np.asarray(split_left_right(flare, affine), dtype=np.uint8)
 
 
 def to_original_grid(labels: np.ndarray, affine_src: np.ndarray, shape: tuple[int, ...],
@@ -57,7 +50,7 @@ def pseudolabel_case(nets: list[Any], item: dict[str, Any], entry: dict[str, Any
 
     merged = segment(nets, item["image"], eff, device)
     affine_train = np.asarray(item["affine"], dtype=np.float64)
-    pseudo_train = split_sides(L.merged_to_flare(merged), affine_train)
+    pseudo_train = split_left_right(L.merged_to_flare(merged), affine_train)
     ref: Any
     if entry.get("label"):
         ref = nib.load(entry["label"])

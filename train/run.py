@@ -18,11 +18,13 @@ Output folder (``flare-export`` reads ``locator/`` and ``fold*/``)::
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flare.runtime.bundle.card import CARD_FILE, ModelCard
 from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.atomic import write_text_atomic
 from flare.runtime.foundation.errors import InputError
@@ -129,6 +131,35 @@ def evaluate_holdout(fold_dirs: list[Path], entries: list[dict[str, Any]], cfg: 
             "tumor": per_class.get(L.name_of(L.TUMOR))}
 
 
+def data_kind(doc: dict[str, Any]) -> str:
+    """``synthetic``/``real`` from the datalist's own ``synthetic`` flag (the phantoms set it), else ``unknown``."""
+    flag = doc.get("synthetic")
+    return "unknown" if flag is None else ("synthetic" if flag else "real")
+
+
+def training_card(doc: dict[str, Any], cfg: dict[str, Any], entries: list[dict[str, Any]],
+                  summary: dict[str, Any]) -> dict[str, Any]:
+    """The model card of this training (``OUT/card.json``, copied into the bundle by flare-export): the data set,
+    case count, recipe, date and the validation Dice per class (held-out ensemble when there are held-out cases,
+    else the mean over the folds' best validation)."""
+    dice: dict[str, float] = {}
+    holdout = summary.get("holdout")
+    if holdout:
+        dice = {k: float(v) for k, v in holdout["per_class"].items() if math.isfinite(v)}
+        how = f"held-out ensemble Dice, {holdout['cases']} case(s) vs {holdout['truth']}"
+    else:
+        per_fold = [f.get("val_per_class") or {} for f in summary.get("stage2", [])]
+        for name in {k for f in per_fold for k in f}:
+            vals = [float(f[name]) for f in per_fold if name in f and math.isfinite(f[name])]
+            if vals:
+                dice[name] = round(sum(vals) / len(vals), 4)
+        how = f"mean over {len(per_fold)} fold(s) of each fold's best validation Dice"
+    card = ModelCard(dataset=str(doc.get("name") or Path(doc["_path"]).parent.name), cases=len(entries),
+                     data=data_kind(doc), recipe=str(cfg["name"]), trained_at=ModelCard.today(), validation=how,
+                     validation_dice={k: min(1.0, max(0.0, v)) for k, v in sorted(dice.items())})
+    return card.to_json()
+
+
 def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path | dict[str, Any] = "tiny",
             folds: int = 5, *, overrides: dict[str, Any] | None = None, naive: bool = False, locator: bool = True,
             quiet: bool = False, threads: int | None = 2, include_unlabelled: bool = False,
@@ -197,6 +228,7 @@ def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     if dist.main:
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_text_atomic(out / CARD_FILE, json.dumps(training_card(doc, cfg, entries, summary), indent=1) + "\n")
     log(f"done in {summary['wall_s']} s -> {out}")
     return summary
 

@@ -1,12 +1,18 @@
 """Run a :class:`~flare.runtime.app.plan.Plan`: one :class:`~flare.runtime.pipeline.segmenter.Segmenter` (models loaded once) for
 every case, the next case read in a background thread while the current one is segmented (a prefetch of depth 1),
-each case's outputs written atomically, a failing case recorded and skipped, and in folder mode ``OUT/summary.json``
+each case's outputs written by :mod:`flare.runtime.app.write`, a failing case recorded and skipped, and in folder mode ``OUT/summary.json``
 rewritten atomically after every case.
+
+Every case is read through the same header preflight as a single file (the Segmenter's limits, or, for a remote
+segmenter, the limits that need no bundle) before a voxel is decoded. The read-ahead thread is a daemon: a
+termination signal never waits for it. A summary that cannot be written (a full disk) stops the run with
+:class:`SummaryError` (the CLI prints one line and exits 3); a case whose outputs cannot be written is a failed case.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,13 +20,18 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from flare.runtime.app.plan import CaseJob, OutputFormat, Plan
-from flare.runtime.foundation.errors import FlareError
+from flare.runtime.foundation.errors import FlareError, OutputError
 
 if TYPE_CHECKING:
-    from flare.runtime.image.nifti import LoadedImage
+    from flare.runtime.image.model import LoadedImage
+    from flare.runtime.pipeline.result import Report
     from flare.runtime.pipeline.segmenter import Segmenter, StageHooks
 
-__all__ = ["CaseResult", "process_case", "run_plan", "write_summary"]
+__all__ = ["CaseResult", "SummaryError", "process_case", "run_plan", "write_summary"]
+
+
+class SummaryError(OutputError):
+    """``OUT/summary.json`` cannot be written (e.g. the disk is full): the run stops."""
 
 
 @dataclass
@@ -35,55 +46,60 @@ class CaseResult:
     statistics: str | None = None
     preview: str | None = None
     report: str | None = None
-    stages: dict[str, float] | None = None  # seconds per pipeline stage (see flare.runtime.pipeline.segmenter.STAGES)
+    stages: dict[str, float] | None = None  # seconds per pipeline stage (see flare.runtime.pipeline.result.STAGES)
 
 
-def _read(job: CaseJob) -> tuple[LoadedImage, float]:
+Preflight = Callable[..., None]
+
+
+def _read(job: CaseJob, preflight: Preflight) -> tuple[LoadedImage, float]:
+    from flare.runtime.foundation.lifecycle import pause_point
+
     t0 = time.perf_counter()
-    return job.case.read(), time.perf_counter() - t0
+    pause_point(f"read:{job.case.name}")  # test hook (FLARE_TEST_PAUSE_AT); a no-op otherwise
+    return job.case.read(preflight), time.perf_counter() - t0
+
+
+def _read_ahead(job: CaseJob, preflight: Preflight) -> Future:
+    """Read ``job``'s image in a daemon thread (the process can exit without waiting for it)."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(_read(job, preflight))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            future.set_exception(err)
+
+    threading.Thread(target=work, name="flare-read", daemon=True).start()
+    return future
+
+
+def _preflight(seg: Any) -> Preflight:
+    """The Segmenter's header check (grids for its bundle), or the bundle-free one for a remote segmenter."""
+    check = getattr(seg, "check_grids", None)
+    if check is not None:
+        return check  # type: ignore[no-any-return]
+    from flare.runtime.pipeline.limits import check_source
+
+    return check_source
 
 
 def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputFormat,
-                 hooks: StageHooks | None = None, read_s: float = 0.0) -> dict[str, Any]:
-    """Segment ``img`` and write the job's outputs; returns the run report (``read_s``: seconds it took to read
-    ``img``, added to the report's read stage). Statistics and the preview are computed before the first file is
-    written, so a failure there leaves no output behind."""
-    labels, affine, report = seg.segment(img, None, hooks)
-    report["stages"]["read"] = round(report["stages"]["read"] + read_s, 4)
-    stats = png = None
-    if job.statistics is not None:
-        from flare.runtime.ops.stats import label_statistics
+                 hooks: StageHooks | None = None, read_s: float = 0.0,
+                 roi_subset: tuple[int, ...] | None = None) -> Report:
+    """Segment ``img`` and write the job's outputs (:func:`flare.runtime.app.write.write_result`); returns the run
+    report (``read_s``: seconds it took to read ``img``, added to the report's read stage; ``roi_subset``: the FLARE ids kept, others set to 0)."""
+    from flare.runtime.app.write import Outputs, write_result
 
-        stats = {"input": str(job.case.source), "series_uid": job.case.series_uid, "segmentation": str(job.output),
-                 **label_statistics(labels, img.data, affine)}
-    if job.preview is not None:
-        from flare.runtime.app.preview import render_preview
-
-        png = render_preview(img.data, labels, affine, title=job.case.name)
-    t0 = time.perf_counter()
-    if fmt is OutputFormat.dicom_seg:
-        from flare.runtime.image.dicomseg import write_dicom_seg
-
-        write_dicom_seg(job.output, labels, img)
-    else:
-        from flare.runtime.image.nifti import write_labels
-
-        write_labels(job.output, labels, like=img)
-    report["stages"]["write"] = round(time.perf_counter() - t0, 4)
-    report["output"] = str(job.output)
-    if stats is not None and job.statistics is not None:
-        from flare.runtime.ops.stats import write_statistics
-
-        write_statistics(job.statistics, stats)
-    if png is not None and job.preview is not None:
-        from flare.runtime.app.preview import write_preview
-
-        write_preview(job.preview, png)
-    if job.report is not None:
-        from flare.runtime.foundation.atomic import write_text_atomic
-
-        write_text_atomic(job.report, json.dumps(report, indent=2) + "\n")
-    return report
+    result = seg.segment(img, hooks)
+    result.report.add_stage_time("read", read_s)
+    write_result(result, Outputs(job.output, dicom_seg=fmt is OutputFormat.dicom_seg,
+                                 rtstruct=fmt is OutputFormat.rtstruct, statistics=job.statistics,
+                                 preview=job.preview, report=job.report, title=job.case.name,
+                                 statistics_header={"input": str(job.case.source),
+                                                    "series_uid": job.case.series_uid},
+                                 roi_subset=roi_subset, masks=job.masks, tables=tuple(job.tables or ())))
+    return result.report
 
 
 def write_summary(plan: Plan, results: list[CaseResult], extra: dict[str, Any]) -> None:
@@ -95,7 +111,13 @@ def write_summary(plan: Plan, results: list[CaseResult], extra: dict[str, Any]) 
     doc = {**extra, "cases_total": len(plan.jobs), "ok": sum(r.status == "ok" for r in results),
            "failed": sum(r.status == "failed" for r in results), "pending": len(plan.jobs) - len(results),
            "cases": [asdict(r) for r in results]}
-    write_text_atomic(plan.summary_path, json.dumps(doc, indent=2) + "\n")
+    try:
+        write_text_atomic(plan.summary_path, json.dumps(doc, indent=2) + "\n")
+    except (OutputError, OSError) as err:
+        problem = err.problem if isinstance(err, OutputError) else f"cannot write: {err.strerror or err}"
+        last = f"; the last case, {results[-1].name}, {results[-1].status}" if results else ""
+        raise SummaryError(plan.summary_path, f"{problem}{last}; the run stopped with "
+                                              f"{len(plan.jobs) - len(results)} case(s) not run") from None
 
 
 def _error_line(err: BaseException) -> str:
@@ -106,36 +128,65 @@ def _error_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())  # one line, whatever the exception says
 
 
+def _run_job(seg: Segmenter, plan: Plan, job: CaseJob, loaded: Callable[[], tuple[LoadedImage, float]],
+             hooks: StageHooks | None) -> CaseResult:
+    """One case: read (``loaded()``), segment, write; a failure is recorded in the result, never raised."""
+    t0 = time.perf_counter()
+    result = CaseResult(job.case.name, str(job.case.source), job.case.series_uid, str(job.output), "ok", 0.0)
+    try:
+        img, read_s = loaded()
+        result.stages = process_case(seg, job, img, plan.fmt, hooks, read_s=read_s,
+                                     roi_subset=plan.roi_subset).stages
+        del img
+        result.statistics = None if job.statistics is None else str(job.statistics)
+        result.preview = None if job.preview is None else str(job.preview)
+        result.report = None if job.report is None else str(job.report)
+    except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
+        result.status, result.error = "failed", _error_line(err)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
 def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], StageHooks | None] = lambda job: None,
              on_done: Callable[[CaseResult], None] = lambda result: None,
-             summary_extra: dict[str, Any] | None = None) -> list[CaseResult]:
+             summary_extra: dict[str, Any] | None = None, concurrency: int = 1) -> list[CaseResult]:
     """Segment every job of ``plan`` with ``seg``; never raises for one case's problem (it is recorded with a
-    one-line error and the next case runs). ``KeyboardInterrupt`` stops the run (the summary so far is kept)."""
-    results: list[CaseResult] = []
+    one-line error and the next case runs). ``KeyboardInterrupt`` stops the run (the summary so far is kept); a summary
+    that cannot be written raises :class:`SummaryError`.
+
+    ``concurrency`` > 1 (``flare-run --server``: the work is on the servers) keeps that many cases in flight, each
+    read, sent and written by its own thread; the results and the summary stay in the plan's order."""
     extra = dict(summary_extra or {})
+    preflight = _preflight(seg)
+    if concurrency > 1:
+        return _run_concurrently(plan, seg, concurrency, preflight, on_done, extra)
+    results: list[CaseResult] = []
     jobs = plan.jobs
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare-read")
-    upcoming: Future | None = pool.submit(_read, jobs[0]) if jobs else None
-    try:
-        for i, job in enumerate(jobs):
-            t0 = time.perf_counter()
-            current = upcoming
-            upcoming = pool.submit(_read, jobs[i + 1]) if i + 1 < len(jobs) else None  # overlaps this case
-            result = CaseResult(job.case.name, str(job.case.source), job.case.series_uid, str(job.output), "ok", 0.0)
-            try:
-                assert current is not None
-                img, read_s = current.result()
-                result.stages = process_case(seg, job, img, plan.fmt, hooks_for(job), read_s=read_s)["stages"]
-                del img
-                result.statistics = None if job.statistics is None else str(job.statistics)
-                result.preview = None if job.preview is None else str(job.preview)
-                result.report = None if job.report is None else str(job.report)
-            except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
-                result.status, result.error = "failed", _error_line(err)
-            result.seconds = round(time.perf_counter() - t0, 3)
-            results.append(result)
-            write_summary(plan, results, extra)
-            on_done(result)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # interrupted: do not start another read
+    upcoming: Future | None = _read_ahead(jobs[0], preflight) if jobs else None
+    for i, job in enumerate(jobs):
+        current = upcoming
+        upcoming = _read_ahead(jobs[i + 1], preflight) if i + 1 < len(jobs) else None  # overlaps this case
+        assert current is not None
+        result = _run_job(seg, plan, job, current.result, hooks_for(job))
+        results.append(result)
+        on_done(result)
+        write_summary(plan, results, extra)
     return results
+
+
+def _run_concurrently(plan: Plan, seg: Segmenter, concurrency: int, preflight: Preflight,
+                      on_done: Callable[[CaseResult], None], extra: dict[str, Any]) -> list[CaseResult]:
+    from concurrent.futures import as_completed
+
+    done: dict[int, CaseResult] = {}
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="flare-case")
+    try:
+        futures = {pool.submit(_run_job, seg, plan, job, lambda job=job: _read(job, preflight), None): i  # type: ignore[misc]
+                   for i, job in enumerate(plan.jobs)}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            write_summary(plan, [done[i] for i in sorted(done)], extra)
+            on_done(done[futures[future]])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return [done[i] for i in sorted(done)]

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from flare.runtime.app.plan import OutputFormat, Plan
+from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
+from flare.runtime.app.process import Terminated
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.foundation.lifecycle import Terminated
 from flare.runtime.ops.postprocessing import Mode
 
 if TYPE_CHECKING:
@@ -36,6 +36,9 @@ EXIT_OK, EXIT_CANNOT_START, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 class Device(str, Enum):
+    """flare-bench's --device choices (flare-run's --device also takes gpu, cuda:N and gpu:N: a plain string
+    checked by :func:`flare.runtime.inference.device.parse_device`)."""
+
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
@@ -53,7 +56,7 @@ def _fail(message: str, code: int = EXIT_CANNOT_START) -> typer.Exit:
 
 
 def _setup_logging(quiet: bool) -> None:
-    from flare.runtime.foundation.lifecycle import StderrHandler
+    from flare.runtime.app.process import StderrHandler
 
     handler = StderrHandler()
     handler.setFormatter(logging.Formatter("flare-run: warning: %(message)s"))
@@ -65,7 +68,7 @@ def _setup_logging(quiet: bool) -> None:
 
 def _show_version(value: bool) -> None:
     if value:
-        from flare.runtime.app.entrypoints import version
+        from flare.runtime.foundation.version import version
 
         typer.echo(f"flare-run {version()}")
         raise typer.Exit(0)
@@ -82,18 +85,35 @@ def _check_extras(plan: Plan) -> None:
         reqs.append(("pydicom", "dicom"))
     if plan.fmt is OutputFormat.dicom_seg:
         reqs.append(("highdicom", "dicom"))
+    if plan.fmt is OutputFormat.rtstruct:
+        reqs.append(("rt_utils", "dicom"))
     message = need(reqs)
     if message is not None:
         raise InputError(None, f"this run {message}")
 
 
-def _run_plan(plan: Plan, seg: Segmenter, quiet: bool) -> int:
-    from flare.runtime.app.batch import run_plan
+def _warn_model(seg: Segmenter) -> str | None:
+    """ONE warning line on stderr (even with -q) when the bundle's card says its models saw only synthetic data."""
+    card = getattr(seg.bundle, "card", None)  # a remote server's card arrives with each case's report
+    warning = None if card is None else card.warning()
+    if warning is not None:
+        typer.echo(f"flare-run: warning: {warning}", err=True)
+    return warning
+
+
+def _run_plan(plan: Plan, seg: Segmenter, quiet: bool, concurrency: int = 1) -> int:
+    from flare.runtime.app.batch import SummaryError, run_plan
     from flare.runtime.app.progress import run_display
 
-    extra = {"bundle": str(seg.bundle.root), "device": seg.device, "format": plan.fmt.value}
-    with run_display(plan, seg, quiet) as display:
-        results = run_plan(plan, seg, hooks_for=display.hooks_for, on_done=display.on_done, summary_extra=extra)
+    extra = {"bundle": str(seg.bundle.root), "device": seg.device, "format": plan.fmt.value,
+             "model_warning": _warn_model(seg)}
+    try:
+        with run_display(plan, seg, quiet) as display:
+            results = run_plan(plan, seg, hooks_for=display.hooks_for, on_done=display.on_done, summary_extra=extra,
+                               concurrency=concurrency)
+    except SummaryError as err:  # e.g. the disk is full: the run stops, the cases written so far stay
+        typer.echo(f"flare-run: error: {err}", err=True)
+        return EXIT_SOME_FAILED
     failed = [r for r in results if r.status != "ok"]
     if not plan.folder_mode:
         if failed:
@@ -133,17 +153,22 @@ def _exit_on_signals() -> Iterator[None]:
 
 @app.command()
 def run(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...",
+    inputs: Annotated[list[Path] | None, typer.Argument(metavar="INPUT...",
         help="CT images: NIfTI files (.nii.gz, .nii; any orientation, HU), DICOM series folders, single .dcm files, "
-             "or folders of cases (NIfTI files and/or DICOM series, searched recursively).", show_default=False)],
+             "or folders of cases (NIfTI files and/or DICOM series, searched recursively).", show_default=False)
+        ] = None,
+    input_opt: Annotated[list[Path] | None, typer.Option("-i", "--input", help="An INPUT (TotalSegmentator's "
+                         "spelling; may be repeated, and mixed with INPUT arguments).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output",
-                      help="One image: the label map to write (.nii.gz/.nii NIfTI, .dcm DICOM-SEG; default "
-                           "INPUT_seg.nii.gz beside the input). Several cases: a folder (created) that gets "
-                           "CASE.nii.gz (or CASE.dcm) per case and summary.json.", show_default=False)] = None,
+                      help="One image: the label map to write (.nii.gz/.nii NIfTI, .rtstruct.dcm RTSTRUCT, other "
+                           ".dcm DICOM-SEG; default INPUT_seg.nii.gz beside the input). Several cases: a folder "
+                           "(created) that gets CASE.nii.gz (or CASE.dcm, CASE.rtstruct.dcm) per case and "
+                           "summary.json.", show_default=False)] = None,
     bundle: Annotated[Path | None, typer.Option("--bundle", "-b",
                       help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.",
                       show_default=False)] = None,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA when ONNX Runtime has it.")] = Device.auto,
+    device: Annotated[str, typer.Option(help="auto (CUDA when ONNX Runtime has it), cpu, cuda or gpu, cuda:N or "
+                                             "gpu:N (CUDA device N).")] = "auto",
     folds: Annotated[int | None, typer.Option(min=1, help="Use the first N folds (default: all).",
                                               show_default=False)] = None,
     overlap: Annotated[float | None, typer.Option(min=0.0, max=0.95,
@@ -164,22 +189,34 @@ def run(
                                 "3-D components, small tumor components). Default: the bundle's, paper.",
                            show_default=False)] = None,
     fmt: Annotated[OutputFormat | None, typer.Option("--format",
-                   help="Output format (several cases; one image: from the -o suffix). dicom-seg needs DICOM "
-                        "input. Default: nifti.", show_default=False)] = None,
+                   help="Output format (several cases; one image: from the -o suffix). dicom-seg and rtstruct "
+                        "need DICOM input. Default: nifti.", show_default=False)] = None,
     series: Annotated[str | None, typer.Option("--series", help="Segment only the DICOM series with this "
                                                "SeriesInstanceUID.", show_default=False)] = None,
     statistics: Annotated[Path | None, typer.Option("--statistics", help="Per-label voxels, volume (ml), mean/std "
                           "HU and the tumor count as JSON: a file for one image, a folder for several "
-                          "(CASE_stats.json).", show_default=False)] = None,
+                          "(CASE_stats.json); without a value, beside the output (OUT_stats.json, or in the -o "
+                          "folder).", show_default=False)] = None,
+    roi_subset: Annotated[list[str] | None, typer.Option("--roi-subset", "--roi_subset", help="Keep only these "
+                          "labels (TotalSegmentator names: liver, kidney_right, ...; several names may follow one "
+                          "--roi-subset); the others are set to 0 in every output.", show_default=False)] = None,
+    masks: Annotated[Path | None, typer.Option("--masks", help="Also write one 0/1 mask per label into this folder "
+                     "(created), named as TotalSegmentator does (liver.nii.gz, kidney_right.nii.gz, ...); several "
+                     "cases: DIR/CASE/.", show_default=False)] = None,
+    label_table: Annotated[bool, typer.Option("--label-table", help="Also write the label names and colours "
+                           "beside each label map: OUT.ctbl (3D Slicer colour table) and OUT.itksnap.txt (ITK-SNAP "
+                           "label descriptions).")] = False,
     preview: Annotated[Path | None, typer.Option("--preview", help="PNG of axial/coronal/sagittal overlays: a "
                        "file for one image, a folder for several (CASE_preview.png). Needs matplotlib "
                        "(extra 'preview').", show_default=False)] = None,
     report: Annotated[Path | None, typer.Option(help="Run report as JSON (stages, crop, tiles, memory, voxels): "
                       "a file for one image, a folder for several (CASE_report.json).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    server: Annotated[str | None, typer.Option(help="Segment on a flare-serve server at HOST:PORT (its HTTP port) "
-                      "instead of here; --bundle, --device, --precision and --gpu-mem-budget are the server's.")
-                      ] = None,
+    server: Annotated[str | None, typer.Option(help="Segment on flare-serve servers at HOST:PORT (their HTTP port; "
+                      "several: comma-separated) instead of here; --bundle, --device, --precision and "
+                      "--gpu-mem-budget are the servers'.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="With --server: cases in flight at once, spread "
+                           "over the servers (each goes to the one with the fewest in flight).")] = 1,
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
@@ -188,9 +225,15 @@ def run(
     with _exit_on_signals():
         try:
             from flare.runtime.app.plan import make_plan
+            from flare.runtime.inference.device import parse_device
 
-            plan = make_plan(inputs, output=output, fmt=fmt, series=series, statistics=statistics, preview=preview,
-                             report=report)
+            parse_device(device)
+            if concurrency > 1 and server is None:
+                raise InputError(None, "--concurrency needs --server (locally one case runs at a time, using "
+                                       "every core)")
+            plan = make_plan([*(input_opt or []), *(inputs or [])], output=output, fmt=fmt, series=series,
+                             statistics=statistics, preview=preview, report=report, masks=masks,
+                             label_table=label_table, roi_subset=roi_subset)
             _check_extras(plan)
             from flare.runtime.bundle.manifest import default_bundle_dir
             from flare.runtime.pipeline.limits import preflight
@@ -203,9 +246,10 @@ def run(
                 seg = RemoteSegmenter(server, folds=folds, overlap=overlap, progress=not quiet,
                                       postprocess=None if postprocess is None else postprocess.value)
             else:
-                if not plan.folder_mode and plan.jobs[0].case.kind == "nifti":  # refuse from the header before loading
-                    preflight(plan.jobs[0].case.source, bundle or default_bundle_dir())
-                seg = Segmenter(bundle or default_bundle_dir(), device=device.value, folds=folds, overlap=overlap,
+                if not plan.folder_mode:  # refuse from the header(s) before loading the models
+                    case = plan.jobs[0].case
+                    preflight(case.source, bundle or default_bundle_dir(), kind=case.kind, series_uid=case.series_uid)
+                seg = Segmenter(bundle or default_bundle_dir(), device=device, folds=folds, overlap=overlap,
                                 precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
                                 postprocess=None if postprocess is None else postprocess.value,
                                 cudnn_algo_search=cudnn_algo_search.upper())
@@ -217,16 +261,57 @@ def run(
         except MemoryError:
             raise _fail("out of memory while loading the bundle") from None
     with _exit_on_signals():
-        code = _run_plan(plan, seg, quiet or server is not None)  # type: ignore[arg-type]  # duck-typed remote
+        code = _run_plan(plan, seg, quiet or server is not None, concurrency)  # type: ignore[arg-type]  # remote
     raise typer.Exit(code)
 
 
+def ts_argv(argv: list[str]) -> list[str]:
+    """TotalSegmentator's argument habits made typer-readable: ``--roi-subset``/``--roi_subset`` followed by several
+    names (each following word that is a label name is taken) becomes one option per name, ``--statistics``
+    without a value (followed by nothing, by an option, or by a NIfTI/DICOM input) gets :data:`BESIDE_OUTPUT`, and
+    ``-ot``/``--output_type nifti|dicom_seg|dicom_rtstruct`` becomes ``--format``."""
+    from flare.runtime.foundation.labels import label_named
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return out + argv[i:]
+        if arg in ("--roi-subset", "--roi_subset"):
+            names: list[str] = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                try:
+                    label_named(argv[i + 1])
+                except KeyError:
+                    if names:
+                        break  # an INPUT after the names
+                names.append(argv[i + 1])  # the first word is always the option's value (unknown: its error)
+                i += 1
+            out += [x for name in names for x in ("--roi-subset", name)] or [arg]
+        elif arg in ("-ot", "--output_type", "--output-type") and i + 1 < len(argv):
+            value = argv[i + 1].replace("_", "-")
+            out += ["--format", "rtstruct" if value == "dicom-rtstruct" else value]
+            i += 1
+        elif arg == "--statistics":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            out.append(arg)
+            if nxt is None or nxt.startswith("-") or nxt.lower().endswith((*NIFTI_SUFFIXES, ".dcm")):
+                out.append(str(BESIDE_OUTPUT))
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main() -> None:
-    from flare.runtime.foundation.lifecycle import guard_stderr, install_signal_handlers
+    import sys
+
+    from flare.runtime.app.process import guard_stderr, install_signal_handlers
 
     guard_stderr()
     install_signal_handlers()
-    app()
+    app(args=ts_argv(sys.argv[1:]))
 
 
 if __name__ == "__main__":

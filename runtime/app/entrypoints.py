@@ -3,7 +3,8 @@
 A runtime-only install (``pip install 'flare-seg[cpu]'``) still gets every console script; without this check
 ``flare-train`` and friends would die with a long ``ModuleNotFoundError`` traceback, or (``flare-bench``) run for
 minutes and then fail. Each wrapper looks the packages up with :func:`importlib.util.find_spec` (nothing is
-imported), prints ONE line naming the extra to install and exits 2 before any work; ``--version`` always answers.
+imported), prints ONE line naming the extra to install and exits 2 before any work; ``--version`` always answers,
+and ``--help`` shows the command's help followed by a line naming the extra to install.
 This module imports nothing heavy: it must work on the smallest install.
 """
 
@@ -16,9 +17,11 @@ from functools import partial
 from importlib import import_module
 from importlib.util import find_spec
 
-__all__ = ["COMMANDS", "Command", "missing_modules", "need", "version"]
+from flare.runtime.foundation.version import DIST, version
 
-DIST = "flare-seg"
+__all__ = ["COMMANDS", "HELP_FLAGS", "Command", "missing_modules", "need"]
+
+HELP_FLAGS = frozenset({"--help"})
 
 
 @dataclass(frozen=True)
@@ -50,22 +53,12 @@ COMMANDS: dict[str, Command] = {
     "flare-run": Command("flare.runtime.app.cli", (_ORT,), when={"--server": (_CLIENT,)},
                          unless={"--server": ("onnxruntime",)}),
     "flare-export": Command("flare.export.cli", (*_EXPORT, _ORT), unless={"--no-verify": ("onnxruntime",)}),
-    "flare-demo": Command("flare.export.demo", (*_TRAIN, *_EXPORT, _ORT)),
+    "flare-demo": Command("flare.benchmarks.demo", (*_TRAIN, *_EXPORT, _ORT)),
     "flare-train": Command("flare.train.cli", _TRAIN),
     "flare-bench": Command("flare.benchmarks.cli", (("matplotlib", "bench"), _ORT),
                            when={"--reference": _TRAIN, "--server": (_CLIENT,)}),
     "flare-serve": Command("flare.runtime.serving.server", (_ORT, ("pytriton", "serve"), _CLIENT)),
 }
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version(DIST)
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
-        return "unknown"
 
 
 def missing_modules(names: Sequence[str]) -> list[str]:
@@ -102,10 +95,25 @@ def launch(name: str, argv: Sequence[str] | None = None) -> None:
         raise SystemExit(0)
     cmd = COMMANDS[name]
     message = need(cmd.requirements(args))
-    if message is not None:
-        print(f"{name}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-    import_module(cmd.target).main()
+    if message is None:
+        import_module(cmd.target).main()
+        return
+    if HELP_FLAGS.intersection(args):  # the help needs only typer: show it, then what to install to run the command
+        show_help(cmd.target, args)
+        print(f"{name}: note: to run it, this command {message}", file=sys.stderr)
+        raise SystemExit(0)
+    print(f"{name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def show_help(target: str, args: Sequence[str]) -> None:
+    """Print the command's ``--help`` from its typer ``app`` (not ``main()``, which may set up torch first); every
+    command module imports its extra's packages inside the functions that use them, so this works without them."""
+    try:
+        import_module(target).app(args=list(args), standalone_mode=True)
+    except SystemExit as done:
+        if done.code not in (0, None):
+            raise
 
 
 # the console scripts (pyproject.toml [project.scripts]): zero-argument callables, one per command

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -25,11 +25,15 @@ from typing import TYPE_CHECKING
 from flare.runtime.foundation.errors import InputError, OutputError
 
 if TYPE_CHECKING:
-    from flare.runtime.image.nifti import LoadedImage
+    from flare.runtime.image.model import LoadedImage
 
 __all__ = ["Case", "CaseJob", "OutputFormat", "Plan", "discover", "is_nifti_name", "make_plan"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: an output named ``*.rtstruct.dcm`` is an RTSTRUCT; any other ``*.dcm`` a DICOM-SEG
+RTSTRUCT_SUFFIX = ".rtstruct.dcm"
+#: ``--statistics`` given without a path (flare-run's TotalSegmentator habit): the statistics go beside the output
+BESIDE_OUTPUT = Path("::beside-the-output::")
 #: DICOM modalities that become cases when a folder is searched (other series, e.g. SEG or SR, are skipped)
 CASE_MODALITIES = ("CT", "")
 
@@ -39,10 +43,15 @@ class OutputFormat(str, Enum):
 
     nifti = "nifti"
     dicom_seg = "dicom-seg"
+    rtstruct = "rtstruct"
 
     @property
     def suffix(self) -> str:
-        return ".dcm" if self is OutputFormat.dicom_seg else ".nii.gz"
+        return {"nifti": ".nii.gz", "dicom-seg": ".dcm", "rtstruct": RTSTRUCT_SUFFIX}[self.value]
+
+    @property
+    def needs_dicom(self) -> bool:
+        return self is not OutputFormat.nifti
 
 
 @dataclass(frozen=True)
@@ -51,23 +60,24 @@ class Case:
 
     name: str  # unique among the cases of one run; names the outputs in folder mode
     source: Path
-    kind: str  # "nifti" or "dicom"
+    kind: str  # "nifti", "dicom", or "unreadable" (a file or folder the search could not read: a failed case)
     series_uid: str | None = None
     description: str = ""
     rel: str = ""  # path relative to the INPUT it was found in (disambiguates equal names)
     error: str | None = None  # found broken while searching (a damaged DICOM file): read() raises it
 
-    def read(self) -> LoadedImage:
-        """Read and validate the image (one-line ``InputError`` on any problem)."""
+    def read(self, preflight: Callable[..., None] | None = None) -> LoadedImage:
+        """Read and validate the image (one-line ``InputError`` on any problem); ``preflight(path, shape, affine,
+        itemsize, scaled, source_bytes)`` refuses it from the header(s), before any voxel is decoded."""
         if self.error is not None:
             raise InputError(None, self.error)
         if self.kind == "dicom":
             from flare.runtime.image.dicom import read_dicom
 
-            return read_dicom(self.source, self.series_uid)
+            return read_dicom(self.source, self.series_uid, preflight=preflight)
         from flare.runtime.image.nifti import read_image
 
-        return read_image(self.source)
+        return read_image(self.source, preflight=preflight)
 
 
 @dataclass(frozen=True)
@@ -79,9 +89,11 @@ class CaseJob:
     statistics: Path | None = None
     preview: Path | None = None
     report: Path | None = None
+    masks: Path | None = None  # folder of one mask file per label (TotalSegmentator's names)
+    tables: tuple[Path, ...] = ()  # label tables for viewers (3D Slicer .ctbl, ITK-SNAP label description)
 
     def outputs(self) -> list[Path]:
-        return [p for p in (self.output, self.statistics, self.preview, self.report) if p is not None]
+        return [p for p in (self.output, self.statistics, self.preview, self.report, *self.tables) if p is not None]
 
 
 @dataclass
@@ -92,6 +104,7 @@ class Plan:
     out_dir: Path | None = None  # folder mode: where summary.json goes
     folders: list[Path] = field(default_factory=list)  # folders to create before the first case
     skipped: list[str] = field(default_factory=list)  # one line per DICOM series not taken as a case
+    roi_subset: tuple[int, ...] | None = None  # FLARE ids kept in the outputs (--roi-subset); None: all
 
     @property
     def summary_path(self) -> Path | None:
@@ -129,23 +142,26 @@ def _inside(path: Path, folders: Sequence[Path]) -> bool:
     return any(resolved == f or f in resolved.parents for f in folders)
 
 
-def _nifti_files(folder: Path, exclude: Sequence[Path]) -> Iterator[Path]:
-    """NIfTI files under ``folder``, sorted, skipping hidden entries and the ``exclude`` folders."""
-    for root, dirs, files in os.walk(folder):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _inside(here / d, exclude))
-        for name in sorted(files):
-            if not name.startswith(".") and is_nifti_name(Path(name)):
-                yield here / name
+def _search(folder: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[list[Path], bool, list[Case]]:
+    """One stat-first walk of an INPUT folder (:func:`flare.runtime.foundation.files.walk`): its NIfTI files (those
+    flare wrote left out, with a note), whether it holds other files (candidate DICOM files), and a failed case per
+    entry that cannot be read. FIFOs, devices and sockets are never opened (a note each)."""
+    from flare.runtime.foundation.files import walk
+    from flare.runtime.image.nifti import written_by_flare
 
-
-def _other_files(folder: Path, exclude: Sequence[Path]) -> bool:
-    """Whether ``folder`` holds any visible file that is not NIfTI (a candidate DICOM file)."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _inside(Path(root) / d, exclude)]
-        if any(not f.startswith(".") and not is_nifti_name(Path(f)) for f in files):
-            return True
-    return False
+    found = walk(folder, skip_folder=lambda p: _inside(p, exclude))
+    skipped.extend(str(p) for p in found.special)
+    niftis = []
+    for path in (f for f in found.files if is_nifti_name(f)):
+        mark = written_by_flare(path)
+        if mark:
+            skipped.append(f"{path}: written by flare ({mark}), not a CT; skipped")
+        else:
+            niftis.append(path)
+    others = any(not is_nifti_name(f) for f in found.files)
+    failed = [Case(_safe(_rel(p.path, folder).replace(os.sep, "_")), p.path, "unreadable", None, "",
+                   _rel(p.path, folder), error=str(p)) for p in found.unreadable]
+    return niftis, others, failed
 
 
 def _series_cases(folder: Path, root: Path, exclude: Sequence[Path], skipped: list[str]) -> list[Case]:
@@ -156,9 +172,12 @@ def _series_cases(folder: Path, root: Path, exclude: Sequence[Path], skipped: li
     try:
         found = [s for s in find_series(folder) if not _inside(s.folder, exclude)]
     except InputError as err:
-        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                            and not _inside(p, exclude))
-        loose = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)]
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:  # an unreadable folder: already a failed case of the search (_search)
+            return []
+        subfolders = [p for p in entries if p.is_dir() and not p.name.startswith(".") and not _inside(p, exclude)]
+        loose = [p for p in entries if not p.name.startswith(".") and is_dicom_file(p)]
         cases = [c for sub in subfolders for c in _series_cases(sub, root, exclude, skipped)]
         if loose:  # the files right here (or a subfolder's) hold the problem
             cases.insert(0, Case(_safe(_rel_name(folder, root)), folder, "dicom", None, "", _rel(folder, root),
@@ -207,9 +226,9 @@ def _cases_of(path: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[
         if not is_nifti_name(path) and _is_dicom(path):
             return [Case(_safe(_stem(path)), path, "dicom", None, "", path.name)], True
         return [Case(_safe(_stem(path)), path, "nifti", None, "", path.name)], True  # read_image judges the rest
-    niftis = [Case(_safe(_stem(p)), p, "nifti", None, "", str(p.relative_to(path))) for p in _nifti_files(path, exclude)]
-    others = _other_files(path, exclude)
-    if not niftis and not others:
+    files, others, unreadable = _search(path, exclude, skipped)
+    niftis = [Case(_safe(_stem(p)), p, "nifti", None, "", str(p.relative_to(path))) for p in files]
+    if not niftis and not others and not unreadable:
         raise InputError(path, "is a folder without NIfTI files or DICOM series")
     series: list[Case] = []
     if others:
@@ -223,10 +242,10 @@ def _cases_of(path: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[
                            f"{message})")
         else:
             raise InputError(path, f"holds no NIfTI files; reading DICOM {message}")
-    if not niftis and not series:
+    if not niftis and not series and not unreadable:
         raise InputError(path, "folder holds no NIfTI files (.nii, .nii.gz) or DICOM CT series")
-    one_series = not niftis and len(series) == 1
-    return niftis + series, one_series
+    one_series = not niftis and not unreadable and len(series) == 1
+    return niftis + series + unreadable, one_series
 
 
 def _unique_names(cases: list[Case]) -> list[Case]:
@@ -287,9 +306,19 @@ def _format_of(output: Path) -> OutputFormat:
     name = output.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return OutputFormat.nifti
+    if name.endswith(RTSTRUCT_SUFFIX):
+        return OutputFormat.rtstruct
     if name.endswith(".dcm"):
         return OutputFormat.dicom_seg
-    raise OutputError(output, "output must end in .nii.gz or .nii (NIfTI) or .dcm (DICOM-SEG)")
+    raise OutputError(output, f"output must end in .nii.gz or .nii (NIfTI), {RTSTRUCT_SUFFIX} (RTSTRUCT) or .dcm "
+                              "(DICOM-SEG)")
+
+
+def table_paths(output: Path) -> tuple[Path, Path]:
+    """The label tables written beside ``output`` with ``--label-table``: ``STEM.ctbl`` (3D Slicer colour table)
+    and ``STEM.itksnap.txt`` (ITK-SNAP label description file)."""
+    stem = _stem(output).removesuffix(".rtstruct")
+    return output.with_name(stem + ".ctbl"), output.with_name(stem + ".itksnap.txt")
 
 
 def _check_file_target(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
@@ -317,7 +346,10 @@ def _check_folder_target(path: Path, what: str) -> bool:
 
 def _input_files(case: Case) -> list[Path]:
     if case.source.is_dir():
-        return [p for p in case.source.iterdir() if p.is_file()]
+        try:
+            return [p for p in case.source.iterdir() if p.is_file()]
+        except OSError:  # an unreadable folder (a failed case): nothing in it can be named as an output
+            return [case.source]
     return [case.source]
 
 
@@ -330,7 +362,8 @@ def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Seque
     for job in jobs:
         prefix = f"{job.case.name} " if len(jobs) > 1 else ""
         for role, path in (("segmentation", job.output), ("statistics", job.statistics),
-                           ("preview", job.preview), ("report", job.report)):
+                           ("preview", job.preview), ("report", job.report),
+                           *((f"label table {i + 1}", t) for i, t in enumerate(job.tables))):
             outputs[prefix + role] = path
     outputs.update({f"summary{'' if i == 0 else i}": p for i, p in enumerate(extra)})
     check_outputs([p for c in cases for p in _input_files(c)], outputs, writable=False)
@@ -338,27 +371,39 @@ def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Seque
 
 def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat | None = None,
               series: str | None = None, statistics: Path | None = None, preview: Path | None = None,
-              report: Path | None = None) -> Plan:
-    """Decide the cases and their output paths, checking every output before any work (one-line errors)."""
-    exclude = [p for p in (output, statistics, preview, report) if p is not None]
+              report: Path | None = None, masks: Path | None = None, label_table: bool = False,
+              roi_subset: Sequence[str] | None = None) -> Plan:
+    """Decide the cases and their output paths, checking every output before any work (one-line errors).
+    ``statistics`` may be :data:`BESIDE_OUTPUT` (``--statistics`` without a path)."""
+    subset = _subset_ids(roi_subset)
+    beside = statistics == BESIDE_OUTPUT
+    exclude = [p for p in (output, None if beside else statistics, preview, report, masks) if p is not None]
     cases, file_mode, skipped = discover(inputs, series, exclude)
     if file_mode:
         case = cases[0]
         out = output if output is not None else default_output(inputs[0], case.kind)
+        if output is None and fmt is not None and fmt is not OutputFormat.nifti:
+            out = out.with_name(out.name.removesuffix(".nii.gz") + fmt.suffix)
         out_fmt = _format_of(out)
         if fmt is not None and fmt is not out_fmt:
             raise OutputError(out, f"--format {fmt.value} does not match the output name (use {fmt.suffix})")
-        if out_fmt is OutputFormat.dicom_seg and case.kind != "dicom":
-            raise OutputError(out, f"DICOM-SEG output needs a DICOM input; {case.source} is NIfTI "
+        if out_fmt.needs_dicom and case.kind != "dicom":
+            what = "RTSTRUCT" if out_fmt is OutputFormat.rtstruct else "DICOM-SEG"
+            raise OutputError(out, f"{what} output needs a DICOM input; {case.source} is NIfTI "
                                    "(write .nii.gz instead)")
         _check_file_target(out, "output", NIFTI_SUFFIXES + (".dcm",))
+        if beside:
+            statistics = out.with_name(_stem(out).removesuffix(".rtstruct") + "_stats.json")
+        if masks is not None:
+            _check_folder_target(masks, "--masks folder")
         for path, what, suffixes in ((statistics, "--statistics", (".json",)), (preview, "--preview", (".png",)),
                                      (report, "--report", (".json",))):
             if path is not None:
                 _check_file_target(path, what, suffixes)
-        job = CaseJob(case, out, statistics, preview, report)
+        job = CaseJob(case, out, statistics, preview, report, masks, table_paths(out) if label_table else ())
         _check_distinct([job], cases)
-        return Plan([job], False, out_fmt, skipped=skipped)
+        return Plan([job], False, out_fmt, folders=[masks] if masks is not None and not masks.is_dir() else [],
+                    skipped=skipped, roi_subset=subset)
     if output is None:
         raise OutputError(None, f"{len(cases)} cases found: give an output folder with -o")
     for path, what in ((output, "-o"), (statistics, "--statistics"), (preview, "--preview"), (report, "--report")):
@@ -366,20 +411,42 @@ def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat 
                                                                                                  ".png")):
             raise OutputError(path, f"{len(cases)} cases found: {what} must be a folder, not a file name")
     fmt = fmt or OutputFormat.nifti
-    if fmt is OutputFormat.dicom_seg:
+    if fmt.needs_dicom:
         nifti = [c for c in cases if c.kind != "dicom"]
         if nifti:
-            raise OutputError(output, f"--format dicom-seg needs DICOM inputs; {nifti[0].source} is NIfTI "
+            raise OutputError(output, f"--format {fmt.value} needs DICOM inputs; {nifti[0].source} is NIfTI "
                                       "(use --format nifti)")
+    if beside:
+        statistics = output
     folders = []
     for path, what in ((output, "output"), (statistics, "--statistics"), (preview, "--preview"),
-                       (report, "--report")):
+                       (report, "--report"), (masks, "--masks")):
         if path is not None and _check_folder_target(path, f"{what} folder") and path not in folders:
             folders.append(path)
+    if masks is not None:
+        folders += [masks / c.name for c in cases if not (masks / c.name).is_dir()]
     jobs = [CaseJob(c, output / f"{c.name}{fmt.suffix}",
                     None if statistics is None else statistics / f"{c.name}_stats.json",
                     None if preview is None else preview / f"{c.name}_preview.png",
-                    None if report is None else report / f"{c.name}_report.json") for c in cases]
+                    None if report is None else report / f"{c.name}_report.json",
+                    None if masks is None else masks / c.name,
+                    table_paths(output / f"{c.name}{fmt.suffix}") if label_table else ()) for c in cases]
     _check_distinct(jobs, cases, [output / "summary.json"])
-    return Plan(jobs, True, fmt, output, folders, skipped)
+    return Plan(jobs, True, fmt, output, folders, skipped, subset)
+
+
+def _subset_ids(names: Sequence[str] | None) -> tuple[int, ...] | None:
+    """``--roi-subset`` names (TotalSegmentator's, e.g. ``kidney_left``, or the registry's short/full names) as
+    sorted FLARE ids; an unknown name is a one-line InputError listing the valid ones."""
+    if not names:
+        return None
+    from flare.runtime.foundation.labels import label_named
+
+    ids = set()
+    for name in names:
+        try:
+            ids.add(label_named(name).id)
+        except KeyError as err:
+            raise InputError(None, f"--roi-subset: {err.args[0]}") from None
+    return tuple(sorted(ids))
 

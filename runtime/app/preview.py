@@ -1,19 +1,22 @@
-"""``--preview``: a PNG with axial, coronal and sagittal slices through the segmented organs' centre, labels overlaid
-in the registry's colours (runtime/foundation/labels.py), matplotlib's Agg canvas (no display, no pyplot global state).
+"""``--preview``: a PNG with axial, coronal and sagittal slices through the segmented organs, labels overlaid in the
+registry's colours (:mod:`flare.runtime.foundation.labels`, the one colour source), matplotlib's Agg canvas (no
+display, no pyplot global state).
 
+Each view shows the slice where the segmented organs have their largest cross-section in that view (the image
+centre when nothing was segmented), so the organs are in the picture rather than wherever the volume's centre falls.
 Slices are taken in the closest canonical RAS grid and shown in radiological convention (patient right on the
-viewer's left, anterior and superior up), with millimetre extents so that anisotropic voxels keep their shape.
+viewer's left, anterior and superior up), with millimetre extents so that anisotropic voxels keep their shape, and
+orientation letters (R/L, A/P, S/I) on the edges of each view. The legend names every label present.
 """
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 from flare.runtime.foundation.labels import LABELS, NUM_FLARE_IDS
 
-__all__ = ["PREVIEW_WINDOW_HU", "render_preview", "write_preview"]
+__all__ = ["PREVIEW_WINDOW_HU", "render_preview"]
 
 #: CT window of the preview (soft-tissue abdomen: level 40, width 400)
 PREVIEW_WINDOW_HU = (-160.0, 240.0)
@@ -21,18 +24,20 @@ _ALPHA = 0.45
 _DPI = 100
 
 
-def _centre(labels_ras: np.ndarray) -> tuple[int, int, int]:
-    """Voxel index of the centre of mass of all labels (the image centre when nothing was segmented), from the
-    mask's projections on each axis (no coordinate arrays: little memory on a full-size CT)."""
+#: orientation letters of each view: (left edge, right edge, top edge, bottom edge), radiological convention
+ORIENTATION_LETTERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"),
+                       "sagittal": ("A", "P", "S", "I")}
+
+
+def slice_indices(labels_ras: np.ndarray) -> tuple[int, int, int]:
+    """(x, y, z) voxel indices of the sagittal, coronal and axial slices with the most labelled voxels (the organs'
+    largest cross-section in each view); the image centre when nothing was segmented. From the mask's projections
+    on each axis (no coordinate arrays: little memory on a full-size CT)."""
     fg = labels_ras > 0
-    total = int(fg.sum())
-    if not total:
+    if not fg.any():
         return tuple(s // 2 for s in labels_ras.shape)  # type: ignore[return-value]
-    centre = []
-    for axis in range(3):
-        profile = fg.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
-        centre.append(round(float(profile @ np.arange(profile.size)) / total))
-    return tuple(centre)  # type: ignore[return-value]
+    return tuple(int(np.argmax(fg.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)))
+                 for axis in range(3))  # type: ignore[return-value]
 
 
 def _views(ct: np.ndarray, lab: np.ndarray, spacing: tuple[float, float, float], c: tuple[int, int, int]
@@ -50,10 +55,19 @@ def _views(ct: np.ndarray, lab: np.ndarray, spacing: tuple[float, float, float],
     ]
 
 
+def _letters(ax: object, letters: tuple[str, str, str, str]) -> None:
+    """Orientation letters at the middle of the left, right, top and bottom edges of a view."""
+    style = {"color": "yellow", "fontsize": 16, "fontweight": "bold", "transform": ax.transAxes}  # type: ignore[attr-defined]
+    for (x, y, ha, va), letter in zip(((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
+                                       (0.5, 0.99, "center", "top"), (0.5, 0.01, "center", "bottom")), letters):
+        ax.text(x, y, letter, ha=ha, va=va, **style)  # type: ignore[attr-defined]
+
+
 def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, title: str = "") -> bytes:
     """PNG bytes: three overlays through the labels' centre, a legend of the labels present; >= 512 px high."""
-    from flare.runtime.image.nifti import Reorientation
+    from flare.runtime.image.model import Reorientation
     from flare.runtime.ops.geometry import spacing_from_affine
+    from flare.runtime.ops.stats import label_counts
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -65,33 +79,27 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, ti
     for entry in LABELS[1:]:
         colours[entry.id] = (*(v / 255.0 for v in entry.color), _ALPHA)
     lo, hi = PREVIEW_WINDOW_HU
-    fig = Figure(figsize=(15.36, 6.0), dpi=_DPI, facecolor="black")
+    fig = Figure(figsize=(15.36, 7.2), dpi=_DPI, facecolor="black")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.02})
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.1)
-    for ax, (name, ct_sl, lab_sl, extent) in zip(axes, _views(ct, lab, spacing, _centre(lab))):
+    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.04})
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.2)
+    for ax, (name, ct_sl, lab_sl, extent) in zip(axes, _views(ct, lab, spacing, slice_indices(lab))):
         ax.imshow(np.clip(ct_sl.astype(np.float32), lo, hi), cmap="gray", vmin=lo, vmax=hi, origin="lower",
                   extent=extent, interpolation="nearest")
         ax.imshow(colours[np.minimum(lab_sl, NUM_FLARE_IDS - 1)], origin="lower", extent=extent,
                   interpolation="nearest")
-        ax.set_title(name, color="white", fontsize=11)
+        ax.set_title(name, color="white", fontsize=14)
         ax.set_axis_off()
-    counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(order="K"), minlength=NUM_FLARE_IDS)
+        _letters(ax, ORIENTATION_LETTERS[name])
+    counts = label_counts(np.asarray(labels, dtype=np.uint8))
     present = [entry for entry in LABELS[1:] if counts[entry.id]]
     if present:
-        handles = [Patch(color=(e.color[0] / 255.0, e.color[1] / 255.0, e.color[2] / 255.0), label=f"{e.id} {e.name}")
-                   for e in present]
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False,
-                   labelcolor="white")
+        handles = [Patch(color=tuple(v / 255.0 for v in e.color), label=f"{e.id} {e.name}") for e in present]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=12, frameon=False,
+                   labelcolor="white", handlelength=1.6, columnspacing=1.4)
     if title:
         fig.suptitle(title, color="white", fontsize=12)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, facecolor="black")
     return buf.getvalue()
 
-
-def write_preview(path: str | Path, png: bytes) -> None:
-    """Write PNG bytes from :func:`render_preview` atomically."""
-    from flare.runtime.foundation.atomic import write_bytes_atomic
-
-    write_bytes_atomic(path, png)

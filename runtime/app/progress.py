@@ -8,7 +8,8 @@ from typing import Any
 
 from flare.runtime.app.batch import CaseResult
 from flare.runtime.app.plan import CaseJob, Plan
-from flare.runtime.pipeline.segmenter import STAGES, Segmenter, StageHooks
+from flare.runtime.pipeline.result import STAGES
+from flare.runtime.pipeline.segmenter import Segmenter, StageHooks
 
 __all__ = ["Display", "run_display"]
 

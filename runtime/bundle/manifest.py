@@ -15,7 +15,8 @@ with strict integers, after size and nesting-depth limits)::
                       "z_pass": true},
       "profile": "cpu",                       # optional: "gpu" (default, the flare23 recipe) or "cpu" (docs/cpu.md)
       "provenance": {"monai": "...", "torch": "...", "onnx": "...", "config_sha256": "...", ...},
-      "verification": {...}                   # optional, written by flare-export
+      "verification": {...},                  # optional, written by flare-export
+      "card": {...}                           # optional: the model card, see flare.runtime.bundle.card
     }
 
     MODEL = {"name": "fold0", "in_channels": 1, "out_channels": 13, "output": "logits",
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flare.runtime.bundle.card import ModelCard, card_from_raw
 from flare.runtime.foundation.errors import BundleError
 from flare.runtime.foundation.labels import check_snapshot
 from flare.runtime.ops.postprocessing import DEFAULT_MODE, check_mode
@@ -101,6 +103,7 @@ class Bundle:
     postprocess_mode: str = DEFAULT_MODE
     provenance: dict[str, Any] = field(default_factory=dict)
     profile: str = "gpu"  # "cpu": a CPU recipe (bundles without the key are the GPU recipe)
+    card: ModelCard = field(default_factory=ModelCard)  # "unknown" fields for bundles without a card
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -117,6 +120,25 @@ def default_bundle_dir() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "flare" / "bundle"
+
+
+def how_to_get_a_bundle() -> str:
+    """Advice that names only commands this install can run: with the training/export extras ``flare-demo`` and
+    ``flare-export``; a runtime-only install gets a bundle folder made elsewhere."""
+    from importlib.util import find_spec
+
+    def has(name: str) -> bool:
+        try:
+            return find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    if all(has(m) for m in ("torch", "monai", "onnx")):
+        return ("pass --bundle DIR (or set FLARE_BUNDLE), or make one: flare-demo (a phantom-trained demo bundle, "
+                "installed as the default) or flare-export CHECKPOINT_DIR -o DIR")
+    return ("pass --bundle DIR (or set FLARE_BUNDLE) with a bundle exported elsewhere (flare-export, from the "
+            "'export' extra); this install has the runtime only: pip install 'flare-seg[train,export]' adds "
+            "flare-demo and flare-export")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -169,11 +191,14 @@ def _read_json(bundle_json: Path) -> Any:
 
 
 @functools.cache
-def _validator() -> Any:
-    """The JSON Schema validator of bundle.schema.json, with strict integers (``1.0`` and ``true`` are not)."""
+def _validator(definition: str | None = None) -> Any:
+    """The JSON Schema validator of bundle.schema.json (or of one of its ``$defs``), with strict integers (``1.0``
+    and ``true`` are not)."""
     import jsonschema
 
     schema = json.loads(SCHEMA_FILE.read_text())
+    if definition is not None:
+        schema = {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": f"#/$defs/{definition}"}
     base = jsonschema.validators.validator_for(schema)
     checker = base.TYPE_CHECKER.redefine(
         "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
@@ -203,6 +228,34 @@ def validate_bundle_json(raw: Any, bundle_json: Path) -> None:
     raise BundleError(bundle_json, f"field {where or '(top level)'}: {message}")
 
 
+def card_errors(raw: Any) -> str | None:
+    """The most relevant problem of a model card object against the schema's ``card`` definition, or None."""
+    from jsonschema.exceptions import best_match
+
+    err = best_match(_validator("card").iter_errors(raw))
+    if err is None:
+        return None
+    where = _where(err.absolute_path)
+    return f"{'field ' + where + ': ' if where else ''}{str(err.message)[:160]}"
+
+
+def read_card_file(path: str | Path) -> dict[str, Any]:
+    """A model card object from a JSON file (``flare-export --card FILE``, the checkpoint folder's ``card.json``),
+    checked against the schema's ``card`` definition; one-line :class:`~flare.runtime.foundation.errors.InputError`
+    on any problem."""
+    from flare.runtime.foundation.errors import InputError
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, f"cannot read the model card ({exc.__class__.__name__}: {exc})") from None
+    problem = card_errors(raw)
+    if problem is not None:
+        raise InputError(path, f"not a valid model card: {problem}")
+    return raw  # type: ignore[no-any-return]
+
+
 def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, verify: bool) -> ModelSpec:
     """A schema-valid MODEL entry → ModelSpec, after the file checks (inside the bundle, present, sha256)."""
     files: dict[str, ModelFile] = {}
@@ -215,11 +268,28 @@ def _model(entry: dict[str, Any], where: str, root: Path, bundle_json: Path, ver
             raise BundleError(path, f"model file of {where} ({precision}) is missing")
         if verify and sha256_file(path) != f["sha256"]:
             raise BundleError(path, f"sha256 mismatch for {where} ({precision}): the file was changed or corrupted")
+        if verify:
+            _check_self_contained(path, where, precision)
         files[precision] = ModelFile(path, f["sha256"], f.get("input_name", "image"), f.get("output_name", "logits"),
                                      f.get("input_dtype", "float32"), f.get("output_dtype", "float32"))
     return ModelSpec(name=entry.get("name", where), in_channels=entry.get("in_channels", 1),
                      out_channels=entry["out_channels"], spatial_divisor=entry.get("spatial_divisor", 16),
                      opset=entry.get("opset", 17), files=files)
+
+
+def _check_self_contained(path: Path, where: str, precision: str) -> None:
+    """Every byte a model loads must be covered by its sha256: ONNX external-data files are refused."""
+    from flare.runtime.bundle.onnx_scan import uses_external_data
+
+    if not path.name.lower().endswith(".onnx"):
+        return
+    try:
+        external = uses_external_data(path)
+    except (OSError, ValueError) as exc:
+        raise BundleError(path, f"model file of {where} ({precision}) is not a valid ONNX file ({exc})") from None
+    if external:
+        raise BundleError(path, f"model {where} ({precision}) keeps weights in ONNX external-data files, which no "
+                                "sha256 of the bundle covers; export it with the weights inside the .onnx file")
 
 
 def _check_cross_fields(b: Bundle, bundle_json: Path) -> None:
@@ -252,7 +322,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     bundle_json = path if path.name == "bundle.json" else path / "bundle.json"
     root = bundle_json.parent
     if not root.exists():
-        raise BundleError(root, "bundle folder does not exist (run flare-export or flare-demo, or pass --bundle)")
+        raise BundleError(root, f"bundle folder does not exist; {how_to_get_a_bundle()}")
     if not bundle_json.is_file():
         raise BundleError(bundle_json, "bundle.json is missing: not a flare bundle folder")
     raw = _read_json(bundle_json)
@@ -292,6 +362,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         postprocess_mode=_postprocess_mode(post, bundle_json),
         provenance=dict(raw.get("provenance", {})),
         profile=raw.get("profile", "gpu"),
+        card=card_from_raw(raw.get("card")),
     )
     _check_cross_fields(b, bundle_json)
     return b
@@ -320,7 +391,8 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
                     roi: tuple[int, int, int] = (224, 224, 224),
                     locator_roi: tuple[int, int, int] = (128, 128, 128),
                     overlap: float = 0.0, blend: str = "constant",
-                    provenance: dict[str, Any] | None = None, profile: str | None = None) -> dict[str, Any]:
+                    provenance: dict[str, Any] | None = None, profile: str | None = None,
+                    card: ModelCard | None = None) -> dict[str, Any]:
     """The bundle.json document with the defaults of DESIGN.md; flare-export and tests write bundles with it."""
     from flare.runtime.foundation.labels import LARGEST_COMPONENT_IDS, registry_snapshot
 
@@ -337,6 +409,7 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
                         "z_pass": True},
         "provenance": provenance or {},
         **({"profile": profile} if profile else {}),
+        "card": (card or ModelCard()).to_json(),
     }
 
 

@@ -1,1 +1,2 @@
-"""Foundation: errors, the label registry, atomic writes, process lifecycle. Imports nothing else of flare."""
+"""Foundation: errors, the label registry, lazy imports, atomic writes, the version, a test hook. Imports nothing else
+of flare."""

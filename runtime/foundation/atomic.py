@@ -3,7 +3,7 @@
 Every file the tools write goes through :func:`atomic_path` (or the helpers built on it: :func:`write_text_atomic`,
 :func:`write_bytes_atomic`, :func:`write_with` for writer callbacks such as ``savefig``/``save_as``, and
 :func:`atomic_open`). On any exception, ``KeyboardInterrupt`` or a termination signal
-(:class:`flare.runtime.foundation.lifecycle.Terminated`) the temporary file is removed and the target is untouched.
+(:class:`flare.runtime.app.process.Terminated`) the temporary file is removed and the target is untouched.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
         _fsync(tmp)
         pause_point("before-rename")
         os.replace(tmp, target)
+    except OSError as exc:  # e.g. a full disk (ENOSPC) or a quota: one line naming the target
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise OutputError(target, f"cannot write: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -20,6 +20,7 @@ import numpy as np
 __all__ = [
     "AORTA",
     "BACKGROUND",
+    "COLOUR_SOURCE",
     "DUODENUM",
     "ESOPHAGUS",
     "FLARE_TO_MERGED",
@@ -46,6 +47,8 @@ __all__ = [
     "Label",
     "Snomed",
     "check_snapshot",
+    "delta_e76",
+    "label_named",
     "merge_left_right",
     "merged_to_flare",
     "name_of",
@@ -74,6 +77,9 @@ class Label:
     id: int
     name: str
     short: str
+    #: TotalSegmentator's name of the structure (its mask file is ``<file>.nii.gz``); ``--roi-subset`` takes these
+    file: str
+    #: preview / DICOM-SEG / colour-table colour (sRGB), see ``COLOUR_SOURCE``
     color: tuple[int, int, int]
     #: an organ the post-processing cleans of outliers: the paper's rule keeps its largest run of z slices
     #: (``Z_RUN_IDS``, the default), the strict rules its largest 3-D connected component (``LARGEST_COMPONENT_IDS``)
@@ -85,24 +91,33 @@ BACKGROUND, LIVER, RIGHT_KIDNEY, SPLEEN, PANCREAS, AORTA, IVC = 0, 1, 2, 3, 4, 5
 RIGHT_ADRENAL, LEFT_ADRENAL, GALLBLADDER, ESOPHAGUS, STOMACH, DUODENUM = 7, 8, 9, 10, 11, 12
 LEFT_KIDNEY, TUMOR = 13, 14
 
+#: Where the colours come from: 3D Slicer's GenericAnatomyColors (also TotalSegmentator's Slicer terminology) for
+#: liver, spleen, inferior vena cava and duodenum; the other organs' Slicer colours are near-identical salmon/brown
+#: tones (liver, kidneys, aorta and stomach within a few CIE76 units of each other), so they were moved until every
+#: pair of the 14 label colours differs by CIE76 Delta E >= 25 in CIELAB (tested; the smallest pair is ~35): aorta
+#: red, kidneys magenta (right) / violet (left), adrenals yellow (right) / lime (left), gallbladder green, tumour cyan.
+COLOUR_SOURCE = "3D Slicer GenericAnatomyColors, separated to CIE76 Delta E >= 25"
+
 LABELS: tuple[Label, ...] = (
-    Label(0, "background", "bg", (0, 0, 0), False),
-    Label(1, "liver", "liver", (221, 130, 101), True, Snomed(("10200004", "Liver"))),
-    Label(2, "right kidney", "kidney_r", (185, 102, 83), True, Snomed(("64033007", "Kidney"), laterality=RIGHT)),
-    Label(3, "spleen", "spleen", (157, 108, 162), True, Snomed(("78961009", "Spleen"))),
-    Label(4, "pancreas", "pancreas", (249, 180, 111), True, Snomed(("15776009", "Pancreas"))),
-    Label(5, "aorta", "aorta", (224, 97, 76), True, Snomed(("15825003", "Aorta"))),
-    Label(6, "inferior vena cava", "ivc", (0, 151, 206), False, Snomed(("64131007", "Inferior vena cava"))),
-    Label(7, "right adrenal gland", "adrenal_r", (244, 214, 49), False,
+    Label(0, "background", "bg", "background", (0, 0, 0), False),
+    Label(1, "liver", "liver", "liver", (221, 130, 101), True, Snomed(("10200004", "Liver"))),
+    Label(2, "right kidney", "kidney_r", "kidney_right", (222, 18, 199), True, Snomed(("64033007", "Kidney"), laterality=RIGHT)),
+    Label(3, "spleen", "spleen", "spleen", (157, 108, 162), True, Snomed(("78961009", "Spleen"))),
+    Label(4, "pancreas", "pancreas", "pancreas", (245, 203, 127), True, Snomed(("15776009", "Pancreas"))),
+    Label(5, "aorta", "aorta", "aorta", (220, 20, 40), True, Snomed(("15825003", "Aorta"))),
+    Label(6, "inferior vena cava", "ivc", "inferior_vena_cava", (0, 151, 206), False,
+          Snomed(("64131007", "Inferior vena cava"))),
+    Label(7, "right adrenal gland", "adrenal_r", "adrenal_gland_right", (244, 214, 49), False,
           Snomed(("23451007", "Adrenal gland"), laterality=RIGHT)),
-    Label(8, "left adrenal gland", "adrenal_l", (230, 190, 30), False,
+    Label(8, "left adrenal gland", "adrenal_l", "adrenal_gland_left", (150, 220, 60), False,
           Snomed(("23451007", "Adrenal gland"), laterality=LEFT)),
-    Label(9, "gallbladder", "gallbladder", (139, 150, 98), False, Snomed(("28231008", "Gallbladder"))),
-    Label(10, "esophagus", "esophagus", (211, 171, 143), False, Snomed(("32849002", "Esophagus"))),
-    Label(11, "stomach", "stomach", (216, 101, 79), False, Snomed(("69695003", "Stomach"))),
-    Label(12, "duodenum", "duodenum", (255, 253, 229), False, Snomed(("38848004", "Duodenum"))),
-    Label(13, "left kidney", "kidney_l", (205, 122, 103), True, Snomed(("64033007", "Kidney"), laterality=LEFT)),
-    Label(14, "tumor", "tumor", (255, 0, 0), False,
+    Label(9, "gallbladder", "gallbladder", "gallbladder", (30, 130, 60), False, Snomed(("28231008", "Gallbladder"))),
+    Label(10, "esophagus", "esophagus", "esophagus", (108, 41, 43), False, Snomed(("32849002", "Esophagus"))),
+    Label(11, "stomach", "stomach", "stomach", (254, 139, 240), False, Snomed(("69695003", "Stomach"))),
+    Label(12, "duodenum", "duodenum", "duodenum", (255, 253, 229), False, Snomed(("38848004", "Duodenum"))),
+    Label(13, "left kidney", "kidney_l", "kidney_left", (90, 60, 200), True,
+          Snomed(("64033007", "Kidney"), laterality=LEFT)),
+    Label(14, "tumor", "tumor", "tumor", (0, 240, 240), False,
           Snomed(("108369006", "Neoplasm"), category=MORPHOLOGICALLY_ABNORMAL_STRUCTURE)),
 )
 NUM_FLARE_IDS = len(LABELS)
@@ -149,6 +164,34 @@ def merged_to_flare(merged: np.ndarray) -> np.ndarray:
 
 def name_of(label_id: int) -> str:
     return LABELS[label_id].name
+
+
+def label_named(name: str) -> Label:
+    """The foreground label called ``name``: its TotalSegmentator name (``kidney_left``), short name (``kidney_l``)
+    or full name (``left kidney``), case-insensitively; ``KeyError`` (whose message lists the valid names)
+    otherwise."""
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    for lab in LABELS[1:]:
+        if key in (lab.file, lab.short, lab.name.replace(" ", "_")):
+            return lab
+    raise KeyError(f"unknown label {name!r}; valid names: {', '.join(lab.file for lab in LABELS[1:])}")
+
+
+def srgb_to_lab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+    """CIELAB (D65) of an 8-bit sRGB colour (for the colour-distance rule of the registry's colours)."""
+    lin = [c / 255.0 for c in rgb]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in lin]
+    m = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
+    white = (0.95047, 1.0, 1.08883)
+    xyz = [sum(m[i][j] * lin[j] for j in range(3)) / white[i] for i in range(3)]
+    f = [v ** (1 / 3) if v > 216 / 24389 else (24389 / 27 * v + 16) / 116 for v in xyz]
+    return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+
+def delta_e76(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """CIE76 colour difference (Euclidean distance in CIELAB) of two sRGB colours."""
+    la, lb = srgb_to_lab(a), srgb_to_lab(b)
+    return float(sum((x - y) ** 2 for x, y in zip(la, lb)) ** 0.5)
 
 
 def registry_snapshot() -> dict:

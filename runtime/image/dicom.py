@@ -22,10 +22,16 @@ along their normal: a sideways drift of more than a quarter pixel over the stack
 that is a multiple of the spacing is reported as missing slices). Gantry tilt and uneven gaps are refused rather than
 resampled, so that the labels stay on the source series' grid (which a DICOM-SEG must reference).
 
-Voxel values: RescaleSlope/RescaleIntercept (or a Modality LUT) are applied per slice with pydicom's
+Voxel values: RescaleSlope/RescaleIntercept are applied per slice, slope 1 and intercept 0 when absent (an
+intercept alone still applies); a slope of 0, a non-numeric or a non-finite value is refused from the headers, naming
+the file, before any pixel is decoded. A Modality LUT Sequence without rescale values is applied with pydicom's
 ``apply_modality_lut``. As for NIfTI scaling, data is float32 when any slice has a rescale other than slope 1 /
 intercept 0, else it keeps the stored integer dtype. The data is in voxel order (column, row, slice) with slices in
 increasing position along the normal, Fortran-contiguous like nibabel's.
+
+Headers are read without pixel data and without any element over 64 KiB (pydicom's ``defer_size``: the value is
+never read); private elements and sequences are dropped, so ``DicomSource.datasets`` holds only small standard
+attributes whatever the files carry.
 """
 
 from __future__ import annotations
@@ -34,20 +40,24 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Sequence
+import stat
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flare.runtime.foundation.errors import InputError
-from flare.runtime.image.nifti import LoadedImage, from_array
-from flare.runtime.inference.device import lazy_import
+from flare.runtime.foundation.files import walk
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.image.model import DicomSource, LoadedImage, from_array
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-__all__ = ["DicomSource", "SeriesInfo", "find_series", "is_dicom_file", "read_dicom"]
+__all__ = ["DicomSource", "SeriesInfo", "check_dicom_header", "find_series", "is_dicom_file", "read_dicom"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -57,6 +67,11 @@ _SPACING_TOL = 1e-4  # relative: PixelSpacing equal across slices
 _TILT_TOL_PIXELS = 0.25  # sideways drift of the slice stack allowed, in pixels (gantry tilt above it is refused)
 _GAP_RTOL = 1e-2  # relative slice spacing regularity (highdicom's default)
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+_MODALITY_LUT_TAG = 0x00283000
+MAX_INFLATED_BYTES = 64 * 2**20
+"""A deflated DICOM file may inflate to at most this (a 4096×4096 slice of 32-bit pixels)."""
+_DEFER_BYTES = 64 * 2**10
+"""Header elements larger than this are not read (pydicom's ``defer_size``): a 100 MB private element costs nothing."""
 
 
 @dataclass(frozen=True)
@@ -70,15 +85,6 @@ class SeriesInfo:
     folder: Path  # the deepest folder holding all of its files
 
 
-@dataclass(frozen=True)
-class DicomSource:
-    """What a DICOM-SEG needs to reference the series an image was read from (kept in ``LoadedImage.source``)."""
-
-    series_uid: str
-    files: tuple[Path, ...]  # one per slice, in voxel order: files[k] holds data[:, :, k]
-    datasets: tuple[Dataset, ...]  # the same slices' headers, without pixel data
-
-
 #: imported on first use (the ``dicom`` extra); a missing one is a one-line DependencyError naming the extra
 pydicom_mod = lazy_import("pydicom", "dicom")
 highdicom_mod = lazy_import("highdicom", "dicom")
@@ -87,9 +93,12 @@ highdicom_mod = lazy_import("highdicom", "dicom")
 # ------------------------------------------------------------------------------------------------ finding files
 def is_dicom_file(path: Path) -> bool:
     """True for a DICOM file: the 'DICM' magic after the 128-byte preamble, or (files written without the
-    preamble) a dataset that pydicom parses and that has a SOPClassUID."""
+    preamble) a dataset that pydicom parses and that has a SOPClassUID. Only regular files are opened (``os.stat``
+    first: a FIFO would block forever)."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as f:
             head = f.read(_PREAMBLE + 4)
     except OSError:
@@ -101,32 +110,121 @@ def is_dicom_file(path: Path) -> bool:
     if not pydicom_mod.available():  # looks like a dataset; reading it will name the extra to install
         return True
     try:
-        ds = pydicom_mod.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
+        with _quiet():
+            ds = pydicom_mod.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"],
+                                     defer_size=_DEFER_BYTES)
     except Exception:  # noqa: BLE001 - anything pydicom cannot parse is not a DICOM file
         return False
     return "SOPClassUID" in ds
 
 
 def _dicom_files(folder: Path) -> list[Path]:
-    """DICOM files under ``folder`` (recursive, hidden files and folders skipped), sorted by path."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / name for name in sorted(files)
-                     if not name.startswith(".") and is_dicom_file(Path(root) / name))
-    return found
+    """DICOM files under ``folder`` (recursive, hidden files and folders skipped), sorted by path. Special files
+    (FIFO, device, socket) are never opened (a warning names them); an unreadable file or folder is an InputError."""
+    found = walk(folder)
+    if found.unreadable:
+        first = found.unreadable[0]
+        raise InputError(first.path, first.problem)
+    for special in found.special:
+        log.warning("%s", special)
+    return [f for f in found.files if is_dicom_file(f)]
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """pydicom's warnings about invalid values (printed with a site-packages path) are silenced: flare checks the
+    values it uses itself and names the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _read_header(path: Path) -> Dataset:
-    """A file's dataset without pixel data; a corrupt file is one InputError."""
+    """A file's dataset without pixel data, private elements or large elements (only what flare uses is kept);
+    a corrupt file is one InputError."""
     pydicom = pydicom_mod.load()
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        with _quiet():
+            _check_deflated(path)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, defer_size=_DEFER_BYTES)
+            slim = _slim(path, ds)
+    except InputError:
+        raise
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for a damaged file
         raise InputError(path, f"corrupt DICOM file ({_first_line(err)})")
-    if not _sop_class(ds):  # pydicom reads a damaged file into an empty or truncated dataset without complaint
+    if not _sop_class(slim):  # pydicom reads a damaged file into an empty or truncated dataset without complaint
         raise InputError(path, "corrupt DICOM file (no SOP Class UID)")
-    return ds
+    return slim
+
+
+def _check_deflated(path: Path) -> None:
+    """A Deflated Explicit VR Little Endian file (the whole dataset, pixels included, is one deflate stream) that
+    inflates to more than :data:`MAX_INFLATED_BYTES` is refused: pydicom inflates the whole file in memory even to
+    read its header. The check inflates in 1 MiB pieces and keeps none of them."""
+    import zlib
+
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    with open(path, "rb") as f:
+        if f.read(_PREAMBLE + 4)[_PREAMBLE:] != b"DICM":
+            return
+    with _quiet():
+        meta = read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with open(path, "rb") as f:
+        f.seek(_PREAMBLE + 4)
+        _skip_meta(f)
+        while chunk := inflate.unconsumed_tail or f.read(2**20):
+            total += len(inflate.decompress(chunk, 2**20))
+            if total > MAX_INFLATED_BYTES:
+                raise InputError(path, f"the deflated dataset inflates to more than {MAX_INFLATED_BYTES} bytes "
+                                       f"from {os.stat(path).st_size} (a decompression bomb?)")
+            if inflate.eof:
+                break
+
+
+def _skip_meta(f: Any) -> None:
+    """Move ``f`` (after 'DICM') past the file meta group (group 0002, explicit VR little endian)."""
+    while True:
+        pos = f.tell()
+        head = f.read(8)
+        if len(head) < 8 or int.from_bytes(head[:2], "little") != 2:
+            f.seek(pos)
+            return
+        vr = head[4:6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length = int.from_bytes(f.read(4), "little")
+        else:
+            length = int.from_bytes(head[6:8], "little")
+        f.seek(length, 1)
+
+
+def _slim(path: Path, ds: Dataset) -> Dataset:
+    """A copy of ``ds`` without private elements, sequences and elements over the size limit (their values were
+    never read), so that a series' headers kept for a DICOM-SEG stay small whatever the files carry."""
+    from pydicom.dataset import Dataset as DicomDataset
+    from pydicom.dataset import FileMetaDataset
+
+    out = DicomDataset()
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)  # the raw element: a deferred value is not read
+        if tag.is_private or tag.group == 0x7FE0:
+            continue
+        if getattr(raw, "VR", None) == "SQ" and tag != _MODALITY_LUT_TAG:
+            continue
+        length = getattr(raw, "length", 0) or 0
+        if getattr(raw, "value", b"") is None or length > _DEFER_BYTES:
+            continue  # deferred: larger than the limit
+        out[tag] = ds[tag]
+    out.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    out.preamble = getattr(ds, "preamble", None)
+    implicit, little = ds.original_encoding
+    out.set_original_encoding(implicit, little, ds.original_character_set)
+    return out
 
 
 def _first_line(err: BaseException) -> str:
@@ -363,11 +461,35 @@ def _affine_ras(members: list[tuple[Path, Dataset]], rows: int, columns: int, io
     return np.asarray(geometry.permute_spatial_axes([2, 1, 0]).get_affine("RAH"), dtype=np.float64)
 
 
-def _rescaled(ds: Dataset) -> bool:
-    """Whether a slice's modality transform changes values (slope != 1, intercept != 0, or a Modality LUT)."""
-    if "ModalityLUTSequence" in ds:
-        return True
-    return float(ds.get("RescaleSlope", 1) or 1) != 1.0 or float(ds.get("RescaleIntercept", 0) or 0) != 0.0
+Rescale = tuple[float, float] | None
+"""A slice's modality transform: ``(slope, intercept)``, or None for a Modality LUT Sequence (applied by pydicom)."""
+
+
+def _rescale_value(file: Path, ds: Dataset, keyword: str, default: float) -> float:
+    raw = ds.get(keyword)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise InputError(file, f"{keyword} {str(raw)[:40]!r} is not a number") from None
+    if not math.isfinite(value):
+        raise InputError(file, f"{keyword} {str(raw)[:40]!r} is not a finite number")
+    return value
+
+
+def _rescale(file: Path, ds: Dataset) -> Rescale:
+    """The modality LUT of one slice, checked: RescaleSlope defaults to 1 and RescaleIntercept to 0 when absent
+    (an intercept alone still applies); a slope of 0 is refused (it would make every voxel the intercept; unlike
+    NIfTI's ``scl_slope``, DICOM gives 0 no meaning); non-numeric or non-finite values are refused."""
+    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
+        return None
+    slope = _rescale_value(file, ds, "RescaleSlope", 1.0)
+    intercept = _rescale_value(file, ds, "RescaleIntercept", 0.0)
+    if slope == 0.0:
+        raise InputError(file, "RescaleSlope is 0: every voxel would become the intercept (a slope of 0 has no "
+                               "meaning in DICOM); fix the series' RescaleSlope")
+    return slope, intercept
 
 
 def _set_transfer_syntax(ds: Dataset) -> None:
@@ -386,18 +508,21 @@ def _set_transfer_syntax(ds: Dataset) -> None:
                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int) -> np.ndarray:
+def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int,
+                 rescale: list[Rescale]) -> np.ndarray:
     """The ordered slices' modality values in one freshly allocated (slice, row, column) array."""
     pydicom = pydicom_mod.load()
     from pydicom.pixels import apply_modality_lut
 
-    scaled = any(_rescaled(ds) for _, ds in members)
+    scaled = any(r != (1.0, 0.0) for r in rescale)
     volume: np.ndarray | None = None
     for k, (file, _) in enumerate(members):
         try:
-            ds = pydicom.dcmread(file, force=True)
-            _set_transfer_syntax(ds)
-            pixels = ds.pixel_array
+            with _quiet():
+                _check_deflated(file)
+                ds = pydicom.dcmread(file, force=True, defer_size=_DEFER_BYTES)
+                _set_transfer_syntax(ds)
+                pixels = ds.pixel_array
         except Exception as err:  # noqa: BLE001 - decoding errors (truncated data, missing codec) come as many types
             raise InputError(file, f"cannot decode the pixel data ({_first_line(err)})")
         if pixels.shape != (rows, columns):
@@ -408,16 +533,41 @@ def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int) -
                 volume = np.empty((len(members), rows, columns), dtype=dtype)
             except MemoryError:
                 raise InputError(file, f"not enough memory for {len(members)} slices of {rows}x{columns}")
-        volume[k] = apply_modality_lut(pixels, ds) if scaled else pixels
+        r = rescale[k]
+        if r is None:
+            with _quiet():
+                volume[k] = apply_modality_lut(pixels, ds)
+        elif scaled:
+            np.multiply(pixels, np.float32(r[0]), out=volume[k], dtype=np.float32)
+            volume[k] += np.float32(r[1])
+        else:
+            volume[k] = pixels
+        del ds, pixels
     assert volume is not None
     return volume
 
 
-def read_dicom(path: str | Path, series_uid: str | None = None, max_voxels: int = 2**31) -> LoadedImage:
-    """Read and validate a DICOM CT series: ``path`` is a folder (searched recursively) or one file of the series
-    (the series is then read from that file's folder; a DICOMDIR stands for its folder). Several series and no ``series_uid``: an InputError
-    listing them. Every problem is one ``InputError``; the result has ``source`` set for DICOM-SEG output."""
-    path = Path(path)
+Preflight = Callable[..., None]
+"""``preflight(path, shape, affine, itemsize, scaled, source_bytes)`` as for :func:`flare.runtime.image.nifti.read_image`:
+called after the header checks, before any pixel is decoded; raises to refuse."""
+
+
+@dataclass(frozen=True)
+class _Series:
+    """A series checked from its headers alone, in volume order."""
+
+    uid: str
+    members: list[tuple[Path, Dataset]]
+    rows: int
+    columns: int
+    affine: np.ndarray
+    rescale: list[Rescale]
+    itemsize: int  # bytes per voxel of the array that will be allocated
+    source_bytes: int  # total size of the series' files
+
+
+def _checked_series(path: Path, series_uid: str | None, max_voxels: int, preflight: Preflight | None) -> _Series:
+    """Every check that needs only the headers, then ``preflight``."""
     groups, own = _groups(path)
     if own is not None:
         if series_uid is not None and series_uid != own.SeriesInstanceUID:
@@ -429,11 +579,43 @@ def read_dicom(path: str | Path, series_uid: str | None = None, max_voxels: int 
     order, spacing = _volume_order(path, members, iop)
     members = [members[i] for i in order]
     affine = _affine_ras(members, rows, columns, iop, spacing)
-    data = _read_pixels(members, rows, columns).transpose(2, 1, 0)  # (column, row, slice), Fortran-contiguous
-    img = from_array(data, affine)
-    img.header.set_sform(affine, code="scanner")
-    img.header.set_qform(affine, code="scanner")
+    rescale = [_rescale(file, ds) for file, ds in members]
+    bits = int(members[0][1].get("BitsAllocated", 16) or 16)
+    itemsize = 4 if any(r != (1.0, 0.0) for r in rescale) else max(1, -(-bits // 8))
+    source_bytes = sum(_size(file) for file, _ in members)
+    if preflight is not None:
+        preflight(path, (columns, rows, len(members)), affine, itemsize, False, source_bytes)
+    return _Series(uid, members, rows, columns, affine, rescale, itemsize, source_bytes)
+
+
+def _size(file: Path) -> int:
+    try:
+        return os.stat(file).st_size
+    except OSError as err:
+        raise InputError(file, f"cannot read: {err.strerror or err}") from None
+
+
+def check_dicom_header(path: str | Path, series_uid: str | None = None, max_voxels: int = 2**31,
+                       preflight: Preflight | None = None) -> None:
+    """The checks of :func:`read_dicom` that need only the headers (and ``preflight``), without decoding a pixel:
+    a cheap refusal before models are loaded."""
+    _checked_series(Path(path), series_uid, max_voxels, preflight)
+
+
+def read_dicom(path: str | Path, series_uid: str | None = None, max_voxels: int = 2**31,
+               preflight: Preflight | None = None) -> LoadedImage:
+    """Read and validate a DICOM CT series: ``path`` is a folder (searched recursively) or one file of the series
+    (the series is then read from that file's folder; a DICOMDIR stands for its folder). Several series and no
+    ``series_uid``: an InputError listing them. Every problem is one ``InputError``; ``preflight`` is called after the
+    header checks, before any pixel is decoded. The result has ``source`` set for DICOM-SEG output."""
+    path = Path(path)
+    series = _checked_series(path, series_uid, max_voxels, preflight)
+    members = series.members
+    data = _read_pixels(members, series.rows, series.columns, series.rescale).transpose(2, 1, 0)  # (col, row, slice)
+    img = from_array(data, series.affine)
+    img.header.set_sform(series.affine, code="scanner")
+    img.header.set_qform(series.affine, code="scanner")
     if img.oblique:
         log.warning("%s: oblique slice orientation; using the closest canonical axes", path)
-    source = DicomSource(uid, tuple(f for f, _ in members), tuple(ds for _, ds in members))
+    source = DicomSource(series.uid, tuple(f for f, _ in members), tuple(ds for _, ds in members))
     return dataclasses.replace(img, path=path, source=source)

@@ -44,45 +44,25 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from flare.runtime.foundation.atomic import write_bytes_atomic
 from flare.runtime.foundation.errors import InputError, OutputError
-from flare.runtime.inference.device import lazy_import
-from flare.runtime.ops.geometry import spacing_from_affine
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.image.model import SUPPORTED_DTYPES, LoadedImage, check_affine, is_oblique, replace_non_finite
 
 if TYPE_CHECKING:
     import nibabel as nib
-    from flare.runtime.image.dicom import DicomSource
 
-__all__ = ["MAX_DEFLATE_RATIO", "SUPPORTED_DTYPES", "LoadedImage", "Reorientation", "check_header", "from_array",
-           "image_bytes", "label_bytes", "read_image", "read_image_bytes", "to_canonical", "write_labels"]
+__all__ = ["MAX_DEFLATE_RATIO", "check_header", "image_bytes", "label_bytes", "read_image", "read_image_bytes",
+           "write_labels", "written_by_flare"]
 
 log = logging.getLogger("flare.runtime")
 
 MAX_DEFLATE_RATIO = 1032
 """Deflate's maximum compression ratio: a gzip file cannot expand to more than this times its size."""
 
-SUPPORTED_DTYPES = tuple(np.dtype(t) for t in ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
-                                               "uint64", "float32", "float64"))
-
 _GZIP_MAGIC = b"\x1f\x8b"
 _READ_CHUNK = 64 * 2**20
-_OBLIQUE_TOL_RAD = 1e-4  # axes within 0.006 degrees of the world axes count as aligned
 _LABEL_GZIP_LEVEL = 1
-
-
-@dataclass
-class LoadedImage:
-    """A validated 3-D image and what is needed to write results back in its space."""
-
-    path: Path | None
-    data: np.ndarray  # 3-D; native dtype when the header has no scaling, else float32 (scaling applied)
-    affine: np.ndarray  # 4x4 float64 (nibabel's img.affine: sform, else qform, else pixdim)
-    header: nib.Nifti1Header  # copy of the input header (Nifti1Header or Nifti2Header)
-    spacing: tuple[float, float, float]  # header zooms of the 3 spatial axes
-    oblique: bool  # affine not axis-aligned
-    source: DicomSource | None = None  # the DICOM series it was read from (flare.runtime.image.dicom), for DICOM-SEG
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.data.shape  # type: ignore[return-value]
+FLARE_MARK = b"flare-seg"
+"""``descrip`` of every label map flare writes (NIfTI header, 80 bytes): folder runs skip such files."""
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -292,42 +272,10 @@ def _apply_scaling(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> np.nd
     return out
 
 
-def _replace_non_finite(path: Path | None, data: np.ndarray) -> np.ndarray:
-    """Replace NaN/-inf by the smallest finite value and +inf by the largest (in place), with a warning."""
-    if data.dtype.kind != "f":
-        return data
-    finite = np.isfinite(data)
-    if finite.all():
-        return data
-    if not finite.any():
-        raise InputError(path, "no finite voxel values (all NaN or infinite)")
-    lo, hi = float(data[finite].min()), float(data[finite].max())
-    bad = int(finite.size - np.count_nonzero(finite))
-    log.warning("%s: %d non-finite voxels replaced (NaN and -inf by %g, +inf by %g)", path or "array", bad, lo, hi)
-    if not data.flags.writeable:
-        data = data.copy()
-    np.nan_to_num(data, copy=False, nan=lo, posinf=hi, neginf=lo)
-    return data
-
-
-def _is_oblique(affine: np.ndarray) -> bool:
-    from nibabel.affines import obliquity
-
-    return bool(np.max(np.abs(obliquity(affine))) > _OBLIQUE_TOL_RAD)
-
-
-def _check_affine(path: Path | None, affine: np.ndarray) -> None:
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise InputError(path, "the affine (sform/qform) is not a finite 4x4 matrix")
-    with np.errstate(all="ignore"):
-        det = float(np.linalg.det(affine[:3, :3]))
-    if not abs(det) >= 1e-12:
-        raise InputError(path, "the affine (sform/qform) is singular")
-
-
-Preflight = Callable[[Path, tuple[int, int, int], np.ndarray, int, bool], None]
-"""``preflight(path, shape, affine, itemsize, scaled)``: called after the header checks, before any voxel array is
-allocated (e.g. :func:`flare.runtime.pipeline.limits.check_grids` on the grids the pipeline will need); raises to refuse."""
+Preflight = Callable[[Path, tuple[int, int, int], np.ndarray, int, bool, int], None]
+"""``preflight(path, shape, affine, itemsize, scaled, source_bytes)``: called after the header checks, before any
+voxel array is allocated (e.g. :func:`flare.runtime.pipeline.limits.check_grids` on the grids the pipeline will need);
+``source_bytes`` is the size of the file (or of the received bytes); raises to refuse."""
 
 
 @dataclass(frozen=True)
@@ -349,7 +297,7 @@ def _checked_header(path: Path, stream: IO[bytes], file_size: int, compressed: b
     affine = _header_affine(path, hdr)
     scaled = _scaling(path, hdr) is not None
     if preflight is not None:
-        preflight(path, shape, affine, dtype.itemsize, scaled)
+        preflight(path, shape, affine, dtype.itemsize, scaled, file_size)
     return _Header(hdr, shape, dtype, offset, affine, scaled)
 
 
@@ -384,8 +332,8 @@ def _read(path: Path, source: Path | bytes, file_size: int, compressed: bool, ma
     with _open_stream(path, source, compressed) as stream:
         h = _checked_header(path, stream, file_size, compressed, max_voxels, preflight)
         data = _read_voxels(path, stream, h.hdr, h.shape, h.dtype, h.offset, compressed)
-    data = _replace_non_finite(path, _apply_scaling(path, h.hdr, data))
-    oblique = _is_oblique(h.affine)
+    data = replace_non_finite(path, _apply_scaling(path, h.hdr, data))
+    oblique = is_oblique(h.affine)
     if oblique:
         log.warning("%s: oblique affine (axes not aligned with the world axes); using the closest canonical axes",
                     path)
@@ -401,93 +349,8 @@ def _header_affine(path: Path, hdr: nib.Nifti1Header) -> np.ndarray:
             affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
         except (ValueError, ArithmeticError) as err:
             raise InputError(path, f"invalid orientation (qform/sform) in the header: {err}")
-    _check_affine(path, affine)
+    check_affine(path, affine)
     return affine
-
-
-def from_array(data: np.ndarray, affine: np.ndarray) -> LoadedImage:
-    """Wrap an in-memory 3-D array and its voxel-to-world (RAS) affine as a :class:`LoadedImage`.
-
-    The header is a fresh NIfTI-1 header (sform code 2 "aligned", qform code 0, mm units); spacing is the length
-    of the affine's columns. Bool arrays become uint8. The array is not copied unless non-finite values must be
-    replaced.
-    """
-    from nibabel.nifti1 import Nifti1Header
-
-    data = np.asarray(data)
-    if data.ndim != 3:
-        raise InputError(None, f"array is {data.ndim}-D with shape {data.shape}; a 3-D volume is needed")
-    if data.dtype == np.bool_:
-        data = data.astype(np.uint8)
-    if data.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
-        raise InputError(None, f"unsupported array dtype {data.dtype}")
-    affine = np.asarray(affine, dtype=np.float64)
-    _check_affine(None, affine)
-    data = _replace_non_finite(None, data)
-    hdr = Nifti1Header()
-    hdr.set_data_shape(data.shape)
-    hdr.set_data_dtype(data.dtype)
-    hdr.set_sform(affine, code="aligned")
-    hdr.set_qform(affine, code="unknown", strip_shears=True)
-    spacing = spacing_from_affine(affine)
-    hdr.set_zooms(spacing)
-    hdr.set_xyzt_units("mm")
-    return LoadedImage(None, data, affine, hdr, spacing, _is_oblique(affine))
-
-
-# ------------------------------------------------------------------------------------------------ orientation
-@dataclass(frozen=True)
-class Reorientation:
-    """Flips and a transpose taking an image's voxel grid to the closest canonical RAS grid, and back exactly.
-
-    ``flip`` lists input axes that are reversed; RAS axis ``r`` is input axis ``perm[r]``. Only the first three
-    axes are touched (trailing axes, e.g. channels-last, pass through).
-    """
-
-    perm: tuple[int, int, int]
-    flip: tuple[int, ...]
-
-    @classmethod
-    def from_affine(cls, affine: np.ndarray) -> Reorientation:
-        from nibabel.orientations import io_orientation
-
-        ornt = io_orientation(affine)  # ornt[input axis] = (RAS axis, +1/-1)
-        perm = tuple(int(a) for a in np.argsort(ornt[:, 0]))
-        flip = tuple(int(a) for a in range(3) if ornt[a, 1] < 0)
-        return cls(perm, flip)  # type: ignore[arg-type]
-
-    @property
-    def identity(self) -> bool:
-        return self.perm == (0, 1, 2) and not self.flip
-
-    def _axes(self, arr: np.ndarray, perm: tuple[int, ...]) -> tuple[int, ...]:
-        if arr.ndim < 3:
-            raise ValueError(f"reorientation needs at least 3 axes, got shape {arr.shape}")
-        return tuple(perm) + tuple(range(3, arr.ndim))
-
-    def apply(self, arr: np.ndarray) -> np.ndarray:
-        """Input grid -> RAS grid (a view)."""
-        flipped = np.flip(arr, axis=self.flip) if self.flip else arr
-        return flipped.transpose(self._axes(arr, self.perm))
-
-    def undo(self, arr: np.ndarray) -> np.ndarray:
-        """RAS grid -> input grid (a view); ``undo(apply(x))`` is ``x`` exactly."""
-        inverse = tuple(int(a) for a in np.argsort(self.perm))
-        back = arr.transpose(self._axes(arr, inverse))
-        return np.flip(back, axis=self.flip) if self.flip else back
-
-    def ras_affine(self, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """The affine of the RAS grid: same world point for the same voxel."""
-        from nibabel.orientations import inv_ornt_aff
-
-        ornt = np.array([[list(self.perm).index(a), -1.0 if a in self.flip else 1.0] for a in range(3)])
-        return np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, shape[:3])
-
-
-def to_canonical(img: LoadedImage) -> tuple[np.ndarray, np.ndarray, Reorientation]:
-    """``(data_ras, affine_ras, reorientation)``: the image as views in the closest canonical RAS grid."""
-    r = Reorientation.from_affine(img.affine)
-    return r.apply(img.data), r.ras_affine(img.affine, img.data.shape), r
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -521,14 +384,31 @@ def _image_like(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
 
 def label_bytes(labels: np.ndarray, like: LoadedImage, compressed: bool = True) -> bytes:
     """A label map as the bytes of a uint8 NIfTI file (gzip-compressed unless ``compressed`` is false) in ``like``'s
-    space: its shape, affine and header fields. ``labels`` must have ``like``'s shape and values in 0..255."""
+    space: its shape, affine and header fields, and ``descrip`` = :data:`FLARE_MARK` (so that a later folder run
+    recognises it as flare's output, not a CT). ``labels`` must have ``like``'s shape and values in 0..255."""
     if tuple(labels.shape) != tuple(like.data.shape):
         raise ValueError(f"labels shape {labels.shape} does not match the image shape {like.data.shape}")
     if labels.dtype != np.uint8:
         if labels.size and (labels.min() < 0 or labels.max() > 255):
             raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit uint8")
         labels = labels.astype(np.uint8)
-    return _nifti_bytes(_image_like(labels, like), compressed)
+    img = _image_like(labels, like)
+    img.header["descrip"] = FLARE_MARK
+    return _nifti_bytes(img, compressed)
+
+
+def written_by_flare(path: str | Path) -> str | None:
+    """The header's ``descrip`` when ``path`` is a NIfTI label map flare wrote (``descrip`` starts with
+    :data:`FLARE_MARK`), else None; never raises (an unreadable file is judged when it is read)."""
+    path = Path(path)
+    try:
+        _, compressed = _check_path(path)
+        with _open_stream(path, path, compressed) as stream:
+            hdr = _read_header(path, stream)
+    except (InputError, OSError, EOFError):
+        return None
+    descrip = bytes(hdr["descrip"]).split(b"\x00")[0]
+    return descrip.decode("ascii", "replace") if descrip.startswith(FLARE_MARK) else None
 
 
 def image_bytes(img: LoadedImage, compressed: bool = True) -> bytes:

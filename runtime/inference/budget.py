@@ -92,11 +92,6 @@ MEMORY_MODELS: dict[tuple[str, str], MemoryModel] = {
         551.2, 1342.0, "fit of the ORT CUDA fp16 96³-224³ sweep, H100, onnxruntime-gpu 1.31.1 (measured)"),
     ("onnxruntime-cuda", "fp32"): MemoryModel(
         1100.0, 1520.0, "one point, 224³ fp32 = 13.9 GB, with the fp16 constant + fp32 weights (derived)"),
-    ("onnxruntime-trt", "fp16"): MemoryModel(
-        300.0, 1100.0, "estimate from torch fp16 channels-last (~240 B/voxel); unmeasured"),
-    ("onnxruntime-trt", "fp32"): MemoryModel(600.0, 1300.0, "estimate; unmeasured"),
-    ("tensorrt", "fp16"): MemoryModel(300.0, 1000.0, "estimate from torch fp16 channels-last; unmeasured"),
-    ("tensorrt", "fp32"): MemoryModel(600.0, 1200.0, "estimate; unmeasured"),
 }
 
 
@@ -251,7 +246,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     root = module.split(".")[0]
     if type(exc).__name__ == "OutOfMemoryError" and root in ("cupy", "cupy_backends", "torch"):
         return True
-    if root in ("onnxruntime", "tensorrt", "flare") or isinstance(exc, RuntimeError):
+    if root in ("onnxruntime", "flare") or isinstance(exc, RuntimeError):
         text = str(exc).lower()
         return any(p in text for p in ORT_OOM_PATTERNS)
     return False

@@ -1,11 +1,8 @@
 """Where inference runs — answered once — and everything that depends on it.
 
-A leaf module (it imports only the standard library, numpy and :mod:`flare.runtime.foundation.errors`):
+A leaf of the inference layer (it imports only the standard library, numpy and :mod:`flare.runtime.foundation`).
+It holds the lazy handles of ONNX Runtime (:data:`ort`: its execution providers decide ``auto``) and CuPy:
 
-- :func:`lazy_import` — the one lazy-import helper of the runtime (Polygraphy's ``mod.lazy_import`` style): a module
-  proxy that imports on first attribute access, records how long the import took (:data:`IMPORT_SECONDS`, for the
-  report's ``load`` timings) and turns a missing or broken package into a one-line :class:`DependencyError` that
-  names the pip extra to install;
 - :func:`resolve_device` — ``auto`` / ``cpu`` / ``cuda`` → a :class:`Device` (name, array module ``xp``), cached per
   name: "is there a usable GPU?" is answered here and nowhere else;
 - :func:`to_device` / :func:`to_host` / :func:`host_empty` — host↔device copies (no copy at all with ``xp=numpy``;
@@ -17,7 +14,6 @@ A leaf module (it imports only the standard library, numpy and :mod:`flare.runti
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import sys
 import time
@@ -28,20 +24,18 @@ from typing import Any
 
 import numpy as np
 from flare.runtime.foundation.errors import FlareError
+from flare.runtime.foundation.lazy import DependencyError, lazy_import
 
 log = logging.getLogger("flare.runtime")
 
 __all__ = [
-    "IMPORT_SECONDS",
-    "DependencyError",
     "Device",
     "DeviceError",
     "DeviceMemoryPeak",
-    "LazyModule",
     "cupy_status",
     "device_memory_used_mb",
     "host_empty",
-    "lazy_import",
+    "parse_device",
     "resolve_device",
     "to_device",
     "to_host",
@@ -49,68 +43,9 @@ __all__ = [
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
-#: seconds spent importing each lazily imported module (first use only)
-IMPORT_SECONDS: dict[str, float] = {}
-
-
-class DependencyError(FlareError):
-    """An optional package the asked-for work needs is missing or broken."""
-
 
 class DeviceError(FlareError):
     """The asked-for device cannot be used."""
-
-
-class LazyModule:
-    """A module imported on first attribute access (``ort = lazy_import("onnxruntime", extra="cpu")`` at module
-    level costs nothing until ``ort.InferenceSession`` is touched)."""
-
-    def __init__(self, name: str, extra: str | None = None, hint: str | None = None) -> None:
-        self._name, self._extra, self._hint = name, extra, hint
-        self._module: ModuleType | None = None
-
-    def load(self) -> ModuleType:
-        """The imported module, or a one-line :class:`DependencyError` naming what to install."""
-        if self._module is None:
-            self._module = _import(self._name, self._extra, self._hint)
-        return self._module
-
-    def available(self) -> bool:
-        """True when the module imports (the error, if any, is not raised)."""
-        try:
-            self.load()
-        except DependencyError:
-            return False
-        return True
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_") and not attr.startswith("__"):
-            raise AttributeError(attr)
-        return getattr(self.load(), attr)
-
-    def __repr__(self) -> str:
-        return f"<lazy module {self._name!r} ({'loaded' if self._module is not None else 'not loaded'})>"
-
-
-def _import(name: str, extra: str | None, hint: str | None) -> ModuleType:
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    t0 = time.perf_counter()
-    try:
-        module = importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001 - ImportError, or OSError from a missing shared library
-        how = hint or (f"pip install 'flare-seg[{extra}]'" if extra else f"pip install {name}")
-        first = (str(exc).splitlines() or [""])[0][:160]
-        raise DependencyError(None, f"{name} is not usable ({type(exc).__name__}: {first}); {how}") from None
-    IMPORT_SECONDS[name] = round(time.perf_counter() - t0, 4)
-    return module
-
-
-def lazy_import(name: str, extra: str | None = None, *, hint: str | None = None) -> LazyModule:
-    """A :class:`LazyModule` for ``name``; ``extra`` is the flare-seg extra that provides it (named in the error),
-    ``hint`` replaces the whole install advice."""
-    return LazyModule(name, extra, hint)
 
 
 ort = lazy_import("onnxruntime", hint="pip install 'flare-seg[cpu]' (or 'flare-seg[gpu]' for onnxruntime-gpu; "
@@ -161,12 +96,38 @@ def ort_providers() -> list[str]:
         return []
 
 
-@functools.lru_cache(maxsize=4)
+DEVICE_CHOICES = "auto, cpu, cuda, gpu, cuda:N or gpu:N"
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """``auto``/``cpu``/``cuda``/``gpu`` (TotalSegmentator's word for cuda), CUDA ones optionally with ``:N`` (the
+    GPU index, as CUDA numbers the visible devices) → ``(auto|cpu|cuda, N or None)``; DeviceError otherwise."""
+    text = device.strip().lower()
+    name, sep, index = text.partition(":")
+    name = "cuda" if name == "gpu" else name
+    if name not in ("auto", "cpu", "cuda") or (sep and (name != "cuda" or not index.isdigit())):
+        raise DeviceError(None, f"unknown device {device!r} (use {DEVICE_CHOICES})")
+    return name, int(index) if sep else None
+
+
 def resolve_device(device: str) -> Device:
-    """``auto`` → ``cuda`` when ONNX Runtime has a CUDA provider, else ``cpu``; ``cuda`` without one is a one-line
-    :class:`DeviceError`. On CUDA the array module is CuPy when :func:`cupy_status` says it works, else numpy."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise DeviceError(None, f"unknown device {device!r} (use auto, cpu or cuda)")
+    """:func:`parse_device`, then ``auto`` → ``cuda`` when ONNX Runtime has a CUDA provider, else ``cpu``; ``cuda``
+    without one is a one-line :class:`DeviceError`. On CUDA the array module is CuPy when :func:`cupy_status` says
+    it works, else numpy. ``cuda:N`` is CUDA device N (``Device.device_id``, passed to the engines and CuPy)."""
+    name, index = parse_device(device)
+    dev = _resolve(name)
+    if index is None:
+        return dev
+    if dev.on_gpu and index >= cupy.load().cuda.runtime.getDeviceCount():
+        raise DeviceError(None, f"device {device!r}: there are {cupy.load().cuda.runtime.getDeviceCount()} CUDA "
+                                "device(s), numbered from 0")
+    import dataclasses
+
+    return dataclasses.replace(dev, device_id=index)
+
+
+@functools.lru_cache(maxsize=4)
+def _resolve(device: str) -> Device:
     t0 = time.perf_counter()
     if device == "cpu":
         return Device("cpu", np, why="asked for", seconds=0.0)

@@ -39,7 +39,6 @@ __all__ = [
     "infer_ensemble",
     "infer_with_budget",
     "planned_tiles",
-    "sliding_window",
     "softmax_",
     "tile_runner",
     "tile_to_target",
@@ -225,16 +224,6 @@ per-tile copies it would speed up — to be confirmed on a GPU). Returns ``(labe
     return labels, plan, base
 
 
-def sliding_window(volume: np.ndarray, engine: Any, roi: tuple[int, int, int], out: np.ndarray, *,
-                   overlap: float = 0.0, blend: str = "constant", activation: str = "softmax",
-                   progress: Progress | None = None, divisor: int = 16) -> TilePlan:
-    """One model over ``volume`` (host), its blended per-tile outputs **added** to ``out`` (C, X, Y, Z float32):
-    :func:`tiled_labels` with ``out`` as the kept accumulator."""
-    _, plan, _ = tiled_labels(volume, [engine.run], roi, np, channels=out.shape[0], overlap=overlap, blend=blend,
-                              activation=activation, base=out, keep_all=True, progress=progress, divisor=divisor)
-    return plan
-
-
 def abdominal_z_range(labels: np.ndarray, spacing_z: float, margin_mm: float = Z_MARGIN_MM) -> tuple[int, int] | None:
     """z-range [z0, z1) of merged organ classes, widened by ``margin_mm``; None when there is no organ or when
     tumor lies outside the range (then the other folds must see the whole volume)."""
@@ -312,7 +301,7 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
     if budget_mb is not None and key in MEMORY_MODELS:
         rois = list(candidate_rois(budget_mb, volume.shape, *key, overlap=overlap, channels=engines[0].out_channels,
                                    arena_mb=arena_mb))
-    peak = DeviceMemoryPeak() if key in MEMORY_MODELS else None
+    peak = DeviceMemoryPeak(getattr(engines[0], "device_id", 0)) if key in MEMORY_MODELS else None
     fallback: list[str] = []
     tried: list[list[int]] = []
 

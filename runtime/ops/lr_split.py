@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 from flare.runtime.foundation.labels import AORTA, LEFT_RIGHT_PAIRS
+from flare.runtime.ops.components import components
 from flare.runtime.ops.geometry import box_from_mask
-from flare.runtime.ops.postprocessing import components
 
 __all__ = ["ReferenceLine", "reference_line", "split_left_right"]
 

@@ -43,19 +43,17 @@ from typing import Any, Final
 
 import numpy as np
 from flare.runtime.foundation.labels import LARGEST_COMPONENT_IDS, TUMOR, Z_RUN_IDS
+from flare.runtime.ops.components import Box, components, label_boxes
 
 __all__ = [
-    "CONNECTIVITY",
     "DEFAULT_MODE",
     "MODES",
     "Mode",
     "array_module",
     "check_mode",
-    "components",
     "keep_largest_components",
     "keep_largest_z_run",
     "keep_largest_z_run_per_organ",
-    "label_boxes",
     "largest_run",
     "postprocess",
     "remove_small_tumors",
@@ -72,42 +70,6 @@ class Mode(str, Enum):
 MODES: Final = tuple(m.value for m in Mode)
 #: the paper's rules are the default; bundles may name another mode in ``postprocess.mode``
 DEFAULT_MODE: Final = "paper"
-
-#: voxel connectivity of every connected-component pass (26: faces, edges and corners)
-CONNECTIVITY: Final = 26
-
-Box = tuple[slice, ...]
-
-
-def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """26-connected components of a boolean mask.
-
-    Returns ``(ids, counts)``: the component id of every voxel (0 = outside the mask, 1..N components) and the
-    voxel count of each id (``counts[0]`` counts the voxels outside the mask).
-    """
-    import cc3d
-
-    mask = np.ascontiguousarray(mask, dtype=bool)
-    # cc3d is given the mask as uint8 (a zero-copy view): with a bool array, connected-components-3d 4.1 raises
-    # "cannot be mapped to union-find array" on some thin masks (e.g. 1x1x3 [1, 0, 1]); uint8 0/1 gives the same
-    # components without that failure (tests/runtime/ops/test_postprocessing.py::test_components_of_thin_masks)
-    ids, n = cc3d.connected_components(mask.view(np.uint8), connectivity=CONNECTIVITY, return_N=True)
-    # count only the mask's voxels: np.bincount over the whole box would first cast every id to intp (slow)
-    counts = np.bincount(ids[mask], minlength=n + 1)
-    counts[0] = mask.size - int(counts[1:].sum())
-    return ids, counts
-
-
-def label_boxes(labels: np.ndarray, max_label: int = 14) -> list[Box | None]:
-    """Bounding box (tuple of slices) of every id ``0..max_label`` in one scan; ``None`` where the id is absent.
-
-    Entry 0 (background) is always ``None``.
-    """
-    from scipy import ndimage
-
-    found = ndimage.find_objects(labels, max_label=max_label)
-    return [None, *found]
-
 
 def _check_labels(labels: np.ndarray) -> None:
     if labels.dtype != np.uint8:

@@ -7,14 +7,12 @@ inside each label. Tumors are also counted as 26-connected components (cc3d, as 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flare.runtime.foundation.labels import LABELS, NUM_FLARE_IDS, TUMOR
 
-__all__ = ["label_statistics", "label_volumes", "voxel_volume_ml", "write_statistics"]
+__all__ = ["label_counts", "label_statistics", "label_volumes", "voxel_volume_ml"]
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
@@ -22,16 +20,22 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
     return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
-def _counts(labels: np.ndarray) -> np.ndarray:
-    flat = labels.ravel(order="F")
-    if flat.size and int(flat.max()) >= NUM_FLARE_IDS:
-        raise ValueError(f"label ids must lie in 0..{NUM_FLARE_IDS - 1}, found {int(flat.max())}")
-    return np.bincount(flat, minlength=NUM_FLARE_IDS)
+def label_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels per FLARE id (int64, ``NUM_FLARE_IDS`` entries), counted in slabs: ``np.bincount`` casts its input to
+    int64, so on the whole map it would allocate 8 bytes per voxel; per slab of 4 M voxels it allocates 32 MB."""
+    flat = labels.ravel(order="K")  # a view for any contiguous map
+    counts = np.zeros(NUM_FLARE_IDS, dtype=np.int64)
+    for sl in _chunks(flat.size):
+        part = np.bincount(flat[sl], minlength=NUM_FLARE_IDS)
+        if part.size > NUM_FLARE_IDS:
+            raise ValueError(f"label ids must lie in 0..{NUM_FLARE_IDS - 1}, found {part.size - 1}")
+        counts += part
+    return counts
 
 
 def label_volumes(labels: np.ndarray, affine: np.ndarray) -> tuple[dict[str, int], dict[str, float]]:
     """``(voxels, volume_ml)`` per FLARE id present (keys are the ids as strings, as in the run report)."""
-    counts = _counts(labels)
+    counts = label_counts(labels)
     vml = voxel_volume_ml(affine)
     present = [i for i in range(1, NUM_FLARE_IDS) if counts[i]]
     return ({str(i): int(counts[i]) for i in present}, {str(i): round(float(counts[i]) * vml, 3) for i in present})
@@ -44,7 +48,7 @@ def label_statistics(labels: np.ndarray, image: np.ndarray, affine: np.ndarray) 
         raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
     flat = labels.ravel(order="F")  # NIfTI data is Fortran-ordered: no copy of the image in the common case
     values = image.ravel(order="F")
-    counts = _counts(labels)
+    counts = label_counts(labels)
     vml = voxel_volume_ml(affine)
     sums = np.zeros(NUM_FLARE_IDS)
     for sl in _chunks(flat.size):
@@ -70,7 +74,7 @@ def _chunks(n: int, size: int = 1 << 22) -> list[slice]:
 
 
 def _tumors(labels: np.ndarray, vml: float) -> dict[str, Any]:
-    from flare.runtime.ops.postprocessing import components
+    from flare.runtime.ops.components import components
 
     mask = labels == TUMOR
     if not mask.any():
@@ -79,9 +83,3 @@ def _tumors(labels: np.ndarray, vml: float) -> dict[str, Any]:
     sizes = sorted((int(c) for c in counts[1:] if c), reverse=True)
     return {"count": len(sizes), "volumes_ml": [round(c * vml, 3) for c in sizes]}
 
-
-def write_statistics(path: str | Path, stats: dict[str, Any]) -> None:
-    """Write ``stats`` (from :func:`label_statistics`, plus what the caller adds) as JSON, atomically."""
-    from flare.runtime.foundation.atomic import write_text_atomic
-
-    write_text_atomic(path, json.dumps(stats, indent=2) + "\n")

@@ -14,6 +14,14 @@ Limits (per grid; override with environment variables, sizes accept K/M/G/T suff
   (512×512×300 at 0.8×0.8×2.5 mm) is about 126 M voxels at 1 mm, so the default leaves 8× headroom.
 * ``FLARE_MAX_GRID_BYTES`` (default 16G): bytes of any one array. The largest array is the float32 ensemble
   accumulator, ``channels × voxels × 4`` bytes: about 6.5 GB for that case without a locator crop (2.5× headroom).
+* ``FLARE_MAX_EXTENT_MM`` (default 2000): physical extent of the image along each axis (voxels × spacing). No CT
+  scanner images a body 2 m wide; a 16³ header with 150 mm voxels (2.4 m) is refused whatever the bundle's grid.
+* ``FLARE_MAX_VOXELS_PER_BYTE`` (default 256): voxels of the largest grid per byte of the input file(s) (the NIfTI
+  file, the DICOM series' files, a server request's body), above a floor of 2**25 voxels (a 320³ grid) that any
+  file may use. Real CTs need under 10 (a gzip'ed int16 CT holds about 1 voxel per byte; resampling thick slices to
+  1 mm adds a few times that); a 0.5 MB file that decompresses to 800³ voxels, or a 2 MB DICOM series whose
+  compressed pixel data declares 24576×24576 slices, is refused before a voxel is decoded. This bounds the work and
+  memory a small file can buy (decompression bombs of any codec included).
 """
 
 from __future__ import annotations
@@ -32,13 +40,19 @@ from flare.runtime.foundation.errors import FlareError, InputError
 if TYPE_CHECKING:
     from flare.runtime.bundle.manifest import Bundle
 
-__all__ = ["DEFAULT_MAX_GRID_BYTES", "DEFAULT_MAX_GRID_VOXELS", "Grid", "Limits", "check_grids", "pipeline_grids",
-           "preflight", "ras_geometry"]
+__all__ = ["DEFAULT_MAX_GRID_BYTES", "DEFAULT_MAX_GRID_VOXELS", "Grid", "Limits", "check_grids", "check_source",
+           "pipeline_grids", "preflight", "ras_geometry"]
 
 DEFAULT_MAX_GRID_VOXELS = 1_000_000_000
 DEFAULT_MAX_GRID_BYTES = 16 * 2**30
 ENV_VOXELS = "FLARE_MAX_GRID_VOXELS"
 ENV_BYTES = "FLARE_MAX_GRID_BYTES"
+ENV_EXTENT = "FLARE_MAX_EXTENT_MM"
+ENV_PER_BYTE = "FLARE_MAX_VOXELS_PER_BYTE"
+DEFAULT_MAX_EXTENT_MM = 2000.0
+DEFAULT_MAX_VOXELS_PER_BYTE = 256
+FREE_VOXELS = 2**25
+"""Grids up to this many voxels are allowed whatever the file size (small test images, phantoms)."""
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -61,14 +75,20 @@ class Limits:
 
     max_grid_voxels: int = DEFAULT_MAX_GRID_VOXELS
     max_grid_bytes: int = DEFAULT_MAX_GRID_BYTES
+    max_extent_mm: float = DEFAULT_MAX_EXTENT_MM
+    max_voxels_per_byte: int = DEFAULT_MAX_VOXELS_PER_BYTE
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
         env = os.environ if environ is None else environ
         voxels = env.get(ENV_VOXELS)
         nbytes = env.get(ENV_BYTES)
+        extent = env.get(ENV_EXTENT)
+        per_byte = env.get(ENV_PER_BYTE)
         return cls(parse_size(voxels, ENV_VOXELS) if voxels else DEFAULT_MAX_GRID_VOXELS,
-                   parse_size(nbytes, ENV_BYTES) if nbytes else DEFAULT_MAX_GRID_BYTES)
+                   parse_size(nbytes, ENV_BYTES) if nbytes else DEFAULT_MAX_GRID_BYTES,
+                   float(parse_size(extent, ENV_EXTENT)) if extent else DEFAULT_MAX_EXTENT_MM,
+                   parse_size(per_byte, ENV_PER_BYTE) if per_byte else DEFAULT_MAX_VOXELS_PER_BYTE)
 
 
 @dataclass(frozen=True)
@@ -95,10 +115,9 @@ class Grid:
 
 def ras_geometry(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """Shape and spacing of the canonical (RAS) grid of an image, from its shape and a finite, invertible affine."""
-    from nibabel.orientations import io_orientation
+    from flare.runtime.image.model import Reorientation
 
-    ornt = io_orientation(np.asarray(affine, dtype=np.float64))
-    perm = [int(a) for a in np.argsort(ornt[:, 0])]
+    perm = Reorientation.from_affine(np.asarray(affine, dtype=np.float64)).perm
     norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     return (tuple(int(shape[p]) for p in perm),  # type: ignore[return-value]
             tuple(float(norms[p]) for p in perm))  # type: ignore[return-value]
@@ -143,23 +162,45 @@ def pipeline_grids(shape: Sequence[int], affine: np.ndarray, itemsize: int, scal
     return grids
 
 
-def preflight(image: str | Path, bundle_dir: str | Path, limits: Limits | None = None) -> None:
-    """Refuse ``image`` from its header alone, before any model is loaded: the header checks of ``read_image`` and
-    the grid limits for ``bundle_dir`` (its bundle.json only; the model files are checked when they are loaded)."""
+def preflight(image: str | Path, bundle_dir: str | Path, limits: Limits | None = None, *, kind: str = "nifti",
+              series_uid: str | None = None) -> None:
+    """Refuse ``image`` (a NIfTI file, or with ``kind="dicom"`` a DICOM series) from its header(s) alone, before any
+    model is loaded: the header checks of the reader and every limit for ``bundle_dir`` (its bundle.json only; the
+    model files are checked when they are loaded)."""
     from flare.runtime.bundle.manifest import load_bundle
-    from flare.runtime.image.nifti import check_header
 
     bundle = load_bundle(bundle_dir, verify_hashes=False)
     limits = limits or Limits.from_env()
 
-    def grids(path: Path, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int, scaled: bool) -> None:
-        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, bundle), limits)
+    def grids(path: Path, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int, scaled: bool,
+              source_bytes: int | None = None) -> None:
+        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, bundle), limits,
+                    affine=affine, source_bytes=source_bytes)
 
-    check_header(image, preflight=grids)
+    if kind == "dicom":
+        from flare.runtime.image.dicom import check_dicom_header
+
+        check_dicom_header(image, series_uid, preflight=grids)
+    else:
+        from flare.runtime.image.nifti import check_header
+
+        check_header(image, preflight=grids)
 
 
-def check_grids(path: str | Path | None, grids: Sequence[Grid], limits: Limits | None = None) -> None:
-    """Raise a one-line ``InputError`` naming ``path`` and the first grid over the limits."""
+def check_source(path: Path | None, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int, scaled: bool,
+                 source_bytes: int | None = None, limits: Limits | None = None) -> None:
+    """The limits that need no bundle (the input grids, physical extent, voxels per file byte): what a client that
+    sends images to a server checks before decoding them."""
+    ras_shape, _ = ras_geometry(shape, affine)
+    grids = [Grid("input", ras_shape, itemsize)] + ([Grid("scaled input (float32)", ras_shape, 4)] if scaled else [])
+    check_grids(path, grids, limits, affine=affine, source_bytes=source_bytes)
+
+
+def check_grids(path: str | Path | None, grids: Sequence[Grid], limits: Limits | None = None, *,
+                affine: np.ndarray | None = None, source_bytes: int | None = None) -> None:
+    """Raise a one-line ``InputError`` naming ``path`` and the first grid over the limits; with ``affine``, the
+    physical extent of the image (the first grid) too; with ``source_bytes`` (the input's size in bytes), the voxels
+    of the largest grid per byte."""
     limits = limits or Limits.from_env()
     for g in grids:
         if g.voxels > limits.max_grid_voxels:
@@ -170,6 +211,21 @@ def check_grids(path: str | Path | None, grids: Sequence[Grid], limits: Limits |
             raise InputError(path, f"the {g.name} would be {g.describe()} = {_human(g.nbytes)}, more than "
                                    f"the limit of {_human(limits.max_grid_bytes)} ({ENV_BYTES}); "
                                    "check the voxel spacing and dimensions in the header")
+    if affine is not None and grids:
+        _, spacing = ras_geometry(grids[0].shape, affine)
+        extent = [n * s for n, s in zip(grids[0].shape, spacing)]
+        if max(extent) > limits.max_extent_mm:
+            dims = " x ".join(f"{e:.0f}" for e in extent)
+            raise InputError(path, f"the image would be {dims} mm, more than the limit of {limits.max_extent_mm:.0f} "
+                                   f"mm per axis ({ENV_EXTENT}); check the voxel spacing in the header")
+    if source_bytes is not None and grids:
+        largest = max(grids, key=lambda g: g.voxels)
+        allowed = max(FREE_VOXELS, limits.max_voxels_per_byte * max(int(source_bytes), 1))
+        if largest.voxels > allowed:
+            raise InputError(path, f"the {largest.name} would be {largest.describe()} = {_count(largest.voxels)} "
+                                   f"voxels from {_human(int(source_bytes))} of input, more than "
+                                   f"{limits.max_voxels_per_byte} voxels per byte ({ENV_PER_BYTE}); a real CT "
+                                   "needs far fewer (corrupt header or a decompression bomb?)")
 
 
 def _count(n: int) -> str:

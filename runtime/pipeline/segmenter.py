@@ -1,5 +1,6 @@
 """The whole ``flare-run`` pipeline: read → locate → crop/resample → tiled ensemble → left/right split and
-post-processing → restore to the input grid → write. See docs/architecture.md for each step's contract."""
+post-processing → restore to the input grid; returns a :class:`~flare.runtime.pipeline.result.SegmentResult` and
+writes nothing (writing is the app layer's). See docs/architecture.md for each step's contract."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from flare.runtime.bundle.manifest import Bundle, load_bundle
 from flare.runtime.foundation.errors import BundleError
 from flare.runtime.foundation.labels import merged_to_flare
+from flare.runtime.foundation.lazy import IMPORT_SECONDS
 from flare.runtime.foundation.lifecycle import pause_point
-from flare.runtime.image.nifti import LoadedImage, read_image, to_canonical, write_labels
-from flare.runtime.inference.device import IMPORT_SECONDS, ort, resolve_device, to_device
+from flare.runtime.image.model import LoadedImage, to_canonical
+from flare.runtime.image.nifti import read_image
+from flare.runtime.inference.device import ort, resolve_device, to_device
 from flare.runtime.inference.engines import Engine, create_engine
 from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
@@ -30,12 +32,11 @@ from flare.runtime.ops.lr_split import split_left_right
 from flare.runtime.ops.postprocessing import check_mode, postprocess
 from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear, resample_nearest
 from flare.runtime.ops.stats import label_volumes
+from flare.runtime.pipeline.result import STAGES, Report, SegmentResult
 
 log = logging.getLogger("flare.runtime")
 
-__all__ = ["STAGES", "Segmenter", "StageHooks", "segment"]
-
-STAGES = ("read", "locate", "crop_resample", "infer", "postprocess", "restore", "write")
+__all__ = ["Segmenter", "StageHooks", "rss_peak_mb"]
 
 
 @dataclass
@@ -47,7 +48,7 @@ class StageHooks:
     tiles_done: Callable[[int], None] = lambda n: None
 
 
-def _rss_peak_mb() -> float:
+def rss_peak_mb() -> float:
     """This process's own peak resident set size (MB): ``VmHWM`` of ``/proc/self/status`` on Linux (reset at exec,
     unlike ``getrusage``'s ``ru_maxrss``, which Linux carries over from the parent across fork/exec), else
     ``ru_maxrss``."""
@@ -136,12 +137,13 @@ class Segmenter:
                                             max_roi=cap, arena_mb=self._arena_mb)
 
     def check_grids(self, path: Path | None, shape: tuple[int, int, int], affine: np.ndarray, itemsize: int,
-                    scaled: bool) -> None:
+                    scaled: bool, source_bytes: int | None = None) -> None:
         """Refuse (one-line InputError) an image whose grids in this pipeline would exceed the limits
         (:mod:`flare.runtime.pipeline.limits`); called from the header, before the voxels are read."""
         from flare.runtime.pipeline.limits import check_grids, pipeline_grids
 
-        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, self.bundle))
+        check_grids(path, pipeline_grids(shape, affine, itemsize, scaled, self.bundle), affine=affine,
+                    source_bytes=source_bytes)
 
     def _check_folds(self, folds: int | None, available: int) -> None:
         if folds is not None and not 1 <= folds <= available:
@@ -233,10 +235,15 @@ class Segmenter:
         return reorient.undo(full)
 
     # -- the pipeline -------------------------------------------------------------------------------------------
-    def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None,
-                hooks: StageHooks | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Segment ``image``; returns ``(labels uint8 in the input grid, input affine, report)`` and writes
-        ``output`` when given."""
+    def segment(self, image: str | Path | LoadedImage, hooks: StageHooks | None = None) -> SegmentResult:
+        """Segment ``image`` (a NIfTI path or a loaded image): the labels in its grid, the image and the report.
+        Writes nothing (the app layer writes: :mod:`flare.runtime.app.write`)."""
+        if self.dev.on_gpu:  # CuPy's arrays and kernels on this Segmenter's GPU (cuda:N), in this thread
+            with self.xp.cuda.Device(self.dev.device_id):
+                return self._segment(image, hooks)
+        return self._segment(image, hooks)
+
+    def _segment(self, image: str | Path | LoadedImage, hooks: StageHooks | None) -> SegmentResult:
         hooks = hooks or StageHooks()
         times: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -273,49 +280,34 @@ class Segmenter:
             labels = self._postprocess(ens.labels, affine_1mm)
         with stage("restore"):
             out = self._restore(labels, loc.box, data_ras.shape, reorient)
-        times["write"] = 0.0
-        if output is not None:
-            with stage("write"):
-                write_labels(output, out, like=img)
         report = self._report(img, loc, ens, times, time.perf_counter() - t_start)
         if gpu_part is not None:
-            report["gpu"] = gpu_part
-            report["gpu_peak_mb"] = gpu_part.get("gpu_peak_mb")
-        report["voxels"], report["volume_ml"] = label_volumes(out, img.affine)  # in the written (input) grid
-        return out, img.affine, report
+            report.gpu = gpu_part
+            report.gpu_peak_mb = gpu_part.get("gpu_peak_mb")
+        report.voxels, report.volume_ml = label_volumes(out, img.affine)  # in the input grid (the one written)
+        return SegmentResult(out, img, report)
 
     def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],
-                total: float) -> dict[str, Any]:
-        return {
-            "input": {"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
-                      "spacing": [round(float(s), 5) for s in img.spacing],
-                      "orientation": "".join(nib.aff2axcodes(img.affine)), "oblique": img.oblique},
-            "crop": {"lo": list(loc.box.lo), "hi": list(loc.box.hi), "located": loc.found,
-                     "resampled_shape": list(ens.labels.shape)},
-            "tiles": {"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,
-                      "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
-                      "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
-            "backend": {"device": self.device, "engine": self.engines[0].backend,
-                        "precision": self.engines[0].precision, "profile": self.bundle.profile,
-                        "load_s": round(self.load_s, 4), "load": dict(self.load)},
-            "folds": ens.folds,
-            "postprocess": {"mode": self.postprocess_mode},
-            "stages": {name: times.get(name, 0.0) for name in STAGES},
-            "total_s": round(total, 4),
-            "rss_peak_mb": round(_rss_peak_mb(), 1),
-            "gpu_peak_mb": None,
-        }
+                total: float) -> Report:
+        return Report(
+            input={"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
+                   "spacing": [round(float(s), 5) for s in img.spacing],
+                   "orientation": img.orientation, "oblique": img.oblique},
+            crop={"lo": list(loc.box.lo), "hi": list(loc.box.hi), "located": loc.found,
+                  "resampled_shape": list(ens.labels.shape)},
+            tiles={"roi": list(ens.roi), "total": ens.tiles, "per_fold": ens.per_fold_tiles,
+                   "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
+                   "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
+            backend={"device": self.device, "device_id": self.dev.device_id if self.device == "cuda" else None,
+                     "engine": self.engines[0].backend,
+                     "precision": self.engines[0].precision, "profile": self.bundle.profile,
+                        "load_s": round(self.load_s, 4),
+                     "load": dict(self.load)},
+            folds=ens.folds,
+            postprocess={"mode": self.postprocess_mode},
+            stages={name: times.get(name, 0.0) for name in STAGES},
+            total_s=round(total, 4),
+            rss_peak_mb=round(rss_peak_mb(), 1),
+            model_card=self.bundle.card.summary(),
+        )
 
-
-def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
-            device: str = "auto", folds: int | None = None, overlap: float | None = None,
-            precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None,
-            cudnn_algo_search: str = "HEURISTIC"
-            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Segment one CT: ``(labels uint8 FLARE ids in the input grid, input affine, report)``.
-
-    ``postprocess`` picks the clean-up rules: ``"paper"`` or ``"strict"`` (see :mod:`flare.runtime.ops.postprocessing`);
-    None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise)."""
-    return Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
-                     gpu_mem_budget=gpu_mem_budget, postprocess=postprocess,
-                     cudnn_algo_search=cudnn_algo_search).segment(image, output)

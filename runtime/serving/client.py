@@ -1,16 +1,6 @@
 """The client side of ``flare-serve``: :class:`RemoteSegmenter` and ``flare-run --server``.
 
-The wire protocol (Triton's KServe v2 HTTP/REST or gRPC, model :data:`MODEL`):
-
-* input ``image``: ``BYTES``, shape ``[1]`` — the bytes of a ``.nii`` or ``.nii.gz`` file (gzip is recognised by its
-  magic bytes; sending gzip keeps requests small);
-* outputs ``labels`` (``BYTES [1]``: the uint8 label map as a NIfTI file in the input's geometry, gzip-compressed
-  unless the request says ``compressed: false``) and ``report`` (``BYTES [1]``: the JSON report of ``flare-run``);
-* optional request parameters: ``filename`` (names the input in errors and in the report), ``folds`` (use the first N
-  folds), ``overlap`` (tile overlap ratio), ``postprocess`` (``paper`` or ``strict``), ``compressed`` (bool).
-
-A bad input fails the request with Triton's error message, whose line starting with :data:`ERROR_MARKER` carries the
-one-line :class:`~flare.runtime.foundation.errors.FlareError`; the server keeps serving. tritonclient is imported lazily.
+The wire protocol is :mod:`flare.runtime.serving.protocol`. tritonclient is imported lazily.
 """
 
 from __future__ import annotations
@@ -24,19 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.inference.device import lazy_import
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.pipeline.result import Report, SegmentResult
+from flare.runtime.serving.protocol import INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, flare_error_line
 
 if TYPE_CHECKING:
-    from flare.runtime.image.nifti import LoadedImage
+    from flare.runtime.image.model import LoadedImage
 
-__all__ = ["ERROR_MARKER", "MODEL", "RemoteError", "RemoteSegmenter"]
+__all__ = ["RemoteError", "RemoteSegmenter"]
 
-MODEL = "flare"
-INPUT = "image"
-OUTPUT_LABELS = "labels"
-OUTPUT_REPORT = "report"
-ERROR_MARKER = "flare-error: "
 DEFAULT_TIMEOUT_S = 3600.0
+READY_TIMEOUT_S = 120.0
+"""How long a client waits for model ``flare`` to become ready on a server that answers but is still loading it."""
 
 
 class RemoteError(FlareError):
@@ -54,15 +43,6 @@ def _split_url(url: str) -> tuple[str, bool]:
     return url, ssl
 
 
-def flare_error_line(message: str) -> str | None:
-    """The one-line FlareError carried by a server error message, if any."""
-    for line in message.splitlines():
-        at = line.find(ERROR_MARKER)
-        if at >= 0:
-            return line[at + len(ERROR_MARKER):].strip()
-    return None
-
-
 @dataclass(frozen=True)
 class ServerRef:
     """Where a RemoteSegmenter's models are (``root``, like a local bundle's)."""
@@ -71,16 +51,34 @@ class ServerRef:
 
 
 class RemoteSegmenter:
-    """A :class:`~flare.runtime.pipeline.segmenter.Segmenter` on a ``flare-serve`` server (Triton HTTP at ``url``).
+    """A :class:`~flare.runtime.pipeline.segmenter.Segmenter` on ``flare-serve`` servers (Triton HTTP at ``url``:
+    one ``HOST:PORT`` or several, comma-separated).
 
-    ``segment()`` returns ``(labels uint8 in the input grid, input affine, report)`` like the local one; the labels and
-    affine are read back from the server's NIfTI with the same validated reader.
+    ``segment()`` returns a :class:`~flare.runtime.pipeline.result.SegmentResult` like the local one; the labels are
+    read back from the server's NIfTI with the same validated reader. It may be called from several threads at once
+    (``flare-run --concurrency``): each request goes to the server with the fewest requests in flight from this
+    client (ties: the one used least), on its own connection; a server that fails fails only the requests sent to it
+    (the error names it), and the report's ``server`` says which server answered.
     """
 
     def __init__(self, url: str, folds: int | None = None, overlap: float | None = None,
                  postprocess: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = False) -> None:
+        import threading
+
         self.url = url
-        self._host, self._ssl = _split_url(url)
+        self.urls = [u.strip() for u in url.split(",") if u.strip()]
+        if not self.urls:
+            raise RemoteError(None, f"--server {url!r}: give HOST:PORT, e.g. 127.0.0.1:8000")
+        self._hosts = [_split_url(u) for u in self.urls]
+        if len(set(self._hosts)) < len(self._hosts):
+            raise RemoteError(None, f"--server {url!r} names a server twice")
+        # imported here, in the constructing thread: concurrent first imports from the request threads would see
+        # a partially initialised tritonclient.http
+        self._http = lazy_import("tritonclient.http", "serve").load()
+        self._utils = lazy_import("tritonclient.utils", "serve").load()
+        self._lock = threading.Lock()
+        self._busy = [0] * len(self.urls)
+        self._used = [0] * len(self.urls)
         self.options: dict[str, Any] = {k: v for k, v in (("folds", folds), ("overlap", overlap),
                                                           ("postprocess", postprocess)) if v is not None}
         self.timeout_s = float(timeout_s)
@@ -88,68 +86,100 @@ class RemoteSegmenter:
         #: what flare-run's summary records in place of a local bundle and device
         self.bundle = ServerRef(f"flare-serve at {url}")
         self.device = "server"
+        self._ready = False
+
+    def _wait_ready(self, client: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Before the first request: wait (at most ``timeout_s``) while the server answers but model ``flare`` is not
+        ready yet (a server that is starting); a server that does not answer is reported by the request itself."""
+        deadline = time.monotonic() + timeout_s
+        while not self._ready:
+            try:
+                self._ready = bool(client.is_model_ready(MODEL))
+            except Exception:  # noqa: BLE001 - unreachable: the request gives the one-line error
+                return
+            if not self._ready:
+                if time.monotonic() > deadline:
+                    raise RemoteError(self.url, f"model '{MODEL}' is not ready after {timeout_s:.0f} s")
+                time.sleep(0.5)
+
+    def _pick(self) -> int:
+        with self._lock:
+            i = min(range(len(self.urls)), key=lambda k: (self._busy[k], self._used[k], k))
+            self._busy[i] += 1
+            self._used[i] += 1
+            return i
 
     def request(self, blob: bytes, name: str, compressed: bool = True) -> tuple[bytes, dict[str, Any]]:
-        """Send one NIfTI file's bytes; returns the label map's NIfTI bytes and the report."""
-        http = lazy_import("tritonclient.http", "serve").load()
-        utils = lazy_import("tritonclient.utils", "serve").load()
+        """Send one NIfTI file's bytes to the least busy server; returns the label map's NIfTI bytes and the report
+        (with ``server``: the ``HOST:PORT`` that answered)."""
+        i = self._pick()
+        try:
+            labels, report = self._request(i, blob, name, compressed)
+        finally:
+            with self._lock:
+                self._busy[i] -= 1
+        report["server"] = self.urls[i]
+        return labels, report
+
+    def _request(self, i: int, blob: bytes, name: str, compressed: bool) -> tuple[bytes, dict[str, Any]]:
+        url, (host, ssl) = self.urls[i], self._hosts[i]
+        http, utils = self._http, self._utils
         inp = http.InferInput(INPUT, [1], "BYTES")
         inp.set_data_from_numpy(np.array([blob], dtype=object), binary_data=True)
         outputs = [http.InferRequestedOutput(OUTPUT_LABELS, binary_data=True),
                    http.InferRequestedOutput(OUTPUT_REPORT, binary_data=True)]
         params = {"filename": name, "compressed": bool(compressed), **self.options}
         try:
-            client = http.InferenceServerClient(self._host, ssl=self._ssl, connection_timeout=self.timeout_s,
+            client = http.InferenceServerClient(host, ssl=ssl, connection_timeout=self.timeout_s,
                                                 network_timeout=self.timeout_s)
         except Exception as err:  # noqa: BLE001 - tritonclient raises several kinds for a bad address
-            raise RemoteError(self.url, f"cannot use the server address ({err})") from None
+            raise RemoteError(url, f"cannot use the server address ({err})") from None
         try:
+            self._wait_ready(client)
             result = client.infer(MODEL, [inp], outputs=outputs, parameters=params)
         except utils.InferenceServerException as err:
             message = err.message() or str(err)
             line = flare_error_line(message)
             if line is not None:
                 raise RemoteError(None, line) from None
-            raise RemoteError(self.url, f"server error: {message.strip().splitlines()[0] if message else err}"
+            raise RemoteError(url, f"server error: {message.strip().splitlines()[0] if message else err}"
                               ) from None
         except (OSError, TimeoutError) as err:
-            raise RemoteError(self.url, f"cannot reach the flare server ({err.strerror or err})") from None
+            raise RemoteError(url, f"cannot reach the flare server ({err.strerror or err})") from None
         finally:
             client.close()
         labels = result.as_numpy(OUTPUT_LABELS)
         report = result.as_numpy(OUTPUT_REPORT)
         if labels is None or report is None or labels.size != 1 or report.size != 1:
-            raise RemoteError(self.url, f"the server's answer lacks the {OUTPUT_LABELS}/{OUTPUT_REPORT} outputs "
+            raise RemoteError(url, f"the server's answer lacks the {OUTPUT_LABELS}/{OUTPUT_REPORT} outputs "
                                         "(is it a flare-serve server?)")
         return bytes(labels.flat[0]), json.loads(bytes(report.flat[0]))
 
-    def segment(self, image: str | Path | LoadedImage, output: str | Path | None = None, hooks: Any = None
-                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Segment ``image`` on the server: a NIfTI file (its bytes are sent) or a loaded image (sent as NIfTI,
-        e.g. a DICOM series read here); writes ``output`` (atomically) when given. ``hooks`` is accepted for
-        ``Segmenter`` compatibility (the stages run on the server)."""
-        from flare.runtime.foundation.atomic import write_bytes_atomic
+    def segment(self, image: str | Path | LoadedImage, hooks: Any = None) -> SegmentResult:
+        """Segment ``image`` on the server: a NIfTI file (its bytes are sent, and read here too, with the same
+        validated reader, for the result's image) or a loaded image (sent as NIfTI, e.g. a DICOM series read here).
+        Writes nothing, like the local ``Segmenter`` (the app layer writes). ``hooks`` is accepted for ``Segmenter``
+        compatibility (the stages run on the server)."""
         from flare.runtime.image.nifti import image_bytes, read_image_bytes
 
         if isinstance(image, (str, Path)):
             name, blob = str(image), _read_input(Path(image))
+            img = read_image_bytes(blob, name)
         else:
-            name, blob = str(image.path or "image"), image_bytes(image)
-        compressed = output is None or str(output).endswith(".gz")
+            name, blob, img = str(image.path or "image"), image_bytes(image), image
         t0 = time.perf_counter()
         if self.progress:
             print(f"flare-run: sending {name} ({len(blob) / 2**20:.1f} MB) to {self.url}", file=sys.stderr, flush=True)
-        labels_blob, report = self.request(blob, name, compressed)
+        labels_blob, report = self.request(blob, name)
         if self.progress:
-            print(f"flare-run: {name} segmented by {self.url} in {time.perf_counter() - t0:.2f} s "
+            print(f"flare-run: {name} segmented by {report['server']} in {time.perf_counter() - t0:.2f} s "
                   f"(server pipeline {report.get('total_s')} s)", file=sys.stderr, flush=True)
         labels = read_image_bytes(labels_blob, name=f"{self.url} (labels of {name})")
-        if output is not None:
-            write_bytes_atomic(output, labels_blob)
-        # a loaded image keeps its own affine (NIfTI stores the sform in float32: an in-memory float64 affine
-        # comes back rounded); the labels are in its grid either way
-        return labels.data, labels.affine if isinstance(image, (str, Path)) else image.affine, report
-
+        if labels.shape != img.shape:
+            raise RemoteError(self.url, f"the labels of {name} have shape {labels.shape}, the image {img.shape}")
+        # the image keeps its own affine (NIfTI stores the sform in float32: an in-memory float64 affine comes back
+        # rounded); the labels are in its grid either way
+        return SegmentResult(labels.data, img, Report.from_json(report))
 
 def _read_input(path: Path) -> bytes:
     if not path.exists():

@@ -2,8 +2,8 @@
 
 PyTriton starts a real ``tritonserver``; Triton's Python backend runs a proxy model in its
 ``triton_python_backend_stub`` process, which forwards each request to :class:`FlareModel` in this process (one
-:class:`~flare.runtime.pipeline.segmenter.Segmenter` per model instance, its models loaded once). The wire protocol is described
-in :mod:`flare.runtime.serving.client`.
+:class:`~flare.runtime.pipeline.segmenter.Segmenter` per model instance, its models loaded once). The wire protocol is
+:mod:`flare.runtime.serving.protocol`.
 
 The stub links ``libpython3.X.so.1.0`` and the dynamic loader finds the first one on its search path: a system
 libpython of another patch release (Debian's 3.11.2 under pyenv's 3.11.7 fails with ``'_thread.RLock' object has no
@@ -30,10 +30,11 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.inference.device import lazy_import
-from flare.runtime.serving.client import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
+from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
 
-__all__ = ["FlareModel", "python_backend_env", "serve", "stub_libpython"]
+__all__ = ["FlareModel", "instance_devices", "load_models", "parse_devices", "python_backend_env", "serve",
+           "stub_libpython"]
 
 log = logging.getLogger("flare.runtime")
 
@@ -43,11 +44,35 @@ START_ATTEMPTS = 3
 """Starts of Triton when the model fails to load (PyTriton's instance handshake times out on a busy machine)."""
 
 
+MAX_REQUEST_BYTES = 2**30
+"""Default of ``FLARE_MAX_REQUEST_BYTES``: a request's image larger than this is refused before it is parsed."""
+ENV_REQUEST_BYTES = "FLARE_MAX_REQUEST_BYTES"
+READY_WAIT_S = 300.0
+"""How long flare-serve waits for model ``flare`` to answer ready before it reports failure."""
+
+
 class RequestError(Exception):
-    """Fails one request; Triton returns the message, whose :data:`ERROR_MARKER` line the client reads."""
+    """Fails one request with ONE line, ``flare-error: <file>: <problem>``, whatever the client.
+
+    PyTriton sends a failed request's error as ``traceback.format_exception(None, err, err.__traceback__)`` (the
+    stack, with this server's file paths and line numbers, and ``module.Class: message``). This class reports no
+    traceback and formats as ``flare-error: message``, so that the text is exactly the one line."""
 
     def __init__(self, line: str) -> None:
-        super().__init__(ERROR_MARKER + line)
+        super().__init__(" ".join(str(line).split()))
+
+    @property  # type: ignore[override]
+    def __traceback__(self) -> None:  # what traceback.format_exception reads: no stack
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value: object) -> None:
+        pass
+
+
+# formats as "flare-error: <message>" (traceback prints "<qualname>: <message>" for builtins)
+RequestError.__module__ = "builtins"
+RequestError.__qualname__ = ERROR_MARKER.rstrip(": ")
 
 
 # ------------------------------------------------------------------------------------------------ libpython
@@ -129,24 +154,36 @@ class FlareModel:
         self.segmenter = segmenter
 
     def __call__(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-        return [self.infer(request.data, request.parameters or {}) for request in requests]
+        out = []
+        for request in requests:
+            try:
+                data, params = request.data, dict(request.parameters or {})
+            except Exception as err:  # noqa: BLE001 - a request PyTriton could not unpack: still one line
+                raise RequestError(f"request: cannot read the request ({type(err).__name__})") from None
+            out.append(self.infer(data, params))
+        return out
 
     def infer(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """One request: NIfTI bytes in, label-map NIfTI bytes and the JSON report out."""
-        name = str(params.get("filename") or "request")
+        """One request: NIfTI bytes in, label-map NIfTI bytes and the JSON report out. Every failure is one
+        :class:`RequestError` line; the memory a refused request used is given back to the system."""
+        name = _name(params.get("filename"))
         try:
             labels, report = self._segment(inputs, params, name)
         except FlareError as err:
             log.warning("request rejected: %s", err)
-            raise RequestError(str(err)) from None
+            error = RequestError(str(err))
         except MemoryError:
             log.warning("request failed: %s: out of memory", name)
-            raise RequestError(f"{name}: out of memory on the server") from None
+            error = RequestError(f"{name}: out of memory on the server")
         except Exception as err:
             log.exception("request failed: %s", name)
-            raise RequestError(f"{name}: internal server error ({type(err).__name__}: {err})") from None
-        return {OUTPUT_LABELS: np.array([labels], dtype=object),
-                OUTPUT_REPORT: np.array([json.dumps(report).encode()], dtype=object)}
+            error = RequestError(f"{name}: internal server error ({type(err).__name__})")
+        else:
+            return {OUTPUT_LABELS: np.array([labels], dtype=object),
+                    OUTPUT_REPORT: np.array([json.dumps(report).encode()], dtype=object)}
+        inputs = params = {}  # drop this frame's references to the request before giving memory back
+        return_memory()
+        raise error
 
     def _segment(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any], name: str
                  ) -> tuple[bytes, dict[str, Any]]:
@@ -155,17 +192,113 @@ class FlareModel:
         image = inputs.get(INPUT)
         if image is None or image.size != 1 or not isinstance(image.flat[0], bytes):
             raise InputError(name, f"the request needs one BYTES element in input {INPUT!r}")
+        limit = max_request_bytes()
+        if len(image.flat[0]) > limit:
+            raise InputError(name, f"the request's image is {len(image.flat[0])} bytes, more than the limit of "
+                                   f"{limit} ({ENV_REQUEST_BYTES})")
         folds = None if params.get("folds") is None else _number(params["folds"], "folds", int)
         overlap = None if params.get("overlap") is None else _number(params["overlap"], "overlap", float)
         compressed = _flag(params.get("compressed", True), "compressed")
         postprocess = None if params.get("postprocess") is None else str(params["postprocess"])
         seg = self.segmenter.with_options(folds=folds, overlap=overlap, postprocess=postprocess)
         img = read_image_bytes(image.flat[0], name, preflight=seg.check_grids)  # grid limits from the header
-        labels, _, report = seg.segment(img)
-        return label_bytes(labels, img, compressed), report
+        result = seg.segment(img)
+        return label_bytes(result.labels, img, compressed), result.report.to_json()
+
+
+def _name(value: Any) -> str:
+    """The request's ``filename`` parameter as one short line (it names the input in errors)."""
+    text = " ".join(str(value or "").split())[:200]
+    return text or "request"
+
+
+def max_request_bytes() -> int:
+    """``FLARE_MAX_REQUEST_BYTES`` (K/M/G suffixes), default :data:`MAX_REQUEST_BYTES`."""
+    from flare.runtime.pipeline.limits import parse_size
+
+    text = os.environ.get(ENV_REQUEST_BYTES)
+    return parse_size(text, ENV_REQUEST_BYTES) if text else MAX_REQUEST_BYTES
+
+
+def return_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``): after a large refused request the
+    process would otherwise keep its peak resident size. A no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ------------------------------------------------------------------------------------------------ the server
+_PROXY_RAISE = """                if triton_responses_or_error is not None and isinstance(triton_responses_or_error, Exception):
+                    raise triton_responses_or_error
+"""
+_PROXY_RESPOND = """                if triton_responses_or_error is not None and isinstance(triton_responses_or_error, Exception):
+                    return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(triton_responses_or_error).strip()))
+                            for _ in triton_requests]  # flare: the error alone, not the stub's traceback
+"""
+
+
+def one_line_errors(model_class: Any) -> bool:
+    """Make the proxy model PyTriton runs inside Triton answer a failed request with the error text alone.
+
+    PyTriton 0.7's proxy model (``pytriton/proxy/model.py``, copied into Triton's model repository) *raises* a failed
+    request's error inside ``execute``, which Triton reports as ``Model execute error: Traceback ...`` with the
+    proxy's stack. Returning ``InferenceResponse(error=TritonError(message))`` instead is the Python backend's way to
+    fail a request, and the client gets exactly the message (one ``flare-error: ...`` line). The proxy's text is
+    patched when PyTriton hands it to Triton; with another PyTriton (the lines differ) nothing is patched and False is
+    returned (the errors then keep the proxy's stack, still with the one ``flare-error:`` line in it)."""
+    source = (Path(model_class.__module__ and sys.modules[model_class.__module__].__file__ or "").parent.parent
+              / "proxy" / "model.py")
+    try:
+        if _PROXY_RAISE not in source.read_text():
+            return False
+    except OSError:
+        return False
+    original_files, original_generate = model_class.get_proxy_model_files, model_class.generate_model
+
+    def get_proxy_model_files(self: Any) -> dict[str, bytes]:
+        files = original_files(self)
+        return {k: (v.decode().replace(_PROXY_RAISE, _PROXY_RESPOND).encode() if k.endswith("/model.py") else v)
+                for k, v in files.items()}
+
+    def generate_model(self: Any, model_repository: Path) -> None:
+        original_generate(self, model_repository)
+        target = Path(model_repository) / self.model_name / str(self.model_version) / "model.py"
+        target.write_text(target.read_text().replace(_PROXY_RAISE, _PROXY_RESPOND))
+
+    if not getattr(model_class, "_flare_one_line_errors", False):
+        model_class.get_proxy_model_files, model_class.generate_model = get_proxy_model_files, generate_model
+        model_class._flare_one_line_errors = True
+    return True
+
+
+def wait_model_ready(host: str, port: int, timeout_s: float = READY_WAIT_S) -> None:
+    """Wait until ``GET /v2/models/flare/ready`` answers 200 (Triton's ``/v2/health/ready`` answers 200 before
+    PyTriton has loaded the model); FlareError after ``timeout_s``."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    probe = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}/v2/models/{MODEL}/ready"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise FlareError(None, f"model '{MODEL}' did not become ready within {timeout_s:.0f} s ({url})")
+        time.sleep(0.2)
+
+
 def check_ports_free(host: str, ports: Mapping[str, int]) -> None:
     """FlareError when a port cannot be bound on ``host`` (in use, or ``host`` is not a local address): PyTriton
     would otherwise talk to whatever server already listens there."""
@@ -199,22 +332,60 @@ def _stop_on_sigterm() -> list[int]:
     return received
 
 
-def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_port: int = 8000,
-          grpc_port: int = 8001, metrics_port: int = 8002, instances: int = 1, gpu_mem_budget: float | None = None,
-          verbose: bool = False) -> None:
-    """Load ``instances`` Segmenters, start Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
-    from flare.runtime.bundle.manifest import load_bundle
-    from flare.runtime.pipeline.segmenter import Segmenter
+def parse_devices(text: str) -> list[int]:
+    """``--devices 0,1,3`` → ``[0, 1, 3]`` (CUDA device indices, distinct); FlareError otherwise."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise FlareError(None, f"--devices {text!r}: give CUDA device indices separated by commas, e.g. 0,1")
+    ids = [int(p) for p in parts]
+    if len(set(ids)) < len(ids):
+        raise FlareError(None, f"--devices {text!r} names a device twice")
+    return ids
 
+
+def instance_devices(device: str, devices: Sequence[int] | None, instances: int | None) -> list[str]:
+    """The device of each model instance: without ``devices``, ``instances`` (default 1) times ``device``; with
+    ``devices``, the instances (default one per GPU) go round-robin over ``cuda:N`` for N in ``devices``
+    (``--device`` must then be ``auto``, ``cuda`` or ``gpu``)."""
+    if devices is None:
+        return [device] * (instances or 1)
+    if device.strip().lower() not in ("auto", "cuda", "gpu"):
+        raise FlareError(None, f"--devices puts the instances on CUDA devices; --device {device} contradicts it")
+    n = instances or len(devices)
+    return [f"cuda:{devices[i % len(devices)]}" for i in range(n)]
+
+
+def load_models(loaded: Any, devices: Sequence[str], gpu_mem_budget: float | None, segmenter: Any = None
+                ) -> list[FlareModel]:
+    """One FlareModel (a Segmenter on its device) per entry of ``devices``; CPU threads are shared out between the
+    instances that run on the CPU."""
+    factory = segmenter
+    if factory is None:
+        from flare.runtime.pipeline.segmenter import Segmenter
+
+        factory = Segmenter
+    threads = None if len(devices) == 1 else max(1, (os.cpu_count() or 1) // len(devices))
+    return [FlareModel(factory(loaded, device=dev, threads=threads, gpu_mem_budget=gpu_mem_budget))
+            for dev in devices]
+
+
+def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_port: int = 8000,
+          grpc_port: int = 8001, metrics_port: int = 8002, instances: int | None = None,
+          gpu_mem_budget: float | None = None, verbose: bool = False, devices: Sequence[int] | None = None) -> None:
+    """Load the model instances (``instances`` Segmenters on ``device``, or spread over the CUDA ``devices``), start
+    Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
+    from flare.runtime.bundle.manifest import load_bundle
+
+    per_instance = instance_devices(device, devices, instances)
     triton_mod = lazy_import("pytriton.triton", "serve").load()
     config_mod = lazy_import("pytriton.model_config", "serve").load()
     check_ports_free(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
+    if not one_line_errors(lazy_import("pytriton.models.model", "serve").load().Model):
+        log.warning("this PyTriton's proxy model is not the one flare knows: rejected requests keep its stack")
     prepare_server_environment()
     _quiet_pytriton(verbose)
     loaded = load_bundle(bundle)
-    threads = None if instances == 1 else max(1, (os.cpu_count() or 1) // instances)
-    models = [FlareModel(Segmenter(loaded, device=device, threads=threads, gpu_mem_budget=gpu_mem_budget))
-              for _ in range(instances)]
+    models = load_models(loaded, per_instance, gpu_mem_budget)
     seg = models[0].segmenter
     triton_log = None if verbose else Path(tempfile.mkdtemp(prefix="flare-serve-")) / "tritonserver.log"
     config = triton_mod.TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
@@ -234,6 +405,9 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                                          tensor(name=OUTPUT_REPORT, dtype=object, shape=(1,))],
                                 config=model_config(batching=False), strict=True)
                     triton.run()
+                    wait_model_ready(host, http_port)
+                except FlareError:
+                    raise
                 except Exception as err:
                     # PyTriton gives instances 2..N of a model 1 s to reach instance 1's handshake socket; on a busy
                     # machine that can fail the model load: start Triton again (the Segmenters stay loaded)
@@ -244,7 +418,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                     continue
                 print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
                       f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} "
-                      f"fold(s), device {seg.device}, {instances} instance(s); Triton's log: "
+                      f"fold(s), device(s) {', '.join(_device_names(models))}, {len(models)} instance(s); Triton's log: "
                       f"{triton_log or 'stdout'}; SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
                 triton.serve()
                 break
@@ -262,6 +436,15 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     print("flare-serve: stopped", file=sys.stderr, flush=True)
 
 
+def _device_names(models: Sequence[FlareModel]) -> list[str]:
+    names = []
+    for m in models:
+        dev = m.segmenter.dev
+        name = f"cuda:{dev.device_id}" if dev.name == "cuda" else dev.name
+        names.append(name)
+    return sorted(set(names))
+
+
 def _quiet_pytriton(verbose: bool) -> None:
     """PyTriton logs every failed request with a traceback; FlareModel logs one line instead."""
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="flare-serve: %(levelname)s: %(message)s")
@@ -277,14 +460,17 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 def main_command(
     bundle: Annotated[Path | None, typer.Option("--bundle", "-b",
                       help="Bundle folder. Default: $FLARE_BUNDLE, else ~/.cache/flare/bundle.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, gpu, cuda:N or gpu:N.")] = "auto",
+    devices: Annotated[str | None, typer.Option(help="CUDA devices to spread the instances over, e.g. 0,1 "
+                       "(round-robin; default --instances: one per device).", show_default=False)] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes the server).")
                     ] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton HTTP/REST port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Prometheus metrics port.")] = 8002,
-    instances: Annotated[int, typer.Option(min=1, max=64,
-                         help="Model instances (each loads the models once and serves one request at a time).")] = 1,
+    instances: Annotated[int | None, typer.Option(min=1, max=64,
+                         help="Model instances (each loads the models once and serves one request at a time; "
+                              "default 1, with --devices one per device).", show_default=False)] = None,
     gpu_mem_budget: Annotated[float | None, typer.Option(min=500.0,
                               help="GPU memory budget per instance in MB (default: flare-run's).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Triton's and PyTriton's own logs on stdout "
@@ -295,7 +481,8 @@ def main_command(
 
     try:
         serve(bundle or default_bundle_dir(), device=device, host=host, http_port=http_port, grpc_port=grpc_port,
-              metrics_port=metrics_port, instances=instances, gpu_mem_budget=gpu_mem_budget, verbose=verbose)
+              metrics_port=metrics_port, instances=instances, gpu_mem_budget=gpu_mem_budget, verbose=verbose,
+              devices=None if devices is None else parse_devices(devices))
     except FlareError as err:
         typer.echo(f"flare-serve: error: {err}", err=True)
         raise typer.Exit(2) from None

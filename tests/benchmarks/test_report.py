@@ -39,7 +39,8 @@ def test_report_files_and_numbers(small_run: tuple[dict, Path]) -> None:
     assert warm["load_s"] > 0 and ref["load_s"] > 0
     assert case["ratios"]["wall_s"] > 0
     assert case["dice"] and all(0.0 <= v <= 1.0 for v in case["dice"].values())
-    assert case["flare"]["time_ok"] is True  # tiny nets on a small CT
+    # the verdict follows the measured cold wall time (no timed assertion: the box may be loaded)
+    assert case["flare"]["time_ok"] == (cold["wall_s"]["median"] <= 15.0)
     if not report["environment"]["gpu"]["available"]:
         assert case["flare"]["gpu_ok"] is None and cold["gpu_device_peak_mb"]["median"] is None
     md = (out / "report.md").read_text()

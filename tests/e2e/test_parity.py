@@ -18,7 +18,8 @@ def _compare(path: Path, bundle: Path, overlap: float | None = None) -> dict[int
     from flare.benchmarks.reference import reference_segment
     from flare.runtime import segment
 
-    ours, affine, report = segment(path, bundle=bundle, device="cpu", overlap=overlap)
+    result = segment(path, bundle=bundle, device="cpu", overlap=overlap)
+    ours, affine, report = result.labels, result.affine, result.report.to_json()
     ref, ref_affine, ref_report = reference_segment(path, bundle, mode="mirror", device="cpu", overlap=overlap)
     assert ours.dtype == np.uint8 and ref.dtype == np.uint8
     assert ours.shape == ref.shape

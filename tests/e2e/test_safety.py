@@ -324,7 +324,7 @@ def test_atomic_helpers(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ found by Hypothesis
-# (the cc3d failure on thin masks it also found is covered by test_postprocess.py::test_components_of_thin_masks)
+# (the cc3d failure on thin masks it also found is covered by tests/runtime/ops/test_components.py)
 def test_invalid_xform_codes_refused(tmp_path: Path) -> None:
     """nibabel rewrites an invalid sform_code to 0 on writing, which would move the output: refuse it on reading."""
     from flare.runtime.image.nifti import read_image

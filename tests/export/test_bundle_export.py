@@ -214,3 +214,31 @@ def test_trt_engine_build_and_cache(exported: Path, tmp_path: Path) -> None:
     plan.write_bytes(plan.read_bytes()[:-1])  # corrupt: must be rebuilt, never loaded
     build_bundle_engines(bundle, doc)
     assert plan.stat().st_mtime_ns != mtime
+
+
+def test_model_card_from_training_or_derived_and_card_option(tiny_checkpoints: Path, tmp_path: Path) -> None:
+    from flare.export.bundle_export import model_card
+    from flare.export.sources import flare_sources
+
+    derived = model_card(flare_sources(tiny_checkpoints))
+    assert derived.dataset == "unknown" and derived.data == "unknown" and derived.trained_at != "unknown"
+    # flare-train's card.json in the checkpoint folder is taken as it is
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints, ckpt)
+    (ckpt / "card.json").write_text(json.dumps({"dataset": "flare-phantoms", "cases": 30, "data": "synthetic",
+                                                "recipe": "tiny", "trained_at": "2026-12-01",
+                                                "validation_dice": {"liver": 0.8}}))
+    assert model_card(flare_sources(ckpt)).synthetic
+    # --card replaces fields; the bundle carries the result
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"dataset": "FLARE23", "data": "real", "licence": "Apache-2.0"}))
+    r = _cli(str(ckpt), "-o", str(tmp_path / "b"), "--no-verify", "-q", "--card", str(card))
+    assert r.returncode == 0, r.stderr
+    b = load_bundle(tmp_path / "b")
+    assert (b.card.dataset, b.card.data, b.card.cases, b.card.licence) == ("FLARE23", "real", 30, "Apache-2.0")
+    assert b.card.validation_dice == {"liver": 0.8} and b.card.warning() is None
+    # a bad card file is one line, exit 2, before any export work
+    card.write_text(json.dumps({"data": "phantom"}))
+    r = _cli(str(ckpt), "-o", str(tmp_path / "c"), "--no-verify", "-q", "--card", str(card))
+    assert r.returncode == 2 and "not a valid model card" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()

@@ -8,12 +8,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from flare.runtime.foundation import labels as L
+from flare.runtime.ops.lr_split import split_left_right
 from flare.train.config import load_config, role_config
 from flare.train.data import preprocess
 from flare.train.datalist import load_datalist
 from flare.train.networks import build_network
 from flare.train.phantoms import make_phantoms
-from flare.train.pseudolabel import merge_pseudo_labels, pseudolabel_datalist, split_sides, to_original_grid
+from flare.train.pseudolabel import merge_pseudo_labels, pseudolabel_datalist, to_original_grid
 
 
 def test_merge_rules_on_random_maps(rng: np.random.Generator) -> None:
@@ -38,7 +39,7 @@ def test_split_sides_and_regrid() -> None:
     flare[14:17, 3:6, 3:6] = L.RIGHT_KIDNEY  # larger x = patient right (RAS)
     flare[2:5, 3:6, 3:6] = L.RIGHT_KIDNEY
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    out = split_sides(flare, aff)
+    out = split_left_right(flare, aff)
     assert set(np.unique(out[14:17])) == {0, L.RIGHT_KIDNEY} and L.LEFT_KIDNEY in out[2:5]
     assert np.array_equal(to_original_grid(out, aff, out.shape, aff), out)
     fine = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -80,5 +81,5 @@ def test_split_sides_survives_degenerate_components() -> None:
     flare[0, 0, [0, 2]] = L.RIGHT_KIDNEY
     aff = np.eye(4)
     aff[0, 3] = -1.0
-    out = split_sides(flare, aff)
+    out = split_left_right(flare, aff)
     assert out.shape == flare.shape and set(np.unique(out)) <= {0, L.RIGHT_KIDNEY, L.LEFT_KIDNEY}

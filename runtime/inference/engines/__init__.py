@@ -2,12 +2,10 @@
 
 - :mod:`.base` — the :class:`Engine` protocol, :class:`EngineError`, the NaN/inf check;
 - :mod:`.ort_cpu` — ONNX Runtime, CPU provider;
-- :mod:`.ort_cuda` — ONNX Runtime, CUDA provider (IO binding, arena capped by the memory budget) and its TensorRT
-  provider;
-- :mod:`.tensorrt` — native TensorRT plans (guarded, unverified).
+- :mod:`.ort_cuda` — ONNX Runtime, CUDA provider (IO binding, arena capped by the memory budget);
+- :mod:`.contract` — the bundle's declared inputs/outputs checked against the loaded model.
 
-:func:`create_engine` is the one factory. Nothing heavy is imported here: ONNX Runtime, CuPy and TensorRT load on
-first use (:func:`flare.runtime.inference.device.lazy_import`).
+:func:`create_engine` is the one factory. Nothing heavy is imported here: ONNX Runtime and CuPy load on first use (:func:`flare.runtime.foundation.lazy.lazy_import`).
 """
 
 from __future__ import annotations
@@ -34,8 +32,10 @@ def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str 
                   algo_search: str = "HEURISTIC") -> Engine:
     """Engine for ``spec`` on ``device`` (a name, resolved once by :func:`flare.runtime.inference.device.resolve_device`, or
     a :class:`~flare.runtime.inference.device.Device`). ``mem_limit_mb`` caps ONNX Runtime's CUDA arena (the memory budget),
-    ``algo_search`` is cuDNN's convolution algorithm search (HEURISTIC, EXHAUSTIVE or DEFAULT); both are CUDA-only."""
-    name = device.name if isinstance(device, Device) else resolve_device(device).name
+    ``algo_search`` is cuDNN's convolution algorithm search (HEURISTIC, EXHAUSTIVE or DEFAULT); both are CUDA-only.
+    The CUDA provider runs on the device's ``device_id`` (``cuda:N``)."""
+    dev = device if isinstance(device, Device) else resolve_device(device)
+    name = dev.name
     precision = precision or default_precision(spec, name)
     if precision not in PRECISIONS:
         raise EngineError(None, f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
@@ -44,5 +44,6 @@ def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str 
     if name == "cuda":
         from flare.runtime.inference.engines.ort_cuda import CudaOrtEngine
 
-        return CudaOrtEngine(spec, precision, mem_limit_mb=mem_limit_mb, algo_search=algo_search, threads=threads)
+        return CudaOrtEngine(spec, precision, mem_limit_mb=mem_limit_mb, algo_search=algo_search, threads=threads,
+                             device_id=dev.device_id)
     return OrtEngine(spec, precision=precision, threads=threads)

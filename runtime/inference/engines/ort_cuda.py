@@ -1,4 +1,4 @@
-"""ONNX Runtime on the GPU: the CUDA provider with IO binding (and the TensorRT provider on top of it).
+"""ONNX Runtime on the GPU: the CUDA provider with IO binding.
 
 Provider options (:func:`cuda_provider_options`):
 
@@ -10,8 +10,10 @@ Provider options (:func:`cuda_provider_options`):
   the first run of each tile shape: seconds of cold start and extra workspace; ``--cudnn-algo-search`` chooses);
 - ``cudnn_conv_use_max_workspace`` 1, ``prefer_nhwc`` 0 for fp16 (the NHWC fp16 path returned NaN on the H100),
   1 for fp32;
-- one CUDA arena shared by all fold sessions (:func:`shared_cuda_arena`), capped by the same limit;
-- ``enable_cuda_graph`` only with a fixed tile shape (``fixed_shape``).
+- one CUDA arena shared by all fold sessions (:func:`shared_cuda_arena`), capped by the same limit.
+
+CUDA graphs and ONNX Runtime's TensorRT provider were removed: no command reached them and neither was verified
+(docs/architecture.md, "Removed").
 
 The engine refuses a CUDA provider that is listed but could not be loaded (missing CUDA/cuDNN libraries make ONNX
 Runtime fall back to the CPU silently). Verified here on the CPU side only (errors, options); the GPU paths are run
@@ -35,16 +37,12 @@ log = logging.getLogger("flare.runtime")
 __all__ = [
     "ALGO_SEARCH",
     "CudaOrtEngine",
-    "TrtOrtEngine",
     "check_provider",
     "cuda_provider_options",
-    "gpu_sm",
     "shared_cuda_arena",
-    "trt_provider_options",
 ]
 
 CUDA_EP = "CUDAExecutionProvider"
-TRT_EP = "TensorrtExecutionProvider"
 ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
@@ -52,14 +50,13 @@ def check_provider(name: str, path: Path | None = None) -> None:
     """A one-line EngineError unless the installed ONNX Runtime offers provider ``name``."""
     available = ort.get_available_providers()
     if name not in available:
-        hint = ("install onnxruntime-gpu instead of onnxruntime (pip install 'flare-seg[gpu]')" if name == CUDA_EP
-                else "use an onnxruntime-gpu build with TensorRT and the TensorRT libraries on LD_LIBRARY_PATH")
         raise EngineError(path, f"ONNX Runtime {ort.__version__} has no {name} (providers: "
-                                f"{', '.join(available)}); {hint}")
+                                f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime "
+                                "(pip install 'flare-seg[gpu]')")
 
 
 def cuda_provider_options(precision: str, *, device_id: int = 0, mem_limit_mb: float | None = None,
-                          cuda_graph: bool = False, algo_search: str = "HEURISTIC",
+                          algo_search: str = "HEURISTIC",
                           extra: dict[str, Any] | None = None) -> dict[str, str]:
     """CUDA provider options (strings, as ONNX Runtime's Python API takes them); ``extra`` overrides."""
     if algo_search not in ALGO_SEARCH:
@@ -71,48 +68,11 @@ def cuda_provider_options(precision: str, *, device_id: int = 0, mem_limit_mb: f
         "arena_extend_strategy": "kSameAsRequested",
         "do_copy_in_default_stream": "1",
         "prefer_nhwc": "0" if precision == "fp16" else "1",
-        "enable_cuda_graph": "1" if cuda_graph else "0",
     }
     if mem_limit_mb:
         opts["gpu_mem_limit"] = str(int(mem_limit_mb * 1e6))
     opts.update({k: str(v) for k, v in (extra or {}).items()})
     return opts
-
-
-def gpu_sm(device_id: int = 0) -> str:
-    """``sm90`` style name of the GPU's compute capability (via CuPy), ``sm-unknown`` without it."""
-    try:
-        return f"sm{cupy.cuda.Device(device_id).compute_capability}"
-    except Exception:  # noqa: BLE001 - no CuPy or no device: only a cache folder name
-        return "sm-unknown"
-
-
-def trt_provider_options(spec: ModelSpec, precision: str, *, cache_root: Path | None = None, device_id: int = 0,
-                         max_side: int = 224, workspace_mb: int = 2048) -> dict[str, str]:
-    """TensorRT provider options: fp16 when asked, engine and timing caches under
-    ``<bundle>/engines/<sm>-ort-trt/<onnx sha256[:16]>/`` (a changed ONNX file gets a new folder: rebuild, never a
-    stale engine), one dynamic-shape profile from 16³ to ``max_side``³."""
-    mf = spec.file_for(precision)
-    root = cache_root if cache_root is not None else mf.path.parent / "engines"
-    cache = root / f"{gpu_sm(device_id)}-ort-trt" / mf.sha256[:16]
-    cache.mkdir(parents=True, exist_ok=True)
-    c = spec.in_channels
-
-    def shape(side: int) -> str:
-        return f"{mf.input_name}:1x{c}x{side}x{side}x{side}"
-
-    return {
-        "device_id": str(device_id),
-        "trt_fp16_enable": "1" if precision == "fp16" else "0",
-        "trt_engine_cache_enable": "1",
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": "1",
-        "trt_timing_cache_path": str(cache),
-        "trt_max_workspace_size": str(workspace_mb << 20),
-        "trt_profile_min_shapes": shape(16),
-        "trt_profile_opt_shapes": shape(min(160, max_side)),
-        "trt_profile_max_shapes": shape(max_side),
-    }
 
 
 _SHARED_ARENAS: dict[int, bool] = {}
@@ -146,7 +106,7 @@ class CudaOrtEngine:
     provider = CUDA_EP
 
     def __init__(self, spec: ModelSpec, precision: str = "fp16", provider_options: dict[str, Any] | None = None, *,
-                 device_id: int = 0, mem_limit_mb: float | None = None, fixed_shape: tuple[int, int, int] | None = None,
+                 device_id: int = 0, mem_limit_mb: float | None = None,
                  algo_search: str = "HEURISTIC", threads: int | None = None, share_arena: bool = True) -> None:
         mf, self.precision = model_file(spec, precision)
         check_provider(self.provider, mf.path)
@@ -154,16 +114,15 @@ class CudaOrtEngine:
         if share_arena and shared_cuda_arena(device_id, mem_limit_mb):
             so.add_session_config_entry("session.use_env_allocators", "1")
         self.spec, self.name, self.out_channels = spec, spec.name, spec.out_channels
-        self.device_id, self.fixed_shape, self._path = device_id, fixed_shape, mf.path
+        self.device_id, self._path = device_id, mf.path
         self._input_name, self._output_name = mf.input_name, mf.output_name
         self._in_dtype = np.dtype(np.float16 if mf.input_dtype == "float16" else np.float32)
         self._out_dtype = np.dtype(np.float16 if mf.output_dtype == "float16" else np.float32)
         self.cuda_options = cuda_provider_options(self.precision, device_id=device_id, mem_limit_mb=mem_limit_mb,
-                                                  cuda_graph=fixed_shape is not None, algo_search=algo_search,
-                                                  extra=provider_options)
+                                                  algo_search=algo_search, extra=provider_options)
         try:
             self.session = ort.InferenceSession(str(mf.path), sess_options=so,
-                                                providers=self._providers(self.cuda_options))
+                                                providers=[(CUDA_EP, self.cuda_options), "CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise EngineError(mf.path, f"ONNX Runtime cannot load this model on {self.provider}: "
                                        f"{str(exc).splitlines()[0][:300]}") from None
@@ -174,21 +133,10 @@ class CudaOrtEngine:
                                        "or put them on LD_LIBRARY_PATH)")
         check_model_contract(mf, spec, self.session, probe=False)  # declared names/types/channels vs the model
         self._binding = self.session.io_binding()
-        self._in_buf: Any = None
-        self._out_buf: Any = None
-
-    def _providers(self, cuda_opts: dict[str, str]) -> list[Any]:
-        return [(CUDA_EP, cuda_opts), "CPUExecutionProvider"]
-
-    def _check_shape(self, shape: tuple[int, ...]) -> None:
-        if self.fixed_shape is not None and tuple(shape[2:]) != tuple(self.fixed_shape):
-            raise EngineError(self._path, f"this engine was built for tiles of {self.fixed_shape} (CUDA graph), "
-                                          f"got {tuple(shape[2:])}")
 
     def run(self, tile: np.ndarray) -> np.ndarray:
         """Host tile in, host float32 logits out (with CuPy: through :meth:`run_cupy`)."""
         tile = np.ascontiguousarray(tile, dtype=self._in_dtype)
-        self._check_shape(tile.shape)
         if cupy_status()[0]:  # a working CuPy: device arrays, bound by address
             return np.asarray(self.run_cupy(cupy.asarray(tile)).get(), dtype=np.float32)
         io = self._binding
@@ -202,20 +150,10 @@ class CudaOrtEngine:
 
     def run_cupy(self, tile: Any) -> Any:
         """CuPy tile ``(1, C_in, X, Y, Z)`` in, CuPy float32 logits ``(1, C_out, X, Y, Z)`` out, both bound by
-        address. With a fixed shape (CUDA graph) the tile is copied into the engine's own input buffer (the graph
-        replays on the same addresses)."""
+        address."""
         cp = cupy.load()
         tile = cp.ascontiguousarray(tile, dtype=self._in_dtype)
-        self._check_shape(tile.shape)
-        out_shape = (tile.shape[0], self.out_channels) + tuple(tile.shape[2:])
-        if self.fixed_shape is not None:
-            if self._in_buf is None:
-                self._in_buf = cp.empty(tile.shape, self._in_dtype)
-                self._out_buf = cp.empty(out_shape, self._out_dtype)
-            cp.copyto(self._in_buf, tile)
-            tile, out = self._in_buf, self._out_buf
-        else:
-            out = cp.empty(out_shape, self._out_dtype)
+        out = cp.empty((tile.shape[0], self.out_channels) + tuple(tile.shape[2:]), self._out_dtype)
         io = self._binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
@@ -223,25 +161,6 @@ class CudaOrtEngine:
         io.bind_output(self._output_name, "cuda", self.device_id, self._out_dtype, list(out.shape), out.data.ptr)
         cp.cuda.get_current_stream().synchronize()  # ONNX Runtime computes on its own stream
         self.session.run_with_iobinding(io)  # returns once its stream has finished
-        # a copy only where needed: fp16 logits, or the CUDA-graph output buffer (reused by the next tile)
-        out = out.astype(cp.float32, copy=self.fixed_shape is not None)
+        out = out.astype(cp.float32, copy=False)  # a copy only for fp16 logits
         return check_finite(out, cp, self._path, self.name, self.precision, self.provider)
 
-
-class TrtOrtEngine(CudaOrtEngine):
-    """One bundle model on ONNX Runtime's TensorRT provider (CUDA provider behind it for unsupported nodes), engine
-    cache under the bundle's ``engines/`` folder. **Unverified**: TensorRT could not be installed where this was
-    written."""
-
-    backend = "onnxruntime-trt"
-    provider = TRT_EP
-
-    def __init__(self, spec: ModelSpec, precision: str = "fp16", provider_options: dict[str, Any] | None = None, *,
-                 cache_root: Path | None = None, max_side: int = 224, **kwargs: Any) -> None:
-        self._trt = trt_provider_options(spec, precision, cache_root=cache_root, device_id=kwargs.get("device_id", 0),
-                                         max_side=max_side) if TRT_EP in ort.get_available_providers() else {}
-        self._trt.update({k: str(v) for k, v in (provider_options or {}).items()})
-        super().__init__(spec, precision, None, **kwargs)
-
-    def _providers(self, cuda_opts: dict[str, str]) -> list[Any]:
-        return [(TRT_EP, self._trt), (CUDA_EP, cuda_opts), "CPUExecutionProvider"]

@@ -168,10 +168,10 @@ def test_next_case_is_read_while_the_current_one_is_segmented(tiny_bundle: Path,
     second_read = threading.Event()
 
     class RecordingCase(Case):
-        def read(self):  # type: ignore[no-untyped-def]
+        def read(self, preflight=None):  # type: ignore[no-untyped-def]
             if self.name == "two":
                 second_read.set()
-            return super().read()
+            return super().read(preflight)
 
     (tmp_path / "one.nii.gz").symlink_to(data_path(ABDOMEN))
     (tmp_path / "two.nii.gz").symlink_to(data_path(ABDOMEN))

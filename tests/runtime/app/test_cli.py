@@ -161,3 +161,33 @@ def test_help_is_fast_and_torch_free() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "--bundle" in proc.stdout
+
+
+def test_ts_argv_reads_totalsegmentator_habits() -> None:
+    from flare.runtime.app.cli import ts_argv
+    from flare.runtime.app.plan import BESIDE_OUTPUT
+
+    beside = str(BESIDE_OUTPUT)
+    assert ts_argv(["-i", "ct.nii.gz", "--roi_subset", "liver", "kidney_left", "-o", "x.nii.gz"]) == [
+        "-i", "ct.nii.gz", "--roi-subset", "liver", "--roi-subset", "kidney_left", "-o", "x.nii.gz"]
+    # names end at the first word that is not a label name (an INPUT after the option)
+    assert ts_argv(["--roi-subset", "spleen", "ct.nii.gz"]) == ["--roi-subset", "spleen", "ct.nii.gz"]
+    assert ts_argv(["--roi-subset", "colon"]) == ["--roi-subset", "colon"]  # unknown: the plan's error
+    assert ts_argv(["ct.nii.gz", "--statistics"]) == ["ct.nii.gz", "--statistics", beside]
+    assert ts_argv(["--statistics", "-o", "x"]) == ["--statistics", beside, "-o", "x"]
+    assert ts_argv(["--statistics", "ct.nii.gz"]) == ["--statistics", beside, "ct.nii.gz"]
+    assert ts_argv(["--statistics", "s.json"]) == ["--statistics", "s.json"]
+    assert ts_argv(["--", "--statistics"]) == ["--", "--statistics"]
+    assert ts_argv(["-ot", "dicom_rtstruct"]) == ["--format", "rtstruct"]
+    assert ts_argv(["--output_type", "dicom_seg"]) == ["--format", "dicom-seg"]
+
+
+def test_device_names() -> None:
+    from flare.runtime.foundation.errors import FlareError
+    from flare.runtime.inference.device import parse_device
+
+    assert parse_device("gpu") == ("cuda", None) and parse_device("GPU:1") == ("cuda", 1)
+    assert parse_device("cuda:0") == ("cuda", 0) and parse_device("cpu") == ("cpu", None)
+    for bad in ("cpu:1", "cuda:", "cuda:-1", "auto:0", "mps"):
+        with pytest.raises(FlareError, match="unknown device"):
+            parse_device(bad)

@@ -89,3 +89,21 @@ def test_entrypoints_module_is_light() -> None:
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(("name", "args", "extra"), [
+    ("flare-export", ["--help"], "export"),
+    ("flare-train", ["--help"], "train"),
+    ("flare-train", ["run", "--help"], "train"),
+    ("flare-demo", ["--help"], "train,export"),
+    ("flare-bench", ["--help"], "bench"),
+    ("flare-serve", ["--help"], "serve"),
+])
+def test_help_without_the_extra(name: str, args: list[str], extra: str) -> None:
+    """--help shows the command's own help even when its extra is missing, then one line naming the extra."""
+    proc = run_script(name, args, RUNTIME_ONLY + ["pytriton", "tritonclient", "tensorboard"])
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage:" in proc.stdout and "--help" in proc.stdout, proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{name}: note: to run it, this command needs the extra"), lines
+    assert f"[{extra}" in lines[0], lines[0]

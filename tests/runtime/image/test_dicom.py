@@ -22,7 +22,8 @@ from flare.runtime.foundation.errors import InputError, OutputError
 from flare.runtime.foundation.labels import LABELS
 from flare.runtime.image.dicom import find_series, is_dicom_file, read_dicom
 from flare.runtime.image.dicomseg import write_dicom_seg
-from flare.runtime.image.nifti import LoadedImage, Reorientation, read_image, to_canonical, write_labels
+from flare.runtime.image.model import LoadedImage, Reorientation, to_canonical
+from flare.runtime.image.nifti import read_image, write_labels
 
 CT_3MM = "ts_abdomen_ct_3mm.nii.gz"
 CT_LPS = "ts_torso_ct_1p5mm_lps.nii.gz"
@@ -220,8 +221,9 @@ def test_pipeline_dicom_equals_nifti_and_dicom_seg_round_trip(tiny_bundle, ct3_s
     folder, nifti = ct3_series
     dicom = read_dicom(folder)
     segmenter = Segmenter(tiny_bundle, device="cpu")
-    lab_nifti, _, _ = segmenter.segment(nifti)
-    lab_dicom, aff_dicom, _ = segmenter.segment(dicom)
+    lab_nifti = segmenter.segment(nifti).labels
+    from_dicom = segmenter.segment(dicom)
+    lab_dicom, aff_dicom = from_dicom.labels, from_dicom.affine
     np.testing.assert_array_equal(aff_dicom, dicom.affine)
     ras_n = Reorientation.from_affine(nifti.affine).apply(lab_nifti)
     ras_d = Reorientation.from_affine(dicom.affine).apply(lab_dicom)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from conftest import data_path
 from flare.runtime.foundation.errors import InputError, OutputError
-from flare.runtime.image.nifti import Reorientation, from_array, read_image, to_canonical, write_labels
+from flare.runtime.image.model import Reorientation, from_array, to_canonical
+from flare.runtime.image.nifti import read_image, write_labels
 
 REAL_CTS = ["ts_abdomen_ct_3mm.nii.gz", "ts_abdomen_labels_flare_ids.nii.gz", "ts_body_ct_3mm_int32.nii.gz",
             "ts_torso_ct_1p5mm_lps.nii.gz"]
@@ -342,7 +343,8 @@ def test_failure_mid_write_leaves_no_file(tmp_path: Path) -> None:
         import resource, signal, sys
         import numpy as np
         from flare.runtime.foundation.errors import OutputError
-        from flare.runtime.image.nifti import from_array, write_labels
+        from flare.runtime.image.model import from_array
+        from flare.runtime.image.nifti import write_labels
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         labels = np.random.default_rng(0).integers(0, 15, (64, 64, 64)).astype(np.uint8)
         img = from_array(labels, np.eye(4))

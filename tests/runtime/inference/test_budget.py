@@ -53,7 +53,7 @@ def test_larger_budgets_never_give_smaller_tiles_and_whole_crop_when_it_fits() -
     sizes = [math.prod(choose_roi(b, FLARE_CROP, "onnxruntime-cuda", "fp16")) for b in (3000, 4000, 8000, 40000)]
     assert sizes == sorted(sizes)
     assert choose_roi(40000, FLARE_CROP, "onnxruntime-cuda", "fp16") == (288, 240, 400)  # one tile, no seams
-    assert choose_roi(4000, (100, 90, 120), "tensorrt", "fp16") == (112, 96, 128)  # small crop: whole, padded to 16
+    assert choose_roi(4000, (100, 90, 120), "onnxruntime-cuda", "fp16") == (112, 96, 128)  # small crop: whole, padded to 16
 
 
 def test_nothing_fits_gives_the_smallest_tile_and_bad_inputs_fail() -> None:

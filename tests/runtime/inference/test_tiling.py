@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flare.runtime.bundle.manifest import load_bundle
 from flare.runtime.inference.engines import create_engine
-from flare.runtime.inference.ensemble import abdominal_z_range, infer_ensemble, sliding_window
+from flare.runtime.inference.ensemble import abdominal_z_range, infer_ensemble
 from flare.runtime.inference.tiling import effective_roi, importance_map, plan_tiles
+from parity_support import fold_major
 
 
 @pytest.mark.parametrize("shape, roi, overlap", [
@@ -56,7 +57,7 @@ def test_sliding_window_matches_monai(tiny_bundle: Path, tiny_checkpoints: Path,
     vol = np.random.default_rng(1).random(shape, dtype=np.float32)
     roi = (64, 64, 64)
     out = np.zeros((13,) + shape, np.float32)
-    plan = sliding_window(vol, engine, roi, out, overlap=overlap, blend=mode)
+    plan = fold_major(vol, engine, roi, out, overlap=overlap, blend=mode)
     with torch.no_grad():
         ref = sliding_window_inference(torch.from_numpy(vol)[None, None], plan.roi, 1,
                                        lambda x: torch.softmax(net(x), 1), overlap=overlap, mode=mode,
@@ -86,6 +87,6 @@ def test_ensemble_two_folds_is_mean_of_folds(tiny_bundle: Path) -> None:
     res = infer_ensemble(vol, engines, (64, 64, 64), z_crop=False)
     acc = np.zeros((13,) + vol.shape, np.float32)
     for e in engines:
-        sliding_window(vol, e, (64, 64, 64), acc)
+        fold_major(vol, e, (64, 64, 64), acc)
     assert res.labels.dtype == np.uint8 and (res.labels == acc.argmax(0)).all()
     assert res.folds == 2 and res.z_range is None

@@ -10,9 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import data_path
-from flare.runtime import Segmenter
-from flare.runtime.image.nifti import from_array
+from flare.runtime import Segmenter, SegmentResult
+from flare.runtime.app.write import Outputs, write_result
+from flare.runtime.image.model import from_array
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+
+def _segment_and_write(segmenter: Segmenter, path: Path, out: Path) -> SegmentResult:
+    """The pipeline's result, written the way flare-run writes it (the app layer's writer)."""
+    result = segmenter.segment(path)
+    write_result(result, Outputs(out))
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +31,7 @@ def segmenter(tiny_bundle: Path) -> Segmenter:
 @pytest.fixture(scope="module")
 def abdomen(segmenter: Segmenter) -> tuple[nib.Nifti1Image, np.ndarray]:
     img = nib.load(data_path("ts_abdomen_ct_3mm.nii.gz"))
-    labels, _, _ = segmenter.segment(img.get_filename())
+    labels = segmenter.segment(img.get_filename()).labels
     assert labels.shape == img.shape and labels.dtype == np.uint8
     assert len(np.unique(labels)) > 2, "the tiny random nets should predict several classes"
     return img, labels
@@ -44,7 +52,7 @@ def test_orientation_and_axis_order_equivariance(segmenter, abdomen, tmp_path: P
     path = tmp_path / f"ct_{codes}.nii.gz"
     nib.save(moved, path)
     out = tmp_path / "seg.nii.gz"
-    labels, _, _ = segmenter.segment(path, output=out)
+    labels = _segment_and_write(segmenter, path, out).labels
     written = nib.load(out)
     assert written.shape == moved.shape and nib.aff2axcodes(written.affine) == tuple(codes)
     np.testing.assert_allclose(written.affine, moved.affine, atol=1e-5)
@@ -65,7 +73,7 @@ def test_dtypes_with_scaling(segmenter, abdomen, tmp_path: Path, dtype, slope: f
     new.header.set_slope_inter(slope, inter)
     path = tmp_path / "ct.nii"
     nib.save(new, path)
-    labels, _, _ = segmenter.segment(path)
+    labels = segmenter.segment(path).labels
     assert labels.shape == img.shape
     if slope == 1.0 and info is None or dtype == np.int32:
         assert (labels == ref).all()  # the same HU values give the same labels
@@ -78,7 +86,7 @@ def test_single_volume_4d_and_uncompressed(segmenter, abdomen, tmp_path: Path) -
     four = nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine)
     nib.save(four, tmp_path / "ct4d.nii")
     out = tmp_path / "seg.nii"
-    labels, _, _ = segmenter.segment(tmp_path / "ct4d.nii", output=out)
+    labels = _segment_and_write(segmenter, tmp_path / "ct4d.nii", out).labels
     assert (labels == ref).all() and nib.load(out).shape == img.shape
 
 
@@ -87,10 +95,10 @@ def test_thick_slices_small_image_and_oblique(segmenter, tmp_path: Path, caplog)
     data = np.asarray(img.dataobj)[:, :, ::4]  # 12 mm slices
     affine = img.affine.copy()
     affine[:3, 2] *= 4
-    labels, _, report = segmenter.segment(from_array(data, affine))
-    assert labels.shape == data.shape and report["input"]["spacing"][2] == pytest.approx(12.0)
+    result = segmenter.segment(from_array(data, affine))
+    assert result.labels.shape == data.shape and result.report.input["spacing"][2] == pytest.approx(12.0)
     tiny = np.asarray(img.dataobj)[40:60, 30:50, 50:58]  # smaller than one tile in every axis
-    labels, _, _ = segmenter.segment(from_array(tiny, img.affine))
+    labels = segmenter.segment(from_array(tiny, img.affine)).labels
     assert labels.shape == tiny.shape
     theta = np.deg2rad(10)
     rot = np.array([[np.cos(theta), -np.sin(theta), 0, 0], [np.sin(theta), np.cos(theta), 0, 0], [0, 0, 1, 0],
@@ -98,8 +106,8 @@ def test_thick_slices_small_image_and_oblique(segmenter, tmp_path: Path, caplog)
     oblique = nib.Nifti1Image(np.asarray(img.dataobj), rot @ img.affine)
     nib.save(oblique, tmp_path / "oblique.nii.gz")
     with caplog.at_level(logging.WARNING, logger="flare.runtime"):
-        labels, affine, report = segmenter.segment(tmp_path / "oblique.nii.gz", output=tmp_path / "o.nii.gz")
-    assert report["input"]["oblique"] and any("oblique" in r.message for r in caplog.records)
+        report = _segment_and_write(segmenter, tmp_path / "oblique.nii.gz", tmp_path / "o.nii.gz").report
+    assert report.input["oblique"] and any("oblique" in r.message for r in caplog.records)
     np.testing.assert_allclose(nib.load(tmp_path / "o.nii.gz").affine, oblique.affine, atol=1e-5)
 
 
@@ -110,7 +118,7 @@ def test_nan_voxels_are_replaced_with_warning(segmenter, tmp_path: Path, caplog)
     data[1, 1, 1] = np.inf
     nib.save(nib.Nifti1Image(data, img.affine), tmp_path / "nan.nii.gz")
     with caplog.at_level(logging.WARNING, logger="flare.runtime"):
-        labels, _, _ = segmenter.segment(tmp_path / "nan.nii.gz")
+        labels = segmenter.segment(tmp_path / "nan.nii.gz").labels
     assert labels.shape == data.shape
     assert any("nan" in r.message.lower() for r in caplog.records)
 
@@ -118,8 +126,8 @@ def test_nan_voxels_are_replaced_with_warning(segmenter, tmp_path: Path, caplog)
 def test_folds_and_overlap_options(tiny_bundle: Path) -> None:
     ct = data_path("ts_abdomen_ct_3mm.nii.gz")
     seg = Segmenter(tiny_bundle, device="cpu", folds=1, overlap=0.5)
-    _, _, report = seg.segment(ct)
-    assert report["folds"] == 1 and report["tiles"]["blend"] == "gaussian" and report["tiles"]["overlap"] == 0.5
+    report = seg.segment(ct).report
+    assert report.folds == 1 and report.tiles["blend"] == "gaussian" and report.tiles["overlap"] == 0.5
     from flare.runtime.foundation.errors import BundleError
 
     with pytest.raises(BundleError, match="has 2 fold"):
@@ -143,7 +151,7 @@ def test_postprocess_mode_is_wired_and_reported(tiny_bundle: Path, segmenter: Se
         outs[seg.postprocess_mode] = seg._postprocess(merged.copy(), affine)
         np.testing.assert_array_equal(outs[seg.postprocess_mode], expected)
     assert not np.array_equal(outs["paper"], outs["strict"])
-    _, _, report = segment(data_path("ts_abdomen_ct_3mm.nii.gz"), tiny_bundle, device="cpu", postprocess="strict")
-    assert report["postprocess"] == {"mode": "strict"}
+    report = segment(data_path("ts_abdomen_ct_3mm.nii.gz"), tiny_bundle, device="cpu", postprocess="strict").report
+    assert report.postprocess == {"mode": "strict"} and report.to_json()["postprocess"] == {"mode": "strict"}
     with pytest.raises(BundleError, match="postprocess mode must be one of paper, strict"):
         Segmenter(tiny_bundle, device="cpu", postprocess="loose")

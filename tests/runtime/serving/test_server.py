@@ -11,11 +11,11 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +26,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import data_path
+from serve_support import free_ports as _free_ports
+from serve_support import stop_server
 
 REAL_CTS = ("ts_abdomen_ct_3mm.nii.gz", "ts_body_ct_3mm_int32.nii.gz", "ts_torso_ct_1p5mm_lps.nii.gz")
 READY_TIMEOUT_S = 180.0
@@ -80,7 +82,8 @@ def test_label_bytes_is_what_write_labels_writes(tmp_path: Path) -> None:
 
 
 def test_image_bytes_round_trip() -> None:
-    from flare.runtime.image.nifti import from_array, image_bytes, read_image, read_image_bytes
+    from flare.runtime.image.model import from_array
+    from flare.runtime.image.nifti import image_bytes, read_image, read_image_bytes
 
     img = read_image(data_path("ts_torso_ct_1p5mm_lps.nii.gz"))
     arr = from_array(np.linspace(-1000, 1000, 60, dtype=np.float32).reshape(3, 4, 5), np.diag([0.7, 0.8, 2.5, 1]))
@@ -127,36 +130,12 @@ class Server:
     log: Path
 
 
-def _free_ports(n: int) -> list[int]:
-    """Ports the kernel picks for loopback binds to port 0 (held together so that they differ)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, r.read().decode()
     except OSError:
         return 0, ""
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the server's own process group (flare-serve and the tritonserver it started)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -177,27 +156,22 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             time.sleep(0.5)
         yield Server(proc, f"127.0.0.1:{http}", f"http://127.0.0.1:{metrics}/metrics", log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
 def local_results(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
     """Each real CT segmented here (the local flare-run path): output file and report."""
+    from flare.runtime.app.write import Outputs, write_result
     from flare.runtime.pipeline.segmenter import Segmenter
 
     out = tmp_path_factory.mktemp("local")
     seg = Segmenter(tiny_bundle, device="cpu")
     results = {}
     for name in REAL_CTS:
-        path = data_path(name)
-        _, _, report = seg.segment(path, out / name)
-        results[name] = (out / name, report)
+        result = seg.segment(data_path(name))
+        write_result(result, Outputs(out / name))
+        results[name] = (out / name, result.report.to_json())
     return results
 
 
@@ -252,7 +226,8 @@ def test_remote_segmenter_equals_local(server: Server, local_results: dict, name
     from flare.runtime.serving.client import RemoteSegmenter
 
     local_file, local_report = local_results[name]
-    labels, affine, report = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(data_path(name))
+    result = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(data_path(name))
+    labels, affine, report = result.labels, result.affine, result.report.to_json()
     local = nib.load(local_file)
     assert labels.dtype == np.uint8 and np.array_equal(labels, np.asarray(local.dataobj))
     assert np.array_equal(affine, local.affine)
@@ -266,7 +241,8 @@ def test_remote_segmenter_takes_a_loaded_image(server: Server, local_results: di
 
     name = "ts_torso_ct_1p5mm_lps.nii.gz"
     img = read_image(data_path(name))
-    labels, affine, _ = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(img)
+    result = RemoteSegmenter(server.http, timeout_s=REQUEST_TIMEOUT_S).segment(img)
+    labels, affine = result.labels, result.affine
     local = nib.load(local_results[name][0])
     assert np.array_equal(labels, np.asarray(local.dataobj)) and np.array_equal(affine, local.affine)
 
@@ -295,8 +271,8 @@ def test_uncompressed_output_and_request_options(server: Server, local_results: 
                       "--report", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:2] != b"\x1f\x8b"  # plain .nii
-    labels, affine, report = Segmenter(tiny_bundle, device="cpu", folds=1, overlap=0.25,
-                                       postprocess="strict").segment(ct)
+    result = Segmenter(tiny_bundle, device="cpu", folds=1, overlap=0.25, postprocess="strict").segment(ct)
+    labels, affine, report = result.labels, result.affine, result.report.to_json()
     img = nib.load(out)
     assert np.array_equal(np.asarray(img.dataobj), labels) and np.array_equal(img.affine, affine)
     remote = json.loads((tmp_path / "r.json").read_text())
@@ -334,6 +310,37 @@ def test_bad_request_among_good_ones(server: Server, local_results: dict, tiny_b
     assert server.proc.poll() is None
 
 
+def _raw_infer(server: Server, body: bytes, params: dict | None = None) -> tuple[int, str]:
+    """POST one BYTES tensor with Triton's binary-data extension, as curl would; (status, error text)."""
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(body) + 4}}],
+                         "parameters": params or {}}).encode()
+    request = urllib.request.Request(f"http://{server.http}/v2/models/flare/infer", method="POST",
+                                     data=header + len(body).to_bytes(4, "little") + body,
+                                     headers={"Inference-Header-Content-Length": str(len(header))})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as answer:
+            return answer.status, ""
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())["error"]
+
+
+def test_rejected_requests_are_one_line_for_any_client(server: Server) -> None:
+    """Issue 18 row 12: whatever a raw HTTP client sends, a rejected request's error is exactly one line, with no
+    stack, file paths or line numbers of the server."""
+    blob = data_path("ts_abdomen_ct_3mm.nii.gz").read_bytes()
+    cases = [(b"", {}), (os.urandom(4096), {}), (gzip.compress(os.urandom(4096)), {}), (blob[: len(blob) // 2], {}),
+             (blob, {"folds": "x"}), (blob, {"overlap": "nan?"}), (blob, {"postprocess": "bogus"}),
+             (b"junk", {"filename": "a\nb\nc"})]
+    for body, params in cases:
+        status, error = _raw_infer(server, body, params)
+        assert status == 400 or status == 500, (status, error)
+        lines = error.strip().splitlines()
+        assert len(lines) == 1 and "flare-error: " in lines[0], error
+        assert "Traceback" not in error and ".py" not in error and "line " not in error, error
+    assert server.proc.poll() is None
+
+
 def test_flare_bench_server_mode(server: Server, tmp_path: Path) -> None:
     ct = data_path("ts_abdomen_ct_3mm.nii.gz")
     proc = subprocess.run([str(BIN / "flare-bench"), "--server", server.http, "--cases", str(ct), "--requests", "4",
@@ -355,7 +362,7 @@ def test_sigterm_stops_the_server_gracefully(server: Server) -> None:
     def request() -> None:
         try:
             outcome.append(RemoteSegmenter(server.http, timeout_s=60).segment(
-                data_path("ts_torso_ct_1p5mm_lps.nii.gz"))[0].shape)
+                data_path("ts_torso_ct_1p5mm_lps.nii.gz")).labels.shape)
         except RemoteError as err:
             outcome.append(err)
 

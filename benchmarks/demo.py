@@ -56,12 +56,14 @@ def _dice_table(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 def segment_and_score(seg: Any, image: Path, truth: Path | None, out: Path) -> dict[str, Any]:
     """Run the runtime on ``image`` into ``out`` and score it against ``truth`` when given."""
     import nibabel as nib
+    from flare.runtime.app.write import Outputs, write_result
 
-    labels, _, report = seg.segment(image, output=out)
-    result: dict[str, Any] = {"image": str(image), "output": str(out), "total_s": report["total_s"],
-                              "stages": report["stages"]}
+    seg_result = seg.segment(image)
+    write_result(seg_result, Outputs(out))
+    result: dict[str, Any] = {"image": str(image), "output": str(out), "total_s": seg_result.report.total_s,
+                              "stages": seg_result.report.stages}
     if truth is not None and truth.is_file():
-        dice = _dice_table(labels, np.asarray(nib.load(truth).dataobj).astype(np.uint8))
+        dice = _dice_table(seg_result.labels, np.asarray(nib.load(truth).dataobj).astype(np.uint8))
         result["dice"] = dice
         organs = [v for k, v in dice.items() if k != "tumor"]
         result["organ_mean_dice"] = round(float(np.mean(organs)), 3) if organs else None

@@ -1,0 +1,40 @@
+"""The one-call Python API: ``flare.runtime.segment(ct, bundle, output=...)``.
+
+A :class:`~flare.runtime.pipeline.segmenter.Segmenter` for one image, and the label map written through the app's
+writer (:mod:`flare.runtime.app.write`) when ``output`` is given. For many images, load a ``Segmenter`` once and
+call its ``segment()``: it returns the same :class:`~flare.runtime.pipeline.result.SegmentResult` and writes
+nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flare.runtime.pipeline.result import SegmentResult
+from flare.runtime.pipeline.segmenter import Segmenter
+
+if TYPE_CHECKING:
+    from flare.runtime.bundle.manifest import Bundle
+    from flare.runtime.image.model import LoadedImage
+
+__all__ = ["segment"]
+
+
+def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
+            device: str = "auto", folds: int | None = None, overlap: float | None = None,
+            precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None,
+            cudnn_algo_search: str = "HEURISTIC") -> SegmentResult:
+    """Segment one CT: ``result.labels`` (uint8 FLARE ids in the input grid), ``result.affine``, ``result.report``;
+    writes the label map to ``output`` (NIfTI, in the input's space) when given.
+
+    ``postprocess`` picks the clean-up rules: ``"paper"`` or ``"strict"`` (see :mod:`flare.runtime.ops.postprocessing`);
+    None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise)."""
+    from flare.runtime.app.write import Outputs, write_result
+
+    result = Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
+                       gpu_mem_budget=gpu_mem_budget, postprocess=postprocess,
+                       cudnn_algo_search=cudnn_algo_search).segment(image)
+    if output is not None:
+        write_result(result, Outputs(Path(output)))
+    return result

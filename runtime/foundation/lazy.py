@@ -1,0 +1,78 @@
+"""The one lazy-import helper of flare (Polygraphy's ``mod.lazy_import`` style).
+
+:func:`lazy_import` returns a module proxy that imports on first attribute access, records how long the import took
+(:data:`IMPORT_SECONDS`, for the report's ``load`` timings) and turns a missing or broken package into a one-line
+:class:`DependencyError` that names the pip extra to install. Every optional or heavy package of the runtime
+(onnxruntime, CuPy, pydicom, highdicom, isal, tritonclient, pytriton) is reached through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+from flare.runtime.foundation.errors import FlareError
+
+__all__ = ["IMPORT_SECONDS", "DependencyError", "LazyModule", "lazy_import"]
+
+#: seconds spent importing each lazily imported module (first use only)
+IMPORT_SECONDS: dict[str, float] = {}
+
+
+class DependencyError(FlareError):
+    """An optional package the asked-for work needs is missing or broken."""
+
+
+class LazyModule:
+    """A module imported on first attribute access (``ort = lazy_import("onnxruntime", extra="cpu")`` at module
+    level costs nothing until ``ort.InferenceSession`` is touched)."""
+
+    def __init__(self, name: str, extra: str | None = None, hint: str | None = None) -> None:
+        self._name, self._extra, self._hint = name, extra, hint
+        self._module: ModuleType | None = None
+
+    def load(self) -> ModuleType:
+        """The imported module, or a one-line :class:`DependencyError` naming what to install."""
+        if self._module is None:
+            self._module = _import(self._name, self._extra, self._hint)
+        return self._module
+
+    def available(self) -> bool:
+        """True when the module imports (the error, if any, is not raised)."""
+        try:
+            self.load()
+        except DependencyError:
+            return False
+        return True
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_") and not attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self.load(), attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r} ({'loaded' if self._module is not None else 'not loaded'})>"
+
+
+def _import(name: str, extra: str | None, hint: str | None) -> ModuleType:
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    t0 = time.perf_counter()
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or OSError from a missing shared library
+        how = hint or (f"pip install 'flare-seg[{extra}]'" if extra else f"pip install {name}")
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise DependencyError(None, f"{name} is not usable ({type(exc).__name__}: {first}); {how}") from None
+    IMPORT_SECONDS[name] = round(time.perf_counter() - t0, 4)
+    return module
+
+
+def lazy_import(name: str, extra: str | None = None, *, hint: str | None = None) -> LazyModule:
+    """A :class:`LazyModule` for ``name``; ``extra`` is the flare-seg extra that provides it (named in the error),
+    ``hint`` replaces the whole install advice."""
+    return LazyModule(name, extra, hint)

@@ -1,0 +1,81 @@
+"""Test helper: ``flare-serve`` subprocesses on free loopback ports, each in its own process group, stopped by PID
+(SIGTERM, then SIGKILL of the group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 240.0
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports the kernel picks for loopback binds to port 0 (held together so that they differ)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _ready(http: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/flare/ready", timeout=2.0) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM a flare-serve (graceful stop), then SIGKILL its process group (tritonserver and its stubs)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # tritonserver and the stubs it started
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        pass
+
+
+@contextmanager
+def flare_servers(bundle: Path, logs: Path, count: int, *extra: str) -> Iterator[list[str]]:
+    """Start ``count`` flare-serve servers (CPU) at once, wait until each serves model ``flare``, yield their
+    ``127.0.0.1:PORT`` HTTP addresses; stop them on exit."""
+    with ExitStack() as stack:
+        started = []
+        for k in range(count):
+            http, grpc, metrics = free_ports(3)
+            log = logs / f"flare-serve-{k}.log"
+            cmd = [str(BIN / "flare-serve"), "--bundle", str(bundle), "--device", "cpu", "--host", "127.0.0.1",
+                   "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
+            with open(log, "wb") as sink:
+                proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            stack.callback(stop_server, proc)
+            started.append((proc, http, log))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for proc, http, log in started:
+            while not _ready(http):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"flare-serve did not become ready (exit {proc.poll()}):\n"
+                                       f"{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield [f"127.0.0.1:{http}" for _, http, _ in started]
