@@ -60,7 +60,8 @@ def test_int8_models_are_written_verified_and_recorded(int8_bundle: Path) -> Non
         weights = {t.name: t for t in weights_int8}
         dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
         scales = {t.name: t for t in graph.initializer}
-        assert dq and all(list(scales[n.input[1]].dims) == [weights[n.input[0]].dims[0]] for n in dq)
+        axis = {n.name: next((a.i for a in n.attribute if a.name == "axis"), 1) for n in dq}  # Conv 0, ConvTranspose 1
+        assert dq and all(list(scales[n.input[1]].dims) == [weights[n.input[0]].dims[axis[n.name]]] for n in dq)
         assert m.files["int8"].input_dtype == "float32" and m.files["int8"].output_dtype == "float32"
 
 
