@@ -63,7 +63,8 @@ class TileSet:
 
 def case_volume(path: Path, spacing_mm: Sequence[float], hu_window: tuple[float, float]) -> np.ndarray:
     """A CT on the model's grid, normalised, exactly as the runtime prepares it (whole image, no locator crop)."""
-    from flare.runtime.image.nifti import read_image, to_canonical
+    from flare.runtime.image.model import to_canonical
+    from flare.runtime.image.nifti import read_image
     from flare.runtime.ops.geometry import spacing_from_affine
     from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear
 
