@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from flare.runtime.app.cli import Device
+from flare.runtime.app.cli import Device, Precision
 from flare.runtime.foundation.errors import FlareError
 
 from .reference import MODES
@@ -48,6 +48,12 @@ def bench(
     checkpoints: Annotated[Path | None, typer.Option(help="Checkpoint folder for the reference "
                            "(default: the bundle's provenance.checkpoint_dir).")] = None,
     device: Annotated[Device, typer.Option(help="Runtime and reference alike.")] = Device.auto,
+    precision: Annotated[list[Precision] | None, typer.Option("--precision", help="Runtime precision; repeat it "
+                         "(--precision fp32 --precision int8) to run them side by side, interleaved, with the labels "
+                         "of each compared with the first's. Default: flare-run's choice.", show_default=False)
+                         ] = None,
+    folds: Annotated[int | None, typer.Option(min=1, help="Runtime with the first N folds (default: all).",
+                                              show_default=False)] = None,
     cache: Annotated[Path | None, typer.Option(help="Where synthetic cases are cached "
                      "(default ~/.cache/flare/bench-cases).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -92,7 +98,8 @@ def bench(
                                repeats=repeats, device=device.value, cold=cold, reference_repeats=reference_repeats,
                                reference_mode=reference_mode.value, reference_cases=reference_cases,
                                reference_folds=reference_folds, checkpoints=checkpoints, cache_dir=cache,
-                               quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]), runs_log=runs_log)
+                               quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]), runs_log=runs_log,
+                               precisions=[p.value for p in precision or []], folds=folds)
     except FlareError as err:
         typer.echo(f"flare-bench: error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,13 +68,16 @@ def flare_run_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "flare.runtime.app.cli"]
 
 
-def cold_run(case: Path, bundle: Path, device: str, work: Path) -> Run:
+def cold_run(case: Path, bundle: Path, device: str, work: Path, precision: str | None = None,
+             folds: int | None = None) -> Run:
     """One fresh ``flare-run`` process on ``case``; memory of the child sampled from here."""
     out, rep = work / "cold_seg.nii.gz", work / "cold_report.json"
     for stale in (out, rep):
         stale.unlink(missing_ok=True)
     cmd = flare_run_command() + [str(case), "-o", str(out), "--bundle", str(bundle), "--device", device,
                                  "--report", str(rep), "--quiet"]
+    cmd += ["--precision", precision] if precision else []
+    cmd += ["--folds", str(folds)] if folds else []
     child: list[int] = []
     with MemorySampler(pids=lambda: child) as sampler:
         t0 = time.perf_counter()
@@ -193,8 +196,8 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
                   cold: int = 1, reference_repeats: int = 1, reference_mode: str = "whole-image-nearest",
                   reference_cases: int | None = None, reference_folds: int | None = None,
                   checkpoints: str | Path | None = None, cache_dir: str | Path | None = None,
-                  quiet: bool = False, command: str | None = None, runs_log: str | Path | None = None
-                  ) -> dict[str, Any]:
+                  quiet: bool = False, command: str | None = None, precisions: Sequence[str] = (),
+                  folds: int | None = None, runs_log: str | Path | None = None) -> dict[str, Any]:
     """Benchmark ``bundle`` on ``cases`` and write ``report.json``, ``report.md`` and PNGs into ``out_dir``.
 
     Returns the report dictionary. ``repeats`` warm runs per case, ``cold`` fresh-process runs per case,
@@ -203,6 +206,11 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     1 on the CPU, where PyTorch's 3-D convolutions make the Auto3DSeg-like peer far too slow for whole FLARE-size
     CTs (measured: 0.2-1.1 s per 32^3 tile of the tiny demo network on 2 cores against ~0.05 s in ONNX Runtime).
     With fewer folds the runtime is run once more with the same folds for the ratios and the Dice.
+
+    ``precisions`` (e.g. fp32, int8) runs the cold and warm phases once per precision, interleaved run by run (so
+    that the load of a shared machine falls on each alike), into ``case["by_precision"]``, with the labels of each
+    later precision compared with the first's (voxel agreement, per-class Dice); ``cold``/``warm`` are then the
+    first precision's. ``folds`` runs the runtime with the first N folds only.
     ``runs_log``: a JSON-lines file that gets one line per run as soon as it ends (the GPU check's results file).
     """
     from .report import write_reports
@@ -222,10 +230,12 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     total = len(case_paths) * (cold + repeats) + n_ref_cases * (runs_ref + (n_ref_folds < len(b.folds)))
     results: list[dict[str, Any]] = [{"case": str(p), "name": p.name} for p in case_paths]
     keep: dict[str, dict[str, MemoryTrace]] = {"runtime": {}, "reference": {}}
+    variants: list[str | None] = [*precisions] or [None]
+    total += len(case_paths) * (cold + repeats) * (len(variants) - 1)
     rec = run_recorder(Path(runs_log) if runs_log else None, b.root)
     with _progress(total, quiet) as step:
-        _cold_phase(case_paths, b, device, cold, results, keep, step, rec)
-        labels = _warm_phase(case_paths, b, device, repeats, results, keep, step, rec)
+        _cold_phase(case_paths, b, device, cold, results, keep, step, rec, variants, folds)
+        labels = _warm_phase(case_paths, b, device, repeats, results, keep, step, rec, variants, folds)
         if runs_ref:
             if n_ref_folds < len(b.folds):
                 labels = _same_folds_phase(case_paths[:n_ref_cases], b, device, n_ref_folds, results, step, rec)
@@ -235,7 +245,7 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
         case["flare"] = judge(case)
         case["ratios"] = compare(case) if "reference" in case else None
     report = {"format": "flare-bench", "version": 1, "command": command, "bundle": str(b.root),
-              "device": device, "repeats": {"cold": cold, "warm": repeats, "reference": runs_ref},
+              "device": device, "precisions": list(precisions), "folds": folds, "repeats": {"cold": cold, "warm": repeats, "reference": runs_ref},
               "reference_mode": reference_mode if runs_ref else None,
               "reference_scope": {"cases": n_ref_cases, "folds": n_ref_folds, "bundle_folds": len(b.folds)}
               if runs_ref else None, "targets": {"time_s": FLARE_TIME_S,
@@ -273,41 +283,66 @@ class _progress:
             self._p.stop()
 
 
+def _store(res: dict[str, Any], phase: str, variants: list[str | None], runs: dict[str | None, list[Run]],
+           load_s: dict[str | None, float] | None = None) -> None:
+    """The phase's summary per variant: ``res[phase]`` is the first's, ``res["by_precision"][p][phase]`` each."""
+    for v in variants:
+        summary = summarise_backend(runs[v], None if load_s is None else load_s[v])
+        if phase == "warm":
+            summary["backend"] = runs[v][-1].report.get("backend")
+        if v == variants[0]:
+            res[phase] = summary
+        if v is not None:
+            res.setdefault("by_precision", {}).setdefault(v, {})[phase] = summary
+
+
 def _cold_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
-                keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record) -> None:
+                keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record,
+                variants: list[str | None],
+                folds: int | None) -> None:
     if n == 0:
         return
     with tempfile.TemporaryDirectory(prefix="flare-bench-") as tmp:
         for path, res in zip(cases, results):
-            runs = []
+            runs: dict[str | None, list[Run]] = {v: [] for v in variants}
             for _ in range(n):
-                runs.append(cold_run(path, b.root, device, Path(tmp)))
-                record("cold", path, runs[-1])
-                step(f"cold {path.name}")
-            res["cold"] = summarise_backend(runs)
-            keep["runtime"][path.name] = runs[-1].trace
+                for v in variants:  # interleaved
+                    runs[v].append(cold_run(path, b.root, device, Path(tmp), v, folds))
+                    record("cold", path, runs[v][-1])
+                    step(f"cold {path.name}" + (f" {v}" if v else ""))
+            _store(res, "cold", variants, runs)
+            keep["runtime"][path.name] = runs[variants[0]][-1].trace
 
 
 def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list[dict[str, Any]],
-                keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record) -> dict[str, np.ndarray]:
+                keep: dict[str, dict[str, MemoryTrace]], step: Progress, record: Record,
+                variants: list[str | None],
+                folds: int | None) -> dict[str, np.ndarray]:
     from flare.runtime.pipeline.segmenter import Segmenter
 
-    seg = Segmenter(b, device=device)
-    labels: dict[str, np.ndarray] = {}
+    segs = {v: Segmenter(b, device=device, precision=v, folds=folds) for v in variants}
+    labels: dict[str | None, dict[str, np.ndarray]] = {v: {} for v in variants}
     for path, res in zip(cases, results):
-        runs = []
+        runs: dict[str | None, list[Run]] = {v: [] for v in variants}
         for _ in range(n):
-            try:
-                run, labels[path.name] = warm_run(seg, path)
-            except FlareError as err:
-                run = Run(0.0, MemoryTrace(False, "not run"), error=str(err))
-            runs.append(run)
-            record("warm", path, run)
-            step(f"warm {path.name}")
-        res["warm"] = summarise_backend(runs, seg.load_s)
-        res["warm"]["backend"] = runs[-1].report.get("backend")
-        keep["runtime"].setdefault(path.name, runs[-1].trace)
-    return labels
+            for v in variants:  # interleaved
+                try:
+                    run, labels[v][path.name] = warm_run(segs[v], path)
+                except FlareError as err:
+                    run = Run(0.0, MemoryTrace(False, "not run"), error=str(err))
+                runs[v].append(run)
+                record("warm", path, run)
+                step(f"warm {path.name}" + (f" {v}" if v else ""))
+        _store(res, "warm", variants, runs, {v: segs[v].load_s for v in variants})
+        first = labels[variants[0]].get(path.name)
+        for v in variants[1:]:
+            other = labels[v].get(path.name)
+            if first is not None and other is not None:
+                res["by_precision"][v]["vs_" + str(variants[0])] = {
+                    "voxel_agreement": round(float((first == other).mean()), 6),
+                    "dice": {str(k): d for k, d in dice_per_class(other, first).items()}}
+        keep["runtime"].setdefault(path.name, runs[variants[0]][-1].trace)
+    return labels[variants[0]]
 
 
 def _on_cpu(device: str) -> bool:

@@ -46,6 +46,29 @@ def _dice_text(dice: dict[str, float] | None) -> str:
     return f"{sum(vals) / len(vals):.3f} (min {dice[worst]:.3f} {LABELS[int(worst)].short})"
 
 
+def _precision_lines(report: dict[str, Any]) -> list[str]:
+    """The side-by-side table of ``--precision a --precision b`` runs (interleaved), per case and stage."""
+    if not report.get("precisions"):
+        return []
+    first = report["precisions"][0]
+    lines = ["", (f"## Precisions side by side ({', '.join(report['precisions'])}; folds: "
+                 f"{report.get('folds') or 'all'})"), "",
+             f"Interleaved runs; stages are warm medians (s). Agreement and Dice: labels against {first}'s (warm).",
+             "", "| case | precision | cold wall s | warm s | host RSS peak MB | " + " | ".join(STAGE_ORDER)
+             + f" | model load s | agreement vs {first} | Dice vs {first} |",
+             "|---|---|---|---|---|" + "---|" * (len(STAGE_ORDER) + 3)]
+    for c in report["cases"]:
+        for p, d in (c.get("by_precision") or {}).items():
+            cold, warm = d.get("cold"), d.get("warm") or {}
+            st, vs = warm.get("stages") or {}, d.get(f"vs_{first}") or {}
+            mem = cold if cold else warm
+            lines.append(f"| {c['name']} | {p} | {_range(cold, 'wall_s')} | {_range(warm, 'wall_s')} | "
+                         f"{_range(mem, 'rss_peak_mb', 0)} | " + " | ".join(fmt(st.get(s), 3) for s in STAGE_ORDER)
+                         + f" | {fmt(warm.get('load_s'), 3)} | {fmt(vs.get('voxel_agreement'), 5)} | "
+                         f"{_dice_text(vs.get('dice')) if vs else 'n/a'} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human-readable report."""
     env = report["environment"]
@@ -85,6 +108,7 @@ def markdown(report: dict[str, Any]) -> str:
         st = (c.get("warm") or {}).get("stages") or {}
         lines.append(f"| {c['name']} | " + " | ".join(fmt(st.get(s), 3) for s in STAGE_ORDER)
                      + f" | {fmt((c.get('warm') or {}).get('load_s'), 3)} |")
+    lines += _precision_lines(report)
     if any("reference" in c for c in report["cases"]):
         scope = report.get("reference_scope") or {}
         lines += ["", f"## MONAI/PyTorch reference ({report.get('reference_mode')}) on the same weights", "",

@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,35 +36,48 @@ Step = Callable[[str], None]
 
 def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, fp16: bool = False, trt: bool = False,
                   opset: int = 17, verify: bool = True, progress: bool = True, command: str | None = None,
+                  int8: bool = False, calibration: Sequence[str | Path] = (), profile: str | None = None,
                   card: str | Path | None = None) -> Path:
     """Export the ``flare-train`` checkpoints in ``ckpt_dir`` (locator + fold0..N) to a bundle at ``out_dir``.
 
+    ``int8`` adds static int8 models calibrated on the ``calibration`` CTs (:mod:`flare.export.quantize`);
+    ``profile`` ("gpu" or "cpu") defaults to the training config's ``profile`` key.
     Returns the bundle folder. Problems raise :class:`flare.runtime.foundation.errors.FlareError` subclasses."""
     if trt:
         from .trt import import_tensorrt
 
         import_tensorrt()  # fail before the long work when TensorRT is missing
+    if int8:
+        from .quantize import calibration_cases
+
+        calibration = calibration_cases(calibration)  # fail before the long work
     sources = flare_sources(ckpt_dir)
+    if profile is not None:
+        sources.profile = profile
     cmd = command or f"flare.export.export_bundle({str(ckpt_dir)!r}, {str(out_dir)!r}, fp16={fp16}, trt={trt}, " \
-                     f"opset={opset}, verify={verify})"
+                     f"opset={opset}, verify={verify}, int8={int8}, calibration={[str(c) for c in calibration]})"
     return export_sources(sources, out_dir, fp16=fp16, trt=trt, opset=opset, verify=verify, progress=progress,
-                          command=cmd, card=card)
+                          command=cmd, calibration=[Path(c) for c in calibration] if int8 else None, card=card)
 
 
 def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = False, trt: bool = False,
                    opset: int = 17, verify: bool = True, progress: bool = True, command: str = "",
-                   card: str | Path | None = None) -> Path:
+                   calibration: list[Path] | None = None, card: str | Path | None = None) -> Path:
     """Export already loaded :class:`ExportSources` (flare checkpoints or an Auto3DSeg import) to ``out_dir``;
-    ``card``: a model-card JSON file whose fields replace the derived ones (:func:`model_card`)."""
+    with ``calibration`` (CT paths) also static int8 models, verified against fp32; ``card``: a model-card JSON file
+    whose fields replace the derived ones (:func:`model_card`)."""
     out = Path(out_dir).resolve()
     check_target(out)
     model_card_doc = model_card(sources, card).to_json()  # a bad card file fails before the long work
-    n_steps = len(sources.models) * (2 + int(fp16) + int(verify)) + int(trt) + 1
+    int8 = calibration is not None
+    n_steps = len(sources.models) * (2 + int(fp16) + int(verify) + int(int8)) + int(trt) + 1
     with _progress(progress, n_steps) as step, _staging(out) as tmp:
         models, optimisation = {}, {}
         for src in sources.models:
             models[src.name], optimisation[src.name] = export_model(src, tmp, fp16, opset, step)
-        report = verify_models(sources, tmp, models, fp16, step) if verify else {"skipped": True}
+        report: dict[str, Any] = verify_models(sources, tmp, models, fp16, step) if verify else {"skipped": True}
+        if int8:
+            report["int8"] = quantize_models(sources, tmp, models, calibration or [], step, gate=verify)
         doc = bundle_document(sources, models, opset, command)
         doc["card"] = model_card_doc
         doc["verification"] = report
@@ -121,12 +134,37 @@ def verify_models(sources: ExportSources, folder: Path, models: dict[str, dict[s
             "ct": str(ct) if ct else None, "models": results}
 
 
+def quantize_models(sources: ExportSources, folder: Path, models: dict[str, dict[str, Any]], calibration: list[Path],
+                    step: Step, gate: bool = True) -> dict[str, Any]:
+    """Add an ``int8`` file to every MODEL entry (:mod:`flare.export.quantize`); returns the int8 verification
+    record (settings, gate, and per model the candidates tried and the one kept)."""
+    from .quantize import quantize_model, record, tile_set
+    from .verify import default_ct_path
+
+    ct = default_ct_path()
+    grids: dict[tuple[Any, ...], Any] = {}  # tiles per (spacing, channels): the folds share theirs
+    results: dict[str, Any] = {}
+    for src in sources.models:
+        step(f"{src.name}: int8 calibration + verification")
+        spacing = sources.locator_spacing_mm if src.role == "locator" else sources.spacing_mm
+        key = (tuple(spacing), src.in_channels)
+        if key not in grids:
+            grids[key] = tile_set(calibration, ct, spacing, sources.hu_window, src.in_channels)
+        fp32 = folder / models[src.name]["files"]["fp32"]["path"]
+        dst = folder / f"{src.name}.int8.onnx"
+        results[src.name] = quantize_model(fp32, dst, grids[key], gate=gate, optional=src.role == "locator")
+        if dst.is_file():
+            models[src.name]["files"]["int8"] = _file_entry(dst, "float32")
+    return {"passed": True if gate else None, "backend": "onnxruntime CPUExecutionProvider, int8 vs fp32",
+            **record(), "models": results}
+
+
 def bundle_document(sources: ExportSources, models: dict[str, dict[str, Any]], opset: int,
                     command: str) -> dict[str, Any]:
     """bundle.json content (without verification) from the sources and the exported MODEL entries."""
     folds = [models[m.name] for m in sources.folds]
     locator = models[sources.locator.name] if sources.locator else None
-    doc = new_bundle_json(folds, locator, spacing_mm=sources.spacing_mm, hu_window=sources.hu_window,
+    doc = new_bundle_json(folds, locator, profile=sources.profile, spacing_mm=sources.spacing_mm, hu_window=sources.hu_window,
                           locator_spacing_mm=sources.locator_spacing_mm, locator_margin_mm=sources.locator_margin_mm,
                           roi=sources.roi, locator_roi=sources.locator_roi, provenance=provenance(sources, opset,
                                                                                                   command))

@@ -25,10 +25,18 @@ def export(
                                  "CHECKPOINT_DIR)", show_default=False)] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="also write an fp16 model per network "
                                                       "(normalisation in fp32, float32 I/O)")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="also write a static int8 model per network for the CPU "
+                                                      "(calibrated on --calibration, verified against fp32)")] = False,
+    calibration: Annotated[Optional[list[Path]], typer.Option(  # noqa: UP045
+        "--calibration", help="with --int8: real CTs (.nii/.nii.gz files or folders of them; repeat the option; with "
+                              "two or more, every fourth is held out for verification)", show_default=False)] = None,
+    profile: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--profile", help="bundle profile: gpu or cpu (default: the training config's)", show_default=False)] = None,
     trt: Annotated[bool, typer.Option("--trt", help="also build TensorRT engines (needs tensorrt and a GPU)")] = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset", min=13)] = 17,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
-                                         help="check ONNX Runtime CPU against PyTorch per model")] = True,
+                                         help="check ONNX Runtime CPU against PyTorch per model (and int8 "
+                                              "against fp32: the int8 gate)")] = True,
     card: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--card", help="model card JSON (dataset, cases, data: synthetic|real, recipe, trained_at, validation_dice, "
                        "intended_use, licence, ...): its fields replace those derived from the checkpoints "
@@ -38,6 +46,12 @@ def export(
     """Write BUNDLE_DIR/bundle.json and the model files; exit code 2 with one line on stderr on any problem."""
     if (checkpoint_dir is None) == (from_auto3dseg is None):
         _fail("give either CHECKPOINT_DIR or --from-auto3dseg WORK_DIR (exactly one)")
+    if calibration and not int8:
+        _fail("--calibration is for --int8")
+    if int8 and from_auto3dseg is not None:
+        _fail("--int8 is available for flare-train checkpoints (CHECKPOINT_DIR)")
+    if profile is not None and profile not in ("gpu", "cpu"):
+        _fail(f"--profile {profile!r}: use gpu or cpu")
     command = "flare-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         if from_auto3dseg is not None:
@@ -49,7 +63,8 @@ def export(
             from .bundle_export import export_bundle
 
             bundle = export_bundle(checkpoint_dir, out, fp16=fp16, trt=trt, opset=opset,  # type: ignore[arg-type]
-                                   verify=verify, progress=not quiet, command=command, card=card)
+                                   verify=verify, progress=not quiet, command=command, int8=int8,
+                                   calibration=calibration or [], profile=profile, card=card)
     except FlareError as exc:
         _fail(str(exc))
     if not quiet:

@@ -49,6 +49,7 @@ class ExportSources:
     locator_margin_mm: float = 20.0
     locator_roi: tuple[int, int, int] = (128, 128, 128)
     notes: list[str] = field(default_factory=list)
+    profile: str | None = None  # bundle.json "profile": the training config's "profile" key ("cpu"), else none
 
     @property
     def models(self) -> list[ModelSource]:
@@ -119,7 +120,9 @@ def flare_sources(ckpt_dir: str | Path) -> ExportSources:
     hu = agreed({k: [float(v) for v in c.get("hu_window", [-250, 250])] for k, c in cfgs.items()}, "hu_window", root)
     roi = check_roi(agreed({k: c.get("roi", [224, 224, 224]) for k, c in cfgs.items()}, "roi", root), root)
     src = ExportSources(root=root, kind="flare", folds=folds, locator=locator, spacing_mm=tuple(spacing),
-                        hu_window=(hu[0], hu[1]), roi=roi)
+                        hu_window=(hu[0], hu[1]), roi=roi,
+                        profile=agreed({k: (c.get("training_config") or {}).get("profile") for k, c in cfgs.items()},
+                                       "profile", root))
     if locator is not None:
         lc = locator.config
         src.locator_spacing_mm = tuple(float(v) for v in lc.get("spacing_mm", [4, 4, 4]))  # type: ignore[assignment]

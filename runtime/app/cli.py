@@ -48,6 +48,7 @@ class Device(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
+    int8 = "int8"
 
 
 def _fail(message: str, code: int = EXIT_CANNOT_START) -> typer.Exit:
@@ -129,6 +130,15 @@ def _run_plan(plan: Plan, seg: Segmenter, quiet: bool, concurrency: int = 1) -> 
     return EXIT_OK
 
 
+def _note_default_precision(seg: Segmenter | RemoteSegmenter) -> None:
+    """One line on stderr when the CPU default picked the bundle's int8 models (so a user comparing with an fp32
+    run knows why the numbers differ slightly)."""
+    engines = getattr(seg, "engines", None)
+    if engines and engines[0].precision == "int8":
+        typer.echo("flare-run: note: using the bundle's int8 models on the CPU (verified against fp32 at export; "
+                   "--precision fp32 for the fp32 models)", err=True)
+
+
 @contextmanager
 def _exit_on_signals() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP end the command with one line and exit 130 / 128 + signal."""
@@ -165,8 +175,9 @@ def run(
     overlap: Annotated[float | None, typer.Option(min=0.0, max=0.95,
                        help="Tile overlap ratio; > 0 blends tiles with Gaussian weights (default: bundle's, 0).",
                        show_default=False)] = None,
-    precision: Annotated[Precision | None, typer.Option(help="Model precision (default: fp16 on CUDA when the "
-                                                             "bundle has it, else fp32).", show_default=False)] = None,
+    precision: Annotated[Precision | None, typer.Option(help="Model precision (default: fp16 on CUDA, int8 on the "
+                                                             "CPU, when the bundle has it; else fp32).",
+                                                        show_default=False)] = None,
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
                               help="GPU memory budget in MB (the process's whole NVML footprint): picks the tile "
                                    "size; OOM retries smaller, then CPU.")
@@ -245,6 +256,8 @@ def run(
                                 postprocess=None if postprocess is None else postprocess.value,
                                 cudnn_algo_search=cudnn_algo_search.upper())
             plan.create_folders()
+            if precision is None and not quiet:
+                _note_default_precision(seg)
         except FlareError as err:
             raise _fail(str(err)) from None
         except MemoryError:

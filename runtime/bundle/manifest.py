@@ -13,6 +13,7 @@ with strict integers, after size and nesting-depth limits)::
       "tiling": {"roi": [224, 224, 224], "overlap": 0.0, "blend": "constant", "locator_roi": [128, 128, 128]},
       "postprocess": {"mode": "paper", "min_tumor_voxels": 100, "largest_component": [1, 2, 3, 4, 5, 13],
                       "z_pass": true},
+      "profile": "cpu",                       # optional: "gpu" (default, the flare23 recipe) or "cpu" (docs/cpu.md)
       "provenance": {"monai": "...", "torch": "...", "onnx": "...", "config_sha256": "...", ...},
       "verification": {...},                  # optional, written by flare-export
       "card": {...}                           # optional: the model card, see flare.runtime.bundle.card
@@ -22,7 +23,7 @@ with strict integers, after size and nesting-depth limits)::
              "spatial_divisor": 16, "opset": 17,
              "files": {"fp32": {"path": "fold0.fp32.onnx", "sha256": "...", "input_name": "image",
                                 "output_name": "logits", "input_dtype": "float32", "output_dtype": "float32"},
-                       "fp16": {...}}}
+                       "fp16": {...}, "int8": {...}}}   # int8: static QDQ, float32 I/O (CPU)
 
 ``postprocess.mode`` is the default rule set of ``flare-run`` (``paper`` or ``strict``, see
 :mod:`flare.runtime.ops.postprocessing`); bundles written before it existed get ``paper``. ``largest_component`` lists the
@@ -51,7 +52,8 @@ from flare.runtime.ops.postprocessing import DEFAULT_MODE, check_mode
 
 FORMAT = "flare-bundle"
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+PROFILES = ("gpu", "cpu")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class Bundle:
     z_pass: bool
     postprocess_mode: str = DEFAULT_MODE
     provenance: dict[str, Any] = field(default_factory=dict)
+    profile: str = "gpu"  # "cpu": a CPU recipe (bundles without the key are the GPU recipe)
     card: ModelCard = field(default_factory=ModelCard)  # "unknown" fields for bundles without a card
 
     @property
@@ -432,6 +435,7 @@ def load_bundle(path: str | Path, verify_hashes: bool | dict[str, str] = True) -
         z_pass=post.get("z_pass", True),
         postprocess_mode=_postprocess_mode(post, bundle_json),
         provenance=dict(raw.get("provenance", {})),
+        profile=raw.get("profile", "gpu"),
         card=card_from_raw(raw.get("card")),
     )
     _check_cross_fields(b, bundle_json)
@@ -463,7 +467,7 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
                     roi: tuple[int, int, int] = (224, 224, 224),
                     locator_roi: tuple[int, int, int] = (128, 128, 128),
                     overlap: float = 0.0, blend: str = "constant",
-                    provenance: dict[str, Any] | None = None,
+                    provenance: dict[str, Any] | None = None, profile: str | None = None,
                     card: ModelCard | None = None) -> dict[str, Any]:
     """The bundle.json document with the defaults of DESIGN.md; flare-export and tests write bundles with it."""
     from flare.runtime.foundation.labels import LARGEST_COMPONENT_IDS, registry_snapshot
@@ -480,6 +484,7 @@ def new_bundle_json(folds: list[dict[str, Any]], locator: dict[str, Any] | None 
         "postprocess": {"mode": DEFAULT_MODE, "min_tumor_voxels": 100, "largest_component": list(LARGEST_COMPONENT_IDS),
                         "z_pass": True},
         "provenance": provenance or {},
+        **({"profile": profile} if profile else {}),
         "card": (card or ModelCard()).to_json(),
     }
 

@@ -88,6 +88,9 @@ class Segmenter:
         self.device = self.dev.name
         self.xp = self.dev.xp  # cupy on CUDA when CuPy works: the tile-major ensemble on the device
         self._precision, self._threads = precision, threads
+        if precision == "int8" and "int8" not in self.bundle.precisions:
+            raise BundleError(self.bundle.root, "the bundle has no int8 models (export them with flare-export --int8 "
+                                                "--calibration CTS)")
         self._set_postprocess(postprocess)
         specs = self.bundle.folds[: folds or n_folds]
         models = list(specs) + ([self.bundle.locator] if self.bundle.locator is not None else [])
@@ -315,7 +318,8 @@ class Segmenter:
                    "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
             backend={"device": self.device, "device_id": self.dev.device_id if self.device == "cuda" else None,
                      "engine": self.engines[0].backend,
-                     "precision": self.engines[0].precision, "load_s": round(self.load_s, 4),
+                     "precision": self.engines[0].precision, "profile": self.bundle.profile,
+                        "load_s": round(self.load_s, 4),
                      "load": dict(self.load)},
             folds=ens.folds,
             postprocess={"mode": self.postprocess_mode},

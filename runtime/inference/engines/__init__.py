@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from flare.runtime.bundle.manifest import ModelSpec
+from flare.runtime.bundle.manifest import PRECISIONS, ModelSpec
 from flare.runtime.inference.device import Device, resolve_device
 from flare.runtime.inference.engines.base import Engine, EngineError
 from flare.runtime.inference.engines.ort_cpu import OrtEngine
@@ -19,8 +19,12 @@ __all__ = ["Engine", "EngineError", "OrtEngine", "backend_for", "create_engine",
 
 
 def default_precision(spec: ModelSpec, device: str) -> str:
-    """fp16 on CUDA when the bundle has it, else fp32 (ONNX Runtime's CPU kernels are fp32)."""
-    return "fp16" if device == "cuda" and "fp16" in spec.files else "fp32"
+    """fp16 on CUDA when the bundle has it; int8 on the CPU when the bundle has it (static QDQ models, verified
+    against fp32 at export: ONNX Runtime's integer kernels); else fp32. A model without the file asked for runs
+    its fp32 file (:func:`flare.runtime.inference.engines.base.model_file`)."""
+    if device == "cuda":
+        return "fp16" if "fp16" in spec.files else "fp32"
+    return "int8" if "int8" in spec.files else "fp32"
 
 
 def backend_for(device: str) -> str:
@@ -43,8 +47,10 @@ def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str 
     dev = device if isinstance(device, Device) else resolve_device(device)
     name = dev.name
     precision = precision or default_precision(spec, name)
-    if precision not in ("fp32", "fp16"):
-        raise EngineError(None, f"unknown precision {precision!r} (use fp32 or fp16)")
+    if precision not in PRECISIONS:
+        raise EngineError(None, f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if precision == "int8" and name != "cpu":
+        raise EngineError(None, "int8 models run on the CPU only (--device cpu)")
     if name == "cuda":
         from flare.runtime.inference.engines.ort_cuda import CudaOrtEngine
 
