@@ -4,7 +4,7 @@ phantoms (training set + a held-out set from a seed training never uses) → ``f
 one fold) → ``flare-export --fp16`` → ``flare-run`` on every held-out phantom (Dice per class in the input grid) and
 on the real CT in ``../shared/data`` (when present) → a short ``flare-bench`` report → the bundle installed as the
 default bundle, so that a plain ``flare-run ct.nii.gz -o seg.nii.gz`` works afterwards. ``--proof`` runs the proof
-instead (:mod:`flare.train.proof`).
+instead (:mod:`flare.benchmarks.proof`).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
 def segment_and_score(seg: Any, image: Path, truth: Path | None, out: Path) -> dict[str, Any]:
     """Run the runtime on ``image`` into ``out`` and score it against ``truth`` when given (classes of the truth)."""
     import nibabel as nib
+    from flare.benchmarks.proof import case_dice
     from flare.runtime.app.write import Outputs, write_result
     from flare.runtime.foundation.labels import ORGAN_IDS, name_of
-    from flare.train.proof import case_dice
 
     seg_result = seg.segment(image)
     write_result(seg_result, Outputs(out))
@@ -87,7 +87,7 @@ def demo(
     phantom and the real CT → benchmark → default bundle. Output: a short table; everything in OUT/demo.json."""
     try:
         if proof:
-            from flare.train.proof import run_proof
+            from flare.benchmarks.proof import run_proof
 
             res = run_proof(out, config=config or "proof", folds=folds, train_cases=cases, test_cases=test_cases,
                             say=_say, command=f"flare-demo --proof --out {out} --cases {cases} --test-cases "
@@ -105,11 +105,11 @@ def demo(
 def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1, bench: bool = True,
              install: bool = True, config: str | dict[str, Any] = "demo", size: int = 96) -> dict[str, Any]:
     from flare.benchmarks.cases import shared_data_dir
+    from flare.benchmarks.proof import TEST_SEED, heldout_entries, make_sets, score_bundle
     from flare.export import export_bundle
     from flare.runtime import Segmenter
     from flare.runtime.bundle.manifest import default_bundle_dir
     from flare.runtime.foundation.atomic import write_text_atomic
-    from flare.train.proof import TEST_SEED, heldout_entries, make_sets, score_bundle
     from flare.train.run import run_all
 
     t0 = time.perf_counter()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from flare.benchmarks.demo import summary_lines
+from flare.benchmarks.proof import summarise
 from flare.runtime.foundation import labels as L
-from flare.train.proof import summarise
 
 
 def test_summary_is_short_and_has_the_headline() -> None:

@@ -17,7 +17,8 @@ pydicom = pytest.importorskip("pydicom")
 @pytest.fixture(scope="module")
 def series_and_labels(tmp_path_factory: pytest.TempPathFactory):
     from flare.runtime.image.dicom import read_dicom
-    from flare.runtime.image.nifti import Reorientation, read_image, to_canonical
+    from flare.runtime.image.model import Reorientation, to_canonical
+    from flare.runtime.image.nifti import read_image
 
     img = read_image(data_path("ts_abdomen_ct_3mm.nii.gz"))
     folder = tmp_path_factory.mktemp("rt") / "series"

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flare.runtime.foundation import labels as L
-from flare.train.phantoms import make_phantoms
-from flare.train.proof import (
+from flare.benchmarks.proof import (
     LARGE_ORGANS,
     TEST_SEED,
     TRAIN_SEED,
@@ -21,6 +19,8 @@ from flare.train.proof import (
     run_proof,
     summarise,
 )
+from flare.runtime.foundation import labels as L
+from flare.train.phantoms import make_phantoms
 
 
 def test_summarise_headlines() -> None:
