@@ -284,8 +284,6 @@ def test_bad_request_among_good_ones(server: Server, local_results: dict, tiny_b
     good = data_path("ts_abdomen_ct_3mm.nii.gz")
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(gzip.compress(b"this is not a CT " * 100))
-    metrics = _get(server.metrics)[1]
-    failures = _counter(metrics, "nv_inference_request_failure")
     assert _flare_run(good, tmp_path / "a.nii.gz", server.http).returncode == 0
     proc = _flare_run(bad, tmp_path / "b.nii.gz", server.http)
     assert proc.returncode == 2 and not (tmp_path / "b.nii.gz").exists()
@@ -305,7 +303,8 @@ def test_bad_request_among_good_ones(server: Server, local_results: dict, tiny_b
     assert re.fullmatch(r"flare-run: error: .*--folds 5 asked for, the bundle has 2 fold\(s\)", bad_option.stderr.strip())
     assert _flare_run(good, tmp_path / "e.nii.gz", server.http).returncode == 0
     _assert_same_nifti(tmp_path / "e.nii.gz", local_results[good.name][0])
-    assert _counter(_get(server.metrics)[1], "nv_inference_request_failure") - failures == 2
+    # (Triton's nv_inference_request_failure does not count these: the proxy answers a refused request with an error
+    # response instead of raising, which is what keeps the client's error to one line; the server's log counts them)
     assert f"flare-serve: WARNING: request rejected: {bad}: not a NIfTI file" in server.log.read_text()
     assert server.proc.poll() is None
 
