@@ -77,7 +77,7 @@ def _truth(entry: dict[str, Any]) -> np.ndarray:
 
 
 def case_dice(pred: np.ndarray, truth: np.ndarray) -> dict[int, float]:
-    from .engine import dice_per_class
+    from flare.train.engine import dice_per_class
 
     return dice_per_class(pred, truth, list(range(1, L.NUM_FLARE_IDS)))
 
@@ -89,8 +89,7 @@ def score_bundle(bundle: str | Path, entries: Sequence[dict[str, Any]], *, postp
     (``<case>.nii.gz``, as flare-run would). Returns ``{mode: {"summary", "per_case"}, "seconds_per_case"}``."""
     from flare.runtime import Segmenter
     from flare.runtime.app.write import Outputs, write_result
-
-    from .datalist import case_name
+    from flare.train.datalist import case_name
 
     base = Segmenter(bundle, device="cpu")
     segs = {mode: base.with_options(postprocess=mode) for mode in postprocess}
@@ -118,7 +117,7 @@ def score_bundle(bundle: str | Path, entries: Sequence[dict[str, Any]], *, postp
 
 def missing_organs() -> tuple[int, ...]:
     """The organs the phantoms' partial label subset ("organs5_tumor") lacks: what pseudo-labels must add."""
-    from .phantoms import SUBSETS
+    from flare.train.phantoms import SUBSETS
 
     return tuple(c for c in ORGANS if c not in SUBSETS["organs5_tumor"])
 
@@ -265,7 +264,7 @@ def plot_curve(points: Sequence[dict[str, Any]], ceiling: dict[str, Any], path: 
 def make_sets(out: Path, train_cases: int, test_cases: int, size: int = PHANTOM_SIZE) -> tuple[Path, Path]:
     """Training phantoms (seed :data:`TRAIN_SEED`, none held out) and the fixed test set (seed
     :data:`TEST_SEED`, every 4th case a head-to-thigh scan). Existing sets are reused."""
-    from .phantoms import make_phantoms
+    from flare.train.phantoms import make_phantoms
 
     train_dir, test_dir = out / "phantoms", out / "test"
     if not (train_dir / "dataset.json").is_file():
@@ -287,8 +286,8 @@ def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof",
               command: str = "") -> dict[str, Any]:
     """The whole proof; returns (and writes to ``OUT/proof.json``) the results, ``OUT/curve.png``, ``OUT/proof.md``.
     The naive run trains in a second process beside the two-stage run, each with ``threads`` torch threads."""
-    from .config import load_config
-    from .run import run_all
+    from flare.train.config import load_config
+    from flare.train.run import run_all
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import time
 from types import ModuleType
 from typing import Any
@@ -57,10 +58,19 @@ class LazyModule:
         return f"<lazy module {self._name!r} ({'loaded' if self._module is not None else 'not loaded'})>"
 
 
+#: one lazy import at a time: a second thread must not see a module another thread is still initialising
+_LOCK = threading.RLock()
+
+
 def _import(name: str, extra: str | None, hint: str | None) -> ModuleType:
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
+    with _LOCK:
+        return _import_locked(name, extra, hint)
+
+
+def _import_locked(name: str, extra: str | None, hint: str | None) -> ModuleType:
+    # no sys.modules shortcut: a module found there may still be initialising in another thread (seen with
+    # isal.igzip from the batch read-ahead thread); import_module waits for it and is cheap once it is done
+    already = name in sys.modules
     t0 = time.perf_counter()
     try:
         module = importlib.import_module(name)
@@ -68,7 +78,8 @@ def _import(name: str, extra: str | None, hint: str | None) -> ModuleType:
         how = hint or (f"pip install 'flare-seg[{extra}]'" if extra else f"pip install {name}")
         first = (str(exc).splitlines() or [""])[0][:160]
         raise DependencyError(None, f"{name} is not usable ({type(exc).__name__}: {first}); {how}") from None
-    IMPORT_SECONDS[name] = round(time.perf_counter() - t0, 4)
+    if not already:
+        IMPORT_SECONDS[name] = round(time.perf_counter() - t0, 4)
     return module
 
 
