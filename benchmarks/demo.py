@@ -153,10 +153,11 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
     if bench:
         t = time.perf_counter()
         _say("5/6 flare-bench: the runtime against the MONAI/PyTorch reference with the same settings (mirror), "
-             "one held-out phantom")
+             "the smallest held-out phantom")
         from flare.benchmarks.harness import run_benchmark
 
-        rep = run_benchmark(bundle, [Path(tests[0]["image"])], reference=True, reference_mode="mirror",
+        smallest = min((Path(e["image"]) for e in tests), key=lambda f: f.stat().st_size)
+        rep = run_benchmark(bundle, [smallest], reference=True, reference_mode="mirror",
                             out_dir=out / "bench", repeats=1, cold=0, device="auto", quiet=True, command="flare-demo")
         results["bench_report"] = str(out / "bench" / "report.md")
         results["bench"] = bench_summary(rep)

@@ -39,3 +39,13 @@ def test_demo_end_to_end_scores_every_heldout_case(tmp_path) -> None:
     assert held["summary"]["cases"] == 2 and len(held["per_case"]) == 2
     assert len(list((tmp_path / "heldout_seg").glob("*.nii.gz"))) == 2
     assert (tmp_path / "demo.json").is_file() and (tmp_path / "bundle" / "bundle.json").is_file()
+
+
+def test_bench_summary_reads_the_runtime_and_same_settings_reference() -> None:
+    from flare.benchmarks.demo import bench_summary
+
+    report = {"reference_mode": "mirror",
+              "cases": [{"name": "phantom_0010.nii.gz", "warm": {"wall_s": {"median": 4.581, "n": 1}},
+                         "reference": {"wall_s": {"median": 27.59, "n": 1}}, "dice": {"1": 1.0, "2": 0.98}}]}
+    assert bench_summary(report) == {"case": "phantom_0010.nii.gz", "mode": "mirror", "runtime_s": 4.58,
+                                     "reference_s": 27.59, "agreement": 0.99}
