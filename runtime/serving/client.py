@@ -139,7 +139,7 @@ class RemoteSegmenter:
             result = client.infer(MODEL, [inp], outputs=outputs, parameters=params)
         except utils.InferenceServerException as err:
             message = err.message() or str(err)
-            line = flare_error_line(message)
+            line = flare_error_line(message, name)
             if line is not None:
                 raise RemoteError(None, line) from None
             raise RemoteError(url, f"server error: {message.strip().splitlines()[0] if message else err}"
