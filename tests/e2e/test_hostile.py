@@ -475,10 +475,18 @@ def test_server_refuses_200_mb_bodies_before_buffering(tiny_bundle: Path, tmp_pa
         assert json.loads(rejected.value.read())["error"] == "flare-error: request: not a NIfTI file (no NIfTI-1/" \
                                                               "NIfTI-2 header)"
         del blob, request
+        flare_run = str(Path(sys.executable).parent / "flare-run")
+        large = tmp_path / "large.nii"  # a valid 20 MB image (noise: gzip, as it is sent, keeps it 20 MB)
+        noise = np.random.default_rng(0).integers(-2**15, 2**15, (160, 160, 400), dtype=np.int16)
+        nib.save(nib.Nifti1Image(noise, np.diag([1.0, 1.0, 1.0, 1.0])), large)
+        proc = subprocess.run([flare_run, str(large), "-o", str(tmp_path / "large_seg.nii.gz"), "--server", address,
+                               "-q"], capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 2 and not (tmp_path / "large_seg.nii.gz").exists()
+        line = one_error(proc, 2)
+        assert line.startswith(f"flare-run: error: {large}: the body is ") and "FLARE_MAX_REQUEST_BYTES" in line, line
         ct = data_path("ts_abdomen_ct_3mm.nii.gz")
-        proc = subprocess.run([str(Path(sys.executable).parent / "flare-run"), str(ct),
-                               "-o", str(tmp_path / "seg.nii.gz"), "--server", address, "-q"], capture_output=True,
-                              text=True, timeout=300, check=False)
+        proc = subprocess.run([flare_run, str(ct), "-o", str(tmp_path / "seg.nii.gz"), "--server", address, "-q"],
+                              capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0 and (tmp_path / "seg.nii.gz").exists(), proc.stderr
         after = _group_memory(server.proc.pid)
         assert server.proc.poll() is None and triton in after, server.log.read_text()[-2000:]
