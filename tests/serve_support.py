@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ READY_TIMEOUT_S = 240.0
 
 def free_ports(n: int) -> list[int]:
     """Ports the kernel picks for loopback binds to port 0 (held together so that they differ)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    from flare.runtime.serving.server import loopback_ports
+
+    return loopback_ports(n)
 
 
 def _ready(http: int) -> bool:
