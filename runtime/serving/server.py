@@ -10,6 +10,9 @@ libpython of another patch release (Debian's 3.11.2 under pyenv's 3.11.7 fails w
 attribute '_recursion_count'``), or none at all (pyenv's 3.12). :func:`python_backend_env` puts this interpreter's own
 ``LIBDIR`` first on ``LD_LIBRARY_PATH`` of the server process and :func:`stub_libpython` checks with ``ldd`` which
 library the stub will load, before the server starts. pytriton is imported lazily.
+
+Triton listens on loopback ports of its own; the ports a client talks to are the bounded fronts of
+:mod:`flare.runtime.serving.front` (a request over ``FLARE_MAX_REQUEST_BYTES`` is refused there, unbuffered).
 """
 
 from __future__ import annotations
