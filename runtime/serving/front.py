@@ -14,6 +14,9 @@ public ports are served here:
   reaches Triton as ``application/octet-stream``. Triton 2.51's HTTP server parses such a body as a query string
   and crashes (SIGSEGV) on a binary one of a few MB: an 8 MB request killed it in tests; the KServe protocol never
   uses form encoding.
+* With an :class:`~flare.runtime.serving.gate.InferGate` (the public HTTP port), an inference request is checked
+  from its first bytes (inference header, the image's NIfTI header) and refused with HTTP 400 and one line before
+  the rest is read; other paths take small bodies only.
 * :class:`GrpcFront` (grpcio) forwards every method of Triton's gRPC service as raw bytes; gRPC refuses a larger
   message from its 5-byte length prefix (``RESOURCE_EXHAUSTED``, "Received message larger than max") without
   buffering it.
@@ -25,12 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flare.runtime.foundation.errors import FlareError
 from flare.runtime.foundation.lazy import lazy_import
-from flare.runtime.serving.protocol import ERROR_MARKER, UNNAMED
+from flare.runtime.serving.protocol import ERROR_MARKER, MODEL, UNNAMED
+
+if TYPE_CHECKING:
+    from flare.runtime.serving.gate import InferGate
 
 __all__ = ["GrpcFront", "HttpFront", "error_body"]
 
@@ -40,6 +47,8 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Upgrade", "Host", "Content-Length", "Expect"))
 UPSTREAM_CONNECT_S = 10.0
 START_TIMEOUT_S = 30.0
+
+log = logging.getLogger("flare.runtime")
 
 
 class _TooLarge(Exception):
@@ -54,11 +63,13 @@ def error_body(message: str) -> bytes:
 class HttpFront:
     """An HTTP/1.1 reverse proxy on ``host:port`` to ``127.0.0.1:upstream_port`` that refuses request bodies larger
     than ``max_body`` bytes (413) without buffering them. ``what`` names the limit in the refusal (an environment
-    variable). Runs its own event loop in a daemon thread between :meth:`start` and :meth:`stop`."""
+    variable); ``gate`` checks inference requests from their first bytes. Runs its own event loop in a daemon thread
+    between :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, host: str, port: int, upstream_port: int, max_body: int, what: str) -> None:
+    def __init__(self, host: str, port: int, upstream_port: int, max_body: int, what: str,
+                 gate: InferGate | None = None) -> None:
         self.host, self.port, self.upstream = host, port, f"http://127.0.0.1:{upstream_port}"
-        self.max_body, self.what = max_body, what
+        self.max_body, self.what, self.gate = max_body, what, gate
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: Any = None
@@ -122,16 +133,25 @@ class HttpFront:
             await self._runner.cleanup()
 
     # -------------------------------------------------------------------------------------------- requests
-    def _refusal(self, size: int | None) -> Any:
+    def _limit(self, request: Any) -> tuple[int, str]:
+        """The largest body this request may have, and what sets it."""
+        if self.gate is None or self.gate.is_infer(request.method, request.path):
+            return self.max_body, self.what
+        from flare.runtime.serving.gate import OTHER_MAX_BODY
+
+        return OTHER_MAX_BODY, f"only POST /v2/models/{MODEL}/infer takes more"
+
+    def _refusal(self, request: Any, size: int | None) -> Any:
         web = lazy_import("aiohttp.web", "serve").load()
+        limit, what = self._limit(request)
         body = "larger than" if size is None else f"{size} bytes, more than"
-        problem = f"{UNNAMED}: the body is {body} the limit of {self.max_body} bytes ({self.what})"
+        problem = f"{UNNAMED}: the body is {body} the limit of {limit} bytes ({what})"
         return web.Response(status=413, body=error_body(problem), content_type="application/json")
 
     async def _expect(self, request: Any) -> Any:
         """``Expect: 100-continue`` with a too-large ``Content-Length``: refuse before the client sends the body."""
-        if request.content_length is not None and request.content_length > self.max_body:
-            answer = self._refusal(request.content_length)
+        if request.content_length is not None and request.content_length > self._limit(request)[0]:
+            answer = self._refusal(request, request.content_length)
             answer.force_close()
             return answer
         web_urldispatcher = lazy_import("aiohttp.web_urldispatcher", "serve").load()
@@ -140,15 +160,23 @@ class HttpFront:
     async def _handle(self, request: Any) -> Any:
         aiohttp = lazy_import("aiohttp", "serve").load()
         web = lazy_import("aiohttp.web", "serve").load()
-        if request.content_length is not None and request.content_length > self.max_body:
-            return self._refusal(request.content_length)  # the body is drained unread, or the link closed
+        limit = self._limit(request)[0]
+        if request.content_length is not None and request.content_length > limit:
+            return self._refusal(request, request.content_length)  # the body is drained unread, or the link closed
+        start = b""
+        if self.gate is not None and self.gate.is_infer(request.method, request.path):
+            try:
+                start = await self._checked_start(request, self.gate)
+            except FlareError as err:
+                log.warning("request rejected: %s", err)  # the rest of the body is drained unread
+                return web.Response(status=400, body=error_body(str(err)), content_type="application/json")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         if "x-www-form-urlencoded" in request.headers.get("Content-Type", "").lower():
             headers["Content-Type"] = "application/octet-stream"  # Triton would parse the body as a query string
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         seen = [0]
-        body = self._counted(request, seen) if request.body_exists else None
+        body = self._counted(request, seen, limit, start) if request.body_exists else None
         answer = None
         try:
             async with self._session.request(request.method, self.upstream + request.rel_url.raw_path_qs,
@@ -165,16 +193,35 @@ class HttpFront:
         except (TimeoutError, aiohttp.ClientError, _TooLarge, OSError) as err:
             if answer is not None and answer.prepared:
                 raise  # the answer was under way: the connection is cut
-            if seen[0] > self.max_body:
-                return self._refusal(None)
+            if seen[0] > limit:
+                return self._refusal(request, None)
             return web.Response(status=502, content_type="application/json", body=error_body(
                 f"{UNNAMED}: the Triton server behind this port did not answer ({type(err).__name__})"))
 
-    async def _counted(self, request: Any, seen: list[int]) -> Any:
-        """The request body as it arrives, cut when it passes the limit."""
+    @staticmethod
+    async def _checked_start(request: Any, gate: InferGate) -> bytes:
+        """The first bytes of an inference request's body, read and checked by ``gate`` (FlareError: refused)."""
+        want = gate.start_bytes(request.headers, request.content_length)
+        parts, got = [], 0
+        while got < want:
+            chunk = await request.content.read(want - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        start = b"".join(parts)
+        gate.check(request.headers, start, request.content_length)
+        return start
+
+    @staticmethod
+    async def _counted(request: Any, seen: list[int], limit: int, start: bytes = b"") -> Any:
+        """The request body (``start`` already read, then the rest as it arrives), cut when it passes ``limit``."""
+        if start:
+            seen[0] += len(start)
+            yield start
         async for chunk in request.content.iter_chunked(CHUNK):
             seen[0] += len(chunk)
-            if seen[0] > self.max_body:
+            if seen[0] > limit:
                 raise _TooLarge
             yield chunk
 

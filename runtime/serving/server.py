@@ -34,7 +34,7 @@ import numpy as np
 import typer
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.foundation.lazy import lazy_import
-from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, UNNAMED
+from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, request_name
 
 __all__ = ["FlareModel", "instance_devices", "load_models", "parse_devices", "python_backend_env", "serve",
            "stub_libpython"]
@@ -173,7 +173,7 @@ class FlareModel:
     def infer(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """One request: NIfTI bytes in, label-map NIfTI bytes and the JSON report out. Every failure is one
         :class:`RequestError` line; the memory a refused request used is given back to the system."""
-        name = _name(params.get("filename"))
+        name = request_name(params.get("filename"))
         try:
             labels, report = self._segment(inputs, params, name)
         except FlareError as err:
@@ -211,12 +211,6 @@ class FlareModel:
         img = read_image_bytes(image.flat[0], name, preflight=seg.check_grids)  # grid limits from the header
         result = seg.segment(img)
         return label_bytes(result.labels, img, compressed), result.report.to_json()
-
-
-def _name(value: Any) -> str:
-    """The request's ``filename`` parameter as one short line (it names the input in errors)."""
-    text = " ".join(str(value or "").split())[:200]
-    return text or UNNAMED
 
 
 def max_request_bytes() -> int:
@@ -397,6 +391,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
     from flare.runtime.bundle.manifest import load_bundle
     from flare.runtime.serving.front import GrpcFront, HttpFront
+    from flare.runtime.serving.gate import InferGate
 
     per_instance = instance_devices(device, devices, instances)
     triton_mod = lazy_import("pytriton.triton", "serve").load()
@@ -417,7 +412,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                                      grpc_port=inner_grpc, metrics_address="127.0.0.1", metrics_port=inner_metrics,
                                      exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=1 if verbose else 0,
                                      log_file=triton_log, allow_gpu_metrics=seg.device == "cuda")
-    fronts = [HttpFront(host, http_port, inner_http, limit, ENV_REQUEST_BYTES),
+    fronts = [HttpFront(host, http_port, inner_http, limit, ENV_REQUEST_BYTES, InferGate(seg.check_grids)),
               GrpcFront(host, grpc_port, inner_grpc, limit),
               HttpFront(host, metrics_port, inner_metrics, METRICS_MAX_BODY, "the metrics port")]
     where = "rerun with --verbose" if triton_log is None else f"Triton's log: {triton_log}"
