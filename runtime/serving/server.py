@@ -17,6 +17,7 @@ Triton listens on loopback ports of its own; the ports a client talks to are the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -161,18 +162,29 @@ class FlareModel:
         self.segmenter = segmenter
 
     def __call__(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        """Answer ``requests``; when one fails, the requests' input arrays are dropped (PyTriton keeps the request
+        objects until the error is sent, and the image bytes with them) and the memory is given back before the
+        error goes out."""
         out = []
-        for request in requests:
-            try:
-                data, params = request.data, dict(request.parameters or {})
-            except Exception as err:  # noqa: BLE001 - a request PyTriton could not unpack: still one line
-                raise RequestError(f"request: cannot read the request ({type(err).__name__})") from None
-            out.append(self.infer(data, params))
+        try:
+            for request in requests:
+                try:
+                    data, params = request.data, dict(request.parameters or {})
+                except Exception as err:  # noqa: BLE001 - a request PyTriton could not unpack: still one line
+                    raise RequestError(f"request: cannot read the request ({type(err).__name__})") from None
+                out.append(self.infer(data, params))
+        except RequestError:
+            data = params = {}
+            for request in requests:
+                with contextlib.suppress(Exception):  # whatever PyTriton handed over
+                    request.data.clear()
+            return_memory()
+            raise
         return out
 
     def infer(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """One request: NIfTI bytes in, label-map NIfTI bytes and the JSON report out. Every failure is one
-        :class:`RequestError` line; the memory a refused request used is given back to the system."""
+        :class:`RequestError` line (its frame holds no reference to the request)."""
         name = request_name(params.get("filename"))
         try:
             labels, report = self._segment(inputs, params, name)
@@ -188,8 +200,7 @@ class FlareModel:
         else:
             return {OUTPUT_LABELS: np.array([labels], dtype=object),
                     OUTPUT_REPORT: np.array([json.dumps(report).encode()], dtype=object)}
-        inputs = params = {}  # drop this frame's references to the request before giving memory back
-        return_memory()
+        inputs = params = {}  # drop this frame's references to the request (the caller gives memory back)
         raise error
 
     def _segment(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any], name: str
