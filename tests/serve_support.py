@@ -87,3 +87,14 @@ def flare_servers(bundle: Path, logs: Path, count: int, *extra: str, started: li
                                        f"{log.read_text()[-3000:]}")
                 time.sleep(0.5)
         yield [f"127.0.0.1:{s.http}" for s in started]
+
+
+def infer_request(image: bytes, **params: object) -> tuple[dict[str, str], bytes]:
+    """(HTTP headers, body) of an inference request for ``image`` as flare's client (tritonclient) sends it."""
+    import numpy as np
+    import tritonclient.http as http
+
+    inp = http.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([image], dtype=object), binary_data=True)
+    body, header_length = http.InferenceServerClient.generate_request_body([inp], parameters=params or None)
+    return {"Inference-Header-Content-Length": str(header_length)}, body

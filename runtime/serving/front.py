@@ -233,9 +233,10 @@ class GrpcFront:
     STREAMING = ("/ModelStreamInfer",)
     """Methods of Triton's ``inference.GRPCInferenceService`` that stream both ways (every other one is unary)."""
 
-    def __init__(self, host: str, port: int, upstream_port: int, max_message: int, workers: int = 16) -> None:
+    def __init__(self, host: str, port: int, upstream_port: int, max_message: int, workers: int = 16,
+                 gate: InferGate | None = None) -> None:
         self.host, self.port, self.upstream_port = host, port, upstream_port
-        self.max_message, self.workers = max_message, workers
+        self.max_message, self.workers, self.gate = max_message, workers, gate
         self._server: Any = None
         self._channel: Any = None
 
@@ -251,7 +252,7 @@ class GrpcFront:
         self._server = grpc.server(ThreadPoolExecutor(self.workers, thread_name_prefix="flare-grpc-front"),
                                    options=[("grpc.max_receive_message_length", self.max_message),
                                             ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
-        self._server.add_generic_rpc_handlers([_Forward(grpc, self._channel, self.STREAMING)])
+        self._server.add_generic_rpc_handlers([_Forward(grpc, self._channel, self.STREAMING, self.gate)])
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             bound = self._server.add_insecure_port(address)
@@ -271,8 +272,30 @@ class GrpcFront:
 class _Forward:
     """grpc.GenericRpcHandler: any method, raw bytes, to the upstream channel with the caller's metadata."""
 
-    def __init__(self, grpc: Any, channel: Any, streaming: tuple[str, ...]) -> None:
-        self.grpc, self.channel, self.streaming = grpc, channel, streaming
+    INFER = ("/ModelInfer", "/ModelStreamInfer")
+
+    def __init__(self, grpc: Any, channel: Any, streaming: tuple[str, ...], gate: InferGate | None = None) -> None:
+        self.grpc, self.channel, self.streaming, self.gate = grpc, channel, streaming, gate
+
+    def _checked(self, method: str, message: bytes) -> None:
+        """FlareError when ``gate`` refuses ``message`` (an inference request, or any other one larger than
+        :data:`~flare.runtime.serving.gate.OTHER_MAX_BODY`)."""
+        if self.gate is None:
+            return
+        from flare.runtime.serving.gate import OTHER_MAX_BODY
+
+        if method.endswith(self.INFER):
+            self.gate.check_grpc(message)
+        elif len(message) > OTHER_MAX_BODY:
+            raise FlareError(UNNAMED, f"the message is {len(message)} bytes, more than the limit of {OTHER_MAX_BODY} "
+                                      f"bytes (only ModelInfer takes more)")
+
+    def _refuse(self, context: Any, err: FlareError) -> None:
+        from flare.runtime.serving.server import return_memory
+
+        log.warning("request rejected: %s", err)
+        return_memory()  # gRPC held the whole message
+        context.abort(self.grpc.StatusCode.INVALID_ARGUMENT, ERROR_MARKER + str(err))
 
     def service(self, details: Any) -> Any:
         grpc, method = self.grpc, details.method
@@ -280,15 +303,33 @@ class _Forward:
             stream = self.channel.stream_stream(method)
 
             def relay_stream(requests: Any, context: Any) -> Any:
+                refused: list[FlareError] = []
+
+                def checked() -> Any:
+                    for message in requests:
+                        try:
+                            self._checked(method, message)
+                        except FlareError as err:
+                            refused.append(err)
+                            return
+                        yield message
+
                 try:
-                    yield from stream(requests, metadata=_metadata(context), timeout=context.time_remaining())
+                    yield from stream(checked(), metadata=_metadata(context), timeout=context.time_remaining())
                 except grpc.RpcError as err:
                     context.abort(err.code(), err.details() or "")
+                if refused:
+                    self._refuse(context, refused[0])
 
             return grpc.stream_stream_rpc_method_handler(relay_stream)
         unary = self.channel.unary_unary(method)
 
         def relay(request: Any, context: Any) -> Any:
+            try:
+                self._checked(method, request)
+            except FlareError as err:
+                request = None
+                self._refuse(context, err)
             try:
                 return unary(request, metadata=_metadata(context), timeout=context.time_remaining())
             except grpc.RpcError as err:

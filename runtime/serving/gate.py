@@ -15,7 +15,9 @@ what :mod:`flare.runtime.serving.protocol` describes:
   limits (``preflight``) included.
 
 Other paths (health, metadata, ...) take bodies of at most :data:`OTHER_MAX_BODY` bytes. A request that passes goes on
-to Triton unchanged (the bytes read are sent first, then the rest as it streams in).
+to Triton unchanged (the bytes read are sent first, then the rest as it streams in). The gRPC front checks a whole
+``ModelInferRequest`` message the same way (gRPC has received it whole by then; it never reaches Triton) and takes
+other messages of at most :data:`OTHER_MAX_BODY` bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from flare.runtime.foundation.errors import InputError
+from flare.runtime.foundation.lazy import lazy_import
 from flare.runtime.serving.protocol import INPUT, MODEL, UNNAMED, request_name
 
 __all__ = ["MAX_HEADER_BYTES", "OTHER_MAX_BODY", "PROBE_BYTES", "InferGate"]
@@ -72,10 +75,8 @@ class InferGate:
         return length + 4 + PROBE_BYTES
 
     def check(self, headers: Mapping[str, str], start: bytes, content_length: int | None) -> None:
-        """Refuse (one-line InputError naming the request's ``filename``) a request from its first bytes ``start``
-        (:meth:`start_bytes` of them, fewer when the body is shorter)."""
-        from flare.runtime.image.nifti import check_header_start
-
+        """Refuse (one-line InputError naming the request's ``filename``) an HTTP request from its first bytes
+        ``start`` (:meth:`start_bytes` of them, fewer when the body is shorter)."""
         length = int(headers[HEADER_LENGTH])
         if len(start) < length:
             raise InputError(UNNAMED, f"the body ends inside the inference header ({len(start)} of {length} bytes)")
@@ -84,12 +85,39 @@ class InferGate:
         if content_length is not None and content_length - length != size:
             raise InputError(name, f"the body holds {content_length - length} bytes of binary data, the inference "
                                    f"header declares {size}")
-        element = start[length:length + 4]
+        self._check_element(start[length:], name, size)
+
+    def check_grpc(self, message: bytes) -> None:
+        """Refuse (one-line InputError) a gRPC ``ModelInferRequest`` (``message``, serialized) to model ``flare``
+        that is not one BYTES input ``image`` of shape [1] in ``raw_input_contents`` holding the start of a NIfTI
+        file; a request to another model is left to Triton."""
+        service = lazy_import("tritonclient.grpc.service_pb2", "serve").load()
+        try:
+            request = service.ModelInferRequest.FromString(message)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise InputError(UNNAMED, "the gRPC message is not a ModelInferRequest") from None
+        if request.model_name != MODEL:
+            return
+        filename = request.parameters["filename"].string_param if "filename" in request.parameters else None
+        name = request_name(filename)
+        spec = request.inputs[0] if len(request.inputs) == 1 else None
+        if spec is None or spec.name != INPUT or spec.datatype != "BYTES" or list(spec.shape) != [1]:
+            raise InputError(name, f"the request must have exactly one input {INPUT!r}, BYTES, shape [1]")
+        if len(request.raw_input_contents) != 1:
+            raise InputError(name, f"input {INPUT!r} must be sent in raw_input_contents")
+        raw = request.raw_input_contents[0]
+        self._check_element(raw[:4 + PROBE_BYTES], name, len(raw))
+
+    def _check_element(self, start: bytes, name: str, size: int) -> None:
+        """``start``: the first bytes of the one ``size``-byte BYTES element (its 4-byte length, then the file)."""
+        from flare.runtime.image.nifti import check_header_start
+
+        element = start[:4]
         if len(element) < 4 or int.from_bytes(element, "little") != size - 4:
             declared = int.from_bytes(element, "little") if len(element) == 4 else None
             raise InputError(name, f"the BYTES element of input {INPUT!r} declares {declared} bytes, "
-                                   f"binary_data_size {size} leaves {size - 4}")
-        check_header_start(start[length + 4:], name, size - 4, preflight=self.preflight)
+                                   f"the request holds {size - 4}")
+        check_header_start(start[4:], name, size - 4, preflight=self.preflight)
 
 
 def _header(text: bytes) -> tuple[dict[str, Any], str]:

@@ -423,8 +423,9 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                                      grpc_port=inner_grpc, metrics_address="127.0.0.1", metrics_port=inner_metrics,
                                      exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=1 if verbose else 0,
                                      log_file=triton_log, allow_gpu_metrics=seg.device == "cuda")
-    fronts = [HttpFront(host, http_port, inner_http, limit, ENV_REQUEST_BYTES, InferGate(seg.check_grids)),
-              GrpcFront(host, grpc_port, inner_grpc, limit),
+    gate = InferGate(seg.check_grids)  # inference requests are checked from their first bytes at the fronts
+    fronts = [HttpFront(host, http_port, inner_http, limit, ENV_REQUEST_BYTES, gate),
+              GrpcFront(host, grpc_port, inner_grpc, limit, gate=gate),
               HttpFront(host, metrics_port, inner_metrics, METRICS_MAX_BODY, "the metrics port")]
     where = "rerun with --verbose" if triton_log is None else f"Triton's log: {triton_log}"
     tensor, model_config = config_mod.Tensor, config_mod.ModelConfig
