@@ -93,8 +93,9 @@ class InferGate:
         file; a request to another model is left to Triton."""
         service = lazy_import("tritonclient.grpc.service_pb2", "serve").load()
         try:
-            request = service.ModelInferRequest.FromString(message)
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+            fields, contents = _split_contents(message)
+            request = service.ModelInferRequest.FromString(fields)
+        except Exception:  # noqa: BLE001 - ValueError, protobuf's DecodeError and friends
             raise InputError(UNNAMED, "the gRPC message is not a ModelInferRequest") from None
         if request.model_name != MODEL:
             return
@@ -103,10 +104,9 @@ class InferGate:
         spec = request.inputs[0] if len(request.inputs) == 1 else None
         if spec is None or spec.name != INPUT or spec.datatype != "BYTES" or list(spec.shape) != [1]:
             raise InputError(name, f"the request must have exactly one input {INPUT!r}, BYTES, shape [1]")
-        if len(request.raw_input_contents) != 1:
+        if len(contents) != 1 or spec.HasField("contents"):
             raise InputError(name, f"input {INPUT!r} must be sent in raw_input_contents")
-        raw = request.raw_input_contents[0]
-        self._check_element(raw[:4 + PROBE_BYTES], name, len(raw))
+        self._check_element(bytes(contents[0][:4 + PROBE_BYTES]), name, len(contents[0]))
 
     def _check_element(self, start: bytes, name: str, size: int) -> None:
         """``start``: the first bytes of the one ``size``-byte BYTES element (its 4-byte length, then the file)."""
@@ -143,3 +143,50 @@ def _binary_size(header: Mapping[str, Any], name: str) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 4:
         raise InputError(name, f"input {INPUT!r} must be sent as binary data (binary_data_size of at least 4)")
     return size
+
+
+_RAW_INPUT_CONTENTS = 7
+"""Field number of ``ModelInferRequest.raw_input_contents`` (repeated bytes) in Triton's ``grpc_service.proto``."""
+
+
+def _split_contents(message: bytes) -> tuple[bytes, list[memoryview]]:
+    """A serialized ``ModelInferRequest`` as (its fields but ``raw_input_contents``, those as views into
+    ``message``), so that protobuf parses only the small part: its parser would copy every bytes field (the image)
+    and offers no way not to. ValueError when ``message`` is not protobuf wire format or the other fields pass
+    :data:`MAX_HEADER_BYTES` (this walk then stops)."""
+    view, fields, contents, at = memoryview(message), [], [], 0
+    kept = 0
+    while at < len(view):
+        start = at
+        key, at = _varint(view, at)
+        wire = key & 7
+        if wire == 0:
+            at = _varint(view, at)[1]
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, at = _varint(view, at)
+            at += size
+            if key >> 3 == _RAW_INPUT_CONTENTS:
+                contents.append(view[at - size:at])
+                continue
+        else:
+            raise ValueError(f"wire type {wire}")
+        kept += at - start
+        if at > len(view) or kept > MAX_HEADER_BYTES:
+            raise ValueError("truncated, or too many fields")
+        fields.append(view[start:at])
+    if at > len(view):
+        raise ValueError("truncated")
+    return b"".join(fields), contents
+
+
+def _varint(view: memoryview, at: int) -> tuple[int, int]:
+    """The protobuf varint at ``at`` and the offset after it."""
+    value = shift = 0
+    while at < len(view) and shift < 64:
+        byte = view[at]
+        value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+        if byte < 0x80:
+            return value, at
+    raise ValueError("bad varint")

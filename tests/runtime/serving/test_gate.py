@@ -92,5 +92,10 @@ def test_grpc_requests() -> None:
     gate.check_grpc(message(os.urandom(1000), model="other"))  # another model: Triton answers
     with pytest.raises(InputError, match="^b.nii.gz: not a NIfTI file"):
         gate.check_grpc(message(os.urandom(2**20)))
-    with pytest.raises(InputError, match="^request: the gRPC message is not a ModelInferRequest"):
-        gate.check_grpc(os.urandom(2**20))
+    for junk in (os.urandom(2**20), message(data_path("ts_abdomen_ct_3mm.nii.gz").read_bytes())[:-10]):
+        with pytest.raises(InputError, match="^request: the gRPC message is not a ModelInferRequest"):
+            gate.check_grpc(junk)
+    inline = service.ModelInferRequest(model_name="flare")
+    inline.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"x")
+    with pytest.raises(InputError, match="must be sent in raw_input_contents"):
+        gate.check_grpc(inline.SerializeToString())
