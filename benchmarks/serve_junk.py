@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KINDS", "group_memory", "junk_request", "main"]
+__all__ = ["KINDS", "group_memory", "junk_request", "main", "stop_server"]
 
 KINDS = ("valid-header", "invalid-header", "gzip", "gzip-corrupt", "grpc-junk", "grpc-valid")
 
@@ -173,16 +173,26 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(_measure(proc, ports, kind, int(args.mb * 2**20), args.repeat)), flush=True)
         print(json.dumps({"server_alive": proc.poll() is None, "ready": _ready(ports["http"])}), flush=True)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM a flare-serve started in its own session (graceful stop), then SIGKILL its process group
+    (tritonserver and its stubs)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
             pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        pass
 
 
 if __name__ == "__main__":
