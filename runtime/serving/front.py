@@ -39,7 +39,7 @@ from flare.runtime.serving.protocol import ERROR_MARKER, MODEL, UNNAMED
 if TYPE_CHECKING:
     from flare.runtime.serving.gate import InferGate
 
-__all__ = ["GrpcFront", "HttpFront", "error_body"]
+__all__ = ["GrpcFront", "HttpFront", "error_body", "return_memory"]
 
 CHUNK = 2**16
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -291,8 +291,6 @@ class _Forward:
                                       f"bytes (only ModelInfer takes more)")
 
     def _refuse(self, context: Any, err: FlareError) -> None:
-        from flare.runtime.serving.server import return_memory
-
         log.warning("request rejected: %s", err)
         return_memory()  # gRPC held the whole message
         context.abort(self.grpc.StatusCode.INVALID_ARGUMENT, ERROR_MARKER + str(err))
@@ -341,3 +339,16 @@ class _Forward:
 def _metadata(context: Any) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in context.invocation_metadata()
             if not k.startswith((":", "grpc-")) and k not in ("user-agent", "content-type", "te")]
+
+
+def return_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``): after a large refused request the
+    process would otherwise keep its peak resident size. A no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -35,6 +35,7 @@ import numpy as np
 import typer
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.serving.front import return_memory
 from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, request_name
 
 __all__ = ["FlareModel", "instance_devices", "load_models", "parse_devices", "python_backend_env", "serve",
@@ -230,19 +231,6 @@ def max_request_bytes() -> int:
 
     text = os.environ.get(ENV_REQUEST_BYTES)
     return parse_size(text, ENV_REQUEST_BYTES) if text else MAX_REQUEST_BYTES
-
-
-def return_memory() -> None:
-    """Give freed heap memory back to the system (glibc's ``malloc_trim``): after a large refused request the
-    process would otherwise keep its peak resident size. A no-op where there is no glibc."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ------------------------------------------------------------------------------------------------ the server
