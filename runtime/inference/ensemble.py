@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from flare.runtime.foundation.labels import MERGED_TUMOR
-from flare.runtime.inference.device import Array, host_empty, to_device, to_host
+from flare.runtime.inference.device import Array, host_empty, to_device, to_host, to_host_into
 from flare.runtime.inference.tiling import TilePlan, effective_roi, importance_map, plan_tiles
 
 __all__ = [
@@ -95,25 +95,39 @@ def _final_ends(plan: TilePlan) -> list[dict[int, int]]:
     return ends
 
 
-def _fresh_tiles(plan: TilePlan) -> set[tuple[int, int, int]]:
-    """Tiles that no earlier tile overlaps (on every axis the previous start's tile ends at or before this start):
-    they need no earlier partial sums."""
+def _prev_ends(plan: TilePlan) -> list[dict[int, int]]:
+    """Per axis, tile start → end (padded coordinates, exclusive) of the previous tile along that axis (the start
+    itself for the first tile): the part ``[start, prev_end)`` of a tile is what earlier tiles also cover."""
     prev_end = []
     for axis in range(3):
         starts = sorted({s[axis] for s in plan.starts})
         r = plan.roi[axis]
         prev_end.append({s: (p + r if i else s) for i, (s, p) in enumerate(zip(starts, [0, *starts[:-1]]))})
-    return {t for t in plan.starts if all(prev_end[a][t[a]] <= t[a] for a in range(3))}
+    return prev_end
+
+
+def _earlier_slabs(plan: TilePlan, prev_end: list[dict[int, int]], start: tuple[int, int, int],
+                   vol_sl: tuple[slice, ...]) -> list[tuple[slice, ...]]:
+    """The parts of a tile (in its in-volume coordinates) that earlier tiles cover — where they left partial sums:
+    per axis where the previous tile ends inside this one, the slab before that end (full extent on the other
+    axes; corners come twice, same values). The mirror of :func:`_later_slabs`."""
+    sizes = [v.stop - v.start for v in vol_sl]
+    slabs = []
+    for axis, (s, b, n) in enumerate(zip(start, plan.pad_before, plan.shape)):
+        stop = min(prev_end[axis][s], b + n) - max(s, b)
+        if stop > 0:
+            slabs.append(tuple(slice(0, min(stop, sizes[a])) if a == axis else slice(0, sizes[a]) for a in range(3)))
+    return slabs
 
 
 class _Weights:
     """``weight / weight-sum`` of each tile of a plan. Constant blending: ``1 / (cx * cy * cz)`` from per-axis tile
-    counts (no volume-sized array; the same float32 values as a summed weight map). Gaussian: the weight sum is
-    built once on the host and each tile's factor uploaded."""
+    counts, built on the device from three short vectors (no volume-sized array, no tile-sized host array; the
+    same float32 values as a summed weight map). Gaussian: the weight sum is built once on the host and each tile's
+    factor uploaded."""
 
     def __init__(self, plan: TilePlan, blend: str, xp: ModuleType) -> None:
         self.plan, self.xp = plan, xp
-        self.weight = importance_map(plan.roi, blend)
         self.wsum: np.ndarray | None = None
         if blend == "constant":
             counts = []
@@ -125,6 +139,7 @@ class _Weights:
             self.counts = counts
             self._ones = plan.n_tiles == 1 or all(c.max() == 1.0 for c in counts)
         else:
+            self.weight = importance_map(plan.roi, blend)
             self.wsum = np.zeros(plan.padded_shape, dtype=np.float32)
             for start in plan.starts:
                 self.wsum[plan.slices(start)] += self.weight
@@ -137,7 +152,10 @@ class _Weights:
         cx, cy, cz = (c[s] for c, s in zip(self.counts, sl))
         if self._ones or (cx.max() == 1.0 and cy.max() == 1.0 and cz.max() == 1.0):
             return None
-        return to_device(self.weight / (cx[:, None, None] * cy[None, :, None] * cz[None, None, :]), self.xp)
+        xp = self.xp
+        count = to_device(cx, xp)[:, None, None] * to_device(cy, xp)[None, :, None]
+        count = count * to_device(cz, xp)[None, None, :]
+        return 1.0 / count  # type: ignore[no-any-return]
 
 
 def _partial_sums(shape: tuple[int, ...], dtype: Any, xp: ModuleType) -> np.ndarray:
@@ -182,8 +200,8 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
                  channels: int, overlap: float = 0.0, blend: str = "constant", activation: str = "softmax",
                  decide: Decide = argmax_uint8, base: np.ndarray | None = None, keep_all: bool = False,
                  base_dtype: Any = np.float32, progress: Progress | None = None,
-                 on_tile: Callable[[], None] | None = None, divisor: int = 16, prior: Prior | None = None
-                 ) -> tuple[np.ndarray, TilePlan, np.ndarray | None]:
+                 on_tile: Callable[[], None] | None = None, divisor: int = 16, prior: Prior | None = None,
+                 out: np.ndarray | None = None) -> tuple[np.ndarray, TilePlan, np.ndarray | None]:
     """Tile-major inference of ``runners`` over ``volume`` (X, Y, Z float32, on ``xp``'s device or the host).
 
     Per tile: every runner's output (softmax, or raw with ``activation="none"``), times the tile's blending factor,
@@ -194,12 +212,18 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
     is allocated on first need (``base_dtype``, ``np.zeros``: only the pages written are ever touched). On the
     device only the slabs of a tile that a later tile covers are written back (overlap slabs, not whole tiles).
     ``prior(plan, start, vol_sl)`` adds earlier contributions computed on the device (the recomputed fold 0 of
-    :func:`infer_ensemble`'s pass 2) to the tile's sum. Returns ``(labels uint8 host, plan, base)``."""
+    :func:`infer_ensemble`'s pass 2) to the tile's sum. ``out``: the host uint8 array (or view) the labels go to
+    (default: a new one). Returns ``(labels uint8 host, plan, base)``.
+
+    Host work per tile on the device path is bounded by the overlap: a tile reads back only the slabs earlier tiles
+    wrote (:func:`_earlier_slabs`; a caller's ``base`` is read whole), and slabs go to ``base`` in its memory order
+    (the device transposes)."""
     plan = plan_tiles(volume.shape, effective_roi(volume.shape, tuple(int(r) for r in roi), divisor), overlap)
     weights = _Weights(plan, blend, xp)
     ends = _final_ends(plan)
-    labels = host_empty(plan.shape, np.uint8, xp, zero=True)
-    fresh = _fresh_tiles(plan) if base is None else set()  # a caller's base always holds earlier contributions
+    labels = host_empty(plan.shape, np.uint8, xp, zero=True) if out is None else out
+    own_base = base is None  # our own partial sums: only the overlap slabs of earlier tiles hold anything
+    prev_end = _prev_ends(plan)
     if keep_all and base is None:
         base = _partial_sums((channels,) + plan.shape, base_dtype, xp)
     for start in plan.starts:
@@ -219,8 +243,14 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
         acc = None
         if in_place:
             acc = base[region]  # type: ignore[index]
-        elif base is not None and start not in fresh:  # device: copy up only what earlier tiles left
+        elif base is not None and not own_base:  # device, a caller's base: earlier contributions everywhere
             acc = to_device(base[region], xp).astype(xp.float32)
+        elif base is not None:  # device, our partial sums: copy up only the slabs earlier tiles left
+            for part in _earlier_slabs(plan, prev_end, start, vol_sl):
+                if acc is None:
+                    acc = xp.zeros((channels,) + tuple(v.stop - v.start for v in vol_sl), xp.float32)
+                src = (slice(None),) + tuple(slice(v.start + p.start, v.start + p.stop) for v, p in zip(vol_sl, part))
+                acc[(slice(None),) + part] = to_device(base[src], xp)
         if prior is not None:
             earlier = prior(plan, start, vol_sl)
             if earlier is not None:
@@ -252,7 +282,7 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
             for part in ([tuple(slice(0, v.stop - v.start) for v in vol_sl)] if keep_all else
                          _later_slabs(final, vol_sl)):  # only what later tiles read: overlap slabs
                 dest = (slice(None),) + tuple(slice(v.start + p.start, v.start + p.stop) for v, p in zip(vol_sl, part))
-                base[dest] = to_host(acc[(slice(None),) + part].astype(base.dtype, copy=False))  # cast on the device
+                to_host_into(acc[(slice(None),) + part].astype(base.dtype, copy=False), base[dest])  # cast on device
         del acc
         if on_tile is not None:
             on_tile()
@@ -383,14 +413,15 @@ def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp
     z0, z1 = z_range if z_range is not None else (0, volume.shape[2])
     if on_host:
         assert parked is not None
-        sub, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners[1:], roi, xp, base=parked[:, :, :, z0:z1], **kw)
+        _, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners[1:], roi, xp, base=parked[:, :, :, z0:z1],
+                                        out=labels[:, :, z0:z1], **kw)  # every voxel is final in one tile
         del parked
         recomputed = 0
     else:
         fold0 = _Fold0OnPass1Grid(volume, runners[0], plan, blend, xp, z0)
-        sub, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners[1:], roi, xp, prior=fold0, **kw)
+        _, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners[1:], roi, xp, prior=fold0,
+                                        out=labels[:, :, z0:z1], **kw)  # pass 2's labels land in place
         recomputed = fold0.runs
-    labels[:, :, z0:z1] = sub
     tiles = [plan.n_tiles] + [sub_plan.n_tiles] * (n - 1)
     return EnsembleResult(labels, sum(tiles) + recomputed, plan.roi, z_range, n, tiles, recomputed)
 
