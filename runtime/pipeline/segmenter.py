@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from flare.runtime.bundle.manifest import Bundle, load_bundle, verify_bundle
 from flare.runtime.foundation.errors import BundleError
-from flare.runtime.foundation.labels import merged_to_flare
 from flare.runtime.foundation.lazy import IMPORT_SECONDS
 from flare.runtime.foundation.lifecycle import pause_point
 from flare.runtime.image.model import LoadedImage, to_canonical
@@ -30,8 +29,8 @@ from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
 from flare.runtime.inference.memory_plan import MemoryPlan
 from flare.runtime.ops.geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
-from flare.runtime.ops.lr_split import split_left_right
-from flare.runtime.ops.postprocessing import check_mode, postprocess
+from flare.runtime.ops.finish import finish_labels
+from flare.runtime.ops.postprocessing import check_mode
 from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear, resample_nearest
 from flare.runtime.ops.stats import label_volumes
 from flare.runtime.pipeline.result import STAGES, Report, SegmentResult
@@ -239,10 +238,10 @@ class Segmenter:
         return result, part if on_gpu else None
 
     def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
+        """FLARE ids, left/right split and post-processing, in place on the merged map, on organ bounding boxes."""
         b = self.bundle
-        labels = split_left_right(merged_to_flare(merged), affine_1mm)
-        return postprocess(labels, spacing_from_affine(affine_1mm), mode=self.postprocess_mode,
-                           min_tumor_voxels=b.min_tumor_voxels, organs=b.largest_component, z_pass=b.z_pass, copy=False)
+        return finish_labels(merged, affine_1mm, spacing_from_affine(affine_1mm), mode=self.postprocess_mode,
+                             min_tumor_voxels=b.min_tumor_voxels, organs=b.largest_component, z_pass=b.z_pass)
 
     @staticmethod
     def _restore(labels: np.ndarray, box: Box, ras_shape: tuple[int, ...], reorient: Any) -> np.ndarray:
@@ -296,13 +295,14 @@ class Segmenter:
             crop_shape = tuple(h - l for l, h in zip(loc.box.lo, loc.box.hi))
             affine_1mm = resampled_affine(cropped_affine(affine_ras, loc.box), crop_shape, ens.labels.shape)
             labels = self._postprocess(ens.labels, affine_1mm)
-        with stage("restore"):
+        with stage("restore"):  # and the voxel counts of the report, in the input grid (the one written)
             out = self._restore(labels, loc.box, data_ras.shape, reorient)
+            voxels, volume_ml = label_volumes(out, img.affine)
         report = self._report(img, loc, ens, times, time.perf_counter() - t_start)
         if gpu_part is not None:
             report.gpu = gpu_part
             report.gpu_peak_mb = gpu_part.get("gpu_peak_mb")
-        report.voxels, report.volume_ml = label_volumes(out, img.affine)  # in the input grid (the one written)
+        report.voxels, report.volume_ml = voxels, volume_ml
         return SegmentResult(out, img, report)
 
     def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],
