@@ -201,7 +201,8 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
                  decide: Decide = argmax_uint8, base: np.ndarray | None = None, keep_all: bool = False,
                  base_dtype: Any = np.float32, progress: Progress | None = None,
                  on_tile: Callable[[], None] | None = None, divisor: int = 16, prior: Prior | None = None,
-                 out: np.ndarray | None = None) -> tuple[np.ndarray, TilePlan, np.ndarray | None]:
+                 out: np.ndarray | None = None, on_decided: Callable[[Array, tuple[slice, ...]], None] | None = None
+                 ) -> tuple[np.ndarray, TilePlan, np.ndarray | None]:
     """Tile-major inference of ``runners`` over ``volume`` (X, Y, Z float32, on ``xp``'s device or the host).
 
     Per tile: every runner's output (softmax, or raw with ``activation="none"``), times the tile's blending factor,
@@ -213,7 +214,8 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
     device only the slabs of a tile that a later tile covers are written back (overlap slabs, not whole tiles).
     ``prior(plan, start, vol_sl)`` adds earlier contributions computed on the device (the recomputed fold 0 of
     :func:`infer_ensemble`'s pass 2) to the tile's sum. ``out``: the host uint8 array (or view) the labels go to
-    (default: a new one). Returns ``(labels uint8 host, plan, base)``.
+    (default: a new one); ``on_decided(labels, dest)`` sees each tile's decided labels on the device before they are
+    copied to ``dest`` (a :class:`_Census`). Returns ``(labels uint8 host, plan, base)``.
 
     Host work per tile on the device path is bounded by the overlap: a tile reads back only the slabs earlier tiles
     wrote (:func:`_earlier_slabs`; a caller's ``base`` is read whole), and slabs go to ``base`` in its memory order
@@ -274,7 +276,10 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
                       for a, (s, r, b, n) in enumerate(zip(start, plan.roi, plan.pad_before, plan.shape)))
         if all(f.stop > 0 for f in final):
             dest = tuple(slice(v.start, v.start + f.stop) for v, f in zip(vol_sl, final))
-            labels[dest] = to_host(decide(acc[(slice(None),) + final], xp))
+            decided = decide(acc[(slice(None),) + final], xp)
+            if on_decided is not None:
+                on_decided(decided, dest)
+            labels[dest] = to_host(decided)
         rest = keep_all or any(f.stop < v.stop - v.start for f, v in zip(final, vol_sl))
         if rest and not in_place:
             if base is None:
@@ -289,19 +294,67 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
     return labels, plan, base
 
 
-def abdominal_z_range(labels: np.ndarray, spacing_z: float, margin_mm: float = Z_MARGIN_MM) -> tuple[int, int] | None:
-    """z-range [z0, z1) of merged organ classes, widened by ``margin_mm``; None when there is no organ or when
-    tumor lies outside the range (then the other folds must see the whole volume)."""
+def _z_occupancy(labels: Array, xp: ModuleType = np) -> tuple[Array, Array]:
+    """Per z slice of a merged-class map (on ``xp``'s device): whether it holds an organ class, and tumor."""
     organ = (labels >= _ORGAN_CLASSES[0]) & (labels <= _ORGAN_CLASSES[1])
-    zs = np.flatnonzero(organ.any(axis=(0, 1)))
+    return organ.any(axis=(0, 1)), (labels == MERGED_TUMOR).any(axis=(0, 1))
+
+
+def _z_range(organ_z: np.ndarray, tumor_z: np.ndarray, spacing_z: float, margin_mm: float) -> tuple[int, int] | None:
+    zs = np.flatnonzero(organ_z)
     if zs.size == 0:
         return None
     margin = int(np.ceil(margin_mm / spacing_z))
-    z0, z1 = max(0, int(zs[0]) - margin), min(labels.shape[2], int(zs[-1]) + 1 + margin)
-    tumor_z = np.flatnonzero((labels == MERGED_TUMOR).any(axis=(0, 1)))
-    if tumor_z.size and (tumor_z[0] < z0 or tumor_z[-1] >= z1):
+    z0, z1 = max(0, int(zs[0]) - margin), min(organ_z.shape[0], int(zs[-1]) + 1 + margin)
+    tz = np.flatnonzero(tumor_z)
+    if tz.size and (tz[0] < z0 or tz[-1] >= z1):
         return None
     return z0, z1
+
+
+def abdominal_z_range(labels: np.ndarray, spacing_z: float, margin_mm: float = Z_MARGIN_MM) -> tuple[int, int] | None:
+    """z-range [z0, z1) of merged organ classes, widened by ``margin_mm``; None when there is no organ or when
+    tumor lies outside the range (then the other folds must see the whole volume)."""
+    organ_z, tumor_z = _z_occupancy(labels)
+    return _z_range(organ_z, tumor_z, spacing_z, margin_mm)
+
+
+class _Census:
+    """What the device learns about the labels while it decides them, tile by tile (``tiled_labels``'s
+    ``on_decided``), so that the host never scans the label volume: per decided region the classes present (one
+    ``bincount``; their union gives every class a bounding box — a superset at tile granularity, which is all the
+    label stage needs) and, in pass 1, the z slices holding organ / tumor voxels (exact: the z-range)."""
+
+    def __init__(self, shape: tuple[int, ...], channels: int, xp: ModuleType) -> None:
+        self.xp, self.channels = xp, channels
+        self.regions: list[tuple[tuple[slice, ...], np.ndarray]] = []
+        self.organ_z = np.zeros(shape[2], bool)
+        self.tumor_z = np.zeros(shape[2], bool)
+        self.track_z = True
+
+    def __call__(self, lab: Array, dest: tuple[slice, ...]) -> None:
+        xp = self.xp
+        present = to_host(xp.bincount(lab.ravel(), minlength=self.channels) > 0)
+        self.regions.append((dest, present))
+        if self.track_z:
+            organ_z, tumor_z = _z_occupancy(lab, xp)
+            self.organ_z[dest[2]] |= to_host(organ_z)
+            self.tumor_z[dest[2]] |= to_host(tumor_z)
+
+    def boxes(self) -> list[tuple[slice, ...] | None]:
+        """Box per class (``label_boxes`` style: index = class, entry 0 None), the union of the regions where the
+        class was decided; regions decided twice (pass 1, then pass 2) count both times — a superset."""
+        lo = np.full((self.channels, 3), np.iinfo(np.int64).max)
+        hi = np.full((self.channels, 3), -1)
+        for dest, present in self.regions:
+            lo[present] = np.minimum(lo[present], [s.start for s in dest])
+            hi[present] = np.maximum(hi[present], [s.stop for s in dest])
+        return [None] + [None if hi[k, 0] < 0 else tuple(slice(int(a), int(b)) for a, b in zip(lo[k], hi[k]))
+                         for k in range(1, self.channels)]
+
+    def offset(self, z0: int) -> Callable[[Array, tuple[slice, ...]], None]:
+        """This census for a pass on the z-range from ``z0`` (its regions shifted back to the whole volume)."""
+        return lambda lab, dest: self(lab, (dest[0], dest[1], slice(dest[2].start + z0, dest[2].stop + z0)))
 
 
 @dataclass
@@ -313,6 +366,8 @@ class EnsembleResult:
     folds: int
     per_fold_tiles: list[int] = field(default_factory=list)
     fold0_recomputed: int = 0             # device path: fold 0's pass-1 tiles run again in pass 2 (no parking)
+    boxes: list[tuple[slice, ...] | None] | None = None  # device path: a box per class (superset), from the tiles
+    groups: list[list[int]] = field(default_factory=list)  # grouped design: the folds run together, in order
 
 
 class _Fold0OnPass1Grid:
@@ -384,7 +439,7 @@ class _Fold0OnPass1Grid:
 def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp: ModuleType = np, *,
                    overlap: float = 0.0, blend: str = "constant", spacing_z: float = 1.0, z_crop: bool = True,
                    park_dtype: Any = None, progress: Progress | None = None,
-                   on_tile: Callable[[], None] | None = None) -> EnsembleResult:
+                   on_tile: Callable[[], None] | None = None, group: int | None = None) -> EnsembleResult:
     """The fold ensemble over ``volume`` (X, Y, Z normalised float32 on ``xp``'s device or the host): uint8 merged
     labels on the host. With several folds and ``z_crop``: pass 1 runs fold 0 alone (its labels decide the
     abdominal z-range), pass 2 runs folds 1..N-1 tile-major on that range, on top of fold 0's probabilities there.
@@ -396,20 +451,31 @@ def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp
     - device (CuPy, or a stand-in): nothing is parked on the host — fold 0 is recomputed on pass 1's tiles inside
       the z-range (:class:`_Fold0OnPass1Grid`), on the device, in pass 2. Costs one fold over the z-range of
       network time; saves a volume-sized host array (≈ 1.4 GB fp16 for the worst case) and its scatter/gather.
+
+    ``group`` (the memory plan's ``grouped`` design, fewer than ``len(engines)``): :func:`_grouped` instead — at
+    most ``group`` engines are used together (``engines`` may create them on access and drop others:
+    :class:`flare.runtime.inference.sessions.FoldSessions`).
     """
     if not engines:
         raise ValueError("at least one fold engine is needed")
+    if group is not None and group < len(engines):
+        return _grouped(volume, engines, roi, xp, group, overlap=overlap, blend=blend, spacing_z=spacing_z,
+                        z_crop=z_crop, park_dtype=park_dtype, progress=progress, on_tile=on_tile)
     runners = [tile_runner(e, xp) for e in engines]
     kw: dict[str, Any] = {"channels": engines[0].out_channels, "overlap": overlap, "blend": blend,
                           "progress": progress, "on_tile": on_tile}
     n = len(engines)
-    if n == 1 or not z_crop:  # float32 partial sums: only the pages of overlapping slabs are ever touched
-        labels, plan, _ = tiled_labels(volume, runners, roi, xp, **kw)
-        return EnsembleResult(labels, plan.n_tiles * n, plan.roi, None, n, [plan.n_tiles] * n)
     on_host = xp is np
+    census = None if on_host else _Census(volume.shape, kw["channels"], xp)  # the device counts, not the host
+    if n == 1 or not z_crop:  # float32 partial sums: only the pages of overlapping slabs are ever touched
+        labels, plan, _ = tiled_labels(volume, runners, roi, xp, on_decided=census, **kw)
+        return EnsembleResult(labels, plan.n_tiles * n, plan.roi, None, n, [plan.n_tiles] * n,
+                              boxes=None if census is None else census.boxes())
     park = park_dtype or np.float32
-    labels, plan, parked = tiled_labels(volume, runners[:1], roi, xp, keep_all=on_host, base_dtype=park, **kw)
-    z_range = abdominal_z_range(labels, spacing_z)
+    labels, plan, parked = tiled_labels(volume, runners[:1], roi, xp, keep_all=on_host, base_dtype=park,
+                                        on_decided=census, **kw)
+    z_range = (abdominal_z_range(labels, spacing_z) if census is None else
+               _z_range(census.organ_z, census.tumor_z, spacing_z, Z_MARGIN_MM))
     z0, z1 = z_range if z_range is not None else (0, volume.shape[2])
     if on_host:
         assert parked is not None
@@ -418,12 +484,59 @@ def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp
         del parked
         recomputed = 0
     else:
+        assert census is not None
+        census.track_z = False
         fold0 = _Fold0OnPass1Grid(volume, runners[0], plan, blend, xp, z0)
         _, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners[1:], roi, xp, prior=fold0,
-                                        out=labels[:, :, z0:z1], **kw)  # pass 2's labels land in place
+                                      out=labels[:, :, z0:z1], on_decided=census.offset(z0), **kw)  # in place
         recomputed = fold0.runs
     tiles = [plan.n_tiles] + [sub_plan.n_tiles] * (n - 1)
-    return EnsembleResult(labels, sum(tiles) + recomputed, plan.roi, z_range, n, tiles, recomputed)
+    return EnsembleResult(labels, sum(tiles) + recomputed, plan.roi, z_range, n, tiles, recomputed,
+                          boxes=None if census is None else census.boxes())
+
+
+def _grouped(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp: ModuleType, group: int, *,
+             overlap: float, blend: str, spacing_z: float, z_crop: bool, park_dtype: Any, progress: Progress | None,
+             on_tile: Callable[[], None] | None) -> EnsembleResult:
+    """The ensemble with at most ``group`` engines in use at a time (the ``grouped`` design of the memory plan):
+    fold-major across groups, tile-major within a group, as the paper's ensemble accumulated. Pass 1 runs fold 0
+    alone (with the z-crop; else the first group) and keeps its blended softmax in a host accumulator
+    (``park_dtype``, float32 by default: z-major ``np.zeros``, pages touched as tiles write them); its labels
+    decide the z-range; each further group adds its folds' softmax over that range on top, tile by tile (read up
+    from the accumulator, written back whole), and the last group decides the labels. Same tiles and sums as the
+    resident design, up to float32 summation order."""
+    n = len(engines)
+    park = park_dtype or np.float32
+    first = [0] if z_crop else list(range(min(group, n)))
+    rest = list(range(len(first), n))
+    groups = [first] + [rest[i:i + group] for i in range(0, len(rest), group)]
+    kw: dict[str, Any] = {"channels": engines[0].out_channels, "overlap": overlap, "blend": blend,
+                          "progress": progress, "on_tile": on_tile}
+
+    def runners(idx: list[int]) -> list[TileRunner]:
+        return [tile_runner(engines[i], xp) for i in idx]  # engines[i] may create the session (and drop another)
+
+    census = None if xp is np else _Census(volume.shape, kw["channels"], xp)
+    labels, plan, acc = tiled_labels(volume, runners(first), roi, xp, keep_all=len(groups) > 1, base_dtype=park,
+                                     on_decided=census, **kw)
+    z_range = None
+    if z_crop:
+        z_range = (abdominal_z_range(labels, spacing_z) if census is None else
+                   _z_range(census.organ_z, census.tumor_z, spacing_z, Z_MARGIN_MM))
+    z0, z1 = z_range if z_range is not None else (0, volume.shape[2])
+    tiles = [plan.n_tiles] * len(first)
+    for g, idx in enumerate(groups[1:], start=2):
+        assert acc is not None
+        last = g == len(groups)
+        if census is not None:
+            census.track_z = False
+        _, sub_plan, _ = tiled_labels(volume[:, :, z0:z1], runners(idx), roi, xp, base=acc[:, :, :, z0:z1],
+                                      keep_all=not last, out=labels[:, :, z0:z1],
+                                      on_decided=census.offset(z0) if census is not None and last else None, **kw)
+        tiles += [sub_plan.n_tiles] * len(idx)
+    del acc
+    return EnsembleResult(labels, sum(tiles), plan.roi, z_range, n, tiles, groups=groups,
+                          boxes=None if census is None else census.boxes())
 
 
 def planned_tiles(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float) -> int:
@@ -435,7 +548,7 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
                       plan: Any = None, overlap: float = 0.0, blend: str = "constant",
                       spacing_z: float = 1.0, progress: Progress | None = None,
                       on_tile: Callable[[], None] | None = None,
-                      on_cpu: Callable[[], EnsembleResult] | None = None
+                      on_cpu: Callable[[], EnsembleResult] | None = None, group: int | None = None
                       ) -> tuple[EnsembleResult, dict[str, Any]]:
     """:func:`infer_ensemble` under the memory plan (:class:`flare.runtime.inference.memory_plan.MemoryPlan`):
     its tiles (the bundle's roi when no memory model applies — the CPU), retried with smaller tiles on
@@ -461,7 +574,7 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
     def attempt(roi: tuple[int, int, int]) -> EnsembleResult:
         tried.append(list(roi))
         return infer_ensemble(volume, engines, roi, xp, overlap=overlap, blend=blend, spacing_z=spacing_z,
-                              progress=progress, on_tile=sample)
+                              progress=progress, on_tile=sample, group=group)
 
     result = run_with_fallback(attempt, rois, on_cpu, record=fallback, engines=engines)  # type: ignore[arg-type]
     gpu_peak = None if peak is None or peak.peak_mb is None else round(peak.peak_mb, 1)
