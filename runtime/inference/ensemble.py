@@ -158,6 +158,62 @@ class _Weights:
         return 1.0 / count  # type: ignore[no-any-return]
 
 
+Region = tuple[tuple[int, int], ...]  # per axis (lo, hi) in volume coordinates
+
+
+def _intersect(a: Region, b: Region) -> Region | None:
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
+    return out if all(lo < hi for lo, hi in out) else None
+
+
+class _SlabStore:
+    """The overlap partial sums of the device path, slab by slab: each slab a host array of its own (page-locked
+    with CuPy), kept only until the last tile that covers it has read it — host memory follows the overlaps in
+    flight, not the volume. A tile reads the slabs it intersects in the order they were written (a later slab
+    holds the newer running sum where two overlap: corners), exactly what one volume-shaped accumulator gives."""
+
+    def __init__(self, plan: TilePlan, xp: ModuleType) -> None:
+        self.xp = xp
+        self.boxes: list[Region | None] = []
+        for start in plan.starts:
+            parts = tile_to_target(plan, start)
+            self.boxes.append(None if parts is None else tuple((v.start, v.stop) for v in parts[1]))
+        self.items: list[tuple[Region, np.ndarray, int]] = []
+        self.live_bytes = self.peak_bytes = 0
+
+    def read(self, index: int, channels: int) -> Array | None:
+        """The earlier partial sums over tile ``index`` on the device (None: no earlier tile covers it); slabs no
+        later tile needs are freed."""
+        box = self.boxes[index]
+        assert box is not None
+        acc = None
+        for region, arr, _ in self.items:
+            inter = _intersect(box, region)
+            if inter is None:
+                continue
+            if acc is None:
+                acc = self.xp.zeros((channels,) + tuple(hi - lo for lo, hi in box), self.xp.float32)
+            dst = (slice(None),) + tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box))
+            src = (slice(None),) + tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(inter, region))
+            acc[dst] = to_device(arr[src], self.xp)
+        keep = [item for item in self.items if item[2] > index]
+        self.live_bytes -= sum(item[1].nbytes for item in self.items if item[2] <= index)
+        self.items = keep
+        return acc
+
+    def write(self, index: int, region: Region, values: Array) -> None:
+        """Keep ``values`` (device, ``(C,) + region`` shape) of tile ``index`` for the later tiles covering it."""
+        later = [j for j in range(index + 1, len(self.boxes))
+                 if self.boxes[j] is not None and _intersect(self.boxes[j], region) is not None]  # type: ignore[arg-type]
+        if not later:
+            return
+        arr = host_empty(values.shape, np.float32, self.xp)
+        to_host_into(values, arr)
+        self.items.append((region, arr, later[-1]))
+        self.live_bytes += arr.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+
 def _partial_sums(shape: tuple[int, ...], dtype: Any, xp: ModuleType) -> np.ndarray:
     """The host accumulator ``(C, X, Y, Z)`` of partial sums, ``np.zeros``: pages are touched only where written.
     With numpy it is the accumulator itself (C order). For a device it only receives overlap slabs, so its memory
@@ -226,9 +282,10 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
     labels = host_empty(plan.shape, np.uint8, xp, zero=True) if out is None else out
     own_base = base is None  # our own partial sums: only the overlap slabs of earlier tiles hold anything
     prev_end = _prev_ends(plan)
+    slabs = _SlabStore(plan, xp) if own_base and not keep_all and xp is not np else None
     if keep_all and base is None:
         base = _partial_sums((channels,) + plan.shape, base_dtype, xp)
-    for start in plan.starts:
+    for index, start in enumerate(plan.starts):
         parts = tile_to_target(plan, start)
         if parts is None:  # a tile wholly in the zero padding: nothing of it is kept
             if progress is not None:
@@ -247,6 +304,8 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
             acc = base[region]  # type: ignore[index]
         elif base is not None and not own_base:  # device, a caller's base: earlier contributions everywhere
             acc = to_device(base[region], xp).astype(xp.float32)
+        elif slabs is not None:  # device, our partial sums: the slabs earlier tiles left over this one
+            acc = slabs.read(index, channels)
         elif base is not None:  # device, our partial sums: copy up only the slabs earlier tiles left
             for part in _earlier_slabs(plan, prev_end, start, vol_sl):
                 if acc is None:
@@ -281,7 +340,11 @@ def tiled_labels(volume: Array, runners: Sequence[TileRunner], roi: Sequence[int
                 on_decided(decided, dest)
             labels[dest] = to_host(decided)
         rest = keep_all or any(f.stop < v.stop - v.start for f, v in zip(final, vol_sl))
-        if rest and not in_place:
+        if rest and slabs is not None:
+            for part in _later_slabs(final, vol_sl):
+                slabs.write(index, tuple((v.start + p.start, v.start + p.stop) for v, p in zip(vol_sl, part)),
+                            acc[(slice(None),) + part])
+        elif rest and not in_place:
             if base is None:
                 base = _partial_sums((channels,) + plan.shape, base_dtype, xp)
             for part in ([tuple(slice(0, v.stop - v.start) for v in vol_sl)] if keep_all else
