@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from flare.runtime.foundation.labels import MERGED_TUMOR
-from flare.runtime.inference.device import Array, host_empty, to_device, to_host, to_host_into
+from flare.runtime.inference.device import Array, host_empty, is_device_array, to_device, to_host, to_host_into
 from flare.runtime.inference.tiling import TilePlan, effective_roi, importance_map, plan_tiles
 
 __all__ = [
@@ -169,8 +169,10 @@ def _intersect(a: Region, b: Region) -> Region | None:
 class _SlabStore:
     """The overlap partial sums of the device path, slab by slab: each slab a host array of its own (page-locked
     with CuPy), kept only until the last tile that covers it has read it — host memory follows the overlaps in
-    flight, not the volume. A tile reads the slabs it intersects in the order they were written (a later slab
-    holds the newer running sum where two overlap: corners), exactly what one volume-shaped accumulator gives."""
+    flight, not the volume. A slab that only the very next tile reads (the z-slab of a shifted last tile when no
+    x/y overlap crosses it) stays on the device: no host round trip at all. A tile reads the slabs it intersects in
+    the order they were written (a later slab holds the newer running sum where two overlap: corners), exactly
+    what one volume-shaped accumulator gives."""
 
     def __init__(self, plan: TilePlan, xp: ModuleType) -> None:
         self.xp = xp
@@ -178,7 +180,7 @@ class _SlabStore:
         for start in plan.starts:
             parts = tile_to_target(plan, start)
             self.boxes.append(None if parts is None else tuple((v.start, v.stop) for v in parts[1]))
-        self.items: list[tuple[Region, np.ndarray, int]] = []
+        self.items: list[tuple[Region, Array, int]] = []
         self.live_bytes = self.peak_bytes = 0
 
     def read(self, index: int, channels: int) -> Array | None:
@@ -197,7 +199,8 @@ class _SlabStore:
             src = (slice(None),) + tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(inter, region))
             acc[dst] = to_device(arr[src], self.xp)
         keep = [item for item in self.items if item[2] > index]
-        self.live_bytes -= sum(item[1].nbytes for item in self.items if item[2] <= index)
+        self.live_bytes -= sum(item[1].nbytes for item in self.items if item[2] <= index and not is_device_array(
+            item[1]))
         self.items = keep
         return acc
 
@@ -206,6 +209,9 @@ class _SlabStore:
         later = [j for j in range(index + 1, len(self.boxes))
                  if self.boxes[j] is not None and _intersect(self.boxes[j], region) is not None]  # type: ignore[arg-type]
         if not later:
+            return
+        if later == [index + 1]:  # only the next tile: keep it on the device (a copy: not the whole tile sum)
+            self.items.append((region, values.copy(), index + 1))
             return
         arr = host_empty(values.shape, np.float32, self.xp)
         to_host_into(values, arr)
