@@ -15,6 +15,12 @@ cost a whole extra fold on the CPU); on the device nothing volume-sized goes to 
 pass 2 on pass 1's own tiles inside the z-range (:class:`_Fold0OnPass1Grid`), so fold 0's tile positions — and the
 labels — stay those of the classic fold-major ensemble (MONAI ``sliding_window_inference`` per fold), up to float32
 summation order inside the overlap of shifted edge tiles.
+
+On the device the overlap partial sums are kept slab by slab (:class:`_SlabStore`: host arrays freed once read for
+the last time, next-tile-only slabs left on the device), and the device takes a census of the labels it decides
+(:class:`_Census`: classes per tile, organ/tumor z slices) so the host never scans the label volume. The memory
+plan's ``grouped`` design (fewer fold sessions than folds alive at a time) runs :func:`_grouped` instead:
+fold-major across groups with a host accumulator, as the paper did.
 """
 
 from __future__ import annotations

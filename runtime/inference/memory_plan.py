@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flare.runtime.inference.budget import (
@@ -100,7 +100,7 @@ class MemoryPlan:
     model_mb: tuple[float, ...] = ()   # the fold models' file sizes (the precision loaded), MB
     locator_mb: float | None = None    # the locator's file size (None: no locator), MB
     before_sessions_mb: float | None = None
-    design: Design = _resident(1, "")
+    design: Design = field(default_factory=lambda: _resident(1, ""))
 
     @classmethod
     def build(cls, budget_mb: float | None, backend: str | None, precision: str, channels: int, *,

@@ -29,8 +29,8 @@ from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
 from flare.runtime.inference.memory_plan import MemoryPlan
 from flare.runtime.inference.sessions import FoldSessions
-from flare.runtime.ops.geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
 from flare.runtime.ops.finish import finish_labels
+from flare.runtime.ops.geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
 from flare.runtime.ops.postprocessing import check_mode
 from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear, resample_nearest
 from flare.runtime.ops.stats import label_volumes

@@ -219,16 +219,17 @@ def test_grouped_design_equals_monai_fold_major(ct_crop: np.ndarray, tmp_path: P
     clear = margin > 1e-4
     alive_at_make: list[int] = []
     for xp in (np, _DeviceLikeNumpy("numpy_as_device")):
-        pool: FoldSessions
+        pools: list[FoldSessions] = []
 
-        def make(engine: OrtEngine) -> OrtEngine:
-            alive_at_make.append(len(pool.alive()))
+        def make(engine: OrtEngine, pools: list[FoldSessions] = pools) -> OrtEngine:
+            alive_at_make.append(len(pools[0].alive()))
             return engine
 
         pool = FoldSessions(engines, make, capacity=group)
+        pools.append(pool)
         got = infer_ensemble(vol, pool, (32, 32, 32), xp, spacing_z=2.0, group=group)
         assert got.z_range == ref_range is not None and got.groups[0] == [0]
-        assert sorted(sum(got.groups, [])) == [0, 1, 2] and max(len(g) for g in got.groups) <= group
+        assert sorted(i for g in got.groups for i in g) == [0, 1, 2] and max(len(g) for g in got.groups) <= group
         np.testing.assert_array_equal(got.labels[clear], ref[clear])
         assert got.per_fold_tiles[1] < got.per_fold_tiles[0]  # folds 1, 2 ran on the z-range only
         assert len(pool.alive()) <= group and pool.created >= 3
