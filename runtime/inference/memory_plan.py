@@ -187,8 +187,8 @@ class MemoryPlan:
         if self.after_sessions_mb is None:
             return self.design
         design = self.measured_design(sessions, folds_alive)
-        if design.group < folds_alive:  # sessions beyond the group will be dropped: their memory is not "used"
-            self.after_sessions_mb = design.sessions_mb
+        if design.group < folds_alive and design.sessions_mb is not None:  # the sessions beyond the group will be
+            self.after_sessions_mb = design.sessions_mb                    # dropped: their memory is not "used"
         self.design = design
         left = self.budget_mb - self.after_sessions_mb
         if left <= 0:
