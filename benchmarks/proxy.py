@@ -35,7 +35,7 @@ import numpy as np
 __all__ = ["DeviceArray", "InstantEngine", "StandInXp", "pool_like_cupy", "run_proxy"]
 
 _CLOCK = {"device_s": 0.0, "depth": 0, "h2d_bytes": 0, "d2h_bytes": 0, "live": 0, "live_peak": 0, "ops": 0,
-          "probe_s": 0.0}
+          "probe_s": 0.0, "device_cpu_s": 0.0, "probe_cpu_s": 0.0}
 
 
 def _timed(fn: Any) -> Any:
@@ -46,11 +46,12 @@ def _timed(fn: Any) -> Any:
             return fn(*args, **kwargs)
         _CLOCK["depth"] = 1
         _CLOCK["ops"] += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return fn(*args, **kwargs)
         finally:
             _CLOCK["device_s"] += time.perf_counter() - t0
+            _CLOCK["device_cpu_s"] += time.thread_time() - c0
             _CLOCK["depth"] = 0
     return call
 
@@ -300,20 +301,23 @@ def _one_run(seg: Any, image: Any) -> dict[str, Any]:
 
     stages: dict[str, dict[str, float]] = {}
     marks: dict[str, tuple[float, float]] = {}
+    cpu_marks: dict[str, tuple[float, float]] = {}
     host_mem = {"peak_mb": 0.0, "baseline_mb": 0.0}
 
     current = {"stage": "read"}
     per_stage: dict[str, float] = {}
 
     def sample(_n: int = 0) -> None:  # the probe's own time is neither host nor device work of the pipeline
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         host = _rss_mb() - _CLOCK["live"] / 2**20
         host_mem["peak_mb"] = max(host_mem["peak_mb"], host)
         per_stage[current["stage"]] = max(per_stage.get(current["stage"], 0.0), host - host_mem["baseline_mb"])
         _CLOCK["probe_s"] += time.perf_counter() - t0
+        _CLOCK["probe_cpu_s"] += time.thread_time() - c0
 
     def start(name: str) -> None:
         marks[name] = (time.perf_counter(), _CLOCK["device_s"] + _CLOCK["probe_s"])
+        cpu_marks[name] = (time.thread_time(), _CLOCK["device_cpu_s"] + _CLOCK["probe_cpu_s"])
         current["stage"] = name
         if name == "locate":
             host_mem["baseline_mb"] = _rss_mb()
@@ -324,7 +328,10 @@ def _one_run(seg: Any, image: Any) -> dict[str, Any]:
         t0, d0 = marks[name]
         sample()
         wall, dev = time.perf_counter() - t0, _CLOCK["device_s"] + _CLOCK["probe_s"] - d0
+        c0, dc0 = cpu_marks[name]
+        host_cpu = time.thread_time() - c0 - (_CLOCK["device_cpu_s"] + _CLOCK["probe_cpu_s"] - dc0)
         stages[name] = {"wall_s": round(wall, 3), "device_s": round(dev, 3), "host_s": round(wall - dev, 3),
+                        "host_cpu_s": round(host_cpu, 3),
                         "host_mb_above_start": round(per_stage.get(name, 0.0), 1)}
 
     _CLOCK.update(h2d_bytes=0, d2h_bytes=0, ops=0)
@@ -333,6 +340,8 @@ def _one_run(seg: Any, image: Any) -> dict[str, Any]:
     return {
         "stages": stages,
         "host_s_outside_read_write": round(sum(stages[s]["host_s"] for s in inner), 3),
+        # the same in CPU seconds of the pipeline's thread: what a shared box's load does not inflate
+        "host_cpu_s_outside_read_write": round(sum(stages[s]["host_cpu_s"] for s in inner), 3),
         "host_rss_above_start_mb": round(host_mem["peak_mb"] - host_mem["baseline_mb"], 1),
         "h2d_mb": round(_CLOCK["h2d_bytes"] / 2**20, 1), "d2h_mb": round(_CLOCK["d2h_bytes"] / 2**20, 1),
         "device_live_peak_mb": round(_CLOCK["live_peak"] / 2**20, 1),
