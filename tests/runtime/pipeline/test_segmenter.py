@@ -175,3 +175,14 @@ def test_grouped_design_through_the_segmenter_gives_the_resident_labels(tiny_bun
     assert design["name"] == "grouped" and design["group"] == 1 and design["groups"] == [[0], [1]]
     assert len(pool.alive()) == 1 and pool.dropped >= 1
     assert (grouped.labels == resident.labels).mean() > 0.9995
+
+
+def test_with_options_shares_the_fold_sessions(tiny_bundle: Path) -> None:
+    """flare-serve's per-request --folds: a view on the same sessions, the labels of a one-fold Segmenter."""
+    seg = Segmenter(tiny_bundle, device="cpu")
+    image = data_path("ts_abdomen_ct_3mm.nii.gz")
+    one = seg.with_options(folds=1)
+    assert len(one.engines) == 1 and one.engines[0] is seg.engines[0] and len(seg.engines) == 2
+    got = one.segment(image)
+    ref = Segmenter(tiny_bundle, device="cpu", folds=1).segment(image)
+    assert got.report.folds == 1 and (got.labels == ref.labels).all()
