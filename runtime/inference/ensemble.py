@@ -651,7 +651,9 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
         return infer_ensemble(volume, engines, roi, xp, overlap=overlap, blend=blend, spacing_z=spacing_z,
                               progress=progress, on_tile=sample, group=group)
 
-    result = run_with_fallback(attempt, rois, on_cpu, record=fallback, engines=engines)  # type: ignore[arg-type]
+    alive = getattr(engines, "alive_engines", None)  # a session pool: shrink what is alive, make nothing
+    result = run_with_fallback(attempt, rois, on_cpu, record=fallback,
+                               engines=alive() if callable(alive) else engines)  # type: ignore[arg-type]
     gpu_peak = None if peak is None or peak.peak_mb is None else round(peak.peak_mb, 1)
     return result, {"budget_mb": plan.budget_mb if plan is not None else None, "rois_tried": tried,
                     "fallback": fallback, "gpu_peak_mb": gpu_peak, "plan": plan.report() if plan is not None else None}

@@ -14,8 +14,7 @@ Built once (:meth:`MemoryPlan.build`) and passed to the locator, the ensemble an
   what is left** (:meth:`rois`) — the model's fixed part (context, weights, workspace) is replaced by that
   measurement — and **CuPy's pool is capped** at what is left minus the engine's share of the largest tile;
 - out-of-memory: :func:`flare.runtime.inference.budget.run_with_fallback` (smaller tiles, arena shrinkage, then
-  the CPU), each fallback recorded in the report (``gpu.fallback``).
-
+  the CPU), each fallback recorded in the report (``gpu.fallback``);
 - the **design** (:class:`Design`, :meth:`MemoryPlan.design`) — decided here and nowhere else: ``resident`` (every
   fold session alive for the life of the Segmenter, tile-major over all folds: the fastest) when the sessions and
   the smallest useful tile fit the budget, else ``grouped`` (at most ``group`` fold sessions alive at a time, the

@@ -64,6 +64,11 @@ class FoldSessions(Sequence[Any]):
                 return next(reversed(self._alive.values()))
         return self[0]
 
+    def alive_engines(self) -> list[Any]:
+        """The engines alive now (none made): what an out-of-memory retry may shrink."""
+        with self._lock:
+            return list(self._alive.values())
+
     def _drop_one(self) -> None:
         self._alive.popitem(last=False)
         self._counts[1] += 1

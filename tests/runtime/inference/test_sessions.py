@@ -15,6 +15,6 @@ def test_capacity_drops_the_least_recently_used_and_views_share_the_sessions() -
     assert len(view) == 2 and view[1] == "F1" and pool.alive() == [2, 1] and pool.created == 4
     assert pool.peek() == "F1" and pool.created == 4  # peek makes nothing
     pool.capacity = 1
-    assert pool.alive() == [1] and view.capacity == 1
+    assert pool.alive() == [1] and view.capacity == 1 and pool.alive_engines() == ["F1"]
     pool.capacity = 3
     assert [pool[i] for i in range(3)] == ["F0", "F1", "F2"] and len(pool.alive()) == 3
