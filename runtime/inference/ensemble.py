@@ -203,7 +203,10 @@ class _SlabStore:
                 acc = self.xp.zeros((channels,) + tuple(hi - lo for lo, hi in box), self.xp.float32)
             dst = (slice(None),) + tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box))
             src = (slice(None),) + tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(inter, region))
-            acc[dst] = to_device(arr[src], self.xp)
+            piece = arr[src]  # a sub-block of a host slab is strided: upload the whole slab and cut it on the
+            # device (a larger copy for the copy engine) rather than gather it on the host
+            acc[dst] = (to_device(piece, self.xp) if piece.flags.c_contiguous or is_device_array(arr)
+                        else to_device(arr, self.xp)[src])
         keep = [item for item in self.items if item[2] > index]
         self.live_bytes -= sum(item[1].nbytes for item in self.items if item[2] <= index and not is_device_array(
             item[1]))
