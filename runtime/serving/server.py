@@ -49,10 +49,11 @@ START_ATTEMPTS = 3
 """Starts of Triton when the model fails to load (PyTriton's instance handshake times out on a busy machine)."""
 
 
-MAX_REQUEST_BYTES = 128 * 2**20
+MAX_REQUEST_BYTES = 512 * 2**20
 """Default of ``FLARE_MAX_REQUEST_BYTES``: a request body (HTTP) or message (gRPC) larger than this is refused by the
 front port before it is buffered (:mod:`flare.runtime.serving.front`), an image larger than this before it is
-parsed."""
+parsed. 512M takes a 512x512x1000 int16 CT (an estimated 340-380 MB as .nii.gz); junk of any size is refused from its
+first bytes by :mod:`flare.runtime.serving.gate`, so the limit bounds what a well-formed request may cost."""
 ENV_REQUEST_BYTES = "FLARE_MAX_REQUEST_BYTES"
 METRICS_MAX_BODY = 2**16
 """The metrics port serves ``GET /metrics``: a larger request body is refused."""
