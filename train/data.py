@@ -68,6 +68,19 @@ def sampling_classes(eff: dict[str, Any]) -> int:
     return 2 if eff.get("labels") == "organ-union" else L.NUM_FLARE_IDS
 
 
+def crop_ratios(eff: dict[str, Any]) -> list[float] | None:
+    """``train.crop_ratios``: relative chance of a crop centre in each sampled class (background first), or None for
+    equal chances (the paper's "equal probability from one of the 15 regions")."""
+    r = eff["train"].get("crop_ratios")
+    if r is None:
+        return None
+    n = sampling_classes(eff)
+    if len(r) != n or any(float(v) < 0 for v in r) or not any(float(v) > 0 for v in r):
+        raise InputError("config", f"train.crop_ratios must be {n} non-negative numbers (one per sampled class, "
+                                   f"not all 0), not {r!r}")
+    return [float(v) for v in r]
+
+
 def _map_labels(lut: np.ndarray):
     """Label ids -> ``lut[id]`` as uint8, slab by slab (a whole-volume int64 index would cost 8 bytes a voxel)."""
     import torch
@@ -161,7 +174,7 @@ def augment_transform(eff: dict[str, Any]):
     return T.Compose([
         T.SpatialPadd(keys=keys, spatial_size=roi),
         T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=roi, num_classes=sampling_classes(eff),
-                                  num_samples=int(eff["train"].get("num_crops", 1)),
+                                  ratios=crop_ratios(eff), num_samples=int(eff["train"].get("num_crops", 1)),
                                   indices_key="label_cls_indices", warn=False),
         T.RandAffined(keys=keys, prob=float(aug["prob_affine"]), rotate_range=(0.0, 0.0, rot),
                       scale_range=[scale, scale, scale if axes == "xyz" else 0.0], mode=["bilinear", "nearest"],

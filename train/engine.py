@@ -50,6 +50,20 @@ def torch_setup(threads: int | None = None) -> None:
 LOSSES = ("DiceFocal", "DiceCE")
 
 
+def class_weights(eff: dict[str, Any]) -> Any:
+    """``train.class_weights``: one weight per output class (background first) for the loss's cross-entropy/focal
+    and Dice terms (MONAI ``weight``), or None (all 1, the paper's)."""
+    import torch
+
+    w = eff["train"].get("class_weights")
+    if w is None:
+        return None
+    n = int(eff["network"]["out_channels"])
+    if len(w) != n or any(float(v) <= 0 for v in w):
+        raise ValueError(f"train.class_weights must be {n} positive numbers, one per output class, not {w!r}")
+    return torch.tensor([float(v) for v in w], dtype=torch.float32)
+
+
 def make_loss(eff: dict[str, Any]):
     """``train.loss`` (DiceFocal, the paper's, or DiceCE) with softmax over the merged classes or sigmoid for the
     1-channel locator, deep-supervised; ``train.batch_dice`` computes Dice over the whole batch (MONAI ``batch``)."""
@@ -64,7 +78,7 @@ def make_loss(eff: dict[str, Any]):
     if eff.get("labels") == "organ-union":
         base = cls(sigmoid=True, batch=batch)
     else:
-        base = cls(to_onehot_y=True, softmax=True, batch=batch)
+        base = cls(to_onehot_y=True, softmax=True, batch=batch, weight=class_weights(eff))
     net = eff["network"]
     if net["name"] == "SegResNetDS" and int(net.get("dsdepth", 1)) > 1:
         return DeepSupervisionLoss(base, weight_mode=tr.get("deep_supervision_weights", "exp"))

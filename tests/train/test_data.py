@@ -87,3 +87,20 @@ def test_crop_centres_drawn_over_the_15_flare_classes(entries: list[dict], tmp_p
     assert all(len(cached["label_cls_indices"][c]) > 0 for c in ids)
     merged = set().union(*(torch.unique(c["label"]).tolist() for c in crops))
     assert max(merged) < L.NUM_MERGED_CLASSES and L.LEFT_KIDNEY not in merged
+
+
+def test_crop_ratios_choose_the_classes_crops_are_centred_on(entries: list[dict]) -> None:
+    """``train.crop_ratios`` weights the 15 regions: with weight only on the liver every crop is centred in liver."""
+    from flare.runtime.foundation import labels as L
+    from flare.runtime.foundation.errors import InputError
+
+    ratios = [0.0] * L.NUM_FLARE_IDS
+    ratios[L.LIVER] = 1.0
+    eff = role_config(load_config("tiny", {**SMALL, "augment": {"prob_affine": 0.0}, "data": {"cache": "memory"},
+                                           "train": {"num_crops": 4, "crop_ratios": ratios}}), "fold")
+    ds = train_dataset(entries[:1], eff, None)
+    centre = tuple(r // 2 for r in eff["roi"])
+    for _ in range(3):
+        assert all(int(c["label"][(0, *centre)]) == L.FLARE_TO_MERGED[L.LIVER] for c in ds[0])
+    with pytest.raises(InputError, match="crop_ratios must be 15"):
+        augment_transform(role_config(load_config("tiny", {"train": {"crop_ratios": [1.0, 2.0]}}), "fold"))

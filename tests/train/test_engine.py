@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flare.train.engine import segment, z_slabs
+from flare.train.config import load_config
+from flare.train.engine import make_loss, segment, z_slabs
 
 
 @pytest.mark.parametrize("z", [1, 31, 32, 100, 257])
@@ -36,3 +37,18 @@ def test_segment_by_slabs_equals_whole_volume() -> None:
         b = segment(nets[:n], image, slabbed, torch.device("cpu"))
         assert a.dtype == np.uint8 and a.shape == (20, 18, 70)
         assert np.array_equal(a, b) and len(np.unique(a)) > 1
+
+
+def test_class_weights_scale_a_class_in_the_loss() -> None:
+    """``train.class_weights`` (MONAI's ``weight``, for the cross-entropy and Dice terms): raising one class's weight
+    raises the loss where that class is mispredicted; the weight reaches both terms; a wrong length is refused."""
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 13, 8, 8, 8)]
+    with_7 = torch.randint(0, 13, (2, 1, 8, 8, 8))
+    w = [1.0] * 13
+    w[7] = 5.0
+    plain, weighted = make_loss(load_config("demo")), make_loss(load_config("demo", {"train": {"class_weights": w}}))
+    assert float(weighted(logits, with_7)) > float(plain(logits, with_7))
+    assert weighted.loss.cross_entropy.weight[7] == 5.0 and weighted.loss.dice.class_weight[7] == 5.0
+    with pytest.raises(ValueError, match="13 positive numbers"):
+        make_loss(load_config("demo", {"train": {"class_weights": [1.0, 2.0]}}))
