@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +121,15 @@ def parity_bundle(tiny_checkpoints: Path, tmp_path_factory) -> Path:
     from parity_support import build_parity_bundle
 
     return build_parity_bundle(tiny_checkpoints, tmp_path_factory.getbasetemp() / "parity")
+
+
+@pytest.fixture(scope="session")
+def synthetic_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_bundle`` with a model card saying its models were trained on synthetic data."""
+    root = tmp_path_factory.mktemp("synthetic") / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    doc = json.loads((root / "bundle.json").read_text())
+    doc["card"] = {"dataset": "flare-phantoms", "cases": 34, "data": "synthetic", "recipe": "tiny",
+                   "trained_at": "2026-12-04"}
+    (root / "bundle.json").write_text(json.dumps(doc))
+    return root

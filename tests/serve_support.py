@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -20,14 +20,9 @@ READY_TIMEOUT_S = 240.0
 
 def free_ports(n: int) -> list[int]:
     """Ports the kernel picks for loopback binds to port 0 (held together so that they differ)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    from flare.runtime.serving.server import loopback_ports
+
+    return loopback_ports(n)
 
 
 def _ready(http: int) -> bool:
@@ -56,12 +51,25 @@ def stop_server(proc: subprocess.Popen) -> None:
         pass
 
 
+@dataclass
+class Started:
+    """A flare-serve subprocess and its ports."""
+
+    proc: subprocess.Popen
+    http: int
+    grpc: int
+    metrics: int
+    log: Path
+
+
 @contextmanager
-def flare_servers(bundle: Path, logs: Path, count: int, *extra: str) -> Iterator[list[str]]:
+def flare_servers(bundle: Path, logs: Path, count: int, *extra: str, started: list[Started] | None = None
+                  ) -> Iterator[list[str]]:
     """Start ``count`` flare-serve servers (CPU) at once, wait until each serves model ``flare``, yield their
-    ``127.0.0.1:PORT`` HTTP addresses; stop them on exit."""
+    ``127.0.0.1:PORT`` HTTP addresses (``started``, when given, receives their processes and ports); stop them on
+    exit."""
+    started = [] if started is None else started
     with ExitStack() as stack:
-        started = []
         for k in range(count):
             http, grpc, metrics = free_ports(3)
             log = logs / f"flare-serve-{k}.log"
@@ -70,12 +78,12 @@ def flare_servers(bundle: Path, logs: Path, count: int, *extra: str) -> Iterator
             with open(log, "wb") as sink:
                 proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
             stack.callback(stop_server, proc)
-            started.append((proc, http, log))
+            started.append(Started(proc, http, grpc, metrics, log))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        for proc, http, log in started:
+        for proc, http, log in ((s.proc, s.http, s.log) for s in started):
             while not _ready(http):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"flare-serve did not become ready (exit {proc.poll()}):\n"
                                        f"{log.read_text()[-3000:]}")
                 time.sleep(0.5)
-        yield [f"127.0.0.1:{http}" for _, http, _ in started]
+        yield [f"127.0.0.1:{s.http}" for s in started]

@@ -156,7 +156,7 @@ def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], Stage
 
     ``concurrency`` > 1 (``flare-run --server``: the work is on the servers) keeps that many cases in flight, each
     read, sent and written by its own thread; the results and the summary stay in the plan's order."""
-    extra = dict(summary_extra or {})
+    extra = {} if summary_extra is None else summary_extra  # the caller may add to it during the run
     preflight = _preflight(seg)
     if concurrency > 1:
         return _run_concurrently(plan, seg, concurrency, preflight, on_done, extra)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
@@ -93,21 +93,29 @@ def _check_extras(plan: Plan) -> None:
         raise InputError(None, f"this run {message}")
 
 
-def _warn_model(seg: Segmenter) -> str | None:
-    """ONE warning line on stderr (even with -q) when the bundle's card says its models saw only synthetic data."""
-    card = getattr(seg.bundle, "card", None)  # a remote server's card arrives with each case's report
-    warning = None if card is None else card.warning()
-    if warning is not None:
+def _warn_model(seg: Segmenter, summary: dict[str, Any]) -> None:
+    """ONE warning line on stderr (even with -q) when the bundle's card says its models saw only synthetic data,
+    recorded as the summary's ``model_warning``. A server's card arrives with its first answer: the line is printed
+    then (once per run, not per case)."""
+
+    def warn(warning: str) -> None:
         typer.echo(f"flare-run: warning: {warning}", err=True)
-    return warning
+        summary["model_warning"] = warning
+
+    card = getattr(seg.bundle, "card", None)
+    if card is not None and card.warning() is not None:
+        warn(card.warning())
+    elif hasattr(seg, "on_model_warning"):  # flare-run --server
+        seg.on_model_warning = warn
 
 
 def _run_plan(plan: Plan, seg: Segmenter, quiet: bool, concurrency: int = 1) -> int:
     from flare.runtime.app.batch import SummaryError, run_plan
     from flare.runtime.app.progress import run_display
 
-    extra = {"bundle": str(seg.bundle.root), "device": seg.device, "format": plan.fmt.value,
-             "model_warning": _warn_model(seg)}
+    extra: dict[str, Any] = {"bundle": str(seg.bundle.root), "device": seg.device, "format": plan.fmt.value,
+                             "model_warning": None}
+    _warn_model(seg, extra)
     try:
         with run_display(plan, seg, quiet) as display:
             results = run_plan(plan, seg, hooks_for=display.hooks_for, on_done=display.on_done, summary_extra=extra,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,10 @@ class RemoteSegmenter:
         self.bundle = ServerRef(f"flare-serve at {url}")
         self.device = "server"
         self._ready = False
+        #: called once per distinct model-card warning (e.g. "trained on synthetic data") the servers' reports carry:
+        #: the bundle's card is on the server, so flare-run learns it from the first answer
+        self.on_model_warning: Callable[[str], None] | None = None
+        self._warned: set[str] = set()
 
     def _wait_ready(self, client: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Before the first request: wait (at most ``timeout_s``) while the server answers but model ``flare`` is not
@@ -139,7 +144,7 @@ class RemoteSegmenter:
             result = client.infer(MODEL, [inp], outputs=outputs, parameters=params)
         except utils.InferenceServerException as err:
             message = err.message() or str(err)
-            line = flare_error_line(message)
+            line = flare_error_line(message, name)
             if line is not None:
                 raise RemoteError(None, line) from None
             raise RemoteError(url, f"server error: {message.strip().splitlines()[0] if message else err}"
@@ -154,6 +159,14 @@ class RemoteSegmenter:
             raise RemoteError(url, f"the server's answer lacks the {OUTPUT_LABELS}/{OUTPUT_REPORT} outputs "
                                         "(is it a flare-serve server?)")
         return bytes(labels.flat[0]), json.loads(bytes(report.flat[0]))
+
+    def _note_warning(self, warning: Any) -> None:
+        with self._lock:
+            if not warning or warning in self._warned:
+                return
+            self._warned.add(warning)
+        if self.on_model_warning is not None:
+            self.on_model_warning(str(warning))
 
     def segment(self, image: str | Path | LoadedImage, hooks: Any = None) -> SegmentResult:
         """Segment ``image`` on the server: a NIfTI file (its bytes are sent, and read here too, with the same
@@ -171,6 +184,7 @@ class RemoteSegmenter:
         if self.progress:
             print(f"flare-run: sending {name} ({len(blob) / 2**20:.1f} MB) to {self.url}", file=sys.stderr, flush=True)
         labels_blob, report = self.request(blob, name)
+        self._note_warning((report.get("model_card") or {}).get("warning"))
         if self.progress:
             print(f"flare-run: {name} segmented by {report['server']} in {time.perf_counter() - t0:.2f} s "
                   f"(server pipeline {report.get('total_s')} s)", file=sys.stderr, flush=True)

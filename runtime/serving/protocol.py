@@ -15,19 +15,25 @@ one-line :class:`~flare.runtime.foundation.errors.FlareError`; the server keeps 
 
 from __future__ import annotations
 
-__all__ = ["ERROR_MARKER", "INPUT", "MODEL", "OUTPUT_LABELS", "OUTPUT_REPORT", "flare_error_line"]
+__all__ = ["ERROR_MARKER", "INPUT", "MODEL", "OUTPUT_LABELS", "OUTPUT_REPORT", "UNNAMED", "flare_error_line"]
 
 MODEL = "flare"
 INPUT = "image"
 OUTPUT_LABELS = "labels"
 OUTPUT_REPORT = "report"
 ERROR_MARKER = "flare-error: "
+UNNAMED = "request"
+"""What an error names when the request's ``filename`` is not known (not given, or the body was refused unread)."""
 
 
-def flare_error_line(message: str) -> str | None:
-    """The one-line FlareError carried by a server error message, if any."""
+def flare_error_line(message: str, name: str | None = None) -> str | None:
+    """The one-line FlareError carried by a server error message, if any; with ``name``, an error about an unnamed
+    request (e.g. a body refused before it was read) names ``name`` instead."""
     for line in message.splitlines():
         at = line.find(ERROR_MARKER)
         if at >= 0:
-            return line[at + len(ERROR_MARKER):].strip()
+            text = line[at + len(ERROR_MARKER):].strip()
+            if name is not None and text.startswith(UNNAMED + ": "):
+                text = f"{name}: {text[len(UNNAMED) + 2:]}"
+            return text
     return None

@@ -10,6 +10,9 @@ libpython of another patch release (Debian's 3.11.2 under pyenv's 3.11.7 fails w
 attribute '_recursion_count'``), or none at all (pyenv's 3.12). :func:`python_backend_env` puts this interpreter's own
 ``LIBDIR`` first on ``LD_LIBRARY_PATH`` of the server process and :func:`stub_libpython` checks with ``ldd`` which
 library the stub will load, before the server starts. pytriton is imported lazily.
+
+Triton listens on loopback ports of its own; the ports a client talks to are the bounded fronts of
+:mod:`flare.runtime.serving.front` (a request over ``FLARE_MAX_REQUEST_BYTES`` is refused there, unbuffered).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 import typer
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.foundation.lazy import lazy_import
-from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT
+from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, UNNAMED
 
 __all__ = ["FlareModel", "instance_devices", "load_models", "parse_devices", "python_backend_env", "serve",
            "stub_libpython"]
@@ -44,9 +47,13 @@ START_ATTEMPTS = 3
 """Starts of Triton when the model fails to load (PyTriton's instance handshake times out on a busy machine)."""
 
 
-MAX_REQUEST_BYTES = 2**30
-"""Default of ``FLARE_MAX_REQUEST_BYTES``: a request's image larger than this is refused before it is parsed."""
+MAX_REQUEST_BYTES = 128 * 2**20
+"""Default of ``FLARE_MAX_REQUEST_BYTES``: a request body (HTTP) or message (gRPC) larger than this is refused by the
+front port before it is buffered (:mod:`flare.runtime.serving.front`), an image larger than this before it is
+parsed."""
 ENV_REQUEST_BYTES = "FLARE_MAX_REQUEST_BYTES"
+METRICS_MAX_BODY = 2**16
+"""The metrics port serves ``GET /metrics``: a larger request body is refused."""
 READY_WAIT_S = 300.0
 """How long flare-serve waits for model ``flare`` to answer ready before it reports failure."""
 
@@ -209,7 +216,7 @@ class FlareModel:
 def _name(value: Any) -> str:
     """The request's ``filename`` parameter as one short line (it names the input in errors)."""
     text = " ".join(str(value or "").split())[:200]
-    return text or "request"
+    return text or UNNAMED
 
 
 def max_request_bytes() -> int:
@@ -316,6 +323,20 @@ def check_ports_free(host: str, ports: Mapping[str, int]) -> None:
                                  ) from None
 
 
+def loopback_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (picked by the kernel) for Triton's own endpoints."""
+    import socket
+
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _stop_on_sigterm() -> list[int]:
     """SIGTERM does what Ctrl-C does (PyTriton's serve() stops Triton gracefully on KeyboardInterrupt); further
     signals during the stop are ignored so that it completes. Returns the list the received signal goes into."""
@@ -375,6 +396,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     """Load the model instances (``instances`` Segmenters on ``device``, or spread over the CUDA ``devices``), start
     Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
     from flare.runtime.bundle.manifest import load_bundle
+    from flare.runtime.serving.front import GrpcFront, HttpFront
 
     per_instance = instance_devices(device, devices, instances)
     triton_mod = lazy_import("pytriton.triton", "serve").load()
@@ -384,14 +406,20 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
         log.warning("this PyTriton's proxy model is not the one flare knows: rejected requests keep its stack")
     prepare_server_environment()
     _quiet_pytriton(verbose)
+    limit = max_request_bytes()
     loaded = load_bundle(bundle)
     models = load_models(loaded, per_instance, gpu_mem_budget)
     seg = models[0].segmenter
     triton_log = None if verbose else Path(tempfile.mkdtemp(prefix="flare-serve-")) / "tritonserver.log"
-    config = triton_mod.TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                                     metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=EXIT_TIMEOUT_S,
-                                     log_verbose=1 if verbose else 0, log_file=triton_log,
-                                     allow_gpu_metrics=seg.device == "cuda")
+    # Triton listens on loopback ports of its own; the public ports are the bounded fronts
+    inner_http, inner_grpc, inner_metrics = loopback_ports(3)
+    config = triton_mod.TritonConfig(http_address="127.0.0.1", http_port=inner_http, grpc_address="127.0.0.1",
+                                     grpc_port=inner_grpc, metrics_address="127.0.0.1", metrics_port=inner_metrics,
+                                     exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=1 if verbose else 0,
+                                     log_file=triton_log, allow_gpu_metrics=seg.device == "cuda")
+    fronts = [HttpFront(host, http_port, inner_http, limit, ENV_REQUEST_BYTES),
+              GrpcFront(host, grpc_port, inner_grpc, limit),
+              HttpFront(host, metrics_port, inner_metrics, METRICS_MAX_BODY, "the metrics port")]
     where = "rerun with --verbose" if triton_log is None else f"Triton's log: {triton_log}"
     tensor, model_config = config_mod.Tensor, config_mod.ModelConfig
     stop_signal = _stop_on_sigterm()
@@ -405,6 +433,8 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                                          tensor(name=OUTPUT_REPORT, dtype=object, shape=(1,))],
                                 config=model_config(batching=False), strict=True)
                     triton.run()
+                    for front in fronts:  # after Triton's start: gRPC's threads must not see PyTriton's fork
+                        front.start()
                     wait_model_ready(host, http_port)
                 except FlareError:
                     raise
@@ -418,8 +448,9 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                     continue
                 print(f"flare-serve: ready: model '{MODEL}' on http://{host}:{http_port} (gRPC {host}:{grpc_port}, "
                       f"metrics http://{host}:{metrics_port}/metrics); bundle {loaded.root}, {len(seg.engines)} "
-                      f"fold(s), device(s) {', '.join(_device_names(models))}, {len(models)} instance(s); Triton's log: "
-                      f"{triton_log or 'stdout'}; SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
+                      f"fold(s), device(s) {', '.join(_device_names(models))}, {len(models)} instance(s); requests "
+                      f"up to {limit} bytes ({ENV_REQUEST_BYTES}); Triton's log: {triton_log or 'stdout'}; SIGTERM "
+                      f"or Ctrl-C stops", file=sys.stderr, flush=True)
                 triton.serve()
                 break
     except KeyboardInterrupt:
@@ -429,6 +460,9 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     except Exception as err:  # noqa: BLE001 - PyTriton raises several kinds when tritonserver fails or dies
         raise FlareError(None, f"Triton failed ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}); "
                                f"{where}") from None
+    finally:
+        for front in fronts:
+            front.stop()
     if not stop_signal:  # serve() also returns when tritonserver or the proxy model dies
         raise FlareError(None, f"the Triton server stopped unexpectedly ({where})")
     if triton_log is not None:

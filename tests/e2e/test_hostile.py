@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -387,3 +389,107 @@ def test_gzip_nifti_still_reads(tmp_path: Path) -> None:
     raw = tmp_path / "torso.nii"
     raw.write_bytes(gzip.decompress(src.read_bytes()))
     assert read_image(raw, preflight=check_source).data.shape == (120, 126, 164)
+
+
+# ------------------------------------------------------------------------------------------------ the server
+def _group_memory(pgid: int) -> dict[str, tuple[float, float]]:
+    """(VmRSS, VmHWM) in MB of each process in process group ``pgid``, by ``name:pid``."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:
+                continue
+            status = dict(line.split(":", 1) for line in (stat.parent / "status").read_text().splitlines())
+        except (OSError, ValueError, IndexError):
+            continue
+        found[f"{status['Name'].strip()}:{stat.parent.name}"] = (int(status["VmRSS"].split()[0]) / 1024,
+                                                                  int(status["VmHWM"].split()[0]) / 1024)
+    return found
+
+
+def _post_junk(port: int, total: int, *, chunked: bool, path: str = "/v2/models/flare/infer") -> tuple[int, str]:
+    """POST ``total`` bytes of junk (64 KB blocks: the test holds none of it) as curl would; (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Inference-Header-Content-Length", "0")
+        conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(total))))
+        conn.endheaders()
+        block = os.urandom(2**16)
+        try:
+            for _ in range(total // len(block)):
+                conn.send(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+            if chunked:
+                conn.send(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may close early; its answer is still read
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_server_refuses_200_mb_bodies_before_buffering(tiny_bundle: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 6: 200 MB junk bodies (with Content-Length, chunked, over gRPC, to the metrics port) are refused by the
+    public ports with one line; Triton never buffers them (its peak RSS stays near its start), it keeps serving, and
+    the whole server's RSS stays under 1 GB. A form-encoded binary body below the limit (curl's default) no longer
+    crashes Triton."""
+    pytest.importorskip("pytriton")
+    pytest.importorskip("tritonclient.http")
+    grpc = pytest.importorskip("grpc")
+    from serve_support import Started, flare_servers
+
+    limit, junk = 16 * 2**20, 200 * 2**20
+    monkeypatch.setenv("FLARE_MAX_REQUEST_BYTES", "16M")
+    started: list[Started] = []
+    with flare_servers(tiny_bundle, tmp_path, 1, started=started) as (address,):
+        server = started[0]
+        before = _group_memory(server.proc.pid)
+        triton = next(k for k in before if k.startswith("tritonserver:"))
+        for chunked in (False, True):
+            status, body = _post_junk(server.http, junk, chunked=chunked)
+            error = json.loads(body)["error"]
+            assert status == 413 and error.startswith("flare-error: request: the body is ") and "\n" not in error
+            assert f"limit of {limit} bytes (FLARE_MAX_REQUEST_BYTES)" in error, error
+        status, body = _post_junk(server.metrics, junk, chunked=False, path="/metrics")
+        assert status == 413 and "metrics port" in json.loads(body)["error"]
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc}", options=[("grpc.max_send_message_length", -1)]) as ch:
+            with pytest.raises(grpc.RpcError) as refused:
+                ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(os.urandom(2**20) * 200, timeout=120)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ch.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=30) == b"\x08\x01"
+        # 9 MB of binary junk as curl --data-binary / urllib send it (form-encoded): one line, Triton alive
+        blob = os.urandom(9 * 2**20)
+        header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                         "parameters": {"binary_data_size": len(blob) + 4}}]}).encode()
+        request = urllib.request.Request(f"http://{address}/v2/models/flare/infer", method="POST",
+                                         data=header + len(blob).to_bytes(4, "little") + blob,
+                                         headers={"Inference-Header-Content-Length": str(len(header))})
+        with pytest.raises(urllib.error.HTTPError) as rejected:
+            urllib.request.urlopen(request, timeout=300)
+        assert json.loads(rejected.value.read())["error"] == "flare-error: request: not a NIfTI file (no NIfTI-1/" \
+                                                              "NIfTI-2 header)"
+        del blob, request
+        flare_run = str(Path(sys.executable).parent / "flare-run")
+        large = tmp_path / "large.nii"  # a valid 20 MB image (noise: gzip, as it is sent, keeps it 20 MB)
+        noise = np.random.default_rng(0).integers(-2**15, 2**15, (160, 160, 400), dtype=np.int16)
+        nib.save(nib.Nifti1Image(noise, np.diag([1.0, 1.0, 1.0, 1.0])), large)
+        proc = subprocess.run([flare_run, str(large), "-o", str(tmp_path / "large_seg.nii.gz"), "--server", address,
+                               "-q"], capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 2 and not (tmp_path / "large_seg.nii.gz").exists()
+        line = one_error(proc, 2)
+        assert line.startswith(f"flare-run: error: {large}: the body is ") and "FLARE_MAX_REQUEST_BYTES" in line, line
+        ct = data_path("ts_abdomen_ct_3mm.nii.gz")
+        proc = subprocess.run([flare_run, str(ct), "-o", str(tmp_path / "seg.nii.gz"), "--server", address, "-q"],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0 and (tmp_path / "seg.nii.gz").exists(), proc.stderr
+        after = _group_memory(server.proc.pid)
+        assert server.proc.poll() is None and triton in after, server.log.read_text()[-2000:]
+        print(f"server RSS/peak MB before: {before}\nafter: {after}")
+        assert after[triton][1] < before[triton][1] + 2 * limit / 2**20 + 64, (before, after)  # never held 200 MB
+        assert sum(rss for rss, _ in after.values()) < RSS_LIMIT_MB, after

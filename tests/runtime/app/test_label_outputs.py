@@ -5,7 +5,6 @@ the one-line warning of a synthetic-data bundle and RTSTRUCT output from a DICOM
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -15,17 +14,6 @@ from cli_support import assert_clean_failure, flare_run
 from conftest import data_path
 
 CT = "ts_abdomen_ct_3mm.nii.gz"
-
-
-@pytest.fixture(scope="module")
-def synthetic_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic") / "bundle"
-    shutil.copytree(tiny_bundle, root)
-    doc = json.loads((root / "bundle.json").read_text())
-    doc["card"] = {"dataset": "flare-phantoms", "cases": 34, "data": "synthetic", "recipe": "tiny",
-                   "trained_at": "2026-12-04"}
-    (root / "bundle.json").write_text(json.dumps(doc))
-    return root
 
 
 @pytest.fixture(scope="module")

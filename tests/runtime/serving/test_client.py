@@ -114,3 +114,24 @@ def test_a_dead_server_fails_only_its_cases(tiny_bundle: Path, tmp_path: Path) -
     for c in summary["cases"]:
         if c["status"] == "ok":
             assert json.loads(Path(c["report"]).read_text())["server"] == servers[0]
+
+
+@pytest.mark.slow
+def test_server_mode_prints_the_synthetic_model_warning_once(synthetic_bundle: Path, tmp_path: Path) -> None:
+    """Issue 19: the card is on the server; flare-run --server prints its one warning line once per run (not per
+    case) and records it in summary.json, as a local run does."""
+    pytest.importorskip("pytriton")
+    pytest.importorskip("tritonclient.http")
+    cases = _cases(tmp_path, 1)
+    out = tmp_path / "out"
+    with flare_servers(synthetic_bundle, tmp_path, 1) as servers:
+        folder = subprocess.run([str(BIN / "flare-run"), str(cases), "-o", str(out), "--server", servers[0],
+                                 "--concurrency", "2", "-q"], capture_output=True, text=True, timeout=900, check=False)
+        single = subprocess.run([str(BIN / "flare-run"), str(data_path(REAL_CTS[0])), "-o", str(tmp_path / "s.nii.gz"),
+                                 "--server", servers[0]], capture_output=True, text=True, timeout=900, check=False)
+    for proc in (folder, single):
+        assert proc.returncode == 0, proc.stderr
+        warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("flare-run: warning: ")]
+        assert len(warnings) == 1 and "synthetic data" in warnings[0], proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] == len(REAL_CTS) and "synthetic data" in summary["model_warning"]
