@@ -20,7 +20,7 @@
   calibration did not see, when at least two were given, plus the export's own verification CT from
   ``../shared/data``): NaN/inf check, voxel agreement of the argmax (sign for a one-channel locator) and per-class
   Dice of the int8 labels against the fp32 labels. Gate: agreement >= :data:`MIN_AGREEMENT` and Dice >=
-  :data:`MIN_DICE` for every class with at least :data:`MIN_CLASS_VOXELS` fp32 voxels. A fold that fails with
+  :data:`MIN_DICE` for every class with at least :data:`MIN_CLASS_VOXELS` fp32 voxels, in every verification case. A fold that fails with
   every candidate is refused with a one-line error (no bundle is written); the locator then stays fp32 only (the
   runtime runs a model without an int8 file in fp32).
 
@@ -65,6 +65,8 @@ class TileSet:
     verification: list[np.ndarray]
     calibration_cases: list[str] = field(default_factory=list)
     verification_cases: list[str] = field(default_factory=list)
+    #: for each verification tile, the index of its case in ``verification_cases`` (the gate is per case)
+    verification_case_of: list[int] = field(default_factory=list)
 
 
 def case_volume(path: Path, spacing_mm: Sequence[float], hu_window: tuple[float, float]) -> np.ndarray:
@@ -135,15 +137,21 @@ def tile_set(cases: Sequence[Path], extra_verification: Path | None, spacing_mm:
     calib, verify = split_cases(cases, extra_verification)
     volumes: dict[Path, np.ndarray] = {}
 
+    case_of: list[int] = []
+
     def tiles(paths: list[Path]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
-        for p in paths:
+        for i, p in enumerate(paths):
             if p not in volumes:
                 volumes[p] = case_volume(p, spacing_mm, hu_window)
-            out += case_tiles(volumes[p], in_channels, side)
+            new = case_tiles(volumes[p], in_channels, side)
+            out += new
+            case_of.extend([i] * len(new))
         return out
 
-    return TileSet(tiles(calib), tiles(verify), [p.name for p in calib], [p.name for p in verify])
+    calibration = tiles(calib)
+    case_of.clear()
+    return TileSet(calibration, tiles(verify), [p.name for p in calib], [p.name for p in verify], case_of)
 
 
 def float_nodes(model_path: Path, min_channels: int) -> list[str]:
@@ -220,14 +228,23 @@ def _labels(logits: np.ndarray) -> np.ndarray:
     return (logits[0, 0] > 0).astype(np.uint8) if logits.shape[1] == 1 else logits[0].argmax(0).astype(np.uint8)
 
 
-def compare_int8(int8_path: Path, fp32_path: Path, tiles: list[np.ndarray]) -> dict[str, Any]:
-    """int8 against fp32 on ``tiles``: finite, voxel agreement, per-class Dice (classes with fp32 voxels), and
-    whether that passes the gate (see the module docstring)."""
+def _dice(inter: dict[int, int], sizes: dict[int, list[int]]) -> dict[str, float]:
+    return {str(k): round(2 * inter.get(k, 0) / (s[0] + s[1]), 5) for k, s in sorted(sizes.items())}
+
+
+def compare_int8(int8_path: Path, fp32_path: Path, tiles: list[np.ndarray],
+                 case_of: Sequence[int] | None = None) -> dict[str, Any]:
+    """int8 against fp32 on ``tiles``: finite, voxel agreement, per-class Dice over all tiles (classes with fp32
+    voxels) and per case (``case_of``: each tile's case; None: one case), and whether that passes the gate: the
+    agreement over all tiles, and every class's Dice **in every case** where it has at least
+    :data:`MIN_CLASS_VOXELS` fp32 voxels (pooling the cases hid per-case misses of small, low-margin classes:
+    ``benchmarks/RESULTS.md``)."""
     q, f = ort_session(int8_path), ort_session(fp32_path)
+    cases = list(case_of) if case_of is not None else [0] * len(tiles)
     same = total = 0
-    inter: dict[int, int] = {}
-    sizes: dict[int, list[int]] = {}
-    for tile in tiles:
+    inter: dict[int, dict[int, int]] = {}  # case -> class -> voxels
+    sizes: dict[int, dict[int, list[int]]] = {}
+    for tile, case in zip(tiles, cases, strict=True):
         a = q.run(None, {INPUT_NAME: tile})[0]
         if not np.isfinite(a).all():
             return {"finite": False, "passed": False}
@@ -238,24 +255,37 @@ def compare_int8(int8_path: Path, fp32_path: Path, tiles: list[np.ndarray]) -> d
             if k == 0:
                 continue
             ia, ib = la == k, lb == k
-            inter[k] = inter.get(k, 0) + int((ia & ib).sum())
-            s = sizes.setdefault(k, [0, 0])
+            ci = inter.setdefault(case, {})
+            ci[k] = ci.get(k, 0) + int((ia & ib).sum())
+            s = sizes.setdefault(case, {}).setdefault(k, [0, 0])
             s[0] += int(ia.sum())
             s[1] += int(ib.sum())
-    dice = {str(k): round(2 * inter[k] / (s[0] + s[1]), 5) for k, s in sorted(sizes.items())}
-    fp32_voxels = {str(k): s[1] for k, s in sorted(sizes.items())}
-    gated = {k: d for k, d in dice.items() if fp32_voxels[k] >= MIN_CLASS_VOXELS}
+    pooled_inter: dict[int, int] = {}
+    pooled_sizes: dict[int, list[int]] = {}
+    for case, per in sizes.items():
+        for k, (na, nb) in per.items():
+            pooled_inter[k] = pooled_inter.get(k, 0) + inter[case].get(k, 0)
+            ps = pooled_sizes.setdefault(k, [0, 0])
+            ps[0], ps[1] = ps[0] + na, ps[1] + nb
+    dice = _dice(pooled_inter, pooled_sizes)
+    fp32_voxels = {str(k): s[1] for k, s in sorted(pooled_sizes.items())}
+    per_case = {c: _dice(inter[c], sizes[c]) for c in sorted(sizes)}
+    gated = [(d, c, k) for c, dc in per_case.items() for k, d in dc.items()
+             if sizes[c][int(k)][1] >= MIN_CLASS_VOXELS]
     agreement = same / max(total, 1)
-    passed = agreement >= MIN_AGREEMENT and all(d >= MIN_DICE for d in gated.values())
+    worst = min(gated) if gated else None
+    passed = agreement >= MIN_AGREEMENT and all(d >= MIN_DICE for d, _, _ in gated)
     return {"finite": True, "passed": passed, "agreement": round(agreement, 6), "dice": dice,
-            "fp32_voxels": fp32_voxels, "min_dice_gated": min(gated.values()) if gated else None,
-            "voxels": total, "tiles": len(tiles)}
+            "fp32_voxels": fp32_voxels, "dice_per_case": {str(c): d for c, d in per_case.items()},
+            "min_dice_gated": worst[0] if worst else None,
+            "min_dice_case_class": [worst[1], worst[2]] if worst else None, "voxels": total, "tiles": len(tiles)}
 
 
 def quantize_model(fp32_path: Path, dst: Path, tiles: TileSet, gate: bool = True,
                    optional: bool = False) -> dict[str, Any]:
     """Quantize ``fp32_path`` into ``dst`` with the most quantized :data:`FLOAT_LADDER` candidate that passes the
-    gate (a model whose every convolution would stay float has no candidate: int8 would gain nothing); returns the verification record (every candidate tried, the one ``chosen``). When none passes: an
+    gate (a model whose every convolution would stay float has no candidate: int8 would gain nothing); returns the
+    verification record (every candidate tried, the one ``chosen``). When none passes: an
     ``optional`` model (the locator: a small network on a coarse grid, cheap in fp32) keeps only its fp32 file
     (``chosen: "fp32"``, no ``dst``); any other raises a one-line FlareError. Without ``gate`` (``flare-export
     --no-verify``: random weights for timing) the first candidate is kept whatever it measures (``passed: null``)."""
@@ -275,7 +305,7 @@ def quantize_model(fp32_path: Path, dst: Path, tiles: TileSet, gate: bool = True
                           "passed": False, "nothing_to_quantize": True})
             break
         quantize_file(fp32_path, dst, tiles.calibration, exclude)
-        measure = compare_int8(dst, fp32_path, tiles.verification)
+        measure = compare_int8(dst, fp32_path, tiles.verification, tiles.verification_case_of or None)
         tried.append({"float_below_channels": min_channels, "float_nodes": exclude,
                       "int8_convs": n_convs - len(exclude), **measure})
         if measure["passed"] or not gate:

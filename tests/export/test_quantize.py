@@ -102,7 +102,10 @@ def test_a_model_failing_the_gate_is_refused(int8_bundle: Path, tmp_path: Path, 
     from flare.export import quantize
 
     tiles = quantize.tile_set([data_path(CALIBRATION[0])], None, (3.0, 3.0, 3.0), (-250.0, 250.0), 1, side=32)
+    assert tiles.verification_cases == [CALIBRATION[0]]  # one case: it serves both
+    assert tiles.verification_case_of == [0] * len(tiles.verification)
     tiles.calibration, tiles.verification = tiles.calibration[:2], tiles.verification[:2]
+    tiles.verification_case_of = tiles.verification_case_of[:2]
     dst = tmp_path / "fold0.int8.onnx"
     # the real gate: random weights do not pass it with every convolution but the stem and head in int8
     monkeypatch.setattr(quantize, "FLOAT_LADDER", (1,))
@@ -133,9 +136,13 @@ def test_compare_int8_measures_agreement_and_dice(int8_bundle: Path) -> None:
     vol = case_volume(data_path("ts_abdomen_ct_3mm.nii.gz"), (3.0, 3.0, 3.0), (-250.0, 250.0))
     tiles = case_tiles(vol, 1, side=32, max_tiles=2)
     fp32 = int8_bundle / "fold0.fp32.onnx"
-    same = compare_int8(fp32, fp32, tiles)  # a model against itself: the identity of every measure
+    same = compare_int8(fp32, fp32, tiles, [0, 1])  # a model against itself: the identity of every measure
     assert same["passed"] and same["agreement"] == 1.0 and set(same["dice"].values()) == {1.0}
     assert same["voxels"] == 2 * 32**3 and same["tiles"] == 2
+    # per case: each tile is its own case here; the pooled Dice covers the classes of both
+    assert set(same["dice_per_case"]) == {"0", "1"}
+    assert set(same["dice"]) == set(same["dice_per_case"]["0"]) | set(same["dice_per_case"]["1"])
+    assert all(set(d.values()) == {1.0} for d in same["dice_per_case"].values())
     q = compare_int8(int8_bundle / "fold0.int8.onnx", fp32, tiles)
     assert q["finite"] and 0.0 < q["agreement"] <= 1.0
 
