@@ -9,7 +9,8 @@ has it (the script appends them to ``$OUT/results.jsonl``), logs to stderr, and 
   pass) in one session with flare's CUDA provider options, NVML before and after creating the session, one 96³
   tile, finite output, fp16 vs fp32 difference;
 - ``bundle``: loads the bundle once (schema, hashes) and reports its models;
-- ``budget``: a Segmenter at ``--budget`` MB, ``--runs`` runs (the first is cold for the tile shape), one line per run;
+- ``budget``: a Segmenter at ``--budget`` MB, ``--runs`` runs (the first is cold for the tile shape), one line per run
+  with the memory plan's design (``resident`` / ``grouped``, estimated or measured, and why);
 - ``sweep``: one fold's session at one tile side, precision, ``prefer_nhwc`` and cuDNN algorithm search (one
   process per point: ONNX Runtime's arena only grows): NVML used memory, first and steady ms per tile.
 
@@ -171,6 +172,7 @@ def budget(path: Path, case: Path, budget_mb: float, device: str, runs: int) -> 
         t0 = time.perf_counter()
         r = seg.segment(img).report.to_json()
         emit(stage="budget", budget_mb=budget_mb, run=i, wall_s=round(time.perf_counter() - t0, 4),
+             design=r["backend"].get("design"),  # which design ran (resident / grouped) and why
              total_s=r["total_s"], stages=r["stages"], gpu_peak_mb=r.get("gpu_peak_mb"), gpu=r.get("gpu"),
              tiles=r["tiles"], crop=r["crop"], fallbacks=r.get("fallbacks"),
              load=r["backend"]["load"] if i == 0 else None)

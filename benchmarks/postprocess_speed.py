@@ -19,13 +19,17 @@ plane, the 30 slices stretched to 330) and centred in a 384x384x375 uint8 map, t
 Each mode runs ``repeats`` times on a fresh copy of each map (the copy is not timed; ``copy=False``); best and
 median seconds are reported with the voxels each mode removed. For scale, the rows ``split_left_right`` time the
 other half of the pipeline's ``postprocess`` stage (host-only, cc3d) on the same map with both kidneys and both
-adrenal glands merged (voxels relabelled instead of removed). Prints a Markdown table and writes JSON with the
-machine and date.
+adrenal glands merged (voxels relabelled instead of removed). The ``stage_*`` rows time the pipeline's whole
+``postprocess`` stage (merged classes → FLARE ids, split, paper rules) on the merged map: ``stage_whole_map`` the
+whole-map order, ``stage_boxes`` :func:`flare.runtime.ops.finish.finish_labels` (one bounding-box scan),
+``stage_boxes_given`` the same with the boxes handed over (as the device ensemble does); the three must give the
+same labels (the sha256 column). Prints a Markdown table and writes JSON with the machine and date.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import time
@@ -76,6 +80,8 @@ def build_maps(source: Path, seed: int = 0) -> dict[str, np.ndarray]:
 def run(source: Path, repeats: int = 5) -> dict[str, Any]:
     from flare.benchmarks.host_stages import machine_info
     from flare.runtime.foundation.labels import merge_left_right, merged_to_flare
+    from flare.runtime.ops.components import label_boxes
+    from flare.runtime.ops.finish import finish_labels
     from flare.runtime.ops.lr_split import split_left_right
     from flare.runtime.ops.postprocessing import MODES, postprocess
 
@@ -85,18 +91,30 @@ def run(source: Path, repeats: int = 5) -> dict[str, Any]:
 
     steps = {mode: rules(mode) for mode in MODES}
     steps["split_left_right"] = lambda work: split_left_right(work, np.eye(4))
+    # the pipeline's whole postprocess stage (paper rules) on the merged map: the whole-map order of main before
+    # issue 16c, then flare.runtime.ops.finish on bounding boxes (one find_objects scan), then with the boxes
+    # handed over as the device ensemble does (the scan not timed: the device made them from its tiles)
+    steps["stage_whole_map"] = lambda work: postprocess(split_left_right(merged_to_flare(work), np.eye(4)),
+                                                        (1.0, 1.0, 1.0), copy=False)
+    steps["stage_boxes"] = lambda work: finish_labels(work, np.eye(4), (1.0, 1.0, 1.0))
+    given: dict[int, Any] = {}
+    steps["stage_boxes_given"] = lambda work: finish_labels(work, np.eye(4), (1.0, 1.0, 1.0), boxes=given[id(work)])
     rows = []
     for case, labels in maps.items():
         for step, fn in steps.items():
             src = merged_to_flare(merge_left_right(labels)) if step == "split_left_right" else labels
+            if step.startswith("stage_"):
+                src = merge_left_right(labels)
             times, out = [], src
             for _ in range(max(1, repeats)):
                 work = src.copy()
+                given[id(work)] = label_boxes(work, 12)
                 t0 = time.perf_counter()
                 out = fn(work)
                 times.append(time.perf_counter() - t0)
             rows.append({"case": case, "mode": step, "best_s": min(times), "median_s": statistics.median(times),
-                         "runs": len(times), "changed_voxels": int(np.count_nonzero(out != src))})
+                         "runs": len(times), "changed_voxels": int(np.count_nonzero(out != src)),
+                         "labels_sha": hashlib.sha256(out.tobytes()).hexdigest()[:12]})
     return {"machine": machine_info(), "shape": list(SHAPE), "source": str(source), "rows": rows}
 
 
@@ -105,10 +123,11 @@ def markdown(doc: dict[str, Any]) -> str:
     title = (f"postprocess on {'x'.join(map(str, doc['shape']))} uint8 label maps, numpy; {m['cpu']}, "
              f"{m['usable_cores']} usable cores; {m['date']}")
     lines = [title, "",
-             "| map | mode | best s | median s | runs | voxels changed |", "|---|---|---|---|---|---|"]
+             "| map | mode | best s | median s | runs | voxels changed | labels sha256 |",
+             "|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         lines.append(f"| {r['case']} | {r['mode']} | {r['best_s']:.3f} | {r['median_s']:.3f} | {r['runs']} | "
-                     f"{r['changed_voxels']} |")
+                     f"{r['changed_voxels']} | {r['labels_sha']} |")
     return "\n".join(lines)
 
 

@@ -5,9 +5,14 @@ The pipeline runs its device code path (the one CuPy takes on a GPU) with two st
 - :class:`StandInXp` — an array module with CuPy's host↔device interface (``asarray`` uploads, ``.get()`` /
   ``.set()`` copy, every other function is numpy's) whose arrays (:class:`DeviceArray`) are kept apart: every
   operation on them ("device work") is timed, and their live bytes are counted, so that what remains — wall time
-  minus device time, RSS minus live device bytes — is the host's share;
+  minus device time (the stand-in's own bookkeeping counts as device time, the RSS probe's time as neither), RSS
+  minus live device bytes — is the host's share. CuPy's per-operation launch overhead is not in it: a run reports
+  ``device_ops`` (at ≈ 5–10 µs each, add ``device_ops × 10 µs`` for an upper bound);
 - :class:`InstantEngine` — a benchmark-only engine with no network: logits of the right shape from two array
   operations on the tile (tissue → one organ, air → background; the locator: foreground inside a box).
+
+Freed stand-in arrays go back to a pool, as CuPy's do (:func:`pool_like_cupy`; without it glibc's ``munmap`` of
+every freed 61 MB tile output was the largest "host" cost of a run: 3–4 s of the worst case's 5 s).
 
 So a run shows the host time per stage and the host memory between upload and labels. Device work in the
 stand-in runs on the CPU, so the wall time itself says nothing about a GPU.
@@ -15,6 +20,8 @@ stand-in runs on the CPU, so the wall time itself says nothing about a GPU.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import tempfile
 import time
@@ -25,21 +32,26 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DeviceArray", "InstantEngine", "StandInXp", "run_proxy"]
+__all__ = ["DeviceArray", "InstantEngine", "StandInXp", "pool_like_cupy", "run_proxy"]
 
-_CLOCK = {"device_s": 0.0, "depth": 0, "h2d_bytes": 0, "d2h_bytes": 0, "live": 0, "live_peak": 0}
+_CLOCK = {"device_s": 0.0, "depth": 0, "h2d_bytes": 0, "d2h_bytes": 0, "live": 0, "live_peak": 0, "ops": 0,
+          "probe_s": 0.0, "device_cpu_s": 0.0, "probe_cpu_s": 0.0}
 
 
 def _timed(fn: Any) -> Any:
+    """``fn`` as one "device operation": its whole duration — the stand-in's own bookkeeping (views, live-byte
+    counting) included — is device time, counted once at the outermost level (``ops`` counts them)."""
     def call(*args: Any, **kwargs: Any) -> Any:
         if _CLOCK["depth"]:
             return fn(*args, **kwargs)
         _CLOCK["depth"] = 1
-        t0 = time.perf_counter()
+        _CLOCK["ops"] += 1
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return fn(*args, **kwargs)
         finally:
             _CLOCK["device_s"] += time.perf_counter() - t0
+            _CLOCK["device_cpu_s"] += time.thread_time() - c0
             _CLOCK["depth"] = 0
     return call
 
@@ -57,39 +69,53 @@ class DeviceArray(np.ndarray):
             _CLOCK["live_peak"] = max(_CLOCK["live_peak"], _CLOCK["live"])
             weakref.finalize(self, _unlive, self.nbytes)
 
+    @_timed
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         args = [i.view(np.ndarray) if isinstance(i, DeviceArray) else i for i in inputs]
         outs = kwargs.get("out")
         if outs is not None:
             kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, DeviceArray) else o for o in outs)
-        result = _timed(getattr(ufunc, method))(*args, **kwargs)
+        result = getattr(ufunc, method)(*args, **kwargs)
         if outs is not None:
             return outs[0] if len(outs) == 1 else outs
         return _as_device(result)
 
+    @_timed
     def get(self, out: np.ndarray | None = None) -> np.ndarray:
         _CLOCK["d2h_bytes"] += self.nbytes
         host = out if out is not None else np.empty(self.shape, self.dtype)
-        _timed(np.copyto)(host, self.view(np.ndarray))
+        np.copyto(host, self.view(np.ndarray))
         return host
 
+    @_timed
     def set(self, arr: np.ndarray) -> None:
         _CLOCK["h2d_bytes"] += arr.nbytes
-        _timed(np.copyto)(self.view(np.ndarray), arr)
+        np.copyto(self.view(np.ndarray), arr)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         if isinstance(value, np.ndarray) and not isinstance(value, DeviceArray):
             raise TypeError("host array assigned into a device array: use asarray (an upload) first")
         _timed(np.ndarray.__setitem__)(self, key, value)
 
+    @_timed
+    def __getitem__(self, key: Any) -> Any:
+        return _as_device(np.ndarray.__getitem__(self, key))
+
+    @_timed
+    def take(self, *args: Any, **kwargs: Any) -> Any:
+        return _as_device(np.ndarray.take(self.view(np.ndarray), *args, **kwargs))
+
+    @_timed
     def astype(self, *args: Any, **kwargs: Any) -> Any:
-        return _as_device(_timed(np.ndarray.astype)(self, *args, **kwargs))
+        return _as_device(np.ndarray.astype(self, *args, **kwargs))
 
+    @_timed
     def argmax(self, *args: Any, **kwargs: Any) -> Any:
-        return _as_device(_timed(np.ndarray.argmax)(self.view(np.ndarray), *args, **kwargs))
+        return _as_device(np.ndarray.argmax(self.view(np.ndarray), *args, **kwargs))
 
+    @_timed
     def copy(self, *args: Any, **kwargs: Any) -> Any:
-        return _as_device(_timed(np.ndarray.copy)(self.view(np.ndarray), *args, **kwargs))
+        return _as_device(np.ndarray.copy(self.view(np.ndarray), *args, **kwargs))
 
 
 def _as_device(x: Any) -> Any:
@@ -113,19 +139,20 @@ class StandInXp(types.ModuleType):
     def __init__(self) -> None:
         super().__init__("standin_cupy")
 
+    @_timed
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         if isinstance(a, DeviceArray):
             return a if dtype is None else a.astype(dtype)
         host = np.asarray(a, dtype=dtype)
         _CLOCK["h2d_bytes"] += host.nbytes
         dev = _adopt(np.empty(host.shape, host.dtype))
-        _timed(np.copyto)(dev.view(np.ndarray), host)
+        np.copyto(dev.view(np.ndarray), host)
         return dev
 
     def __getattr__(self, name: str) -> Any:
         obj = getattr(np, name)
         if callable(obj) and not isinstance(obj, type):
-            return lambda *a, **k: _as_device(_timed(obj)(*a, **k))
+            return _timed(lambda *a, **k: _as_device(obj(*a, **k)))
         return obj
 
 
@@ -157,11 +184,46 @@ def to_host_any(a: Any) -> np.ndarray:
 
 
 def _rss_mb() -> float:
+    """Resident memory that is in use: RSS minus the bytes glibc's allocator holds free (kept by
+    :func:`pool_like_cupy`, as CuPy's pool keeps freed device blocks), MB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
+                return int(line.split()[1]) / 1024.0 - _malloc_free_bytes() / 2**20
     return float("nan")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return libc
+    except (OSError, AttributeError):  # not glibc (>= 2.33): no pool, RSS as is
+        return None
+
+
+def _malloc_free_bytes() -> int:
+    libc = _libc()
+    return 0 if libc is None else int(libc.mallinfo2().fordblks)
+
+
+def pool_like_cupy() -> bool:
+    """Make freed stand-in "device" arrays cost what CuPy's memory pool makes them cost: nothing. By default glibc
+    returns every array of 32 MB or more to the kernel when it is freed (``munmap``: 9 ms for a 61 MB tile of 13
+    channels here) and page-faults it back in on the next allocation — host time the stand-in would charge to the
+    pipeline although CuPy keeps freed device blocks in its pool. Here glibc keeps them (``mallopt``: no ``mmap``
+    below 1 GiB, no trimming); :func:`_rss_mb` subtracts what it holds free. False where this is not glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def synthetic_ct(shape: tuple[int, int, int], body_z: tuple[int, int] | None, body_xy: float) -> Any:
@@ -211,6 +273,7 @@ def run_proxy(case: str = "worst", repeats: int = 2, roi: tuple[int, int, int] =
     from flare.runtime.image.nifti import LoadedImage
     from flare.runtime.pipeline.segmenter import Segmenter
 
+    pooled = pool_like_cupy()
     xp = StandInXp()
     body_z = None if case == "worst" else (shape[2] // 5, shape[2] * 13 // 15)
     img = synthetic_ct(shape, body_z, 0.95 if case == "worst" else 0.7)
@@ -224,7 +287,7 @@ def run_proxy(case: str = "worst", repeats: int = 2, roi: tuple[int, int, int] =
         runs = []
         for _ in range(repeats):
             runs.append(_one_run(seg, loaded))
-    return {"case": case, "shape": list(shape), "roi": list(roi), "runs": runs}
+    return {"case": case, "shape": list(shape), "roi": list(roi), "device_memory_pool": pooled, "runs": runs}
 
 
 def _with_roi(bundle: Any, roi: tuple[int, int, int]) -> Any:
@@ -238,18 +301,23 @@ def _one_run(seg: Any, image: Any) -> dict[str, Any]:
 
     stages: dict[str, dict[str, float]] = {}
     marks: dict[str, tuple[float, float]] = {}
+    cpu_marks: dict[str, tuple[float, float]] = {}
     host_mem = {"peak_mb": 0.0, "baseline_mb": 0.0}
 
     current = {"stage": "read"}
     per_stage: dict[str, float] = {}
 
-    def sample(_n: int = 0) -> None:
+    def sample(_n: int = 0) -> None:  # the probe's own time is neither host nor device work of the pipeline
+        t0, c0 = time.perf_counter(), time.thread_time()
         host = _rss_mb() - _CLOCK["live"] / 2**20
         host_mem["peak_mb"] = max(host_mem["peak_mb"], host)
         per_stage[current["stage"]] = max(per_stage.get(current["stage"], 0.0), host - host_mem["baseline_mb"])
+        _CLOCK["probe_s"] += time.perf_counter() - t0
+        _CLOCK["probe_cpu_s"] += time.thread_time() - c0
 
     def start(name: str) -> None:
-        marks[name] = (time.perf_counter(), _CLOCK["device_s"])
+        marks[name] = (time.perf_counter(), _CLOCK["device_s"] + _CLOCK["probe_s"])
+        cpu_marks[name] = (time.thread_time(), _CLOCK["device_cpu_s"] + _CLOCK["probe_cpu_s"])
         current["stage"] = name
         if name == "locate":
             host_mem["baseline_mb"] = _rss_mb()
@@ -258,20 +326,26 @@ def _one_run(seg: Any, image: Any) -> dict[str, Any]:
 
     def end(name: str, _seconds: float) -> None:
         t0, d0 = marks[name]
-        wall, dev = time.perf_counter() - t0, _CLOCK["device_s"] - d0
         sample()
+        wall, dev = time.perf_counter() - t0, _CLOCK["device_s"] + _CLOCK["probe_s"] - d0
+        c0, dc0 = cpu_marks[name]
+        host_cpu = time.thread_time() - c0 - (_CLOCK["device_cpu_s"] + _CLOCK["probe_cpu_s"] - dc0)
         stages[name] = {"wall_s": round(wall, 3), "device_s": round(dev, 3), "host_s": round(wall - dev, 3),
+                        "host_cpu_s": round(host_cpu, 3),
                         "host_mb_above_start": round(per_stage.get(name, 0.0), 1)}
 
-    _CLOCK.update(h2d_bytes=0, d2h_bytes=0)
+    _CLOCK.update(h2d_bytes=0, d2h_bytes=0, ops=0)
     report = seg.segment(image, hooks=StageHooks(stage_start=start, stage_end=end, tiles_done=sample)).report
     inner = [s for s in stages if s not in ("read", "write")]
     return {
         "stages": stages,
         "host_s_outside_read_write": round(sum(stages[s]["host_s"] for s in inner), 3),
+        # the same in CPU seconds of the pipeline's thread: what a shared box's load does not inflate
+        "host_cpu_s_outside_read_write": round(sum(stages[s]["host_cpu_s"] for s in inner), 3),
         "host_rss_above_start_mb": round(host_mem["peak_mb"] - host_mem["baseline_mb"], 1),
         "h2d_mb": round(_CLOCK["h2d_bytes"] / 2**20, 1), "d2h_mb": round(_CLOCK["d2h_bytes"] / 2**20, 1),
         "device_live_peak_mb": round(_CLOCK["live_peak"] / 2**20, 1),
+        "device_ops": _CLOCK["ops"],  # CuPy would add its launch overhead (≈ 5-10 µs each) to the host time
         "crop": report.crop, "tiles": report.tiles,
     }
 

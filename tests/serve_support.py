@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from flare.benchmarks.serve_junk import stop_server
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 240.0
@@ -31,24 +31,6 @@ def _ready(http: int) -> bool:
             return r.status == 200
     except OSError:
         return False
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM a flare-serve (graceful stop), then SIGKILL its process group (tritonserver and its stubs)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # tritonserver and the stubs it started
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        pass
 
 
 @dataclass
@@ -87,3 +69,14 @@ def flare_servers(bundle: Path, logs: Path, count: int, *extra: str, started: li
                                        f"{log.read_text()[-3000:]}")
                 time.sleep(0.5)
         yield [f"127.0.0.1:{s.http}" for s in started]
+
+
+def infer_request(image: bytes, **params: object) -> tuple[dict[str, str], bytes]:
+    """(HTTP headers, body) of an inference request for ``image`` as flare's client (tritonclient) sends it."""
+    import numpy as np
+    from tritonclient import http
+
+    inp = http.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([image], dtype=object), binary_data=True)
+    body, header_length = http.InferenceServerClient.generate_request_body([inp], parameters=params or None)
+    return {"Inference-Header-Content-Length": str(header_length)}, body

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import stat
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -50,7 +51,7 @@ from flare.runtime.image.model import SUPPORTED_DTYPES, LoadedImage, check_affin
 if TYPE_CHECKING:
     import nibabel as nib
 
-__all__ = ["MAX_DEFLATE_RATIO", "check_header", "image_bytes", "label_bytes", "read_image", "read_image_bytes",
+__all__ = ["MAX_DEFLATE_RATIO", "check_header", "check_header_start", "image_bytes", "label_bytes", "read_image", "read_image_bytes",
            "write_labels", "written_by_flare"]
 
 log = logging.getLogger("flare.runtime")
@@ -308,6 +309,48 @@ def check_header(path: str | Path, max_voxels: int = 2**31, preflight: Preflight
     file_size, compressed = _check_path(path)
     with _open_stream(path, path, compressed) as stream:
         _checked_header(path, stream, file_size, compressed, max_voxels, preflight)
+
+
+class _BeyondStart(Exception):
+    """A check needed more bytes than the start of the file that :func:`check_header_start` was given."""
+
+
+class _Start(BytesIO):
+    """The start of a file as a stream; reading past it raises :class:`_BeyondStart` unless it is the whole file."""
+
+    def __init__(self, data: bytes, whole: bool) -> None:
+        super().__init__(data)
+        self.whole = whole
+
+    def read(self, n: int | None = -1) -> bytes:
+        out = super().read(n)
+        if not self.whole and (n is None or n < 0 or len(out) < n):
+            raise _BeyondStart
+        return out
+
+
+def check_header_start(start: bytes, name: str | Path, size: int, max_voxels: int = 2**31,
+                       preflight: Preflight | None = None) -> None:
+    """:func:`check_header` from only the first bytes (``start``) of a ``size``-byte ``.nii``/``.nii.gz`` file, e.g.
+    the beginning of a request body that ``flare-serve`` checks before the rest arrives: the same one-line InputErrors
+    as :func:`read_image_bytes` for everything those bytes can tell (a gzip start is inflated only as far as it
+    goes); a check that needs bytes beyond ``start`` is left to the full read."""
+    path = Path(name)
+    if size <= 0:
+        raise InputError(path, "empty file")
+    compressed = start[:2] == _GZIP_MAGIC
+    head, whole = start, len(start) >= size
+    if compressed:
+        inflate = zlib.decompressobj(31)  # gzip framing
+        try:
+            head = inflate.decompress(start, len(start) + 2**16)
+        except zlib.error as err:
+            raise InputError(path, f"corrupt gzip data ({err})")
+        whole = inflate.eof and not inflate.unused_data  # another gzip member may follow
+    try:
+        _checked_header(path, _Start(head, whole), size, compressed, max_voxels, preflight)
+    except _BeyondStart:
+        pass
 
 
 def read_image(path: str | Path, max_voxels: int = 2**31, preflight: Preflight | None = None) -> LoadedImage:

@@ -9,8 +9,8 @@ Peak device memory (the FLARE way of counting: the device's used memory, CUDA co
          + resident_bytes_per_voxel * crop_voxels           # the fp32 input volume on the device (4 B/voxel)
 
 With the tile-major ensemble (:mod:`flare.runtime.inference.ensemble`) nothing else is volume-sized on the device: labels
-go to a host uint8 volume tile by tile, fold 0's parked probabilities and any overlap partial sums live in host
-memory. ``fixed`` and ``bytes_per_voxel`` come from :data:`MEMORY_MODELS`, one row per (backend, precision); the
+go to a host uint8 volume tile by tile, overlap partial sums live in host memory slab by slab (the grouped design
+keeps a host accumulator). ``fixed`` and ``bytes_per_voxel`` come from :data:`MEMORY_MODELS`, one row per (backend, precision); the
 ONNX Runtime CUDA fp16 row is a least-squares fit of a fresh-process tile-size sweep (H100, onnxruntime-gpu
 1.31.1, 96³…224³: 1.83/2.50/3.60/5.24/7.54 GB) — 551 B/voxel + 1342 MB, residuals under 4 MB. The other rows, the
 per-tile io term and the CUDA context (:data:`CONTEXT_MB`) are **estimates**, and so is the whole model for the

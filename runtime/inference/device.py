@@ -41,6 +41,7 @@ __all__ = [
     "resolve_device",
     "to_device",
     "to_host",
+    "to_host_into",
 ]
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -207,6 +208,22 @@ def to_host(arr: Array, out: np.ndarray | None = None) -> np.ndarray:
         out[...] = arr
         return out
     return arr.get(out=out) if out is not None else arr.get()  # type: ignore[no-any-return]
+
+
+def to_host_into(arr: Array, out: np.ndarray) -> None:
+    """Copy ``arr`` into the host array or view ``out`` (same shape) **in out's memory order**: for a device array
+    the device makes a copy transposed to that order and the host then writes contiguous runs (a C-order tile slab
+    into a z-major accumulator would otherwise be an element-by-element scatter on the host)."""
+    if not is_device_array(arr):
+        out[...] = arr
+        return
+    order = _memory_order(out)
+    dst = out.transpose(order)
+    src = arr.transpose(order).copy()  # C-contiguous in out's order, made on the device
+    if dst.flags.c_contiguous:
+        src.get(out=dst)
+    else:
+        dst[...] = src.get()
 
 
 def host_empty(shape: Sequence[int], dtype: Any, xp: ModuleType, *, zero: bool = False,

@@ -8,7 +8,7 @@ from typing import Final
 
 import numpy as np
 
-__all__ = ["CONNECTIVITY", "Box", "components", "label_boxes"]
+__all__ = ["CONNECTIVITY", "Box", "components", "label_boxes", "relabel_in_boxes"]
 
 #: voxel connectivity of every connected-component pass (26: faces, edges and corners)
 CONNECTIVITY: Final = 26
@@ -44,3 +44,28 @@ def label_boxes(labels: np.ndarray, max_label: int = 14) -> list[Box | None]:
 
     found = ndimage.find_objects(labels, max_label=max_label)
     return [None, *found]
+
+
+def relabel_in_boxes(labels: np.ndarray, lut: np.ndarray, boxes: list[Box | None]) -> list[Box | None]:
+    """``labels = lut[labels]`` in place, reading only the boxes (``boxes[i]``: the box of id ``i``, as
+    :func:`label_boxes` gives) of the ids that ``lut`` changes — no whole-map pass. Ids are visited from the
+    highest down, so a voxel is never changed twice; that needs ``lut[i] >= i`` for every changed id (ValueError
+    otherwise). Returns the boxes by new id (the union of the boxes mapped to it)."""
+    lut = np.asarray(lut)
+    changed = [i for i in range(len(lut)) if int(lut[i]) != i]
+    if any(int(lut[i]) < i for i in changed):
+        raise ValueError("relabel_in_boxes needs lut[i] >= i for every id it changes")
+    for i in sorted(changed, reverse=True):
+        box = boxes[i] if i < len(boxes) else None
+        if box is not None:
+            sub = labels[box]
+            sub[sub == i] = lut[i]
+    out: list[Box | None] = [None] * (int(lut.max(initial=0)) + 1)
+    for i, box in enumerate(boxes):
+        if box is None or i >= len(lut):
+            continue
+        j = int(lut[i])
+        old = out[j]
+        out[j] = box if old is None else tuple(slice(min(a.start, b.start), max(a.stop, b.stop))
+                                               for a, b in zip(old, box))
+    return out

@@ -18,13 +18,20 @@ right), so the result does not depend on the array's orientation or axis order.
   centroid's world x against the line at the centroid's world z (x below the line = patient left). If both land
   on the same side, and for all smaller components (and a lone component), every voxel is assigned by its own
   side of the line.
+
+Given the bounding boxes of the ids (``boxes``, as :func:`flare.runtime.ops.components.label_boxes` returns them)
+every step reads only the box of the id it treats — the aorta's, each pair's, their union for the fallback — and
+``copy=False`` relabels in place: no whole-map pass at all (the pipeline computes the boxes once).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from flare.runtime.foundation.labels import AORTA, LEFT_RIGHT_PAIRS
-from flare.runtime.ops.components import components
+from flare.runtime.ops.components import Box, components
+from flare.runtime.ops.geometry import Box as Box3
 from flare.runtime.ops.geometry import box_from_mask
 
 __all__ = ["ReferenceLine", "reference_line", "split_left_right"]
@@ -59,23 +66,51 @@ def _world_xz(indices: tuple[np.ndarray, ...], offset: tuple[int, ...], affine: 
     return world_x, world_z
 
 
-def _labels_centre_line(labels: np.ndarray, affine: np.ndarray) -> ReferenceLine | None:
-    """Fallback: constant x at the centre of the world-x extent of all labelled voxels (box corners suffice)."""
-    box = box_from_mask(labels != 0)
+Boxes = Sequence[Box | None]
+
+
+def _view(labels: np.ndarray, box: Box | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``labels`` inside ``box`` (a view) and the box's offset; the whole map when ``box`` is None."""
     if box is None:
+        return labels, (0,) * labels.ndim
+    return labels[box], tuple(int(s.start or 0) for s in box)
+
+
+def _union(boxes: Boxes) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(lo, hi) of the union of the non-empty boxes (id 0, background, excluded)."""
+    found = [b for b in list(boxes)[1:] if b is not None]
+    if not found:
         return None
-    corners = np.array(np.meshgrid(*[(lo, hi - 1) for lo, hi in zip(box.lo, box.hi)], indexing="ij")).reshape(3, -1)
+    return (tuple(min(int(b[a].start) for b in found) for a in range(3)),
+            tuple(max(int(b[a].stop) for b in found) for a in range(3)))
+
+
+def _labels_centre_line(labels: np.ndarray, affine: np.ndarray, boxes: Boxes | None = None) -> ReferenceLine | None:
+    """Fallback: constant x at the centre of the world-x extent of all labelled voxels (box corners suffice)."""
+    if boxes is not None:
+        extent = _union(boxes)
+    else:
+        box = box_from_mask(labels != 0)
+        extent = None if box is None else (box.lo, box.hi)
+    if extent is None:
+        return None
+    corners = np.array(np.meshgrid(*[(lo, hi - 1) for lo, hi in zip(*extent)], indexing="ij")).reshape(3, -1)
     world_x = affine[0, :3] @ corners + affine[0, 3]
     return ReferenceLine(np.zeros(1), np.array([(world_x.min() + world_x.max()) / 2.0]), "labels-centre")
 
 
-def reference_line(labels: np.ndarray, affine: np.ndarray) -> ReferenceLine | None:
-    """The aorta centre line of ``labels`` in world mm, or the labels-centre fallback; ``None`` for an empty map."""
-    aorta = labels == AORTA
+def reference_line(labels: np.ndarray, affine: np.ndarray, boxes: Boxes | None = None) -> ReferenceLine | None:
+    """The aorta centre line of ``labels`` in world mm, or the labels-centre fallback; ``None`` for an empty map.
+    With ``boxes`` (per id) only the aorta's box is read."""
+    if boxes is not None and (len(boxes) <= AORTA or boxes[AORTA] is None):
+        return _labels_centre_line(labels, affine, boxes)
+    view, offset = _view(labels, None if boxes is None else boxes[AORTA])
+    aorta = view == AORTA
     box = box_from_mask(aorta)
     if box is None:
-        return _labels_centre_line(labels, affine)
-    world_x, world_z = _world_xz(np.nonzero(aorta[box.slices]), box.lo, affine)
+        return _labels_centre_line(labels, affine, boxes)
+    world_x, world_z = _world_xz(np.nonzero(aorta[box.slices]), tuple(o + lo for o, lo in zip(offset, box.lo)),
+                                 affine)
     bin_mm = float(np.max(np.abs(affine[2, :3]))) or 1.0  # one voxel's extent along world z
     bins = np.floor((world_z - world_z.min()) / bin_mm).astype(np.intp)
     count = np.bincount(bins)
@@ -102,14 +137,17 @@ def _whole_component_sides(ids: np.ndarray, counts: np.ndarray, offset: tuple[in
 
 
 def _split_pair(labels: np.ndarray, out: np.ndarray, right_id: int, left_id: int, affine: np.ndarray,
-                line: ReferenceLine) -> None:
-    """Relabel the patient-left part of ``right_id`` in ``out`` as ``left_id`` (``labels`` is read-only)."""
-    mask = labels == right_id
-    box = box_from_mask(mask)
-    if box is None:
+                line: ReferenceLine, within: Box | None = None) -> None:
+    """Relabel the patient-left part of ``right_id`` in ``out`` as ``left_id`` (``out`` may be ``labels``: the
+    mask is taken before anything is written), reading only ``within`` (the id's box) when given."""
+    view, start = _view(labels, within)
+    mask = view == right_id
+    rel = box_from_mask(mask)
+    if rel is None:
         return
-    offset = box.lo
-    ids, counts = components(mask[box.slices])
+    offset = tuple(o + lo for o, lo in zip(start, rel.lo))
+    box = Box3(offset, tuple(o + hi for o, hi in zip(start, rel.hi)))  # in the whole map
+    ids, counts = components(mask[rel.slices])
     whole = _whole_component_sides(ids, counts, offset, affine, line)
     is_left_lut = np.zeros(len(counts), dtype=bool)
     per_voxel_lut = np.ones(len(counts), dtype=bool)
@@ -126,8 +164,11 @@ def _split_pair(labels: np.ndarray, out: np.ndarray, right_id: int, left_id: int
         out_box[tuple(idx[left] for idx in voxels)] = left_id
 
 
-def split_left_right(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Relabel the patient-left kidney (2 -> 13) and adrenal gland (7 -> 8) of a FLARE-id map; returns a new map.
+def split_left_right(labels: np.ndarray, affine: np.ndarray, *, boxes: Boxes | None = None,
+                     copy: bool = True) -> np.ndarray:
+    """Relabel the patient-left kidney (2 -> 13) and adrenal gland (7 -> 8) of a FLARE-id map; returns a new map
+    (``copy=False``: ``labels`` itself, relabelled in place). ``boxes``: the bounding box of every id (e.g.
+    :func:`flare.runtime.ops.components.label_boxes`; supersets are fine): only those boxes are read.
 
     ``labels``: a 3-D FLARE-id label map (uint8) in any orientation and axis order in which both kidneys carry 2
     and both adrenal glands 7; ``affine``: its 4x4 voxel -> world RAS+ mm matrix. Every other voxel is unchanged.
@@ -140,10 +181,15 @@ def split_left_right(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
         raise ValueError(f"label map must be 3-D, got shape {labels.shape}")
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
-    out = labels.copy()
-    line = reference_line(labels, affine)
+    out = labels.copy() if copy else labels
+    line = reference_line(labels, affine, boxes)
     if line is None:
         return out
     for right_id, left_id in LEFT_RIGHT_PAIRS:
-        _split_pair(labels, out, right_id, left_id, affine, line)
+        within = None
+        if boxes is not None:
+            within = boxes[right_id] if right_id < len(boxes) else None
+            if within is None:
+                continue
+        _split_pair(out, out, right_id, left_id, affine, line, within)
     return out

@@ -114,15 +114,19 @@ def _under(voxels: Any, voxel_mm3: float, min_mm3: float) -> Any:
     return voxels * voxel_mm3 < min_mm3 * (1.0 - 1e-9)
 
 
-def remove_tumor_if_small(labels: Any, spacing: tuple[float, float, float], min_tumor_voxels: int = 100) -> int:
+def remove_tumor_if_small(labels: Any, spacing: tuple[float, float, float], min_tumor_voxels: int = 100,
+                          box: Box | None = None) -> int:
     """Paper rule 1, in place: the tumor class is removed when its voxels **in total** are under
     ``min_tumor_voxels`` mm³ (voxels at 1 mm; the threshold scales with ``prod(spacing)``). numpy or cupy.
+    ``box``: the tumor's bounding box (only it is read).
 
     Returns the number of voxels removed.
     """
     voxel_mm3 = _voxel_mm3(spacing)
     if min_tumor_voxels <= 0:
         return 0
+    if box is not None:
+        labels = labels[box]
     xp = array_module(labels)
     total = sum(int(xp.count_nonzero(block == xp.uint8(TUMOR))) for block in _blocks(labels, xp))
     if total == 0 or not _under(total, voxel_mm3, min_tumor_voxels):
@@ -166,16 +170,22 @@ def _z_occupancy(lab: Any, organs: tuple[int, ...], xp: ModuleType) -> Any:
     return occupied
 
 
-def keep_largest_z_run_per_organ(labels: Any, organs: Sequence[int] = Z_RUN_IDS, z_axis: int = 2) -> int:
+def keep_largest_z_run_per_organ(labels: Any, organs: Sequence[int] = Z_RUN_IDS, z_axis: int = 2,
+                                 boxes: Sequence[Box | None] | None = None) -> int:
     """Paper rule 2, in place: each organ of ``organs``, on its own, keeps only its largest run of consecutive z
     slices (see :func:`largest_run`: most slices, then most voxels, then the first); the organ is cleared on its
     other slices, fragments in the plane of kept slices stay, other labels are untouched. numpy or cupy.
+    ``boxes`` (per id; supersets are fine): each organ is treated inside its own box only (the same runs: slices
+    outside the box hold none of it), an organ without a box is absent.
 
     Returns the number of voxels removed.
     """
     organs = tuple(int(k) for k in organs)
     if not organs:
         return 0
+    if boxes is not None:
+        return sum(keep_largest_z_run_per_organ(labels[boxes[k]], (k,), z_axis)
+                   for k in organs if k < len(boxes) and boxes[k] is not None)
     xp = array_module(labels)
     lab = xp.moveaxis(labels, z_axis, -1)  # a view: writes go to ``labels``
     occupied = _z_occupancy(lab, organs, xp)
@@ -288,7 +298,7 @@ def check_mode(mode: str) -> str:
 
 def postprocess(labels: Any, spacing: tuple[float, float, float], *, mode: str = DEFAULT_MODE,
                 min_tumor_voxels: int = 100, organs: Sequence[int] | None = None, z_pass: bool = True,
-                z_axis: int = 2, copy: bool = True) -> Any:
+                z_axis: int = 2, copy: bool = True, boxes: Sequence[Box | None] | None = None) -> Any:
     """Clean a uint8 FLARE-id label map (after the left/right split) with the paper's rules or the strict ones.
 
     ``mode="paper"`` (default): the tumor class goes when its voxels total under ``min_tumor_voxels`` mm³; each organ
@@ -302,17 +312,22 @@ def postprocess(labels: Any, spacing: tuple[float, float, float], *, mode: str =
     ``labels`` is expected in the RAS 1 mm grid of the pipeline (``z_axis=2`` is superior); ``spacing`` (mm per voxel
     axis) only scales the tumor threshold. Removed voxels become background (0). With ``copy=False`` the map is
     edited in place and returned (the pipeline does this to avoid a copy); the default leaves the input alone.
+    ``boxes``: the bounding box of every id (:func:`~flare.runtime.ops.components.label_boxes`; supersets are
+    fine): the paper mode then reads only the boxes of the ids it treats, the strict mode skips its own scan.
     """
     check_mode(mode)
     xp = array_module(labels)
     _check_labels(labels)
     out = labels.copy() if copy else labels
     if mode == "paper":
-        remove_tumor_if_small(out, spacing, min_tumor_voxels)
-        keep_largest_z_run_per_organ(out, Z_RUN_IDS if organs is None else tuple(organs), z_axis)
+        tumor_box = None if boxes is None or len(boxes) <= TUMOR else boxes[TUMOR]
+        if boxes is None or tumor_box is not None:  # with boxes, no tumor box means no tumor voxel
+            remove_tumor_if_small(out, spacing, min_tumor_voxels, tumor_box)
+        keep_largest_z_run_per_organ(out, Z_RUN_IDS if organs is None else tuple(organs), z_axis, boxes)
         return out
     host = out if xp is np else out.get()
-    boxes = label_boxes(host, TUMOR)
+    if boxes is None or len(boxes) <= TUMOR:
+        boxes = label_boxes(host, TUMOR)
     if boxes[TUMOR] is not None:
         remove_small_tumors(host, spacing, min_tumor_voxels, box=boxes[TUMOR])
     keep_largest_components(host, LARGEST_COMPONENT_IDS if organs is None else tuple(organs), boxes=boxes)

@@ -9,7 +9,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from flare.runtime.bundle.manifest import Bundle, load_bundle, verify_bundle
 from flare.runtime.foundation.errors import BundleError
-from flare.runtime.foundation.labels import merged_to_flare
 from flare.runtime.foundation.lazy import IMPORT_SECONDS
 from flare.runtime.foundation.lifecycle import pause_point
 from flare.runtime.image.model import LoadedImage, to_canonical
@@ -29,9 +28,10 @@ from flare.runtime.inference.engines import Engine, backend_for, create_engine, 
 from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
 from flare.runtime.inference.memory_plan import MemoryPlan
+from flare.runtime.inference.sessions import FoldSessions
+from flare.runtime.ops.finish import finish_labels
 from flare.runtime.ops.geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
-from flare.runtime.ops.lr_split import split_left_right
-from flare.runtime.ops.postprocessing import check_mode, postprocess
+from flare.runtime.ops.postprocessing import check_mode
 from flare.runtime.ops.resample import normalise_hu, output_shape, resample_linear, resample_nearest
 from flare.runtime.ops.stats import label_volumes
 from flare.runtime.pipeline.result import STAGES, Report, SegmentResult
@@ -97,9 +97,15 @@ class Segmenter:
         t_hash = time.perf_counter()  # only the files that will be loaded; cached per file version
         hashed = verify_bundle(self.bundle, {m.name: precision or default_precision(m, self.device) for m in models})
         hash_s = time.perf_counter() - t_hash
-        # the one memory plan of this Segmenter: budget, arena cap, tiles, CuPy's pool (flare.runtime.inference.memory_plan)
+        # the one memory plan of this Segmenter: budget, arena cap, design, tiles, CuPy's pool
+        # (flare.runtime.inference.memory_plan); the design is estimated from the files that will be loaded
+        def file_mb(spec: Any) -> float:
+            return spec.file_for(precision or default_precision(spec, self.device)).path.stat().st_size / 1e6
+
         self.plan = MemoryPlan.build(gpu_mem_budget, backend_for(self.device) if self.device == "cuda" else None,
-                                     precision or default_precision(specs[0], self.device), specs[0].out_channels)
+                                     precision or default_precision(specs[0], self.device), specs[0].out_channels,
+                                     model_mb=[file_mb(s) for s in specs],
+                                     locator_mb=None if self.bundle.locator is None else file_mb(self.bundle.locator))
         self._arena_mb = self.plan.arena_mb
         sessions: dict[str, float] = {}
 
@@ -111,10 +117,12 @@ class Segmenter:
             return engine
 
         self.locator: Engine | None = make(self.bundle.locator) if self.bundle.locator is not None else None
-        # the folds' sessions are built on a thread while the first image is read and located (ONNX Runtime
-        # releases the GIL while it builds a session); :attr:`engines` waits for them
-        self._folds_future: Future[list[Engine]] | None = _BUILDER.submit(lambda: [make(s) for s in specs])
-        self._engines: list[Engine] | None = None
+        # the folds' sessions (all of them, or the first group of the grouped design) are built on a thread while
+        # the first image is read and located (ONNX Runtime releases the GIL while it builds a session);
+        # :attr:`engines` waits for them
+        pool = FoldSessions(specs, make, capacity=self.plan.design.group)
+        self._folds_future: Future[FoldSessions] | None = _BUILDER.submit(pool.prefetch, self.plan.design.group)
+        self._engines: Sequence[Engine] | None = None
         self.load_s = time.perf_counter() - t_init
         self.load: dict[str, Any] = {
             "imports_s": round(sum(IMPORT_SECONDS.values()) - imports_before, 4),
@@ -129,18 +137,24 @@ class Segmenter:
         self._first_tile = True
 
     @property
-    def engines(self) -> list[Engine]:
-        """The fold engines (waits for the background build on first use; its errors are raised here)."""
+    def engines(self) -> Sequence[Engine]:
+        """The fold engines (waits for the background build on first use; its errors are raised here): a
+        :class:`~flare.runtime.inference.sessions.FoldSessions` — with the grouped design sessions are made when
+        their fold's turn comes."""
         if self._engines is None:
             assert self._folds_future is not None
-            self._engines = self._folds_future.result()
+            pool = self._folds_future.result()
             self._folds_future = None
-            self.plan.measure_sessions()  # every session exists now: read NVML, tiles from what is left
+            # the first sessions exist now: read NVML, re-decide the design from it, tiles from what is left
+            design = self.plan.measure_sessions(sessions=pool.created + (self.locator is not None),
+                                                folds_alive=len(pool.alive()))
+            pool.capacity = design.group
+            self._engines = pool
             self.load_s = max(self.load_s, time.perf_counter() - self._t_init)
         return self._engines
 
     @engines.setter
-    def engines(self, value: list[Engine]) -> None:
+    def engines(self, value: Sequence[Engine]) -> None:
         self._engines = value
 
     def _cpu_engine(self, spec: Any) -> Engine:
@@ -231,18 +245,24 @@ class Segmenter:
             return infer_ensemble(to_host(vol), cpu, self.bundle.roi, **kwargs)
 
         on_gpu = self.device == "cuda"
-        result, part = infer_with_budget(vol, self.engines, self.bundle.roi, self.xp,
+        engines, design = self.engines, self.plan.design
+        group = design.group if design.name == "grouped" and design.group < len(engines) else None
+        if isinstance(engines, FoldSessions):
+            engines.capacity = group or len(engines.specs)
+        result, part = infer_with_budget(vol, engines, self.bundle.roi, self.xp,
                                          plan=self.plan if on_gpu else None,
                                          progress=hooks.tiles_done, on_tile=first_tile,
-                                         on_cpu=on_cpu if on_gpu else None,
+                                         on_cpu=on_cpu if on_gpu else None, group=group,
                                          **kwargs)  # type: ignore[arg-type]
         return result, part if on_gpu else None
 
-    def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray) -> np.ndarray:
+    def _postprocess(self, merged: np.ndarray, affine_1mm: np.ndarray, boxes: Any = None) -> np.ndarray:
+        """FLARE ids, left/right split and post-processing, in place on the merged map, on organ bounding boxes
+        (``boxes``: the device ensemble's, else one scan)."""
         b = self.bundle
-        labels = split_left_right(merged_to_flare(merged), affine_1mm)
-        return postprocess(labels, spacing_from_affine(affine_1mm), mode=self.postprocess_mode,
-                           min_tumor_voxels=b.min_tumor_voxels, organs=b.largest_component, z_pass=b.z_pass, copy=False)
+        return finish_labels(merged, affine_1mm, spacing_from_affine(affine_1mm), mode=self.postprocess_mode,
+                             min_tumor_voxels=b.min_tumor_voxels, organs=b.largest_component, z_pass=b.z_pass,
+                             boxes=boxes)
 
     @staticmethod
     def _restore(labels: np.ndarray, box: Box, ras_shape: tuple[int, ...], reorient: Any) -> np.ndarray:
@@ -295,15 +315,21 @@ class Segmenter:
         with stage("postprocess"):
             crop_shape = tuple(h - l for l, h in zip(loc.box.lo, loc.box.hi))
             affine_1mm = resampled_affine(cropped_affine(affine_ras, loc.box), crop_shape, ens.labels.shape)
-            labels = self._postprocess(ens.labels, affine_1mm)
-        with stage("restore"):
+            labels = self._postprocess(ens.labels, affine_1mm, ens.boxes)
+        with stage("restore"):  # and the voxel counts of the report, in the input grid (the one written)
             out = self._restore(labels, loc.box, data_ras.shape, reorient)
+            voxels, volume_ml = label_volumes(out, img.affine)
         report = self._report(img, loc, ens, times, time.perf_counter() - t_start)
         if gpu_part is not None:
             report.gpu = gpu_part
             report.gpu_peak_mb = gpu_part.get("gpu_peak_mb")
-        report.voxels, report.volume_ml = label_volumes(out, img.affine)  # in the input grid (the one written)
+        report.voxels, report.volume_ml = voxels, volume_ml
         return SegmentResult(out, img, report)
+
+    def _an_engine(self) -> Engine:
+        """A fold engine for its backend/precision: one alive now (never one made just for that)."""
+        engines = self.engines
+        return engines.peek() if isinstance(engines, FoldSessions) else engines[0]
 
     def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],
                 total: float) -> Report:
@@ -317,10 +343,12 @@ class Segmenter:
                    "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
                    "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
             backend={"device": self.device, "device_id": self.dev.device_id if self.device == "cuda" else None,
-                     "engine": self.engines[0].backend,
-                     "precision": self.engines[0].precision, "profile": self.bundle.profile,
+                     "engine": self._an_engine().backend,
+                     "precision": self._an_engine().precision, "profile": self.bundle.profile,
                         "load_s": round(self.load_s, 4),
-                     "load": dict(self.load)},
+                     "load": dict(self.load),
+                     "design": {**self.plan.design.report(), "groups": ens.groups or [list(range(ens.folds))],
+                                "sessions_created": getattr(self.engines, "created", len(self.engines))}},
             folds=ens.folds,
             postprocess={"mode": self.postprocess_mode},
             stages={name: times.get(name, 0.0) for name in STAGES},

@@ -14,6 +14,9 @@ public ports are served here:
   reaches Triton as ``application/octet-stream``. Triton 2.51's HTTP server parses such a body as a query string
   and crashes (SIGSEGV) on a binary one of a few MB: an 8 MB request killed it in tests; the KServe protocol never
   uses form encoding.
+* With an :class:`~flare.runtime.serving.gate.InferGate` (the public HTTP port), an inference request is checked
+  from its first bytes (inference header, the image's NIfTI header) and refused with HTTP 400 and one line before
+  the rest is read; other paths take small bodies only.
 * :class:`GrpcFront` (grpcio) forwards every method of Triton's gRPC service as raw bytes; gRPC refuses a larger
   message from its 5-byte length prefix (``RESOURCE_EXHAUSTED``, "Received message larger than max") without
   buffering it.
@@ -25,14 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flare.runtime.foundation.errors import FlareError
 from flare.runtime.foundation.lazy import lazy_import
-from flare.runtime.serving.protocol import ERROR_MARKER, UNNAMED
+from flare.runtime.serving.protocol import ERROR_MARKER, MODEL, UNNAMED
 
-__all__ = ["GrpcFront", "HttpFront", "error_body"]
+if TYPE_CHECKING:
+    from flare.runtime.serving.gate import InferGate
+
+__all__ = ["GrpcFront", "HttpFront", "error_body", "return_memory"]
 
 CHUNK = 2**16
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -40,6 +47,8 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Upgrade", "Host", "Content-Length", "Expect"))
 UPSTREAM_CONNECT_S = 10.0
 START_TIMEOUT_S = 30.0
+
+log = logging.getLogger("flare.runtime")
 
 
 class _TooLarge(Exception):
@@ -54,11 +63,13 @@ def error_body(message: str) -> bytes:
 class HttpFront:
     """An HTTP/1.1 reverse proxy on ``host:port`` to ``127.0.0.1:upstream_port`` that refuses request bodies larger
     than ``max_body`` bytes (413) without buffering them. ``what`` names the limit in the refusal (an environment
-    variable). Runs its own event loop in a daemon thread between :meth:`start` and :meth:`stop`."""
+    variable); ``gate`` checks inference requests from their first bytes. Runs its own event loop in a daemon thread
+    between :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, host: str, port: int, upstream_port: int, max_body: int, what: str) -> None:
+    def __init__(self, host: str, port: int, upstream_port: int, max_body: int, what: str,
+                 gate: InferGate | None = None) -> None:
         self.host, self.port, self.upstream = host, port, f"http://127.0.0.1:{upstream_port}"
-        self.max_body, self.what = max_body, what
+        self.max_body, self.what, self.gate = max_body, what, gate
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: Any = None
@@ -122,16 +133,25 @@ class HttpFront:
             await self._runner.cleanup()
 
     # -------------------------------------------------------------------------------------------- requests
-    def _refusal(self, size: int | None) -> Any:
+    def _limit(self, request: Any) -> tuple[int, str]:
+        """The largest body this request may have, and what sets it."""
+        if self.gate is None or self.gate.is_infer(request.method, request.path):
+            return self.max_body, self.what
+        from flare.runtime.serving.gate import OTHER_MAX_BODY
+
+        return OTHER_MAX_BODY, f"only POST /v2/models/{MODEL}/infer takes more"
+
+    def _refusal(self, request: Any, size: int | None) -> Any:
         web = lazy_import("aiohttp.web", "serve").load()
+        limit, what = self._limit(request)
         body = "larger than" if size is None else f"{size} bytes, more than"
-        problem = f"{UNNAMED}: the body is {body} the limit of {self.max_body} bytes ({self.what})"
+        problem = f"{UNNAMED}: the body is {body} the limit of {limit} bytes ({what})"
         return web.Response(status=413, body=error_body(problem), content_type="application/json")
 
     async def _expect(self, request: Any) -> Any:
         """``Expect: 100-continue`` with a too-large ``Content-Length``: refuse before the client sends the body."""
-        if request.content_length is not None and request.content_length > self.max_body:
-            answer = self._refusal(request.content_length)
+        if request.content_length is not None and request.content_length > self._limit(request)[0]:
+            answer = self._refusal(request, request.content_length)
             answer.force_close()
             return answer
         web_urldispatcher = lazy_import("aiohttp.web_urldispatcher", "serve").load()
@@ -140,15 +160,23 @@ class HttpFront:
     async def _handle(self, request: Any) -> Any:
         aiohttp = lazy_import("aiohttp", "serve").load()
         web = lazy_import("aiohttp.web", "serve").load()
-        if request.content_length is not None and request.content_length > self.max_body:
-            return self._refusal(request.content_length)  # the body is drained unread, or the link closed
+        limit = self._limit(request)[0]
+        if request.content_length is not None and request.content_length > limit:
+            return self._refusal(request, request.content_length)  # the body is drained unread, or the link closed
+        start = b""
+        if self.gate is not None and self.gate.is_infer(request.method, request.path):
+            try:
+                start = await self._checked_start(request, self.gate)
+            except FlareError as err:
+                log.warning("request rejected: %s", err)  # the rest of the body is drained unread
+                return web.Response(status=400, body=error_body(str(err)), content_type="application/json")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         if "x-www-form-urlencoded" in request.headers.get("Content-Type", "").lower():
             headers["Content-Type"] = "application/octet-stream"  # Triton would parse the body as a query string
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         seen = [0]
-        body = self._counted(request, seen) if request.body_exists else None
+        body = self._counted(request, seen, limit, start) if request.body_exists else None
         answer = None
         try:
             async with self._session.request(request.method, self.upstream + request.rel_url.raw_path_qs,
@@ -165,16 +193,35 @@ class HttpFront:
         except (TimeoutError, aiohttp.ClientError, _TooLarge, OSError) as err:
             if answer is not None and answer.prepared:
                 raise  # the answer was under way: the connection is cut
-            if seen[0] > self.max_body:
-                return self._refusal(None)
+            if seen[0] > limit:
+                return self._refusal(request, None)
             return web.Response(status=502, content_type="application/json", body=error_body(
                 f"{UNNAMED}: the Triton server behind this port did not answer ({type(err).__name__})"))
 
-    async def _counted(self, request: Any, seen: list[int]) -> Any:
-        """The request body as it arrives, cut when it passes the limit."""
+    @staticmethod
+    async def _checked_start(request: Any, gate: InferGate) -> bytes:
+        """The first bytes of an inference request's body, read and checked by ``gate`` (FlareError: refused)."""
+        want = gate.start_bytes(request.headers, request.content_length)
+        parts, got = [], 0
+        while got < want:
+            chunk = await request.content.read(want - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        start = b"".join(parts)
+        gate.check(request.headers, start, request.content_length)
+        return start
+
+    @staticmethod
+    async def _counted(request: Any, seen: list[int], limit: int, start: bytes = b"") -> Any:
+        """The request body (``start`` already read, then the rest as it arrives), cut when it passes ``limit``."""
+        if start:
+            seen[0] += len(start)
+            yield start
         async for chunk in request.content.iter_chunked(CHUNK):
             seen[0] += len(chunk)
-            if seen[0] > self.max_body:
+            if seen[0] > limit:
                 raise _TooLarge
             yield chunk
 
@@ -186,9 +233,10 @@ class GrpcFront:
     STREAMING = ("/ModelStreamInfer",)
     """Methods of Triton's ``inference.GRPCInferenceService`` that stream both ways (every other one is unary)."""
 
-    def __init__(self, host: str, port: int, upstream_port: int, max_message: int, workers: int = 16) -> None:
+    def __init__(self, host: str, port: int, upstream_port: int, max_message: int, workers: int = 16,
+                 gate: InferGate | None = None) -> None:
         self.host, self.port, self.upstream_port = host, port, upstream_port
-        self.max_message, self.workers = max_message, workers
+        self.max_message, self.workers, self.gate = max_message, workers, gate
         self._server: Any = None
         self._channel: Any = None
 
@@ -204,7 +252,7 @@ class GrpcFront:
         self._server = grpc.server(ThreadPoolExecutor(self.workers, thread_name_prefix="flare-grpc-front"),
                                    options=[("grpc.max_receive_message_length", self.max_message),
                                             ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
-        self._server.add_generic_rpc_handlers([_Forward(grpc, self._channel, self.STREAMING)])
+        self._server.add_generic_rpc_handlers([_Forward(grpc, self._channel, self.STREAMING, self.gate)])
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             bound = self._server.add_insecure_port(address)
@@ -224,8 +272,28 @@ class GrpcFront:
 class _Forward:
     """grpc.GenericRpcHandler: any method, raw bytes, to the upstream channel with the caller's metadata."""
 
-    def __init__(self, grpc: Any, channel: Any, streaming: tuple[str, ...]) -> None:
-        self.grpc, self.channel, self.streaming = grpc, channel, streaming
+    INFER = ("/ModelInfer", "/ModelStreamInfer")
+
+    def __init__(self, grpc: Any, channel: Any, streaming: tuple[str, ...], gate: InferGate | None = None) -> None:
+        self.grpc, self.channel, self.streaming, self.gate = grpc, channel, streaming, gate
+
+    def _checked(self, method: str, message: bytes) -> None:
+        """FlareError when ``gate`` refuses ``message`` (an inference request, or any other one larger than
+        :data:`~flare.runtime.serving.gate.OTHER_MAX_BODY`)."""
+        if self.gate is None:
+            return
+        from flare.runtime.serving.gate import OTHER_MAX_BODY
+
+        if method.endswith(self.INFER):
+            self.gate.check_grpc(message)
+        elif len(message) > OTHER_MAX_BODY:
+            raise FlareError(UNNAMED, f"the message is {len(message)} bytes, more than the limit of {OTHER_MAX_BODY} "
+                                      f"bytes (only ModelInfer takes more)")
+
+    def _refuse(self, context: Any, err: FlareError) -> None:
+        log.warning("request rejected: %s", err)
+        return_memory()  # gRPC held the whole message
+        context.abort(self.grpc.StatusCode.INVALID_ARGUMENT, ERROR_MARKER + str(err))
 
     def service(self, details: Any) -> Any:
         grpc, method = self.grpc, details.method
@@ -233,15 +301,33 @@ class _Forward:
             stream = self.channel.stream_stream(method)
 
             def relay_stream(requests: Any, context: Any) -> Any:
+                refused: list[FlareError] = []
+
+                def checked() -> Any:
+                    for message in requests:
+                        try:
+                            self._checked(method, message)
+                        except FlareError as err:
+                            refused.append(err)
+                            return
+                        yield message
+
                 try:
-                    yield from stream(requests, metadata=_metadata(context), timeout=context.time_remaining())
+                    yield from stream(checked(), metadata=_metadata(context), timeout=context.time_remaining())
                 except grpc.RpcError as err:
                     context.abort(err.code(), err.details() or "")
+                if refused:
+                    self._refuse(context, refused[0])
 
             return grpc.stream_stream_rpc_method_handler(relay_stream)
         unary = self.channel.unary_unary(method)
 
         def relay(request: Any, context: Any) -> Any:
+            try:
+                self._checked(method, request)
+            except FlareError as err:
+                request = None
+                self._refuse(context, err)
             try:
                 return unary(request, metadata=_metadata(context), timeout=context.time_remaining())
             except grpc.RpcError as err:
@@ -253,3 +339,16 @@ class _Forward:
 def _metadata(context: Any) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in context.invocation_metadata()
             if not k.startswith((":", "grpc-")) and k not in ("user-agent", "content-type", "te")]
+
+
+def return_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``): after a large refused request the
+    process would otherwise keep its peak resident size. A no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -15,7 +15,10 @@ one-line :class:`~flare.runtime.foundation.errors.FlareError`; the server keeps 
 
 from __future__ import annotations
 
-__all__ = ["ERROR_MARKER", "INPUT", "MODEL", "OUTPUT_LABELS", "OUTPUT_REPORT", "UNNAMED", "flare_error_line"]
+from typing import Any
+
+__all__ = ["ERROR_MARKER", "INPUT", "MODEL", "OUTPUT_LABELS", "OUTPUT_REPORT", "UNNAMED", "flare_error_line",
+           "request_name"]
 
 MODEL = "flare"
 INPUT = "image"
@@ -24,6 +27,12 @@ OUTPUT_REPORT = "report"
 ERROR_MARKER = "flare-error: "
 UNNAMED = "request"
 """What an error names when the request's ``filename`` is not known (not given, or the body was refused unread)."""
+
+
+def request_name(value: Any) -> str:
+    """A request's ``filename`` parameter as one short line (it names the input in errors), else :data:`UNNAMED`."""
+    text = " ".join(str(value or "").split())[:200]
+    return text or UNNAMED
 
 
 def flare_error_line(message: str, name: str | None = None) -> str | None:

@@ -17,6 +17,7 @@ Triton listens on loopback ports of its own; the ports a client talks to are the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ import numpy as np
 import typer
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.foundation.lazy import lazy_import
-from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, UNNAMED
+from flare.runtime.serving.front import return_memory
+from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, request_name
 
 __all__ = ["FlareModel", "instance_devices", "load_models", "parse_devices", "python_backend_env", "serve",
            "stub_libpython"]
@@ -47,10 +49,11 @@ START_ATTEMPTS = 3
 """Starts of Triton when the model fails to load (PyTriton's instance handshake times out on a busy machine)."""
 
 
-MAX_REQUEST_BYTES = 128 * 2**20
+MAX_REQUEST_BYTES = 512 * 2**20
 """Default of ``FLARE_MAX_REQUEST_BYTES``: a request body (HTTP) or message (gRPC) larger than this is refused by the
 front port before it is buffered (:mod:`flare.runtime.serving.front`), an image larger than this before it is
-parsed."""
+parsed. 512M takes a 512x512x1000 int16 CT (an estimated 340-380 MB as .nii.gz); junk of any size is refused from its
+first bytes by :mod:`flare.runtime.serving.gate`, so the limit bounds what a well-formed request may cost."""
 ENV_REQUEST_BYTES = "FLARE_MAX_REQUEST_BYTES"
 METRICS_MAX_BODY = 2**16
 """The metrics port serves ``GET /metrics``: a larger request body is refused."""
@@ -161,19 +164,30 @@ class FlareModel:
         self.segmenter = segmenter
 
     def __call__(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        """Answer ``requests``; when one fails, the requests' input arrays are dropped (PyTriton keeps the request
+        objects until the error is sent, and the image bytes with them) and the memory is given back before the
+        error goes out."""
         out = []
-        for request in requests:
-            try:
-                data, params = request.data, dict(request.parameters or {})
-            except Exception as err:  # noqa: BLE001 - a request PyTriton could not unpack: still one line
-                raise RequestError(f"request: cannot read the request ({type(err).__name__})") from None
-            out.append(self.infer(data, params))
+        try:
+            for request in requests:
+                try:
+                    data, params = request.data, dict(request.parameters or {})
+                except Exception as err:  # noqa: BLE001 - a request PyTriton could not unpack: still one line
+                    raise RequestError(f"request: cannot read the request ({type(err).__name__})") from None
+                out.append(self.infer(data, params))
+        except RequestError:
+            data = params = {}
+            for request in requests:
+                with contextlib.suppress(Exception):  # whatever PyTriton handed over
+                    request.data.clear()
+            return_memory()
+            raise
         return out
 
     def infer(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """One request: NIfTI bytes in, label-map NIfTI bytes and the JSON report out. Every failure is one
-        :class:`RequestError` line; the memory a refused request used is given back to the system."""
-        name = _name(params.get("filename"))
+        :class:`RequestError` line (its frame holds no reference to the request)."""
+        name = request_name(params.get("filename"))
         try:
             labels, report = self._segment(inputs, params, name)
         except FlareError as err:
@@ -188,8 +202,7 @@ class FlareModel:
         else:
             return {OUTPUT_LABELS: np.array([labels], dtype=object),
                     OUTPUT_REPORT: np.array([json.dumps(report).encode()], dtype=object)}
-        inputs = params = {}  # drop this frame's references to the request before giving memory back
-        return_memory()
+        inputs = params = {}  # drop this frame's references to the request (the caller gives memory back)
         raise error
 
     def _segment(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any], name: str
@@ -213,31 +226,12 @@ class FlareModel:
         return label_bytes(result.labels, img, compressed), result.report.to_json()
 
 
-def _name(value: Any) -> str:
-    """The request's ``filename`` parameter as one short line (it names the input in errors)."""
-    text = " ".join(str(value or "").split())[:200]
-    return text or UNNAMED
-
-
 def max_request_bytes() -> int:
     """``FLARE_MAX_REQUEST_BYTES`` (K/M/G suffixes), default :data:`MAX_REQUEST_BYTES`."""
     from flare.runtime.pipeline.limits import parse_size
 
     text = os.environ.get(ENV_REQUEST_BYTES)
     return parse_size(text, ENV_REQUEST_BYTES) if text else MAX_REQUEST_BYTES
-
-
-def return_memory() -> None:
-    """Give freed heap memory back to the system (glibc's ``malloc_trim``): after a large refused request the
-    process would otherwise keep its peak resident size. A no-op where there is no glibc."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -397,6 +391,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
     from flare.runtime.bundle.manifest import load_bundle
     from flare.runtime.serving.front import GrpcFront, HttpFront
+    from flare.runtime.serving.gate import InferGate
 
     per_instance = instance_devices(device, devices, instances)
     triton_mod = lazy_import("pytriton.triton", "serve").load()
@@ -417,8 +412,9 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
                                      grpc_port=inner_grpc, metrics_address="127.0.0.1", metrics_port=inner_metrics,
                                      exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=1 if verbose else 0,
                                      log_file=triton_log, allow_gpu_metrics=seg.device == "cuda")
-    fronts = [HttpFront(host, http_port, inner_http, limit, ENV_REQUEST_BYTES),
-              GrpcFront(host, grpc_port, inner_grpc, limit),
+    gate = InferGate(seg.check_grids)  # inference requests are checked from their first bytes at the fronts
+    fronts = [HttpFront(host, http_port, inner_http, limit, ENV_REQUEST_BYTES, gate),
+              GrpcFront(host, grpc_port, inner_grpc, limit, gate=gate),
               HttpFront(host, metrics_port, inner_metrics, METRICS_MAX_BODY, "the metrics port")]
     where = "rerun with --verbose" if triton_log is None else f"Triton's log: {triton_log}"
     tensor, model_config = config_mod.Tensor, config_mod.ModelConfig

@@ -70,3 +70,13 @@ def test_smoke_runs_one_fp16_tile() -> None:
 def test_a_failing_step_says_so_in_json_and_exit_code(tmp_path: Path) -> None:
     rc, lines = _step("bundle", "--bundle", str(tmp_path / "missing"))
     assert rc == 1 and lines[-1]["stage"] == "bundle" and lines[-1]["ok"] is False and "missing" in lines[-1]["error"]
+
+
+def test_budget_step_records_which_design_ran(tiny_bundle: Path) -> None:
+    from conftest import data_path
+
+    rc, lines = _step("budget", "--bundle", str(tiny_bundle), "--case", str(data_path("ts_abdomen_ct_3mm.nii.gz")),
+                      "--budget", "2000", "--runs", "1")
+    assert rc == 0, lines
+    design = lines[0]["design"]
+    assert design["name"] == "resident" and design["groups"] == [[0, 1]] and "CPU" in design["why"]

@@ -409,17 +409,23 @@ def _group_memory(pgid: int) -> dict[str, tuple[float, float]]:
 
 
 def _post_junk(port: int, total: int, *, chunked: bool, path: str = "/v2/models/flare/infer") -> tuple[int, str]:
-    """POST ``total`` bytes of junk (64 KB blocks: the test holds none of it) as curl would; (status, body)."""
+    """POST ``total`` bytes of junk (64 KB blocks: the test holds none of it) as curl would; (status, body). Chunked,
+    the body starts as a real CT's inference request (what the front checks) and goes on with junk."""
     import http.client
 
+    from serve_support import infer_request
+
+    headers, start = infer_request(data_path("ts_abdomen_ct_3mm.nii.gz").read_bytes())
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         conn.putrequest("POST", path)
-        conn.putheader("Inference-Header-Content-Length", "0")
+        conn.putheader("Inference-Header-Content-Length", headers["Inference-Header-Content-Length"] if chunked else "0")
         conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(total))))
         conn.endheaders()
         block = os.urandom(2**16)
         try:
+            if chunked:
+                conn.send(b"%x\r\n%s\r\n" % (len(start), start))
             for _ in range(total // len(block)):
                 conn.send(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
             if chunked:
@@ -432,13 +438,51 @@ def _post_junk(port: int, total: int, *, chunked: bool, path: str = "/v2/models/
         conn.close()
 
 
+def _junk_under_the_limit(server, size: int) -> None:
+    """Issue 18 row 6, under the limit: 3 junk requests of ``size`` bytes of each kind — random bytes behind a valid
+    inference header, behind an invalid one, a gzip stream of random bytes, and random bytes in a gRPC ModelInfer —
+    are refused by the front with one line from their first bytes: neither Triton nor the Python-backend stub ever
+    holds one (their peak RSS grows less than ``size``)."""
+    import grpc
+    import tritonclient.grpc.service_pb2 as service
+    from serve_support import infer_request
+
+    before = _group_memory(server.proc.pid)
+    noise = os.urandom(size)
+    kinds = {"valid header": infer_request(noise), "gzip": infer_request(gzip.compress(noise, compresslevel=1)),
+             "invalid header": ({"Inference-Header-Content-Length": "200"}, noise)}
+    for kind, (headers, body) in kinds.items():
+        for _ in range(3):
+            request = urllib.request.Request(f"http://127.0.0.1:{server.http}/v2/models/flare/infer", data=body,
+                                             headers={**headers, "Content-Type": "application/octet-stream"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=120)
+            error = json.loads(refused.value.read())["error"]
+            assert refused.value.code == 400 and error.startswith("flare-error: request: ") and "\n" not in error
+            assert ("not a JSON object" if kind == "invalid header" else "not a NIfTI file") in error, (kind, error)
+    message = service.ModelInferRequest(model_name="flare")
+    message.inputs.add(name="image", datatype="BYTES", shape=[1])
+    message.raw_input_contents.append(len(noise).to_bytes(4, "little") + noise)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc}", options=[("grpc.max_send_message_length", -1)]) as ch:
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as rejected:
+                ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(message.SerializeToString(), timeout=120)
+            assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert rejected.value.details() == "flare-error: request: not a NIfTI file (no NIfTI-1/NIfTI-2 header)"
+    after = _group_memory(server.proc.pid)
+    print(f"junk under the limit: RSS/peak MB before {before}\nafter {after}")
+    for name in (k for k in before if k.startswith(("tritonserver:", "triton_python_b"))):
+        assert after[name][1] < before[name][1] + size / 2**20 / 2, (name, before, after)  # never held one
+
+
 @pytest.mark.slow
 def test_server_refuses_200_mb_bodies_before_buffering(tiny_bundle: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Row 6: 200 MB junk bodies (with Content-Length, chunked, over gRPC, to the metrics port) are refused by the
     public ports with one line; Triton never buffers them (its peak RSS stays near its start), it keeps serving, and
-    the whole server's RSS stays under 1 GB. A form-encoded binary body below the limit (curl's default) no longer
-    crashes Triton."""
+    the whole server's RSS stays under 1 GB. Junk under the limit is refused from its first bytes
+    (:func:`_junk_under_the_limit`). A form-encoded binary body below the limit (curl's default) no longer crashes
+    Triton."""
     pytest.importorskip("pytriton")
     pytest.importorskip("tritonclient.http")
     grpc = pytest.importorskip("grpc")
@@ -449,6 +493,7 @@ def test_server_refuses_200_mb_bodies_before_buffering(tiny_bundle: Path, tmp_pa
     started: list[Started] = []
     with flare_servers(tiny_bundle, tmp_path, 1, started=started) as (address,):
         server = started[0]
+        _junk_under_the_limit(server, 15 * 2**20)
         before = _group_memory(server.proc.pid)
         triton = next(k for k in before if k.startswith("tritonserver:"))
         for chunked in (False, True):

@@ -361,3 +361,23 @@ def test_failure_mid_write_leaves_no_file(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("OutputError") == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_header_start_judges_from_the_first_bytes() -> None:
+    """check_header_start: the start of a real CT passes (gzip or not, however short), junk and a header declaring
+    more voxels than the file holds are refused with read_image_bytes' one-line errors."""
+    from flare.runtime.image.nifti import check_header_start
+
+    blob = data_path("ts_abdomen_ct_3mm.nii.gz").read_bytes()
+    raw = gzip.decompress(blob)
+    for data in (blob, raw):
+        for n in (0, 10, 352, 2**16, len(data)):
+            check_header_start(data[:n], "ct", len(data))  # what the start cannot tell is left to the read
+    with pytest.raises(InputError, match=r"^x: not a NIfTI file \(no NIfTI-1/NIfTI-2 header\)$"):
+        check_header_start(gzip.compress(os.urandom(4096)), "x", 5000)
+    with pytest.raises(InputError, match="^x: corrupt gzip data"):
+        check_header_start(b"\x1f\x8b" + os.urandom(4096), "x", 5000)
+    with pytest.raises(InputError, match="^x: truncated: the header needs"):
+        check_header_start(raw[:2**16], "x", 2**16)
+    with pytest.raises(InputError, match="^x: empty file$"):
+        check_header_start(b"", "x", 0)

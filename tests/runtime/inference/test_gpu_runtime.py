@@ -19,6 +19,7 @@ from flare.runtime.inference import device as dev
 from flare.runtime.inference.device import DeviceError, resolve_device
 from flare.runtime.inference.engines import EngineError, OrtEngine
 from flare.runtime.inference.ensemble import abdominal_z_range, infer_ensemble
+from flare.runtime.ops.components import label_boxes
 from flare.runtime.ops.resample import normalise_hu, resample_linear
 from parity_support import fold_major
 
@@ -193,9 +194,50 @@ def test_device_code_path_equals_the_numpy_path(ct_crop: np.ndarray, tmp_path: P
         np.testing.assert_array_equal(exact.labels, ref.labels)
         # the device path parks nothing on the host: fold 0 is recomputed on pass 1's tiles inside the z-range
         assert 0 < exact.fold0_recomputed <= exact.per_fold_tiles[0] and ref.fold0_recomputed == 0
+        # and the device reports a box per class (a superset of the exact one) so that the host never scans
+        assert ref.boxes is None and exact.boxes is not None
+        for k, box in enumerate(label_boxes(ref.labels, 12)):
+            got = exact.boxes[k]
+            if box is not None:  # (a class decided in pass 1 and then replaced in pass 2 may keep a box)
+                assert got is not None and all(g.start <= b.start and b.stop <= g.stop for g, b in zip(got, box)), k
         single = infer_ensemble(vol, engines, (32, 32, 32), xp, overlap=overlap, blend=blend, z_crop=False)
         assert (single.labels == infer_ensemble(vol, engines, (32, 32, 32), overlap=overlap, blend=blend,
                                                 z_crop=False).labels).all()
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_grouped_design_equals_monai_fold_major(ct_crop: np.ndarray, tmp_path: Path, group: int) -> None:
+    """The memory plan's grouped design: at most ``group`` sessions alive (made on demand, least recently used
+    dropped), fold-major across groups with a host accumulator — MONAI's fold-major labels, on the host and on the
+    device code path, with the z-crop and without."""
+    from flare.runtime.inference.sessions import FoldSessions
+
+    engines = [_conv_model(tmp_path / f"conv{k}.onnx", k) for k in range(3)]
+    body = _volume(ct_crop, (50, 44, 40), (-250.0, 250.0))
+    vol = np.concatenate([np.zeros((50, 44, 37), np.float32), body, np.zeros((50, 44, 23), np.float32)], axis=2)
+    ref, ref_range, margin = _monai_fold_major(vol, engines, (32, 32, 32), 0.0, "constant", 2.0)
+    clear = margin > 1e-4
+    alive_at_make: list[int] = []
+    for xp in (np, _DeviceLikeNumpy("numpy_as_device")):
+        pools: list[FoldSessions] = []
+
+        def make(engine: OrtEngine, pools: list[FoldSessions] = pools) -> OrtEngine:
+            alive_at_make.append(len(pools[0].alive()))
+            return engine
+
+        pool = FoldSessions(engines, make, capacity=group)
+        pools.append(pool)
+        got = infer_ensemble(vol, pool, (32, 32, 32), xp, spacing_z=2.0, group=group)
+        assert got.z_range == ref_range is not None and got.groups[0] == [0]
+        assert sorted(i for g in got.groups for i in g) == [0, 1, 2] and max(len(g) for g in got.groups) <= group
+        np.testing.assert_array_equal(got.labels[clear], ref[clear])
+        assert got.per_fold_tiles[1] < got.per_fold_tiles[0]  # folds 1, 2 ran on the z-range only
+        assert len(pool.alive()) <= group and pool.created >= 3
+    assert max(alive_at_make) < group  # a session was dropped before the next one was made
+    # without the z-crop: every fold over the whole volume, equal to the resident design
+    whole = infer_ensemble(vol, FoldSessions(engines, lambda e: e, group), (32, 32, 32), group=group, z_crop=False)
+    resident = infer_ensemble(vol, engines, (32, 32, 32), z_crop=False)
+    assert (whole.labels == resident.labels).mean() > 0.9995 and whole.z_range is None
 
 
 def test_single_pass_without_z_crop_and_progress(bundle: Bundle, rng: np.random.Generator) -> None:

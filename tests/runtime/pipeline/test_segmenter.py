@@ -155,3 +155,34 @@ def test_postprocess_mode_is_wired_and_reported(tiny_bundle: Path, segmenter: Se
     assert report.postprocess == {"mode": "strict"} and report.to_json()["postprocess"] == {"mode": "strict"}
     with pytest.raises(BundleError, match="postprocess mode must be one of paper, strict"):
         Segmenter(tiny_bundle, device="cpu", postprocess="loose")
+
+
+def test_grouped_design_through_the_segmenter_gives_the_resident_labels(tiny_bundle: Path) -> None:
+    """The memory plan's grouped design (one fold session at a time, forced here: on the CPU the plan keeps every
+    fold resident) gives the resident design's labels, says so in the report, and never holds two fold sessions."""
+    from flare.runtime.inference.memory_plan import Design
+    from flare.runtime.inference.sessions import FoldSessions
+
+    seg = Segmenter(tiny_bundle, device="cpu")
+    image = data_path("ts_abdomen_ct_3mm.nii.gz")
+    resident = seg.segment(image)
+    assert resident.report.backend["design"]["name"] == "resident"
+    pool = seg.engines
+    assert isinstance(pool, FoldSessions) and len(pool.alive()) == len(pool) == 2
+    seg.plan.design = Design("grouped", 1, 2, "test", "forced: one fold session at a time")
+    grouped = seg.segment(image)
+    design = grouped.report.backend["design"]
+    assert design["name"] == "grouped" and design["group"] == 1 and design["groups"] == [[0], [1]]
+    assert len(pool.alive()) == 1 and pool.dropped >= 1
+    assert (grouped.labels == resident.labels).mean() > 0.9995
+
+
+def test_with_options_shares_the_fold_sessions(tiny_bundle: Path) -> None:
+    """flare-serve's per-request --folds: a view on the same sessions, the labels of a one-fold Segmenter."""
+    seg = Segmenter(tiny_bundle, device="cpu")
+    image = data_path("ts_abdomen_ct_3mm.nii.gz")
+    one = seg.with_options(folds=1)
+    assert len(one.engines) == 1 and one.engines[0] is seg.engines[0] and len(seg.engines) == 2
+    got = one.segment(image)
+    ref = Segmenter(tiny_bundle, device="cpu", folds=1).segment(image)
+    assert got.report.folds == 1 and (got.labels == ref.labels).all()

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
+from conftest import data_path
 from serve_support import free_ports
 
 aiohttp = pytest.importorskip("aiohttp")
@@ -215,3 +216,78 @@ def test_grpc_front_forwards_and_refuses_large_messages() -> None:
         upstream.stop(None)
     assert [(m, n) for m, n, _ in calls] == [("/inference.GRPCInferenceService/ModelInfer", LIMIT)]
     assert calls[0][2]["x-token"] == "t"
+
+
+def test_gate_refuses_junk_inference_requests_from_their_first_bytes() -> None:
+    """With the InferGate, an inference request that is not a NIfTI image is refused (400, one line) from its first
+    bytes, a large body to another path is refused (413), and a real CT's request reaches upstream byte for byte."""
+    from flare.runtime.serving.front import HttpFront
+    from flare.runtime.serving.gate import OTHER_MAX_BODY, InferGate
+    pytest.importorskip("tritonclient.http")
+    from serve_support import infer_request as _request
+
+    upstream = Upstream()
+    proxy = HttpFront("127.0.0.1", free_ports(1)[0], upstream.port, 64 * LIMIT, "FLARE_MAX_REQUEST_BYTES", InferGate())
+    proxy.start()
+    try:
+        headers, body = _request(b"\x00" * 8 + bytes(range(256)) * (32 * LIMIT // 256))  # 32 MB, not a NIfTI file
+        status, _, answer = _send(proxy.port, {**headers, "Content-Length": str(len(body))},
+                                  (body[k:k + 2**16] for k in range(0, len(body), 2**16)))
+        assert status == 400 and json.loads(answer)["error"] == \
+            "flare-error: request: not a NIfTI file (no NIfTI-1/NIfTI-2 header)"
+        status, _, answer = _send(proxy.port, {"Content-Length": str(OTHER_MAX_BODY + 1)}, _blocks(OTHER_MAX_BODY),
+                                  path="/v2/repository/index")
+        assert status == 413 and f"limit of {OTHER_MAX_BODY} bytes" in json.loads(answer)["error"]
+        headers, body = _request(data_path("ts_abdomen_ct_3mm.nii.gz").read_bytes(), filename="ct.nii.gz")
+        for chunked in (False, True):
+            extra = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(len(body))}
+            status, _, answer = _send(proxy.port, {**headers, **extra}, iter([body[:100], body[100:]]), chunked=chunked)
+            assert status == 201 and json.loads(answer) == {"size": len(body)}
+    finally:
+        proxy.stop()
+        upstream.stop()
+    assert [(s[0], s[1], s[3]) for s in upstream.seen] == [("POST", "/v2/models/flare/infer", len(body))] * 2
+
+
+def test_grpc_gate_refuses_junk_before_upstream() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flare.runtime.serving.front import GrpcFront
+    from flare.runtime.serving.gate import InferGate
+
+    service = pytest.importorskip("tritonclient.grpc.service_pb2")
+    calls: list[str] = []
+
+    class Echo(grpc.GenericRpcHandler):
+        def service(self, details):
+            def unary(request: bytes, context) -> bytes:
+                calls.append(details.method)
+                return b""
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+
+    upstream = grpc.server(ThreadPoolExecutor(2), options=[("grpc.max_receive_message_length", -1)])
+    upstream.add_generic_rpc_handlers([Echo()])
+    upstream_port = upstream.add_insecure_port("127.0.0.1:0")
+    upstream.start()
+    proxy = GrpcFront("127.0.0.1", free_ports(1)[0], upstream_port, 8 * LIMIT, workers=2, gate=InferGate())
+    proxy.start()
+    request = service.ModelInferRequest(model_name="flare")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    junk = bytes(range(256)) * (LIMIT // 256)
+    request.raw_input_contents.append(len(junk).to_bytes(4, "little") + junk)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{proxy.port}", options=[("grpc.max_send_message_length", -1)]) as ch:
+            with pytest.raises(grpc.RpcError) as refused:
+                ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(request.SerializeToString(), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details() == "flare-error: request: not a NIfTI file (no NIfTI-1/NIfTI-2 header)"
+            with pytest.raises(grpc.RpcError) as refused:
+                ch.unary_unary("/inference.GRPCInferenceService/ModelConfig")(junk, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "only ModelInfer" in \
+                refused.value.details()
+            assert ch.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=30) == b""
+    finally:
+        proxy.stop()
+        upstream.stop(None)
+    assert calls == ["/inference.GRPCInferenceService/ServerLive"]
