@@ -10,7 +10,7 @@
 * **Which convolutions stay float is decided by measurement** (:func:`quantize_model`, numbers in
   ``benchmarks/RESULTS.md``): the stem (it reads the image) and the head (it writes the logits) always stay float
   (quantized, they cost the trained demo network's smallest organs 40 % of their Dice); so does every convolution
-  with fewer than :data:`FLOAT_LADDER`\ [0] input or output channels, because ONNX Runtime's u8s8 3D convolution is
+  with fewer than ``FLOAT_LADDER[0]`` (32) input or output channels, because ONNX Runtime's u8s8 3D convolution is
   no faster than its fp32 one there (16 channels: 0.37-0.62 s against 0.39 s per 96³ layer; 32 and 64 channels:
   1.9x faster), so quantizing them loses accuracy for nothing. If that model fails the accuracy gate on the
   verification tiles, the channel threshold is raised along :data:`FLOAT_LADDER` (the next resolution level stays
