@@ -47,7 +47,7 @@ QUANT_OPS = ("Conv", "ConvTranspose")
 MIN_AGREEMENT = 0.995
 #: per-class Dice of the int8 labels against the fp32 labels (classes with enough fp32 voxels)
 MIN_DICE = 0.98
-MIN_CLASS_VOXELS = 200
+MIN_CLASS_VOXELS = 50
 #: calibration/verification tile side (voxels): activation ranges of a fully convolutional network do not depend on
 #: the tile size, and the calibrator holds every intermediate tensor of a tile in memory
 TILE_SIDE = 64
