@@ -13,6 +13,8 @@ def test_summary_is_short_and_has_the_headline() -> None:
     summary = {"out": "demo-out", "seconds": {"total": 540.0},
                "results": {"heldout": {"summary": summarise(per_case)}, "load_before": [3.0, 2.0, 1.0],
                            "real_ct": {"organ_mean_dice": 0.1}, "bench_report": "demo-out/bench/report.md",
+                           "bench": {"case": "phantom_0000.nii.gz", "mode": "mirror", "runtime_s": 1.25,
+                                     "reference_s": 9.5, "agreement": 1.0},
                            "default_bundle": "~/.cache/flare/bundle"}}
     lines = summary_lines(summary)
     assert len(lines) <= 15 and all(len(line) <= 120 for line in lines)
@@ -20,6 +22,7 @@ def test_summary_is_short_and_has_the_headline() -> None:
     body = "\n".join(lines)
     assert all(L.name_of(c) in body for c in range(1, L.NUM_FLARE_IDS))
     assert "demo-out/demo.json" in body and "load average at start 3.0" in body
+    assert "same settings 9.5 s" in body and "agree (Dice) 1.0" in body
 
 
 @pytest.mark.slow
@@ -36,3 +39,13 @@ def test_demo_end_to_end_scores_every_heldout_case(tmp_path) -> None:
     assert held["summary"]["cases"] == 2 and len(held["per_case"]) == 2
     assert len(list((tmp_path / "heldout_seg").glob("*.nii.gz"))) == 2
     assert (tmp_path / "demo.json").is_file() and (tmp_path / "bundle" / "bundle.json").is_file()
+
+
+def test_bench_summary_reads_the_runtime_and_same_settings_reference() -> None:
+    from flare.benchmarks.demo import bench_summary
+
+    report = {"reference_mode": "mirror",
+              "cases": [{"name": "phantom_0010.nii.gz", "warm": {"wall_s": {"median": 4.581, "n": 1}},
+                         "reference": {"wall_s": {"median": 27.59, "n": 1}}, "dice": {"1": 1.0, "2": 0.98}}]}
+    assert bench_summary(report) == {"case": "phantom_0010.nii.gz", "mode": "mirror", "runtime_s": 4.58,
+                                     "reference_s": 27.59, "agreement": 0.99}
