@@ -2,7 +2,9 @@
 
     nice python -m flare.benchmarks.cpu_sweep --nets 16:1,2,2,4 24:1,2,2,4 --tiles 96 128 --repeats 3 -o sweep.json
 
-Random weights (timing only: the int8 models are calibrated on random tiles, their accuracy says nothing). Each
+Random weights (timing only: the int8 models are calibrated on random tiles, their accuracy says nothing); the
+int8 models keep in float what ``flare-export --int8`` keeps at its first candidate (stem, head, convolutions under
+32 channels). Each
 round runs every (network, precision, tile) once, in the same order, so that the load of a shared machine falls on
 all of them alike; the median over rounds is reported with the 1-minute load average seen at each run.
 This is how ``train/configs/cpu.json``'s network was sized (``docs/cpu.md``).
@@ -33,7 +35,7 @@ def build_models(specs: list[str], folder: Path) -> dict[str, dict[str, Path]]:
     randomised so that the network's activations are not trivially zero)."""
     import torch
     from flare.export.onnx_export import export_onnx
-    from flare.export.quantize import quantize_file
+    from flare.export.quantize import FLOAT_LADDER, float_nodes, quantize_file
     from flare.train.networks import build_network, count_parameters
 
     out: dict[str, dict[str, Path]] = {}
@@ -47,7 +49,7 @@ def build_models(specs: list[str], folder: Path) -> dict[str, dict[str, Path]]:
                 m.running_var.uniform_(0.5, 1.5)
         name = f"f{text.replace(':', '_b').replace(',', '')}"
         fp32 = export_onnx(net, folder / f"{name}.fp32.onnx", 1)
-        int8 = quantize_file(fp32, folder / f"{name}.int8.onnx", calib, [])
+        int8 = quantize_file(fp32, folder / f"{name}.int8.onnx", calib, float_nodes(fp32, FLOAT_LADDER[0]))
         out[name] = {"fp32": fp32, "int8": int8, "params": count_parameters(net)}  # type: ignore[dict-item]
     return out
 

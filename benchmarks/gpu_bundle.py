@@ -17,7 +17,8 @@ anatomy). So both networks get a rule baked into their ONNX graph (torch ops, ex
 networks, for the MONAI reference), ``WORK/bundle`` (realistic), ``WORK/bundle-worst`` (hard links to the same
 fold files, the keep-all locator) and the synthetic 512×512×300 case ``WORK/cases/flare_n300.nii.gz``. ``tiny``
 (8 filters, 3 mm, 64³ tiles) is for CPU dry runs and tests; ``flare23`` is the paper's network (87 M parameters)
-at 1 mm with 224³ tiles. Folds 1-4 are copies of fold 0's files: five sessions, five runs per tile.
+at 1 mm with 224³ tiles; ``cpu`` is ``train/configs/cpu.json``'s (16 filters, 3 mm, 128³ tiles, profile ``cpu``)
+with int8 models beside fp32 (calibrated on two shared CTs, no accuracy gate) for the CPU profile's timings. Folds 1-4 are copies of fold 0's files: five sessions, five runs per tile.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ SIZES: dict[str, dict[str, Any]] = {
                 "locator_filters": 16},
     "tiny": {"filters": 8, "blocks": [1, 1, 1, 1, 1], "spacing": [3.0, 3.0, 3.0], "roi": [64, 64, 64],
              "locator_filters": 8},
+    # train/configs/cpu.json's network: fp32 and int8 (calibrated on the shared CTs, no gate: random weights)
+    "cpu": {"filters": 16, "blocks": [1, 2, 2, 4], "spacing": [3.0, 3.0, 3.0], "roi": [128, 128, 128],
+            "locator_filters": 8, "int8": True},
 }
+#: the CTs the ``cpu`` size's int8 models are calibrated on (from ``../shared/data``)
+CALIBRATION_CTS = ("ts_body_ct_3mm_int32.nii.gz", "ts_torso_ct_1p5mm_lps.nii.gz")
 LOCATOR_THRESHOLD = 0.35  # normalised [-250, 250] HU: -75 HU
 TISSUE = (0.45, 0.75)  # -25 ... 125 HU
 N_FOLDS = 5
@@ -139,7 +145,13 @@ def build_bundles(work: Path, size: str = "flare23") -> dict[str, Path]:
     src.folds[0].net = RuleFold(src.folds[0].net, src.folds[0].out_channels).eval()
     src.locator.net = RuleLocator().eval()
     src.notes.append("benchmark bundle (flare.benchmarks.gpu_bundle): random weights plus rule heads; timing only")
-    export_sources(src, real, fp16=True, verify=False, progress=False, command=f"gpu_bundle {work} --size {size}")
+    calibration = None
+    if SIZES[size].get("int8"):  # the CPU profile: int8 beside fp32, no fp16
+        from .cases import shared_data_dir
+
+        calibration, src.profile = [shared_data_dir() / n for n in CALIBRATION_CTS], "cpu"
+    export_sources(src, real, fp16=calibration is None, verify=False, progress=False, calibration=calibration,
+                   command=f"gpu_bundle {work} --size {size}")
     doc = json.loads((real / "bundle.json").read_text())
     _copy_fold0(real, doc)
     write_bundle_json(real, doc)

@@ -40,7 +40,7 @@ def test_int8_models_are_written_verified_and_recorded(int8_bundle: Path) -> Non
     assert b.precisions == ("fp32", "int8") and b.profile == "cpu"
     doc = json.loads((int8_bundle / "bundle.json").read_text())
     rec = doc["verification"]["int8"]
-    assert rec["passed"] is None and rec["gate"] == {"min_agreement": 0.995, "min_dice": 0.98, "min_class_voxels": 200}
+    assert rec["passed"] is None and rec["gate"] == {"min_agreement": 0.995, "min_dice": 0.98, "min_class_voxels": 50}
     assert rec["settings"]["quantized_ops"] == ["Conv", "ConvTranspose"]
     for m in (b.locator, *b.folds):
         r = rec["models"][m.name]
@@ -48,8 +48,9 @@ def test_int8_models_are_written_verified_and_recorded(int8_bundle: Path) -> Non
         # the held-out calibration case and the export's verification CT
         assert r["verification_cases"] == ["ts_torso_ct_1p5mm_lps.nii.gz", "ts_abdomen_ct_3mm.nii.gz"]
         kept = r["candidates"][-1]
-        assert r["passed"] is None and r["chosen"] == "none" and len(r["candidates"]) == 1  # no gate: the first
-        assert kept["float"] == "none" and kept["finite"] and kept["float_nodes"] == []
+        assert r["passed"] is None and r["chosen"] == 32 and len(r["candidates"]) == 1  # no gate: the first
+        assert kept["float_below_channels"] == 32 and kept["finite"] and kept["int8_convs"] >= 1
+        assert len(kept["float_nodes"]) >= 2  # the stem and the head at least
         assert 0.0 < kept["agreement"] <= 1.0 and set(kept["dice"]) == set(kept["fp32_voxels"])
         graph = onnx.load(str(m.files["int8"].path)).graph
         ops = {n.op_type for n in graph.node}
@@ -65,14 +66,25 @@ def test_int8_models_are_written_verified_and_recorded(int8_bundle: Path) -> Non
         assert m.files["int8"].input_dtype == "float32" and m.files["int8"].output_dtype == "float32"
 
 
-def test_float_nodes_finds_stem_and_head(int8_bundle: Path) -> None:
+def test_float_nodes_are_stem_head_and_narrow_convolutions(int8_bundle: Path) -> None:
+    import onnx
     from flare.export.quantize import float_nodes
 
     fp32 = int8_bundle / "fold0.fp32.onnx"
-    assert float_nodes(fp32, "none") == []
-    head, both = float_nodes(fp32, "head"), float_nodes(fp32, "stem+head")
-    assert len(head) == 1 and "head" in head[0]  # SegResNetDS's output convolution (dsdepth 1)
-    assert set(head) < set(both) and len(both) == 2
+    both = float_nodes(fp32, 1)  # no convolution has fewer than 1 channel: the stem and the head only
+    assert len(both) == 2 and any("head" in n for n in both) and any("conv_init" in n for n in both)
+    graph = onnx.load(str(fp32)).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    convs = {n.name: dims[n.input[1]] for n in graph.node if n.op_type in ("Conv", "ConvTranspose")}
+    narrow = float_nodes(fp32, 32)  # the tiny network: 4, 8, 16, 32, 64 channels
+    assert set(both) < set(narrow) < set(convs)
+    assert all(min(w[:2]) >= 32 for n, w in convs.items() if n not in narrow)
+    assert all(min(w[:2]) < 32 for n, w in convs.items() if n in narrow and n not in both)
+    # the int8 file quantizes exactly the others
+    q = onnx.load(str(int8_bundle / "fold0.int8.onnx")).graph
+    dq = {o for n in q.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.name for n in q.node if n.op_type in ("Conv", "ConvTranspose") and n.input[1] in dq}
+    assert quantized == set(convs) - set(narrow)
 
 
 def test_case_tiles_come_from_the_runtime_grid() -> None:
@@ -90,14 +102,32 @@ def test_a_model_failing_the_gate_is_refused(int8_bundle: Path, tmp_path: Path, 
     from flare.export import quantize
 
     tiles = quantize.tile_set([data_path(CALIBRATION[0])], None, (3.0, 3.0, 3.0), (-250.0, 250.0), 1, side=32)
+    assert tiles.verification_cases == [CALIBRATION[0]]  # one case: it serves both
+    assert tiles.verification_case_of == [0] * len(tiles.verification)
     tiles.calibration, tiles.verification = tiles.calibration[:2], tiles.verification[:2]
+    tiles.verification_case_of = tiles.verification_case_of[:2]
     dst = tmp_path / "fold0.int8.onnx"
-    with pytest.raises(FlareError) as err:  # the real gate: random weights do not pass it
+    # the real gate: random weights do not pass it with every convolution but the stem and head in int8
+    monkeypatch.setattr(quantize, "FLOAT_LADDER", (1,))
+    with pytest.raises(FlareError) as err:
         quantize.quantize_model(int8_bundle / "fold0.fp32.onnx", dst, tiles)
     message = str(err.value)
-    assert "\n" not in message and "fails verification against fp32 with every float choice (none, head, " \
-        "stem+head)" in message and "export refused" in message
+    assert "\n" not in message and "fails verification against fp32 with convolutions under 1 channels in " \
+        "float" in message and "export refused" in message
     assert not dst.exists()
+
+
+def test_a_model_with_nothing_to_quantize_gets_no_int8(int8_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    from flare.export import quantize
+
+    tiles = quantize.TileSet([], [])  # never used: no candidate is quantized
+    monkeypatch.setattr(quantize, "FLOAT_LADDER", (1024,))  # every convolution is narrower: all stay float
+    dst = tmp_path / "fold0.int8.onnx"
+    with pytest.raises(FlareError) as err:
+        quantize.quantize_model(int8_bundle / "fold0.fp32.onnx", dst, tiles)
+    assert "int8 would gain nothing" in str(err.value) and "\n" not in str(err.value) and not dst.exists()
+    kept = quantize.quantize_model(int8_bundle / "locator.fp32.onnx", dst, tiles, optional=True)
+    assert kept["chosen"] == "fp32" and kept["candidates"][0]["nothing_to_quantize"] and not dst.exists()
 
 
 def test_compare_int8_measures_agreement_and_dice(int8_bundle: Path) -> None:
@@ -106,9 +136,13 @@ def test_compare_int8_measures_agreement_and_dice(int8_bundle: Path) -> None:
     vol = case_volume(data_path("ts_abdomen_ct_3mm.nii.gz"), (3.0, 3.0, 3.0), (-250.0, 250.0))
     tiles = case_tiles(vol, 1, side=32, max_tiles=2)
     fp32 = int8_bundle / "fold0.fp32.onnx"
-    same = compare_int8(fp32, fp32, tiles)  # a model against itself: the identity of every measure
+    same = compare_int8(fp32, fp32, tiles, [0, 1])  # a model against itself: the identity of every measure
     assert same["passed"] and same["agreement"] == 1.0 and set(same["dice"].values()) == {1.0}
     assert same["voxels"] == 2 * 32**3 and same["tiles"] == 2
+    # per case: each tile is its own case here; the pooled Dice covers the classes of both
+    assert set(same["dice_per_case"]) == {"0", "1"}
+    assert set(same["dice"]) == set(same["dice_per_case"]["0"]) | set(same["dice_per_case"]["1"])
+    assert all(set(d.values()) == {1.0} for d in same["dice_per_case"].values())
     q = compare_int8(int8_bundle / "fold0.int8.onnx", fp32, tiles)
     assert q["finite"] and 0.0 < q["agreement"] <= 1.0
 
