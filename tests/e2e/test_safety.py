@@ -280,8 +280,11 @@ def test_signal_cleans_up(tiny_bundle: Path, ct: Path, tmp_path: Path, point: st
     marker = tmp_path / "marker"
     env = {**os.environ, "FLARE_BUNDLE": str(tiny_bundle), "FLARE_TEST_PAUSE_AT": point,
            "FLARE_TEST_PAUSE_MARKER": str(marker)}
+    # SIGINT at its default in the child: a test run started in the background by a non-interactive shell (as `cmd &`)
+    # inherits SIGINT ignored, and Python then keeps it ignored (as a background job should), so nothing would arrive
     proc = subprocess.Popen([*RUN, str(ct), "-o", str(out_dir / "seg.nii.gz"), "-q"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not marker.exists() and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(sig)
