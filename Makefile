@@ -3,7 +3,8 @@
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip --disable-pip-version-check -q
+# -qq: pip's errors only (its warnings, e.g. about configured index locations that do not exist, flooded make demo)
+PIP    := $(PY) -m pip --disable-pip-version-check -qq
 EXTRAS ?= cpu,train,export,bench,preview,dicom,dev,serve
 TORCH_VERSION   ?= 2.13.0
 # PyTorch's CPU-only wheels; the default index (PyPI) serves the CUDA build of torch on Linux
@@ -24,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "make: $(TORCH_CPU_INDEX) unreachable; installing torch==$(TORCH_VERSION) from pip's configured sources"; \
 		$(PIP) install --timeout 30 --retries 2 torch==$(TORCH_VERSION); \
 	fi
-	@$(PY) -c "import torch; cuda = torch.version.cuda; \
+	@$(PY) -W ignore -c "import torch; cuda = torch.version.cuda; \
 	print(f'make: installed torch {torch.__version__}: ' + (f'CUDA {cuda} build (not the CPU build: the CPU index was unreachable)' if cuda else 'CPU build'))"
 	$(PIP) install -e '.[$(EXTRAS)]'
 	touch $@
