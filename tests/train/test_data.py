@@ -96,7 +96,9 @@ def test_crop_ratios_choose_the_classes_crops_are_centred_on(entries: list[dict]
 
     ratios = [0.0] * L.NUM_FLARE_IDS
     ratios[L.LIVER] = 1.0
-    eff = role_config(load_config("tiny", {**SMALL, "augment": {"prob_affine": 0.0}, "data": {"cache": "memory"},
+    # no affine and no flips: a flip of an even-sized crop moves its centre voxel by one, off a liver boundary voxel
+    eff = role_config(load_config("tiny", {**SMALL, "augment": {"prob_affine": 0.0, "flip_prob": 0.0},
+                                           "data": {"cache": "memory"},
                                            "train": {"num_crops": 4, "crop_ratios": ratios}}), "fold")
     ds = train_dataset(entries[:1], eff, None)
     centre = tuple(r // 2 for r in eff["roi"])
