@@ -4,11 +4,12 @@ split, statistics). 26-connected (faces, edges and corners), computed with ``cc3
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
 
-__all__ = ["CONNECTIVITY", "Box", "components", "label_boxes", "relabel_in_boxes"]
+__all__ = ["CONNECTIVITY", "Box", "box_union", "components", "label_boxes", "relabel_in_boxes"]
 
 #: voxel connectivity of every connected-component pass (26: faces, edges and corners)
 CONNECTIVITY: Final = 26
@@ -65,7 +66,14 @@ def relabel_in_boxes(labels: np.ndarray, lut: np.ndarray, boxes: list[Box | None
         if box is None or i >= len(lut):
             continue
         j = int(lut[i])
-        old = out[j]
-        out[j] = box if old is None else tuple(slice(min(a.start, b.start), max(a.stop, b.stop))
-                                               for a, b in zip(old, box))
+        out[j] = box_union([out[j], box])
     return out
+
+
+def box_union(boxes: Sequence[Box | None]) -> Box | None:
+    """The smallest box holding every non-empty box of ``boxes`` (None when there is none)."""
+    found = [b for b in boxes if b is not None]
+    if not found:
+        return None
+    return tuple(slice(min(int(b[a].start or 0) for b in found), max(int(b[a].stop) for b in found))
+                 for a in range(len(found[0])))

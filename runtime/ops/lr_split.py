@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from flare.runtime.foundation.labels import AORTA, LEFT_RIGHT_PAIRS
-from flare.runtime.ops.components import Box, components
+from flare.runtime.ops.components import Box, box_union, components
 from flare.runtime.ops.geometry import Box as Box3
 from flare.runtime.ops.geometry import box_from_mask
 
@@ -76,19 +76,11 @@ def _view(labels: np.ndarray, box: Box | None) -> tuple[np.ndarray, tuple[int, .
     return labels[box], tuple(int(s.start or 0) for s in box)
 
 
-def _union(boxes: Boxes) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """(lo, hi) of the union of the non-empty boxes (id 0, background, excluded)."""
-    found = [b for b in list(boxes)[1:] if b is not None]
-    if not found:
-        return None
-    return (tuple(min(int(b[a].start) for b in found) for a in range(3)),
-            tuple(max(int(b[a].stop) for b in found) for a in range(3)))
-
-
 def _labels_centre_line(labels: np.ndarray, affine: np.ndarray, boxes: Boxes | None = None) -> ReferenceLine | None:
     """Fallback: constant x at the centre of the world-x extent of all labelled voxels (box corners suffice)."""
     if boxes is not None:
-        extent = _union(boxes)
+        union = box_union(list(boxes)[1:])  # id 0, background, excluded
+        extent = None if union is None else (tuple(int(a.start) for a in union), tuple(int(a.stop) for a in union))
     else:
         box = box_from_mask(labels != 0)
         extent = None if box is None else (box.lo, box.hi)

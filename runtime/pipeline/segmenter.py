@@ -333,6 +333,7 @@ class Segmenter:
 
     def _report(self, img: LoadedImage, loc: LocateResult, ens: Any, times: dict[str, float],
                 total: float) -> Report:
+        engine = self._an_engine()
         return Report(
             input={"path": None if img.path is None else str(img.path), "shape": list(img.data.shape),
                    "spacing": [round(float(s), 5) for s in img.spacing],
@@ -343,8 +344,8 @@ class Segmenter:
                    "overlap": self.overlap, "blend": self.blend, "locator": loc.tiles,
                    "z_range_folds_1_on": None if ens.z_range is None else list(ens.z_range)},
             backend={"device": self.device, "device_id": self.dev.device_id if self.device == "cuda" else None,
-                     "engine": self._an_engine().backend,
-                     "precision": self._an_engine().precision, "profile": self.bundle.profile,
+                     "engine": engine.backend,
+                     "precision": engine.precision, "profile": self.bundle.profile,
                         "load_s": round(self.load_s, 4),
                      "load": dict(self.load),
                      "design": {**self.plan.design.report(), "groups": ens.groups or [list(range(ens.folds))],
