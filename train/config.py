@@ -54,10 +54,21 @@ def load_config(name_or_path: str | Path | dict[str, Any], overrides: dict[str, 
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise InputError(source, f"config lacks {', '.join(missing)}")
-    for key in ("roi",):
-        if any(int(v) % 16 for v in cfg[key]) or any(int(v) % 16 for v in cfg["locator"].get(key, [16])):
+    sides = {"roi": cfg["roi"], "locator.roi": cfg["locator"].get("roi", [16]),
+             "validation.roi": cfg["validation"].get("roi", [16]),
+             "locator.validation.roi": cfg["locator"].get("validation", {}).get("roi", [16])}
+    for key, roi in sides.items():
+        if any(int(v) % 16 for v in roi):
             raise InputError(source, f"{key} sides must be divisible by 16")
     return cfg
+
+
+def infer_roi(eff: dict[str, Any]) -> list[int]:
+    """The tile of whole-case prediction of a role's effective settings: ``validation.roi`` when set, else the
+    training crop ``roi``. Validation, pseudo-labels, held-out scoring and the exported bundle use it. A fully
+    convolutional network trained on small crops segments better with a larger tile (more context, fewer tile
+    borders): train/results/RESULTS.md, issue 20."""
+    return [int(v) for v in eff.get("validation", {}).get("roi", eff["roi"])]
 
 
 def role_config(cfg: dict[str, Any], role: str) -> dict[str, Any]:
@@ -66,6 +77,7 @@ def role_config(cfg: dict[str, Any], role: str) -> dict[str, Any]:
         return {k: v for k, v in cfg.items() if k != "locator"}
     if role == "locator":
         base = {k: v for k, v in cfg.items() if k not in ("locator", "stage2")}
+        base["validation"] = {k: v for k, v in cfg["validation"].items() if k != "roi"}  # the folds' tile
         return deep_merge(base, cfg["locator"])
     raise ValueError(f"unknown role {role!r}")
 
@@ -80,7 +92,7 @@ def checkpoint_config(cfg: dict[str, Any], role: str, fold: int | None, stage: i
     out: dict[str, Any] = {
         "network": eff["network"], "role": role, "fold": fold, "stage": stage,
         "spacing_mm": [float(v) for v in eff["spacing_mm"]], "hu_window": [float(v) for v in eff["hu_window"]],
-        "roi": [int(v) for v in eff["roi"]], "labels": eff.get("labels", "flare23-merged13"),
+        "roi": infer_roi(eff), "labels": eff.get("labels", "flare23-merged13"),
         "training_config": cfg, "training_config_sha256": config_sha256(cfg),
     }
     if role == "locator":

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from flare.runtime.foundation import labels as L
 
-from .config import checkpoint_config, role_config
+from .config import checkpoint_config, infer_roi, role_config
 from .distributed import Dist, barrier, gather, unwrap, wrap
 from .runlog import RunLog
 
@@ -131,7 +131,7 @@ def predict_logits(net: Any, image: Any, eff: dict[str, Any], device: Any) -> An
     x = torch.as_tensor(image, dtype=torch.float32)[None]
     net.eval()
     with torch.no_grad(), torch.autocast(device.type, enabled=bool(eff["train"].get("amp")) and device.type == "cuda"):
-        out: Any = sliding_window_inference(x.to(device), roi_size=[int(v) for v in eff["roi"]],
+        out: Any = sliding_window_inference(x.to(device), roi_size=infer_roi(eff),
                                        sw_batch_size=int(val.get("sw_batch_size", 1)), predictor=net,
                                        overlap=float(val.get("overlap", 0.0)), mode=val.get("mode", "constant"),
                                        device=torch.device("cpu"))
@@ -181,7 +181,7 @@ def segment(nets: list[Any], image: Any, eff: dict[str, Any], device: Any) -> np
     channels = int(eff["network"]["out_channels"])
     slab_mb = float(eff.get("validation", {}).get("slab_mb", SLAB_MB))
     out = np.empty(tuple(img.shape[-3:]), np.uint8)
-    for z0, z1, c0, c1 in z_slabs(tuple(img.shape), channels, int(eff["roi"][2]), slab_mb):
+    for z0, z1, c0, c1 in z_slabs(tuple(img.shape), channels, infer_roi(eff)[2], slab_mb):
         acc = None
         for net in nets:
             logits = predict_logits(net, img[..., c0:c1], eff, device)[0][..., z0 - c0:z1 - c0]

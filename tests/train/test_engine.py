@@ -52,3 +52,22 @@ def test_class_weights_scale_a_class_in_the_loss() -> None:
     assert weighted.loss.cross_entropy.weight[7] == 5.0 and weighted.loss.dice.class_weight[7] == 5.0
     with pytest.raises(ValueError, match="13 positive numbers"):
         make_loss(load_config("demo", {"train": {"class_weights": [1.0, 2.0]}}))
+
+
+def test_whole_case_prediction_uses_the_inference_tile() -> None:
+    """``validation.roi`` (not the training crop ``roi``) is the sliding window of whole-case prediction."""
+    seen: list[tuple[int, ...]] = []
+
+    class Probe(torch.nn.Conv3d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape[2:]))
+            return super().forward(x)
+
+    net = Probe(1, 13, 1).eval()
+    eff = {"network": {"out_channels": 13}, "roi": [16, 16, 16], "train": {"amp": False},
+           "validation": {"overlap": 0.0, "sw_batch_size": 1, "roi": [32, 32, 32]}}
+    segment([net], torch.rand(1, 32, 32, 32), eff, torch.device("cpu"))
+    assert seen == [(32, 32, 32)]
+    seen.clear()
+    segment([net], torch.rand(1, 32, 32, 32), {**eff, "validation": {"overlap": 0.0}}, torch.device("cpu"))
+    assert seen and set(seen) == {(16, 16, 16)}

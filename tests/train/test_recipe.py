@@ -10,7 +10,7 @@ import torch
 from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.errors import InputError
 from flare.train.checkpoints import load_checkpoint, load_network, save_checkpoint
-from flare.train.config import available_configs, checkpoint_config, load_config, role_config
+from flare.train.config import available_configs, checkpoint_config, infer_roi, load_config, role_config
 from flare.train.networks import build_network, count_parameters
 
 
@@ -38,6 +38,23 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(InputError, match="divisible by 16"):
         load_config("tiny", {"roi": [40, 40, 40]})
+    with pytest.raises(InputError, match="validation.roi sides must be divisible by 16"):
+        load_config("tiny", {"validation": {"roi": [40, 40, 40]}})
+
+
+def test_inference_tile_apart_from_the_training_crop() -> None:
+    """``validation.roi``: the tile of whole-case prediction and of the exported bundle (checkpoint ``roi``); the
+    training crop stays ``roi``; the locator keeps its own (its section may set one) and never takes the folds'."""
+    cfg = load_config("tiny", {"roi": [32, 32, 32], "validation": {"roi": [64, 64, 64]}})
+    fold = role_config(cfg, "fold")
+    assert fold["roi"] == [32] * 3 and infer_roi(fold) == [64] * 3
+    assert checkpoint_config(cfg, "fold", 0, 1)["roi"] == [64] * 3
+    loc = role_config(cfg, "locator")
+    assert infer_roi(loc) == loc["roi"] == checkpoint_config(cfg, "locator", None, None)["roi"]
+    cfg["locator"]["validation"] = {"roi": [96, 96, 96]}
+    assert infer_roi(role_config(cfg, "locator")) == [96] * 3
+    plain = role_config(load_config("tiny"), "fold")
+    assert infer_roi(plain) == plain["roi"]  # no validation.roi: the training crop
 
 
 def test_flare23_network_size() -> None:
