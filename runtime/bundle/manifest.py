@@ -37,11 +37,10 @@ foreground where > 0) or several (foreground where argmax > 0). Folds output mer
 
 from __future__ import annotations
 
-import math
-
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
