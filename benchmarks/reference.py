@@ -161,9 +161,11 @@ def _shape_at(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[
     return tuple(int(v) for v in output_shape(tuple(shape), tuple(spacing), tuple(target)))  # type: ignore[return-value]
 
 
-def effective_roi(roi: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, int, int]:
-    """Per axis ``min(roi, ceil16(size))``: never a tile bigger than the volume needs."""
-    return tuple(min(int(r), int(math.ceil(s / 16) * 16)) for r, s in zip(roi, size))  # type: ignore[return-value]
+def effective_roi(roi: tuple[int, ...], size: tuple[int, ...], divisor: int = 16) -> tuple[int, int, int]:
+    """Per axis ``min(roi, size rounded up to the model's spatial divisor)``: never a tile bigger than the volume
+    needs."""
+    out = tuple(min(int(r), int(math.ceil(s / divisor) * divisor)) for r, s in zip(roi, size))
+    return out  # type: ignore[return-value]
 
 
 def _window(image_1xyz: Any, hu: tuple[float, float]) -> Any:
@@ -173,8 +175,9 @@ def _window(image_1xyz: Any, hu: tuple[float, float]) -> Any:
 
 
 def _sliding(vol: Any, net: Any, roi: tuple[int, ...], overlap: float, blend: str, softmax: bool,
-             device: str, amp: bool = False) -> Any:
-    """``sliding_window_inference`` on ``vol (1, 1, X, Y, Z)`` with sw_batch_size 1; result on the CPU."""
+             device: str, amp: bool = False, divisor: int = 16) -> Any:
+    """``sliding_window_inference`` on ``vol (1, 1, X, Y, Z)`` with sw_batch_size 1; result on the CPU. Tiles are
+    padded to multiples of ``divisor`` (the model's ``spatial_divisor``), as the runtime pads them."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -185,7 +188,7 @@ def _sliding(vol: Any, net: Any, roi: tuple[int, ...], overlap: float, blend: st
         out = out.float()
         return torch.softmax(out, dim=1) if softmax else out
 
-    roi_eff = effective_roi(roi, tuple(vol.shape[2:]))
+    roi_eff = effective_roi(roi, tuple(vol.shape[2:]), divisor)
     with torch.no_grad(), torch.autocast("cuda", enabled=amp and device == "cuda"):
         out = sliding_window_inference(vol.to(device), roi_size=roi_eff, sw_batch_size=1, predictor=predictor,
                                        overlap=overlap, mode=blend, sigma_scale=0.125, padding_mode="constant",
@@ -213,7 +216,9 @@ def locate_box(image: Any, bundle: Bundle, locator: Any | None, device: str) -> 
     spacing = spacing_of(image)
     coarse_shape = _shape_at(shape, spacing, bundle.locator_spacing_mm)
     small = _window(Resize(coarse_shape, mode="trilinear", align_corners=False)(image), bundle.hu_window)
-    logits = _sliding(small.as_tensor()[None].float(), locator, bundle.locator_roi, 0.0, "constant", False, device)
+    assert bundle.locator is not None
+    logits = _sliding(small.as_tensor()[None].float(), locator, bundle.locator_roi, 0.0, "constant", False, device,
+                      divisor=bundle.locator.spatial_divisor)
     fg = (logits[0, 0] > 0) if logits.shape[1] == 1 else (torch.argmax(logits[0], dim=0) > 0)
     fg_np = fg.numpy()
     if not fg_np.any():
@@ -263,7 +268,8 @@ def infer_mirror(vol: Any, models: ReferenceModels, bundle: Bundle, overlap: flo
     from flare.runtime.foundation.labels import MERGED_TUMOR
 
     x = vol.as_tensor()[None].float()  # (1, 1, X, Y, Z)
-    acc = _sliding(x, models.folds[0], bundle.roi, overlap, blend, True, models.device)[0]
+    div = bundle.fold_divisor
+    acc = _sliding(x, models.folds[0], bundle.roi, overlap, blend, True, models.device, divisor=div)[0]
     labels0 = torch.argmax(acc, dim=0).to(torch.uint8).numpy()
     z0, z1 = 0, x.shape[-1]
     rng = z_range(labels0, spacing_of(vol)[2])
@@ -273,7 +279,8 @@ def infer_mirror(vol: Any, models: ReferenceModels, bundle: Bundle, overlap: flo
         if not (labels0[:, :, outside] == MERGED_TUMOR).any():
             z0, z1 = rng
     for net in models.folds[1:]:
-        acc[..., z0:z1] += _sliding(x[..., z0:z1], net, bundle.roi, overlap, blend, True, models.device)[0]
+        acc[..., z0:z1] += _sliding(x[..., z0:z1], net, bundle.roi, overlap, blend, True, models.device,
+                                    divisor=div)[0]
     return torch.argmax(acc, dim=0).to(torch.uint8).numpy()
 
 
@@ -282,9 +289,10 @@ def infer_whole_image(vol: Any, models: ReferenceModels, bundle: Bundle) -> np.n
     import torch
 
     x = vol.as_tensor()[None].float()
-    acc = _sliding(x, models.folds[0], bundle.roi, AUTO3DSEG_OVERLAP, "gaussian", True, models.device, amp=True)[0]
+    kw: dict[str, Any] = {"amp": True, "divisor": bundle.fold_divisor}
+    acc = _sliding(x, models.folds[0], bundle.roi, AUTO3DSEG_OVERLAP, "gaussian", True, models.device, **kw)[0]
     for net in models.folds[1:]:
-        acc += _sliding(x, net, bundle.roi, AUTO3DSEG_OVERLAP, "gaussian", True, models.device, amp=True)[0]
+        acc += _sliding(x, net, bundle.roi, AUTO3DSEG_OVERLAP, "gaussian", True, models.device, **kw)[0]
     return torch.argmax(acc, dim=0).to(torch.uint8).numpy()
 
 

@@ -29,7 +29,7 @@ from flare.runtime.bundle.manifest import sha256_file
 from flare.runtime.foundation.errors import InputError
 from flare.runtime.foundation.labels import LEFT_RIGHT_PAIRS, MERGED_TO_FLARE, NUM_FLARE_IDS, NUM_MERGED_CLASSES
 
-from .sources import ExportSources, ModelSource, agreed, check_roi
+from .sources import ExportSources, ModelSource, agreed, check_roi, folds_divisor
 
 if TYPE_CHECKING:
     import torch
@@ -232,7 +232,8 @@ def auto3dseg_sources(work_dir: str | Path) -> ExportSources:
     per_fold = {src.name: s for src, s in loaded}
     spacing = agreed({k: s["spacing_mm"] for k, s in per_fold.items()}, "resample_resolution", root)
     window = agreed({k: s["hu_window"] for k, s in per_fold.items()}, "intensity_bounds", root)
-    roi = check_roi(agreed({k: s["roi"] for k, s in per_fold.items()}, "roi_size", root), root)
+    roi = check_roi(agreed({k: s["roi"] for k, s in per_fold.items()}, "roi_size", root), root,
+                    folds_divisor([src for src, _ in loaded]))
     notes = [(f"Auto3DSeg 'range' normalisation with intensity_bounds {next(iter(per_fold.values()))['bounds']} "
               f"is folded into each graph; the bundle HU window is widened to {window}")]
     if any(s["merge"] for s in per_fold.values()):

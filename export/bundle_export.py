@@ -28,7 +28,7 @@ from flare.runtime.bundle.manifest import (
 )
 from flare.runtime.foundation.errors import OutputError
 
-from .onnx_export import INPUT_NAME, OUTPUT_NAME, SPATIAL_DIVISOR, export_onnx, optimise_if_helpful
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, optimise_if_helpful
 from .sources import ExportSources, ModelSource, config_hash, flare_sources
 
 Step = Callable[[str], None]
@@ -97,7 +97,7 @@ def export_model(src: ModelSource, folder: Path, fp16: bool, opset: int,
     """Write ``<name>.fp32.onnx`` (and ``<name>.fp16.onnx``) into ``folder``; returns the bundle MODEL entry and
     the optimisation measurement."""
     step(f"{src.name}: ONNX export")
-    fp32 = export_onnx(src.net, folder / f"{src.name}.fp32.onnx", src.in_channels, opset)
+    fp32 = export_onnx(src.net, folder / f"{src.name}.fp32.onnx", src.in_channels, opset, src.spatial_divisor)
     step(f"{src.name}: graph optimisation")
     optimisation = optimise_if_helpful(fp32, src.in_channels)
     files = {"fp32": _file_entry(fp32, "float32")}
@@ -107,7 +107,7 @@ def export_model(src: ModelSource, folder: Path, fp16: bool, opset: int,
 
         files["fp16"] = _file_entry(convert_to_fp16(fp32, folder / f"{src.name}.fp16.onnx"), "float32")
     entry = model_entry(src.name, files, out_channels=src.out_channels, in_channels=src.in_channels, opset=opset,
-                        spatial_divisor=SPATIAL_DIVISOR)
+                        spatial_divisor=src.spatial_divisor)
     return entry, optimisation
 
 
@@ -125,7 +125,7 @@ def verify_models(sources: ExportSources, folder: Path, models: dict[str, dict[s
     results: dict[str, Any] = {}
     for src in sources.models:
         step(f"{src.name}: verification")
-        tiles = verification_tiles(src.in_channels, sources.hu_window, ct)
+        tiles = verification_tiles(src.in_channels, sources.hu_window, ct, src.spatial_divisor)
         refs = torch_reference(src.net, tiles)
         results[src.name] = {p: verify_file(folder / f["path"], p, tiles, refs)
                              for p, f in models[src.name]["files"].items()}
@@ -142,14 +142,15 @@ def quantize_models(sources: ExportSources, folder: Path, models: dict[str, dict
     from .verify import default_ct_path
 
     ct = default_ct_path()
-    grids: dict[tuple[Any, ...], Any] = {}  # tiles per (spacing, channels): the folds share theirs
+    grids: dict[tuple[Any, ...], Any] = {}  # tiles per (spacing, channels, divisor): the folds share theirs
     results: dict[str, Any] = {}
     for src in sources.models:
         step(f"{src.name}: int8 calibration + verification")
         spacing = sources.locator_spacing_mm if src.role == "locator" else sources.spacing_mm
-        key = (tuple(spacing), src.in_channels)
+        key = (tuple(spacing), src.in_channels, src.spatial_divisor)
         if key not in grids:
-            grids[key] = tile_set(calibration, ct, spacing, sources.hu_window, src.in_channels)
+            grids[key] = tile_set(calibration, ct, spacing, sources.hu_window, src.in_channels,
+                                  divisor=src.spatial_divisor)
         fp32 = folder / models[src.name]["files"]["fp32"]["path"]
         dst = folder / f"{src.name}.int8.onnx"
         results[src.name] = quantize_model(fp32, dst, grids[key], gate=gate, optional=src.role == "locator")

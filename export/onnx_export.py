@@ -2,7 +2,9 @@
 it measurably helps.
 
 The graph takes ``image`` ``(1, in_channels, X, Y, Z)`` and returns ``logits`` ``(1, out_channels, X, Y, Z)``;
-X, Y, Z are dynamic and must be divisible by the spatial divisor (16 for the 5-level SegResNetDS).
+X, Y, Z are dynamic and must be divisible by the network's spatial divisor
+(:func:`flare.train.networks.spatial_divisor`: 16 for the 5-level SegResNetDS, 8 for the 4-level one), which the
+bundle records per model.
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-SPATIAL_DIVISOR = 16
 #: the optimised graph is kept only when it is at least 10 % faster (load + one tile): below that is timing noise
 KEEP_RATIO = 0.9
 
 
-def export_onnx(net: torch.nn.Module, path: Path, in_channels: int, opset: int = 17) -> Path:
-    """Trace ``net`` (eval, fp32) on a small dummy tile and write an ONNX file with dynamic X, Y, Z."""
+def export_onnx(net: torch.nn.Module, path: Path, in_channels: int, opset: int = 17, divisor: int = 16) -> Path:
+    """Trace ``net`` (eval, fp32) on a small dummy tile (sides twice its spatial ``divisor``) and write an ONNX file
+    with dynamic X, Y, Z."""
     import onnx
     import torch
 
-    dummy = torch.zeros(1, in_channels, *(2 * SPATIAL_DIVISOR,) * 3)
+    dummy = torch.zeros(1, in_channels, *(2 * divisor,) * 3)
     axes = {2: "x", 3: "y", 4: "z"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and training-mode notices

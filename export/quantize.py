@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from flare.runtime.foundation.errors import FlareError, InputError
 
-from .onnx_export import INPUT_NAME, SPATIAL_DIVISOR, ort_session
+from .onnx_export import INPUT_NAME, ort_session
 
 QUANT_OPS = ("Conv", "ConvTranspose")
 #: agreement of the int8 argmax with the fp32 argmax, over all voxels of the verification tiles
@@ -83,10 +83,10 @@ def case_volume(path: Path, spacing_mm: Sequence[float], hu_window: tuple[float,
 
 
 def case_tiles(vol: np.ndarray, in_channels: int, side: int = TILE_SIDE,
-               max_tiles: int = MAX_TILES_PER_CASE) -> list[np.ndarray]:
+               max_tiles: int = MAX_TILES_PER_CASE, divisor: int = 16) -> list[np.ndarray]:
     """Non-overlapping ``side``³ tiles of ``vol`` (zero-padded: 0 is air after the HU window), the ``max_tiles`` with
     the most tissue (non-zero voxels), as ``(1, in_channels, side, side, side)`` float32."""
-    side = -(-side // SPATIAL_DIVISOR) * SPATIAL_DIVISOR
+    side = -(-side // divisor) * divisor  # the network's spatial divisor
     grid = [range(0, max(n, 1), side) for n in vol.shape]
     tiles: list[tuple[int, np.ndarray]] = []
     for x in grid[0]:
@@ -132,8 +132,9 @@ def split_cases(paths: Sequence[str | Path], extra_verification: Path | None) ->
 
 
 def tile_set(cases: Sequence[Path], extra_verification: Path | None, spacing_mm: Sequence[float],
-             hu_window: tuple[float, float], in_channels: int, side: int = TILE_SIDE) -> TileSet:
-    """Calibration and verification tiles of one model grid (see :func:`split_cases`)."""
+             hu_window: tuple[float, float], in_channels: int, side: int = TILE_SIDE, divisor: int = 16) -> TileSet:
+    """Calibration and verification tiles of one model grid (see :func:`split_cases`); sides ``side`` rounded up to
+    the model's spatial ``divisor``."""
     calib, verify = split_cases(cases, extra_verification)
     volumes: dict[Path, np.ndarray] = {}
 
@@ -144,7 +145,7 @@ def tile_set(cases: Sequence[Path], extra_verification: Path | None, spacing_mm:
         for i, p in enumerate(paths):
             if p not in volumes:
                 volumes[p] = case_volume(p, spacing_mm, hu_window)
-            new = case_tiles(volumes[p], in_channels, side)
+            new = case_tiles(volumes[p], in_channels, side, divisor=divisor)
             out += new
             case_of.extend([i] * len(new))
         return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,13 @@ class ModelSource:
     checkpoint: Path  # absolute path of the weights file
     config: dict[str, Any]
     config_sha256: str
+
+    @property
+    def spatial_divisor(self) -> int:
+        """The network's spatial divisor (:func:`flare.train.networks.spatial_divisor` of ``config["network"]``)."""
+        from flare.train.networks import spatial_divisor
+
+        return spatial_divisor(self.config["network"])
 
 
 @dataclass
@@ -61,7 +69,12 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def check_roi(roi: Any, where: Path, divisor: int = 16) -> tuple[int, int, int]:
+def folds_divisor(folds: list[ModelSource]) -> int:
+    """The spatial divisor the folds' common ROI must respect (the least common multiple of theirs)."""
+    return math.lcm(*(m.spatial_divisor for m in folds))
+
+
+def check_roi(roi: Any, where: Path, divisor: int) -> tuple[int, int, int]:
     """A 3-side ROI whose sides are positive multiples of ``divisor`` (the networks' spatial divisor)."""
     try:
         out = tuple(int(v) for v in roi)
@@ -118,7 +131,8 @@ def flare_sources(ckpt_dir: str | Path) -> ExportSources:
     spacing = agreed({k: [float(v) for v in c.get("spacing_mm", [1, 1, 1])] for k, c in cfgs.items()},
                      "spacing_mm", root)
     hu = agreed({k: [float(v) for v in c.get("hu_window", [-250, 250])] for k, c in cfgs.items()}, "hu_window", root)
-    roi = check_roi(agreed({k: c.get("roi", [224, 224, 224]) for k, c in cfgs.items()}, "roi", root), root)
+    roi = check_roi(agreed({k: c.get("roi", [224, 224, 224]) for k, c in cfgs.items()}, "roi", root), root,
+                    folds_divisor(folds))
     src = ExportSources(root=root, kind="flare", folds=folds, locator=locator, spacing_mm=tuple(spacing),
                         hu_window=(hu[0], hu[1]), roi=roi,
                         profile=agreed({k: (c.get("training_config") or {}).get("profile") for k, c in cfgs.items()},
@@ -127,5 +141,5 @@ def flare_sources(ckpt_dir: str | Path) -> ExportSources:
         lc = locator.config
         src.locator_spacing_mm = tuple(float(v) for v in lc.get("spacing_mm", [4, 4, 4]))  # type: ignore[assignment]
         src.locator_margin_mm = float(lc.get("locator_margin_mm", 20.0))
-        src.locator_roi = check_roi(lc.get("roi", [128, 128, 128]), locator.checkpoint)
+        src.locator_roi = check_roi(lc.get("roi", [128, 128, 128]), locator.checkpoint, locator.spatial_divisor)
     return src

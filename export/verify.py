@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flare.runtime.foundation.errors import FlareError
 
-from .onnx_export import INPUT_NAME, SPATIAL_DIVISOR, ort_session
+from .onnx_export import INPUT_NAME, ort_session
 
 if TYPE_CHECKING:
     import torch
@@ -49,13 +49,11 @@ def default_ct_path() -> Path | None:
     return next((c / CT_NAME for c in candidates if (c / CT_NAME).is_file()), None)
 
 
-def _ceil16(n: int) -> int:
-    return -(-n // SPATIAL_DIVISOR) * SPATIAL_DIVISOR
-
-
-def ct_tile(path: Path, hu_window: tuple[float, float], in_channels: int, max_side: int = 48) -> Tile:
-    """A centre tile of the CT (sides ≤ ``max_side``, padded with 0 up to multiples of 16), normalised with the
-    bundle's HU window exactly as the runtime does; the channel is repeated for multi-channel models."""
+def ct_tile(path: Path, hu_window: tuple[float, float], in_channels: int, max_side: int = 48,
+            divisor: int = 16) -> Tile:
+    """A centre tile of the CT (sides ≤ ``max_side``, padded with 0 up to multiples of the network's spatial
+    ``divisor``), normalised with the bundle's HU window exactly as the runtime does; the channel is repeated for
+    multi-channel models."""
     import nibabel as nib
 
     data = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)  # type: ignore[attr-defined]
@@ -64,17 +62,18 @@ def ct_tile(path: Path, hu_window: tuple[float, float], in_channels: int, max_si
     sides = [min(max_side, s) for s in data.shape]
     starts = [(s - t) // 2 for s, t in zip(data.shape, sides)]
     crop = data[tuple(slice(a, a + t) for a, t in zip(starts, sides))]
-    tile = np.zeros([_ceil16(t) for t in sides], np.float32)
+    tile = np.zeros([-(-t // divisor) * divisor for t in sides], np.float32)
     tile[: sides[0], : sides[1], : sides[2]] = crop
     arr = np.repeat(tile[None, None], in_channels, axis=1)
     return Tile(f"CT {path.name} {'x'.join(map(str, tile.shape))}", np.ascontiguousarray(arr))
 
 
-def random_tiles(in_channels: int, seed: int = 0) -> list[Tile]:
-    """Uniform noise in [0, 1] (the normalised range) on a cube and on a non-cubic tile (exercises dynamic axes)."""
+def random_tiles(in_channels: int, seed: int = 0, divisor: int = 16) -> list[Tile]:
+    """Uniform noise in [0, 1] (the normalised range) on a cube and on a non-cubic tile whose sides are 1, 2 and 3
+    times the network's spatial ``divisor`` (exercises dynamic axes and the declared divisor)."""
     rng = np.random.default_rng(seed)
     return [Tile(f"random {'x'.join(map(str, s))}", rng.random((1, in_channels, *s), dtype=np.float32))
-            for s in ((32, 32, 32), (16, 32, 48))]
+            for s in ((32, 32, 32), (divisor, 2 * divisor, 3 * divisor))]
 
 
 def compare(onnx_out: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
@@ -125,8 +124,9 @@ def verify_file(path: Path, precision: str, tiles: list[Tile], refs: list[np.nda
     return {"passed": True, "tolerance": TOLERANCE[precision], "checks": checks}
 
 
-def verification_tiles(in_channels: int, hu_window: tuple[float, float], ct: Path | None) -> list[Tile]:
-    tiles = random_tiles(in_channels)
+def verification_tiles(in_channels: int, hu_window: tuple[float, float], ct: Path | None,
+                       divisor: int = 16) -> list[Tile]:
+    tiles = random_tiles(in_channels, divisor=divisor)
     if ct is not None:
-        tiles.append(ct_tile(ct, hu_window, in_channels))
+        tiles.append(ct_tile(ct, hu_window, in_channels, divisor=divisor))
     return tiles

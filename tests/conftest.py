@@ -16,6 +16,7 @@ DATA = Path(os.environ["FLARE_SHARED_DATA"]) if os.environ.get("FLARE_SHARED_DAT
 
 TINY_FOLD_NET = {"name": "SegResNetDS", "init_filters": 4, "blocks_down": [1, 1, 1, 1, 1], "in_channels": 1,
                  "out_channels": 13, "norm": "batch", "dsdepth": 1}
+TINY4_FOLD_NET = {**TINY_FOLD_NET, "blocks_down": [1, 1, 1, 1]}  # 4 levels (the cpu recipe's depth): divisor 8
 TINY_LOCATOR_NET = {"name": "SegResNet", "init_filters": 4, "blocks_down": [1, 1, 1, 1], "in_channels": 1,
                     "out_channels": 1, "norm": "batch"}
 TINY_SPACING = [3.0, 3.0, 3.0]
@@ -59,13 +60,22 @@ def _randomise_batchnorm(net, seed: int) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> Path:
     """CKPT_DIR with a tiny locator and 2 tiny folds in the flare.train.checkpoints layout (random weights)."""
+    return _tiny_checkpoints(tmp_path_factory.mktemp("tiny_ckpt"), TINY_FOLD_NET)
+
+
+@pytest.fixture(scope="session")
+def tiny4_checkpoints(tmp_path_factory) -> Path:
+    """As ``tiny_checkpoints`` with 4-level folds (spatial divisor 8, like the cpu recipe's network)."""
+    return _tiny_checkpoints(tmp_path_factory.mktemp("tiny4_ckpt"), TINY4_FOLD_NET)
+
+
+def _tiny_checkpoints(root: Path, fold_net: dict) -> Path:
     import torch
     from flare.train.checkpoints import save_checkpoint
     from flare.train.networks import build_network
 
-    root = tmp_path_factory.mktemp("tiny_ckpt")
-    for role, fold, spec, seed in (("locator", None, TINY_LOCATOR_NET, 0), ("fold", 0, TINY_FOLD_NET, 1),
-                                   ("fold", 1, TINY_FOLD_NET, 2)):
+    for role, fold, spec, seed in (("locator", None, TINY_LOCATOR_NET, 0), ("fold", 0, fold_net, 1),
+                                   ("fold", 1, fold_net, 2)):
         torch.manual_seed(seed)
         net = build_network(spec).eval()
         _randomise_batchnorm(net, seed)
@@ -121,6 +131,14 @@ def parity_bundle(tiny_checkpoints: Path, tmp_path_factory) -> Path:
     from parity_support import build_parity_bundle
 
     return build_parity_bundle(tiny_checkpoints, tmp_path_factory.getbasetemp() / "parity")
+
+
+@pytest.fixture
+def parity_bundle4(tiny4_checkpoints: Path, tmp_path_factory) -> Path:
+    """The re-biased bundle of parity_support with 4-level folds (``spatial_divisor`` 8) and 64^3 tiles."""
+    from parity_support import build_parity_bundle
+
+    return build_parity_bundle(tiny4_checkpoints, tmp_path_factory.getbasetemp() / "parity4", roi=(64, 64, 64))
 
 
 @pytest.fixture(scope="session")

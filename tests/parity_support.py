@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,8 +54,16 @@ def _recalibrate(src: Path, dst: Path) -> None:
         save_checkpoint(folder, net, cfg)
 
 
-def build_parity_bundle(tiny_checkpoints: Path, root: Path) -> Path:
-    """A bundle (fp32 ONNX) and its checkpoint folder with re-biased tiny nets under ``root`` (reused if there)."""
+def _divisor(folder: Path) -> int:
+    """The checkpoint's network's spatial divisor, as flare-export writes it."""
+    from flare.train.networks import spatial_divisor
+
+    return spatial_divisor(json.loads((folder / "config.json").read_text())["network"])
+
+
+def build_parity_bundle(tiny_checkpoints: Path, root: Path, roi: tuple[int, int, int] = (32, 32, 32)) -> Path:
+    """A bundle (fp32 ONNX) and its checkpoint folder with re-biased tiny nets under ``root`` (reused if there);
+    each model declares its network's true spatial divisor (locator 8, folds 16 or 8)."""
     from flare.runtime.bundle.manifest import model_entry, new_bundle_json, write_bundle_json
 
     ckpt, bundle = root / "ckpt", root / "bundle"
@@ -62,12 +71,13 @@ def build_parity_bundle(tiny_checkpoints: Path, root: Path) -> Path:
         return bundle
     _recalibrate(tiny_checkpoints, ckpt)
     bundle.mkdir(parents=True)
-    loc = model_entry("locator", {"fp32": _export_onnx(ckpt / "locator", bundle / "locator.fp32.onnx")}, out_channels=1)
+    loc = model_entry("locator", {"fp32": _export_onnx(ckpt / "locator", bundle / "locator.fp32.onnx")}, out_channels=1,
+                      spatial_divisor=_divisor(ckpt / "locator"))
     folds = [model_entry(f"fold{k}", {"fp32": _export_onnx(ckpt / f"fold{k}", bundle / f"fold{k}.fp32.onnx")},
-                         out_channels=13) for k in (0, 1)]
+                         out_channels=13, spatial_divisor=_divisor(ckpt / f"fold{k}")) for k in (0, 1)]
     # coarser than the tiny bundle (6 mm, 32^3 tiles) to keep the tests fast; the nets are fully convolutional
     doc = new_bundle_json(folds, loc, spacing_mm=(6.0, 6.0, 6.0), locator_spacing_mm=(8.0, 8.0, 8.0),
-                          roi=(32, 32, 32), locator_roi=(32, 32, 32), provenance={"checkpoint_dir": str(ckpt)})
+                          roi=roi, locator_roi=(32, 32, 32), provenance={"checkpoint_dir": str(ckpt)})
     write_bundle_json(bundle, doc)
     return bundle
 

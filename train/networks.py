@@ -40,5 +40,14 @@ def build_network(spec: dict[str, Any]) -> torch.nn.Module:
     raise ValueError(f"unknown network {name!r} (expected SegResNetDS or SegResNet)")
 
 
+def spatial_divisor(spec: dict[str, Any]) -> int:
+    """What every tile side of the network described by ``spec`` must be a multiple of: ``2 ** (levels - 1)``, one
+    halving per level after the first (MONAI ``SegResNetDS.shape_factor()``; the same for ``SegResNet``) — 16 for
+    the 5-level flare23 network, 8 for the 4-level CPU/locator networks."""
+    if spec.get("name") not in ("SegResNetDS", "SegResNet"):
+        raise ValueError(f"unknown network {spec.get('name')!r} (expected SegResNetDS or SegResNet)")
+    return int(2 ** (len(spec["blocks_down"]) - 1))
+
+
 def count_parameters(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,12 @@ class Bundle:
     @property
     def precisions(self) -> tuple[str, ...]:
         return tuple(p for p in PRECISIONS if all(p in m.files for m in self.folds))
+
+    @property
+    def fold_divisor(self) -> int:
+        """The folds' tile sides must be multiples of this: the least common multiple of their ``spatial_divisor``
+        (16 for the 5-level SegResNetDS, 8 for the 4-level one; bundles without the key: 16)."""
+        return math.lcm(*(m.spatial_divisor for m in self.folds))
 
 
 def default_bundle_dir() -> Path:

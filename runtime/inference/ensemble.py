@@ -517,7 +517,8 @@ class _Fold0OnPass1Grid:
 def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp: ModuleType = np, *,
                    overlap: float = 0.0, blend: str = "constant", spacing_z: float = 1.0, z_crop: bool = True,
                    park_dtype: Any = None, progress: Progress | None = None,
-                   on_tile: Callable[[], None] | None = None, group: int | None = None) -> EnsembleResult:
+                   on_tile: Callable[[], None] | None = None, group: int | None = None,
+                   divisor: int = 16) -> EnsembleResult:
     """The fold ensemble over ``volume`` (X, Y, Z normalised float32 on ``xp``'s device or the host): uint8 merged
     labels on the host. With several folds and ``z_crop``: pass 1 runs fold 0 alone (its labels decide the
     abdominal z-range), pass 2 runs folds 1..N-1 tile-major on that range, on top of fold 0's probabilities there.
@@ -532,16 +533,17 @@ def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp
 
     ``group`` (the memory plan's ``grouped`` design, fewer than ``len(engines)``): :func:`_grouped` instead — at
     most ``group`` engines are used together (``engines`` may create them on access and drop others:
-    :class:`flare.runtime.inference.sessions.FoldSessions`).
+    :class:`flare.runtime.inference.sessions.FoldSessions`). ``divisor``: the folds' spatial divisor (the
+    bundle's :attr:`~flare.runtime.bundle.manifest.Bundle.fold_divisor`): tiles are padded up to its multiples.
     """
     if not engines:
         raise ValueError("at least one fold engine is needed")
     if group is not None and group < len(engines):
         return _grouped(volume, engines, roi, xp, group, overlap=overlap, blend=blend, spacing_z=spacing_z,
-                        z_crop=z_crop, park_dtype=park_dtype, progress=progress, on_tile=on_tile)
+                        z_crop=z_crop, park_dtype=park_dtype, progress=progress, on_tile=on_tile, divisor=divisor)
     runners = [tile_runner(e, xp) for e in engines]
     kw: dict[str, Any] = {"channels": engines[0].out_channels, "overlap": overlap, "blend": blend,
-                          "progress": progress, "on_tile": on_tile}
+                          "progress": progress, "on_tile": on_tile, "divisor": divisor}
     n = len(engines)
     on_host = xp is np
     census = None if on_host else _Census(volume.shape, kw["channels"], xp)  # the device counts, not the host
@@ -575,7 +577,7 @@ def infer_ensemble(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp
 
 def _grouped(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp: ModuleType, group: int, *,
              overlap: float, blend: str, spacing_z: float, z_crop: bool, park_dtype: Any, progress: Progress | None,
-             on_tile: Callable[[], None] | None) -> EnsembleResult:
+             on_tile: Callable[[], None] | None, divisor: int = 16) -> EnsembleResult:
     """The ensemble with at most ``group`` engines in use at a time (the ``grouped`` design of the memory plan):
     fold-major across groups, tile-major within a group, as the paper's ensemble accumulated. Pass 1 runs fold 0
     alone (with the z-crop; else the first group) and keeps its blended softmax in a host accumulator
@@ -589,7 +591,7 @@ def _grouped(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp: Modu
     rest = list(range(len(first), n))
     groups = [first] + [rest[i:i + group] for i in range(0, len(rest), group)]
     kw: dict[str, Any] = {"channels": engines[0].out_channels, "overlap": overlap, "blend": blend,
-                          "progress": progress, "on_tile": on_tile}
+                          "progress": progress, "on_tile": on_tile, "divisor": divisor}
 
     def runners(idx: list[int]) -> list[TileRunner]:
         return [tile_runner(engines[i], xp) for i in idx]  # engines[i] may create the session (and drop another)
@@ -617,17 +619,17 @@ def _grouped(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp: Modu
                           boxes=None if census is None else census.boxes())
 
 
-def planned_tiles(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float) -> int:
+def planned_tiles(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float, divisor: int = 16) -> int:
     """Number of tiles one fold needs for ``shape`` (for progress totals)."""
-    return plan_tiles(shape, effective_roi(shape, roi), overlap).n_tiles
+    return plan_tiles(shape, effective_roi(shape, roi, divisor), overlap).n_tiles
 
 
 def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequence[int], xp: ModuleType = np, *,
                       plan: Any = None, overlap: float = 0.0, blend: str = "constant",
                       spacing_z: float = 1.0, progress: Progress | None = None,
                       on_tile: Callable[[], None] | None = None,
-                      on_cpu: Callable[[], EnsembleResult] | None = None, group: int | None = None
-                      ) -> tuple[EnsembleResult, dict[str, Any]]:
+                      on_cpu: Callable[[], EnsembleResult] | None = None, group: int | None = None,
+                      divisor: int = 16) -> tuple[EnsembleResult, dict[str, Any]]:
     """:func:`infer_ensemble` under the memory plan (:class:`flare.runtime.inference.memory_plan.MemoryPlan`):
     its tiles (the bundle's roi when no memory model applies — the CPU), retried with smaller tiles on
     out-of-memory errors, then ``on_cpu()``. Returns the result and a report part:
@@ -638,7 +640,7 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
     applies = plan is not None and plan.applies
     rois: list[tuple[int, ...]] = [tuple(int(r) for r in bundle_roi)]
     if applies:
-        rois = list(plan.rois(volume.shape, overlap=overlap, channels=engines[0].out_channels))
+        rois = list(plan.rois(volume.shape, overlap=overlap, channels=engines[0].out_channels, divisor=divisor))
     peak = DeviceMemoryPeak(getattr(engines[0], "device_id", 0)) if applies else None
     fallback: list[str] = []
     tried: list[list[int]] = []
@@ -652,7 +654,7 @@ def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequenc
     def attempt(roi: tuple[int, int, int]) -> EnsembleResult:
         tried.append(list(roi))
         return infer_ensemble(volume, engines, roi, xp, overlap=overlap, blend=blend, spacing_z=spacing_z,
-                              progress=progress, on_tile=sample, group=group)
+                              progress=progress, on_tile=sample, group=group, divisor=divisor)
 
     alive = getattr(engines, "alive_engines", None)  # a session pool: shrink what is alive, make nothing
     result = run_with_fallback(attempt, rois, on_cpu, record=fallback,

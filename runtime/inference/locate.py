@@ -37,17 +37,19 @@ def locate(data_ras: Any, spacing: tuple[float, float, float], engine: Any, *,
            locator_spacing: tuple[float, float, float], roi: tuple[int, int, int], margin_mm: float,
            hu_window: tuple[float, float], xp: ModuleType = np,
            choose_rois: Callable[[tuple[int, int, int]], Sequence[tuple[int, int, int]]] | None = None,
-           on_cpu: Callable[[], Any] | None = None) -> LocateResult:
+           on_cpu: Callable[[], Any] | None = None, divisor: int = 16) -> LocateResult:
     """Crop box (in the RAS voxel grid of ``data_ras``) around the locator's organ union, full z. ``data_ras`` is an
     array of ``xp`` (the uploaded image on the device): resampling and normalisation run where it lives.
 
     The locator runs through the same tile-major core as the folds (raw logits, organ mask decided per tile).
     ``choose_rois(coarse_shape)`` gives the tiles to try under the memory budget (default: ``roi``); an
-    out-of-memory error retries with the next, then runs ``on_cpu()``'s engine on the host."""
+    out-of-memory error retries with the next, then runs ``on_cpu()``'s engine on the host. ``divisor``: the
+    locator's ``spatial_divisor`` (tiles are padded up to its multiples)."""
     coarse = output_shape(data_ras.shape, spacing, locator_spacing)
     small = resample_linear(data_ras, coarse, xp)
     normalise_hu(small, hu_window, out=small, xp=xp)
-    kw: dict[str, Any] = {"channels": engine.out_channels, "activation": "none", "decide": foreground_uint8}
+    kw: dict[str, Any] = {"channels": engine.out_channels, "activation": "none", "decide": foreground_uint8,
+                          "divisor": divisor}
 
     def attempt(tile: tuple[int, int, int]) -> Any:
         return tiled_labels(small, [tile_runner(engine, xp)], tile, xp, **kw)

@@ -201,8 +201,9 @@ class MemoryPlan:
         return self.design
 
     def rois(self, shape: Sequence[int], max_roi: Sequence[int] | None = None, overlap: float = 0.0,
-             channels: int | None = None) -> list[Roi]:
-        """Tiles to try for a crop of ``shape`` (best first; smaller ones for out-of-memory retries). Before
+             channels: int | None = None, divisor: int = 16) -> list[Roi]:
+        """Tiles to try for a crop of ``shape`` (best first; smaller ones for out-of-memory retries; sides multiples
+        of the model's ``divisor``). Before
         :meth:`measure_sessions` (or without NVML) from the modelled peak; after it from what is left."""
         assert self.key is not None, "rois() needs a plan that applies"
         budget = self.budget_mb
@@ -211,7 +212,7 @@ class MemoryPlan:
             budget = self.budget_mb - self.after_sessions_mb + fixed
         elif self.design.sessions_mb is not None:  # estimated: the design's sessions replace it
             budget = self.budget_mb - self.design.sessions_mb + fixed
-        kwargs: dict[str, Any] = {"channels": channels or self.channels, "overlap": overlap}
+        kwargs: dict[str, Any] = {"channels": channels or self.channels, "overlap": overlap, "divisor": divisor}
         if max_roi is not None:
             kwargs["max_roi"] = tuple(max_roi)
         return candidate_rois(max(budget, 1.0), shape, *self.key, arena_mb=self.arena_mb, **kwargs)

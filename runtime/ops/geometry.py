@@ -111,11 +111,16 @@ def crop(arr: np.ndarray, box: Box) -> np.ndarray:
     return arr[box.slices]
 
 
-def uncrop(arr: np.ndarray, box: Box, full_shape: Shape, fill: float = 0) -> np.ndarray:
-    """Place ``arr`` (shaped like ``box``) into a new array of ``full_shape`` filled with ``fill``."""
+def uncrop(arr: np.ndarray, box: Box, full_shape: Shape, fill: float = 0, into: np.ndarray | None = None
+           ) -> np.ndarray:
+    """Place ``arr`` (shaped like ``box``) into a new array of ``full_shape`` filled with ``fill``, or into ``into``
+    (an array or view of that shape that already holds the fill, e.g. a reoriented view of an F-ordered array)."""
     if tuple(arr.shape[:3]) != box.shape:
         raise ValueError(f"uncrop: array shape {arr.shape} does not match box shape {box.shape}")
-    out = np.full(tuple(int(n) for n in full_shape[:3]) + tuple(arr.shape[3:]), fill, dtype=arr.dtype)
+    shape = tuple(int(n) for n in full_shape[:3]) + tuple(arr.shape[3:])
+    if into is not None and tuple(into.shape) != shape:
+        raise ValueError(f"uncrop: target shape {into.shape} does not match {shape}")
+    out = np.full(shape, fill, dtype=arr.dtype) if into is None else into
     out[box.slices] = arr
     return out
 

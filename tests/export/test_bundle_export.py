@@ -32,6 +32,8 @@ def test_bundle_loads_with_both_precisions(exported: Path, tiny_checkpoints: Pat
     assert b.locator_spacing_mm == (6.0, 6.0, 6.0) and b.locator_margin_mm == 20.0
     assert b.roi == (64, 64, 64) and b.locator_roi == (32, 32, 32)
     assert b.folds[0].out_channels == 13 and b.locator.out_channels == 1
+    # each network's own divisor: the 4-level SegResNet locator 8, the 5-level SegResNetDS folds 16
+    assert b.locator.spatial_divisor == 8 and [m.spatial_divisor for m in b.folds] == [16, 16] and b.fold_divisor == 16
     for m in (b.locator, *b.folds):
         for f in m.files.values():
             assert (f.input_name, f.output_name, f.input_dtype, f.output_dtype) == ("image", "logits", "float32",
@@ -151,7 +153,7 @@ def test_non_finite_output_fails_export(tmp_path: Path) -> None:
     with torch.no_grad():
         net.weight.fill_(float("inf"))
         net.weight[0] = -float("inf")  # inf - inf = NaN downstream of any sum
-    src = ModelSource("fold0", "fold", net, 1, 13, tmp_path / "x.pt", {}, "0")
+    src = ModelSource("fold0", "fold", net, 1, 13, tmp_path / "x.pt", {"network": TINY_FOLD_NET}, "0")
     sources = ExportSources(root=tmp_path, kind="flare", folds=[src], locator=None, spacing_mm=(1.0, 1.0, 1.0),
                             hu_window=(-250.0, 250.0), roi=(32, 32, 32))
     (tmp_path / "x.pt").write_bytes(b"x")
@@ -244,3 +246,18 @@ def test_model_card_from_training_or_derived_and_card_option(tiny_checkpoints: P
     r = _cli(str(ckpt), "-o", str(tmp_path / "c"), "--no-verify", "-q", "--card", str(card))
     assert r.returncode == 2 and "not a valid model card" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_four_level_folds_declare_divisor_8(tiny4_checkpoints: Path, tmp_path: Path) -> None:
+    """The cpu recipe's depth: 4-level folds get spatial_divisor 8, their ROI may be a multiple of 8 only, and the
+    verification's non-cubic random tile is 8x16x24 (run through ONNX Runtime against PyTorch)."""
+    from flare.export.bundle_export import export_sources
+    from flare.export.sources import flare_sources
+
+    src = flare_sources(tiny4_checkpoints)
+    src.roi = (56, 56, 56)
+    out = export_sources(src, tmp_path / "b", progress=False)
+    b = load_bundle(out)
+    assert [m.spatial_divisor for m in b.folds] == [8, 8] and b.fold_divisor == 8 and b.roi == (56, 56, 56)
+    checked = [c["tile"] for c in b.raw["verification"]["models"]["fold0"]["fp32"]["checks"]]
+    assert "random 8x16x24" in checked, checked

@@ -107,3 +107,17 @@ def test_hashes_cached_per_file_version_and_only_for_the_loaded_precision(tiny_b
         assert not (ro / HASH_CACHE_NAME).exists() and list((tmp_path / "cache" / "flare" / "sha256").glob("*.json"))
     finally:
         os.chmod(ro, 0o755)
+
+
+@pytest.mark.parametrize("edit, divisor", [
+    (lambda d: None, 16),  # every model 16: the tiny 5-level folds (and bundles written before divisors per network)
+    (lambda d: [f.update(spatial_divisor=8) for f in d["folds"]], 8),  # 4-level folds
+    (lambda d: d["folds"][0].update(spatial_divisor=8), 16),  # mixed: tiles must suit every fold
+    (lambda d: [f.pop("spatial_divisor") for f in d["folds"]], 16),  # the key missing: 16
+])
+def test_fold_divisor(tiny_bundle: Path, tmp_path: Path, edit, divisor: int) -> None:
+    b = _copy(tiny_bundle, tmp_path)
+    doc = json.loads((b / "bundle.json").read_text())
+    edit(doc)
+    (b / "bundle.json").write_text(json.dumps(doc))
+    assert load_bundle(b).fold_divisor == divisor

@@ -53,6 +53,7 @@ def test_orientation_and_axis_order_equivariance(segmenter, abdomen, tmp_path: P
     nib.save(moved, path)
     out = tmp_path / "seg.nii.gz"
     labels = _segment_and_write(segmenter, path, out).labels
+    assert labels.flags.f_contiguous  # NIfTI's voxel order in the input grid: the writer copies without transposing
     written = nib.load(out)
     assert written.shape == moved.shape and nib.aff2axcodes(written.affine) == tuple(codes)
     np.testing.assert_allclose(written.affine, moved.affine, atol=1e-5)
