@@ -77,7 +77,9 @@ def role_config(cfg: dict[str, Any], role: str) -> dict[str, Any]:
         return {k: v for k, v in cfg.items() if k != "locator"}
     if role == "locator":
         base = {k: v for k, v in cfg.items() if k not in ("locator", "stage2")}
-        base["validation"] = {k: v for k, v in cfg["validation"].items() if k != "roi"}  # the folds' tile
+        # per-class and per-tile settings of the folds (13 classes, their tile) are not the locator's
+        base["validation"] = {k: v for k, v in cfg["validation"].items() if k != "roi"}
+        base["train"] = {k: v for k, v in cfg["train"].items() if k not in ("class_weights", "crop_ratios")}
         return deep_merge(base, cfg["locator"])
     raise ValueError(f"unknown role {role!r}")
 

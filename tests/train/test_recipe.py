@@ -53,6 +53,9 @@ def test_inference_tile_apart_from_the_training_crop() -> None:
     assert infer_roi(loc) == loc["roi"] == checkpoint_config(cfg, "locator", None, None)["roi"]
     cfg["locator"]["validation"] = {"roi": [96, 96, 96]}
     assert infer_roi(role_config(cfg, "locator")) == [96] * 3
+    weighted = load_config("tiny", {"train": {"class_weights": [1] * 13, "crop_ratios": [1] * 15}})
+    assert "class_weights" not in role_config(weighted, "locator")["train"]  # 13 classes: the folds' only
+    assert "crop_ratios" not in role_config(weighted, "locator")["train"]
     plain = role_config(load_config("tiny"), "fold")
     assert infer_roi(plain) == plain["roi"]  # no validation.roi: the training crop
 
