@@ -47,11 +47,13 @@ def test_class_weights_scale_a_class_in_the_loss() -> None:
     with_7 = torch.randint(0, 13, (2, 1, 8, 8, 8))
     w = [1.0] * 13
     w[7] = 5.0
-    plain, weighted = make_loss(load_config("demo")), make_loss(load_config("demo", {"train": {"class_weights": w}}))
+    plain = make_loss(load_config("tiny"))  # DiceCE without class weights (demo has its own weights)
+    weighted = make_loss(load_config("tiny", {"train": {"class_weights": w}}))
+    assert plain.loss.cross_entropy.weight is None
     assert float(weighted(logits, with_7)) > float(plain(logits, with_7))
     assert weighted.loss.cross_entropy.weight[7] == 5.0 and weighted.loss.dice.class_weight[7] == 5.0
     with pytest.raises(ValueError, match="13 positive numbers"):
-        make_loss(load_config("demo", {"train": {"class_weights": [1.0, 2.0]}}))
+        make_loss(load_config("tiny", {"train": {"class_weights": [1.0, 2.0]}}))
 
 
 def test_whole_case_prediction_uses_the_inference_tile() -> None:
