@@ -282,13 +282,15 @@ def heldout_entries(test_dir: Path) -> list[dict[str, Any]]:
 
 def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof", folds: int = 1,
               train_cases: int = 40, test_cases: int = 12, naive: bool = True, curve: bool = True,
-              overrides: dict[str, Any] | None = None, size: int = PHANTOM_SIZE, threads: int = 2, say: Say = _quiet,
-              command: str = "") -> dict[str, Any]:
+              overrides: dict[str, Any] | None = None, size: int = PHANTOM_SIZE, threads: int | None = None,
+              say: Say = _quiet, command: str = "") -> dict[str, Any]:
     """The whole proof; returns (and writes to ``OUT/proof.json``) the results, ``OUT/curve.png``, ``OUT/proof.md``.
-    The naive run trains in a second process beside the two-stage run, each with ``threads`` torch threads."""
+    The naive run trains in a second process beside the two-stage run, each with ``threads`` torch threads
+    (default: the CPUs shared between the processes — on 2 cores 1 each; 2 each made both runs 3-5x slower)."""
     from flare.train.config import load_config
     from flare.train.run import run_all
 
+    threads = threads or max(1, (os.cpu_count() or 2) // (2 if naive else 1))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config, overrides)
