@@ -161,13 +161,6 @@ def _shape_at(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[
     return tuple(int(v) for v in output_shape(tuple(shape), tuple(spacing), tuple(target)))  # type: ignore[return-value]
 
 
-def effective_roi(roi: tuple[int, ...], size: tuple[int, ...], divisor: int = 16) -> tuple[int, int, int]:
-    """Per axis ``min(roi, size rounded up to the model's spatial divisor)``: never a tile bigger than the volume
-    needs."""
-    out = tuple(min(int(r), int(math.ceil(s / divisor) * divisor)) for r, s in zip(roi, size))
-    return out  # type: ignore[return-value]
-
-
 def _window(image_1xyz: Any, hu: tuple[float, float]) -> Any:
     from monai.transforms import ScaleIntensityRange
 
@@ -188,7 +181,9 @@ def _sliding(vol: Any, net: Any, roi: tuple[int, ...], overlap: float, blend: st
         out = out.float()
         return torch.softmax(out, dim=1) if softmax else out
 
-    roi_eff = effective_roi(roi, tuple(vol.shape[2:]), divisor)
+    from flare.runtime.inference.tiling import effective_roi  # the runtime's rule: same tiles
+
+    roi_eff = effective_roi(tuple(vol.shape[2:]), roi, divisor)
     with torch.no_grad(), torch.autocast("cuda", enabled=amp and device == "cuda"):
         out = sliding_window_inference(vol.to(device), roi_size=roi_eff, sw_batch_size=1, predictor=predictor,
                                        overlap=overlap, mode=blend, sigma_scale=0.125, padding_mode="constant",

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from flare.runtime.foundation.errors import FlareError, InputError
+from flare.runtime.inference.tiling import ceil_to
 
 from .onnx_export import INPUT_NAME, ort_session
 
@@ -86,7 +87,7 @@ def case_tiles(vol: np.ndarray, in_channels: int, side: int = TILE_SIDE,
                max_tiles: int = MAX_TILES_PER_CASE, divisor: int = 16) -> list[np.ndarray]:
     """Non-overlapping ``side``³ tiles of ``vol`` (zero-padded: 0 is air after the HU window), the ``max_tiles`` with
     the most tissue (non-zero voxels), as ``(1, in_channels, side, side, side)`` float32."""
-    side = -(-side // divisor) * divisor  # the network's spatial divisor
+    side = ceil_to(side, divisor)  # the network's spatial divisor
     grid = [range(0, max(n, 1), side) for n in vol.shape]
     tiles: list[tuple[int, np.ndarray]] = []
     for x in grid[0]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flare.runtime.foundation.errors import FlareError
+from flare.runtime.inference.tiling import ceil_to
 
 from .onnx_export import INPUT_NAME, ort_session
 
@@ -62,7 +63,7 @@ def ct_tile(path: Path, hu_window: tuple[float, float], in_channels: int, max_si
     sides = [min(max_side, s) for s in data.shape]
     starts = [(s - t) // 2 for s, t in zip(data.shape, sides)]
     crop = data[tuple(slice(a, a + t) for a, t in zip(starts, sides))]
-    tile = np.zeros([-(-t // divisor) * divisor for t in sides], np.float32)
+    tile = np.zeros([ceil_to(t, divisor) for t in sides], np.float32)
     tile[: sides[0], : sides[1], : sides[2]] = crop
     arr = np.repeat(tile[None, None], in_channels, axis=1)
     return Tile(f"CT {path.name} {'x'.join(map(str, tile.shape))}", np.ascontiguousarray(arr))

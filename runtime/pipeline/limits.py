@@ -134,7 +134,9 @@ def _resampled(shape: Sequence[int], spacing: Sequence[float], target: Sequence[
 
 def _padded(shape: tuple[int, int, int], roi: Sequence[int], divisor: int) -> tuple[int, int, int]:
     """Shape after the tile plan's zero padding (tiles never larger than ``ceil_to(size, divisor)``)."""
-    eff = [min(int(r), -(-int(s) // divisor) * divisor) for s, r in zip(shape, roi)]
+    from flare.runtime.inference.tiling import effective_roi
+
+    eff = effective_roi(shape, tuple(int(r) for r in roi), divisor)
     return max(shape[0], eff[0]), max(shape[1], eff[1]), max(shape[2], eff[2])
 
 
