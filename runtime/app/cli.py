@@ -103,8 +103,9 @@ def _warn_model(seg: Segmenter, summary: dict[str, Any]) -> None:
         summary["model_warning"] = warning
 
     card = getattr(seg.bundle, "card", None)
-    if card is not None and card.warning() is not None:
-        warn(card.warning())
+    warning = None if card is None else card.warning()
+    if warning is not None:
+        warn(warning)
     elif hasattr(seg, "on_model_warning"):  # flare-run --server
         seg.on_model_warning = warn
 
