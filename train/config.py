@@ -54,13 +54,23 @@ def load_config(name_or_path: str | Path | dict[str, Any], overrides: dict[str, 
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise InputError(source, f"config lacks {', '.join(missing)}")
-    sides = {"roi": cfg["roi"], "locator.roi": cfg["locator"].get("roi", [16]),
-             "validation.roi": cfg["validation"].get("roi", [16]),
-             "locator.validation.roi": cfg["locator"].get("validation", {}).get("roi", [16])}
-    for key, roi in sides.items():
-        if any(int(v) % 16 for v in roi):
-            raise InputError(source, f"{key} sides must be divisible by 16")
+    _check_tiles(cfg, source)
     return cfg
+
+
+def _check_tiles(cfg: dict[str, Any], source: str | Path) -> None:
+    """Every crop and tile side a multiple of its network's :func:`~flare.train.networks.spatial_divisor` (16 for
+    the 5-level flare23 network, 8 for the 4-level ones)."""
+    from .networks import spatial_divisor
+
+    fold = spatial_divisor(cfg["network"])
+    loc = spatial_divisor(cfg["locator"].get("network", cfg["network"]))
+    sides = {"roi": (cfg["roi"], fold), "locator.roi": (cfg["locator"].get("roi", [loc]), loc),
+             "validation.roi": (cfg["validation"].get("roi", [fold]), fold),
+             "locator.validation.roi": (cfg["locator"].get("validation", {}).get("roi", [loc]), loc)}
+    for key, (roi, div) in sides.items():
+        if any(int(v) % div for v in roi):
+            raise InputError(source, f"{key} sides must be divisible by {div} (the network's spatial divisor)")
 
 
 def infer_roi(eff: dict[str, Any]) -> list[int]:

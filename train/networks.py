@@ -9,9 +9,10 @@ A network is described by a plain dict (saved in every checkpoint and config fil
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # spatial_divisor is read by config checks that must not import torch (torch_setup first)
+    import torch
 
 FLARE23_NETWORK: dict[str, Any] = {
     "name": "SegResNetDS", "init_filters": 32, "blocks_down": [1, 2, 2, 4, 4], "in_channels": 1,

@@ -36,10 +36,15 @@ def test_config_errors(tmp_path: Path) -> None:
     bad.write_text("{")
     with pytest.raises(InputError, match="cannot parse"):
         load_config(bad)
-    with pytest.raises(InputError, match="divisible by 16"):
-        load_config("tiny", {"roi": [40, 40, 40]})
-    with pytest.raises(InputError, match="validation.roi sides must be divisible by 16"):
-        load_config("tiny", {"validation": {"roi": [40, 40, 40]}})
+    with pytest.raises(InputError, match="divisible by 8"):  # tiny: 4 levels
+        load_config("tiny", {"roi": [36, 36, 36]})
+    with pytest.raises(InputError, match="validation.roi sides must be divisible by 8"):
+        load_config("tiny", {"validation": {"roi": [36, 36, 36]}})
+    assert load_config("tiny", {"validation": {"roi": [72, 72, 72]}})["validation"]["roi"] == [72] * 3
+    with pytest.raises(InputError, match="validation.roi sides must be divisible by 16"):  # flare23: 5 levels
+        load_config("flare23", {"validation": {"roi": [72, 72, 72]}})
+    with pytest.raises(InputError, match="locator.roi sides must be divisible by 8"):
+        load_config("flare23", {"locator": {"roi": [100, 100, 100]}})
 
 
 def test_inference_tile_apart_from_the_training_crop() -> None:
