@@ -49,6 +49,59 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
     return target
 
 
+#: The demo's time on the idle 2-core box it was sized on (2026-12-05, `demo` config, 72^3 tiles): seconds of
+#: the parts that scale with the number of training steps (locator, stage 1, stage 2) and of those that do not
+#: (phantoms, pseudo-labels, export, flare-run on the held-out set, benchmark), and one probe step (two 32^3 crops,
+#: forward + backward, 2 torch threads) there. :func:`budget_fraction` scales the steps to a time budget from them.
+IDLE_STEPS_S = 372.0
+IDLE_FIXED_S = 110.0
+IDLE_PROBE_S = 0.15
+
+
+def probe_step_seconds(cfg: dict[str, Any], repeats: int = 4) -> float:
+    """Seconds of one training step of ``cfg``'s network on random crops (``num_crops`` of ``roi``), median of
+    ``repeats`` after a warm-up: how fast this machine trains right now, load included."""
+    import torch
+    from flare.train.networks import build_network
+
+    net = build_network(cfg["network"]).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6)
+    x = torch.rand(int(cfg["train"].get("num_crops", 1)), 1, *[int(v) for v in cfg["roi"]])
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        opt.zero_grad()
+        out = net(x)
+        sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out])).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
+
+
+def budget_fraction(minutes: float, probe_s: float) -> tuple[float, float]:
+    """``(fraction of the demo's training steps that fit in `minutes`, slowdown against the idle reference box)``.
+    The fraction is 1 when everything fits or nearly (within 10 %: the probe's own scatter), at least 0.2 (below
+    that the model learns nothing worth showing)."""
+    slow = max(1.0, probe_s / IDLE_PROBE_S)
+    fraction = (minutes * 60.0 - IDLE_FIXED_S * slow) / (IDLE_STEPS_S * slow)
+    return (1.0 if fraction >= 0.9 else max(0.2, fraction)), slow
+
+
+def scale_steps(cfg: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """``cfg`` with the steps per epoch of the folds and the locator scaled by ``fraction`` (epochs, warm-up and
+    the learning-rate schedule keep their shape)."""
+    from flare.train.config import deep_merge
+
+    tr, loc = cfg["train"], cfg["locator"].get("train", {})
+    def scaled(n: int, floor: int) -> int:
+        return max(min(n, floor), round(n * fraction))
+
+    over: dict[str, Any] = {"train": {"steps_per_epoch": scaled(int(tr["steps_per_epoch"]), 10)}}
+    if loc.get("steps_per_epoch"):
+        over["locator"] = {"train": {"steps_per_epoch": scaled(int(loc["steps_per_epoch"]), 5)}}
+    return deep_merge(cfg, over)
+
+
 def segment_and_score(seg: Any, image: Path, truth: Path | None, out: Path) -> dict[str, Any]:
     """Run the runtime on ``image`` into ``out`` and score it against ``truth`` when given (classes of the truth)."""
     import nibabel as nib
@@ -83,6 +136,10 @@ def demo(
     folds: Annotated[int, typer.Option(min=1, help="Folds (1: one model trained on every case).")] = 1,
     config: Annotated[str | None, typer.Option(help="Training config, named or a JSON file (default: demo, or proof "
                                                     "with --proof).")] = None,
+    minutes: Annotated[float, typer.Option(min=0, help="Time budget of the demo (not of the install): on a busy CPU "
+                                                       "the demo config trains fewer steps to finish in about this "
+                                                       "time, and says so; 0 trains every step. Not for --config or "
+                                                       "--proof.")] = 8.5,
 ) -> None:
     """Phantoms → training (config demo: 4 mm, one fold, two-stage) → fp16 export → flare-run on every held-out
     phantom and the real CT → benchmark → default bundle. Output: a short table; everything in OUT/demo.json."""
@@ -97,14 +154,15 @@ def demo(
             _say(f"details: {out / 'proof.json'}, curve: {out / 'curve.png'}; {res['seconds']['total']:.0f} s")
             return
         run_demo(out, cases=cases, test_cases=test_cases, folds=folds, bench=bench, install=install,
-                 config=config or "demo")
+                 config=config or "demo", minutes=None if config or not minutes else minutes)
     except FlareError as err:
         _say(f"error: {err}")
         raise typer.Exit(2) from None
 
 
 def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1, bench: bool = True,
-             install: bool = True, config: str | dict[str, Any] = "demo", size: int = 96) -> dict[str, Any]:
+             install: bool = True, config: str | dict[str, Any] = "demo", size: int = 96,
+             minutes: float | None = None) -> dict[str, Any]:
     from flare.benchmarks.cases import shared_data_dir
     from flare.benchmarks.proof import TEST_SEED, heldout_entries, make_sets, score_bundle
     from flare.export import export_bundle
@@ -126,6 +184,8 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
     _say(f"1/6 phantoms: {cases} for training, {test_cases} held out from seed {TEST_SEED} -> {out}")
     train_dir, test_dir = make_sets(out, cases, test_cases, size)
     step("phantoms", t)
+    if minutes:
+        config = fit_to_budget(config, minutes, results)
     t = time.perf_counter()
     name = config if isinstance(config, str) else config["name"]
     _say(f"2/6 training (config {name}, {folds} fold{'s' if folds > 1 else ''}): locator, stage 1, pseudo-labels, "
@@ -175,6 +235,23 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
     return summary
 
 
+def fit_to_budget(config: str | dict[str, Any], minutes: float, results: dict[str, Any]) -> dict[str, Any]:
+    """Probe this machine's training speed now and scale the config's steps so that the demo ends in about
+    ``minutes``; records the decision in ``results["budget"]`` and says it when steps are cut."""
+    from flare.train.config import load_config
+
+    cfg = load_config(config)
+    probe = probe_step_seconds(cfg)
+    fraction, slow = budget_fraction(minutes, probe)
+    results["budget"] = {"minutes": minutes, "probe_step_s": round(probe, 3), "slowdown": round(slow, 2),
+                         "steps_fraction": round(fraction, 3)}
+    if fraction >= 1.0:
+        return cfg
+    _say(f"busy CPU: a training step takes {slow:.1f}x as long as on the idle box the demo was sized on; training "
+         f"{fraction:.0%} of its steps to end in about {minutes:g} min (lower Dice; --minutes 0 trains them all)")
+    return scale_steps(cfg, fraction)
+
+
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The demo's closing table: headline Dice over every held-out phantom, then per class (two columns)."""
     r = summary["results"]
@@ -190,6 +267,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if "real_ct" in r:
         lines.append(f"real CT (the networks saw only phantoms): 13-organ mean Dice {r['real_ct'].get('organ_mean_dice')}")
     load = r.get("load_before")
+    budget = r.get("budget") or {}
+    if budget.get("steps_fraction", 1.0) < 1.0:
+        lines.append(f"trained {budget['steps_fraction']:.0%} of the demo's steps: the CPU was busy (a step took "
+                     f"{budget['slowdown']:.1f}x as long as on an idle box); --minutes 0 trains them all")
     lines.append(f"total {summary['seconds']['total']:.0f} s (load average at start {load[0] if load else 'n/a'} on "
                  f"{os.cpu_count()} CPUs); numbers: {summary['out']}/demo.json")
     if "bench_report" in r:

@@ -49,3 +49,42 @@ def test_bench_summary_reads_the_runtime_and_same_settings_reference() -> None:
                          "reference": {"wall_s": {"median": 27.59, "n": 1}}, "dice": {"1": 1.0, "2": 0.98}}]}
     assert bench_summary(report) == {"case": "phantom_0010.nii.gz", "mode": "mirror", "runtime_s": 4.58,
                                      "reference_s": 27.59, "agreement": 0.99}
+
+
+def test_time_budget_scales_the_steps_to_the_measured_speed() -> None:
+    """``flare-demo --minutes``: on the idle box everything fits; twice as slow, about two fifths of the steps fit in
+    8.5 min; never below a fifth. The steps per epoch shrink, epochs (the schedule's shape) stay."""
+    from flare.benchmarks.demo import IDLE_FIXED_S, IDLE_PROBE_S, IDLE_STEPS_S, budget_fraction, scale_steps
+    from flare.train.config import load_config
+
+    assert budget_fraction(8.5, IDLE_PROBE_S) == (1.0, 1.0)
+    assert budget_fraction(8.5, 1.05 * IDLE_PROBE_S)[0] == 1.0  # the probe's scatter cuts nothing
+    frac, slow = budget_fraction(8.5, 2 * IDLE_PROBE_S)
+    assert slow == 2.0 and frac == pytest.approx((510 - 2 * IDLE_FIXED_S) / (2 * IDLE_STEPS_S))
+    assert budget_fraction(8.5, 50 * IDLE_PROBE_S)[0] == 0.2
+    cfg = load_config("demo")
+    half = scale_steps(cfg, 0.5)
+    assert half["train"]["steps_per_epoch"] == cfg["train"]["steps_per_epoch"] // 2
+    assert half["locator"]["train"]["steps_per_epoch"] == cfg["locator"]["train"]["steps_per_epoch"] // 2
+    assert half["train"]["epochs"] == cfg["train"]["epochs"] and half["stage2"] == cfg["stage2"]
+    few = load_config("demo", {"train": {"steps_per_epoch": 4}})
+    assert scale_steps(few, 0.2)["train"]["steps_per_epoch"] == 4  # never more steps than the config's
+
+
+def test_fit_to_budget_probes_this_machine_and_records_the_decision() -> None:
+    """A real probe step (torch, the config's network and crops): a generous budget keeps the config, an
+    impossible one trains a fifth of the steps and says so in the closing table."""
+    from flare.benchmarks.demo import fit_to_budget
+    from flare.train.config import load_config
+
+    cfg = load_config("demo")
+    results: dict = {}
+    assert fit_to_budget(cfg, 1000.0, results) == cfg and results["budget"]["steps_fraction"] == 1.0
+    assert results["budget"]["probe_step_s"] > 0
+    cut = fit_to_budget(cfg, 0.01, results)
+    assert results["budget"]["steps_fraction"] == 0.2
+    assert cut["train"]["steps_per_epoch"] == 20 and cut["locator"]["train"]["steps_per_epoch"] == 6
+    per_case = [{c: 0.5 for c in range(1, L.NUM_FLARE_IDS)}]
+    lines = summary_lines({"out": "o", "seconds": {"total": 1.0},
+                           "results": {"heldout": {"summary": summarise(per_case)}, **results}})
+    assert any("trained 20% of the demo's steps" in line for line in lines)
