@@ -93,6 +93,7 @@ def scale_steps(cfg: dict[str, Any], fraction: float) -> dict[str, Any]:
     from flare.train.config import deep_merge
 
     tr, loc = cfg["train"], cfg["locator"].get("train", {})
+
     def scaled(n: int, floor: int) -> int:
         return max(min(n, floor), round(n * fraction))
 

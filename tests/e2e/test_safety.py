@@ -284,7 +284,7 @@ def test_signal_cleans_up(tiny_bundle: Path, ct: Path, tmp_path: Path, point: st
     # inherits SIGINT ignored, and Python then keeps it ignored (as a background job should), so nothing would arrive
     proc = subprocess.Popen([*RUN, str(ct), "-o", str(out_dir / "seg.nii.gz"), "-q"], env=env,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 (only resets one signal)
     while not marker.exists() and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(sig)

@@ -126,7 +126,7 @@ def test_background_min_hu_draws_background_crops_inside_the_body(entries: list[
     for crop in train_dataset(entries[:1], eff, None)[0]:
         assert int(crop["label"][(0, *centre)]) == 0 and float(crop["image"][(0, *centre)]) > body
     paper = role_config(load_config("tiny", {**over, "data": {"cache": "memory"}}), "fold")
-    anywhere = preprocess_transform(paper)(dict(image=entries[0]["image"], label=entries[0]["label"]))
+    anywhere = preprocess_transform(paper)({"image": entries[0]["image"], "label": entries[0]["label"]})
     in_air = anywhere["image"].flatten()[anywhere["label_cls_indices"][0]] <= 0.0
     assert bool(in_air.any())  # without the option some background centres lie in air
     with pytest.raises(InputError, match="background_min_hu must lie in hu_window"):
