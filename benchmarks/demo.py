@@ -55,7 +55,7 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
 #: forward + backward, 2 torch threads) there. :func:`budget_fraction` scales the steps to a time budget from them.
 IDLE_STEPS_S = 372.0
 IDLE_FIXED_S = 110.0
-IDLE_PROBE_S = 0.15
+IDLE_PROBE_S = 0.16
 
 
 def probe_step_seconds(cfg: dict[str, Any], repeats: int = 4) -> float:
