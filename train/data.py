@@ -143,7 +143,8 @@ class BodyBackgroundd(MapTransform):
 
     The paper draws background centres anywhere; most background is air around the patient, and a crop there teaches
     little. Measured on phantoms (issue 20): crops centred on organs almost never show the pelvis, and the network
-    then labels pelvic bone as spleen on scans that reach it (``data.background_min_hu``; ``null`` = the paper)."""
+    then labels pelvic bone as spleen on scans that reach it (``data.background_min_hu``; ``null`` = the paper).
+    Folds only: the locator's two classes keep the paper's sampling."""
 
     def __init__(self, min_hu: float, hu_window: tuple[float, float], max_samples: int) -> None:
         super().__init__(["label"])
