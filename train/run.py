@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +182,11 @@ def training_card(doc: dict[str, Any], cfg: dict[str, Any], entries: list[dict[s
 def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path | dict[str, Any] = "tiny",
             folds: int = 5, *, overrides: dict[str, Any] | None = None, naive: bool = False, locator: bool = True,
             quiet: bool = False, threads: int | None = 2, include_unlabelled: bool = False,
-            resume: bool = True) -> dict[str, Any]:
+            resume: bool = True, plan_stage2: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+            ) -> dict[str, Any]:
     """locator + stage 1 + pseudo-labels + stage 2 over ``folds`` folds, then held-out Dice; returns the summary.
+    ``plan_stage2(cfg, summary so far)``, when given, returns the config stage 2 trains with (``flare-demo`` fits
+    its steps to the time left).
 
     ``naive=True`` is the ablation baseline: no stage 1 / pseudo-labels, the folds train once on the partial labels
     as given (missing organs count as background) for as many epochs as stage 1 and 2 together.
@@ -236,7 +240,8 @@ def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path
         summary["n_pseudolabelled"] = sum(1 for e in stage2_entries if "label_given" in e)
         init = [out / "stage1" / f"fold{k}" for k in range(folds)] \
             if cfg.get("stage2", {}).get("init_from_stage1") else None
-        summary["stage2"] = timed("stage2", train_folds, trainer, stage2_entries, 2, folds, init_dirs=init)
+        cfg2 = plan_stage2(cfg, summary) if plan_stage2 else None
+        summary["stage2"] = timed("stage2", train_folds, trainer, stage2_entries, 2, folds, init_dirs=init, cfg=cfg2)
     testing = doc.get("testing") or []
     if testing:
         summary["holdout"] = h = timed("holdout", evaluate_holdout, [out / f"fold{k}" for k in range(folds)],

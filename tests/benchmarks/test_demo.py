@@ -34,7 +34,11 @@ def test_demo_end_to_end_scores_every_heldout_case(tmp_path) -> None:
                                "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
                                "train": {"epochs": 1, "steps_per_epoch": 2}, "stage2": {"epochs": 1},
                                "locator": {"train": {"epochs": 1, "steps_per_epoch": 2}}})
-    summary = run_demo(tmp_path, cases=10, test_cases=2, bench=False, install=False, config=cfg, size=48)
+    # an impossible time budget: the probe and the stage-2 plan run, and cut to their floors (here the config's 2 steps)
+    summary = run_demo(tmp_path, cases=10, test_cases=2, bench=False, install=False, config=cfg, size=48,
+                       minutes=0.01)
+    assert summary["results"]["budget"]["steps_fraction"] == 0.2
+    assert summary["results"]["budget"]["stage2_steps_fraction"] == 0.2
     held = summary["results"]["heldout"]
     assert held["summary"]["cases"] == 2 and len(held["per_case"]) == 2
     assert len(list((tmp_path / "heldout_seg").glob("*.nii.gz"))) == 2
@@ -87,4 +91,24 @@ def test_fit_to_budget_probes_this_machine_and_records_the_decision() -> None:
     per_case = [{c: 0.5 for c in range(1, L.NUM_FLARE_IDS)}]
     lines = summary_lines({"out": "o", "seconds": {"total": 1.0},
                            "results": {"heldout": {"summary": summarise(per_case)}, **results}})
-    assert any("trained 20% of the demo's steps" in line for line in lines)
+    assert any("trained 20% of the locator's and stage 1's steps and 100% of stage 2's" in line for line in lines)
+
+
+def test_stage2_is_fitted_to_the_time_left_at_the_rate_stage_1_ran() -> None:
+    """Before stage 2 the demo re-plans from how fast stage 1 actually trained: the load may have changed since
+    the probe. Enough time: every step; half the time: about half; never below a fifth."""
+    from flare.benchmarks.demo import IDLE_AFTER_S, stage2_fraction, stage2_planner
+    from flare.train.config import load_config
+
+    assert stage2_fraction(400.0, 0.2, 1000) == 1.0  # 200 s of steps + 20 s after: fits
+    assert stage2_fraction(120.0, 0.2, 1000) == pytest.approx((120 - IDLE_AFTER_S) / 200)
+    assert stage2_fraction(10.0, 0.6, 1000) == 0.2
+    full = load_config("demo")
+    results: dict = {"budget": {"steps_fraction": 0.2}}
+    stage1_steps = full["train"]["epochs"] * full["train"]["steps_per_epoch"]
+    plan = stage2_planner(full, 1e6, results)  # all the time in the world: stage 2 trains every step
+    assert plan(full, {"seconds": {"stage1": 0.2 * stage1_steps}})["train"]["steps_per_epoch"] == 100
+    assert results["budget"] == {"steps_fraction": 0.2, "stage2_steps_fraction": 1.0}
+    plan = stage2_planner(full, 0.0, results)  # no time left: the floor
+    assert plan(full, {"seconds": {"stage1": 0.2 * stage1_steps}})["train"]["steps_per_epoch"] == 20
+    assert results["budget"]["stage2_steps_fraction"] == 0.2
