@@ -82,13 +82,23 @@ def probe_step_seconds(cfg: dict[str, Any], repeats: int = 4) -> float:
     return float(np.median(times[1:]))
 
 
+def _settle(fraction: float) -> float:
+    """A planned fraction of the steps: 1 when it is within 10 % of fitting (the probe's own scatter), never below
+    0.2 (below that the model learns nothing worth showing)."""
+    return 1.0 if fraction >= 0.9 else max(0.2, fraction)
+
+
+def _scaled_steps(n: int, fraction: float, floor: int) -> int:
+    """``n`` steps per epoch scaled by ``fraction``, at least ``floor`` (never more than ``n``)."""
+    return max(min(n, floor), round(n * fraction))
+
+
 def budget_fraction(minutes: float, probe_s: float) -> tuple[float, float]:
     """``(fraction of the demo's training steps that fit in `minutes`, slowdown against the idle reference box)``.
     The fraction is 1 when everything fits or nearly (within 10 %: the probe's own scatter), at least 0.2 (below
     that the model learns nothing worth showing)."""
     slow = max(1.0, probe_s / IDLE_PROBE_S)
-    fraction = (minutes * 60.0 - IDLE_FIXED_S * slow) / (IDLE_STEPS_S * slow)
-    return (1.0 if fraction >= 0.9 else max(0.2, fraction)), slow
+    return _settle((minutes * 60.0 - IDLE_FIXED_S * slow) / (IDLE_STEPS_S * slow)), slow
 
 
 def scale_steps(cfg: dict[str, Any], fraction: float) -> dict[str, Any]:
@@ -97,13 +107,9 @@ def scale_steps(cfg: dict[str, Any], fraction: float) -> dict[str, Any]:
     from flare.train.config import deep_merge
 
     tr, loc = cfg["train"], cfg["locator"].get("train", {})
-
-    def scaled(n: int, floor: int) -> int:
-        return max(min(n, floor), round(n * fraction))
-
-    over: dict[str, Any] = {"train": {"steps_per_epoch": scaled(int(tr["steps_per_epoch"]), 10)}}
+    over: dict[str, Any] = {"train": {"steps_per_epoch": _scaled_steps(int(tr["steps_per_epoch"]), fraction, 10)}}
     if loc.get("steps_per_epoch"):
-        over["locator"] = {"train": {"steps_per_epoch": scaled(int(loc["steps_per_epoch"]), 5)}}
+        over["locator"] = {"train": {"steps_per_epoch": _scaled_steps(int(loc["steps_per_epoch"]), fraction, 5)}}
     return deep_merge(cfg, over)
 
 
@@ -111,8 +117,7 @@ def stage2_fraction(left_s: float, stage1_step_s: float, stage2_steps: int) -> f
     """Fraction of stage 2's full ``stage2_steps`` that fit in ``left_s`` seconds at the rate stage 1 just ran
     (``stage1_step_s`` a step), leaving time for export and scoring at that rate; 1 within 10 %, at least 0.2."""
     slow = max(1.0, stage1_step_s / IDLE_STAGE1_STEP_S)
-    fraction = (left_s - IDLE_AFTER_S * slow) / (stage2_steps * stage1_step_s)
-    return 1.0 if fraction >= 0.9 else max(0.2, fraction)
+    return _settle((left_s - IDLE_AFTER_S * slow) / (stage2_steps * stage1_step_s))
 
 
 def segment_and_score(seg: Any, image: Path, truth: Path | None, out: Path) -> dict[str, Any]:
@@ -269,17 +274,14 @@ def stage2_planner(full: dict[str, Any], left_s: float, results: dict[str, Any])
         results.setdefault("budget", {})["stage2_steps_fraction"] = round(fraction, 3)
         if fraction < 1.0:
             _say(f"stage 2: {fraction:.0%} of its steps fit in the time left (stage 1 trained at {step_s:.2f} s a step)")
-        return deep_merge(cfg, {"train": {"steps_per_epoch": max(min(spe_full, 10), round(spe_full * fraction))}})
+        return deep_merge(cfg, {"train": {"steps_per_epoch": _scaled_steps(spe_full, fraction, 10)}})
 
     return plan
 
 
-def fit_to_budget(config: str | dict[str, Any], minutes: float, results: dict[str, Any]) -> dict[str, Any]:
-    """Probe this machine's training speed now and scale the config's steps so that the demo ends in about
+def fit_to_budget(cfg: dict[str, Any], minutes: float, results: dict[str, Any]) -> dict[str, Any]:
+    """Probe this machine's training speed now and scale the (loaded) config's steps so that the demo ends in about
     ``minutes``; records the decision in ``results["budget"]`` and says it when steps are cut."""
-    from flare.train.config import load_config
-
-    cfg = load_config(config)
     probe = probe_step_seconds(cfg)
     fraction, slow = budget_fraction(minutes, probe)
     results["budget"] = {"minutes": minutes, "probe_step_s": round(probe, 3), "slowdown": round(slow, 2),

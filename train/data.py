@@ -184,12 +184,12 @@ def preprocess_transform(eff: dict[str, Any], *, with_label: bool = True, label_
     if with_label:
         steps.append(T.Lambdad(keys="label", func=_map_labels(_label_lut(eff, label_space))))
         if indices:
+            dc = data_config(eff)
+            cap = int(dc["max_samples_per_class"])
             steps.append(T.ClassesToIndicesd(keys="label", num_classes=sampling_classes(eff),
-                                             indices_postfix="_cls_indices",
-                                             max_samples_per_class=int(data_config(eff)["max_samples_per_class"])))
-            min_hu = data_config(eff)["background_min_hu"]
-            if min_hu is not None and sampling_classes(eff) > 2:
-                steps.append(BodyBackgroundd(float(min_hu), (lo, hi), int(data_config(eff)["max_samples_per_class"])))
+                                             indices_postfix="_cls_indices", max_samples_per_class=cap))
+            if dc["background_min_hu"] is not None and sampling_classes(eff) > 2:
+                steps.append(BodyBackgroundd(float(dc["background_min_hu"]), (lo, hi), cap))
     return T.Compose(steps)
 
 
@@ -240,10 +240,11 @@ def _slim(entries: list[dict[str, Any]], label_key: str | None) -> list[dict[str
 
 def cache_folder(eff: dict[str, Any], root: str | Path, kind: str) -> Path:
     """``root/<kind>-<hash of the preprocessing settings>``: a new folder whenever the preprocessing changes."""
+    dc = data_config(eff)
     key = {"spacing_mm": eff["spacing_mm"], "hu_window": eff["hu_window"], "labels": eff.get("labels"),
-           "kind": kind, "max_samples_per_class": data_config(eff)["max_samples_per_class"], "version": 2}
-    if data_config(eff)["background_min_hu"] is not None:  # absent when unset: existing caches stay valid
-        key["background_min_hu"] = data_config(eff)["background_min_hu"]
+           "kind": kind, "max_samples_per_class": dc["max_samples_per_class"], "version": 2}
+    if dc["background_min_hu"] is not None:  # absent when unset: existing caches stay valid
+        key["background_min_hu"] = dc["background_min_hu"]
     return Path(root) / f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
