@@ -50,7 +50,7 @@ def fit_worker(rank: int, world: int, port: int, out: str, phantoms: str) -> Non
     d = setup(timeout_min=5)
     fast = {"spacing_mm": [8.0, 8.0, 8.0], "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
             "train": {"epochs": 2, "steps_per_epoch": 2, "val_every": 1, "num_workers": 0}}
-    entries = [{**e, "label": e["label_full"]} for e in load_datalist(phantoms)["training"]]
+    entries = [{**e, "label": e["label_full"]} for e in load_datalist(phantoms, include_unlabelled=True)["training"]]
     res = fit(load_config("tiny", fast), "fold", entries, entries[:3], Path(out) / "fold0", fold=0, stage=1, dist=d,
               cache_dir=Path(out) / "cache")
     flat = torch.cat([p.detach().flatten() for p in res["net"].parameters()])

@@ -196,7 +196,7 @@ def _body_outline(can: Canvas, a: float, b: float, shrink: float, hu: float, lab
 
 
 def _organs(can: Canvas, rng: np.random.Generator, s: float, b: float, c: float) -> dict[str, Any]:
-    """Paint the 13 FLARE organs; returns their centres for tumour placement.
+    """Paint the 13 FLARE organs; returns, for tumour placement, each host organ's centre, radii and tissue HU.
 
     Each case varies the organs' size (±20 % per axis), position (a shared shift of the viscera along z of up to
     ±25 mm, as the diaphragm's height varies, plus ~12 mm per organ), orientation (solid organs and kidneys turned
@@ -219,18 +219,20 @@ def _organs(can: Canvas, rng: np.random.Generator, s: float, b: float, c: float)
     can.paint(ellipsoid(liver_c, liver_r, turn(15.0, 8.0)), liver_hu, L.LIVER)
     lobe = np.array([rng.uniform(-65.0, -35.0), rng.uniform(10.0, 40.0), rng.uniform(0.0, 20.0)]) * s
     can.paint(ellipsoid(liver_c + lobe, liver_r * rng.uniform(0.45, 0.7, 3), turn(30.0)), liver_hu, L.LIVER)
-    ctr["liver"] = (liver_c, liver_r)
+    ctr["liver"] = (liver_c, liver_r, liver_hu)
     gb_c = liver_c + np.array([10.0, 45.0, -45.0]) * s + rng.normal(0.0, 6.0, 3)
     can.paint(ellipsoid(gb_c, r((15.0, 15.0, 30.0)), turn(30.0, 20.0)), 10.0, L.GALLBLADDER)
     spleen_c, spleen_r = j((-85.0, -30.0, 85.0)), r((25.0, 45.0, 50.0))
-    can.paint(ellipsoid(spleen_c, spleen_r, turn(25.0, 15.0)), 50.0 + 70.0 * c, L.SPLEEN)
-    ctr["spleen"] = (spleen_c, spleen_r)
+    spleen_hu = 50.0 + 70.0 * c
+    can.paint(ellipsoid(spleen_c, spleen_r, turn(25.0, 15.0)), spleen_hu, L.SPLEEN)
+    ctr["spleen"] = (spleen_c, spleen_r, spleen_hu)
     for side, lid, z in ((1.0, L.RIGHT_KIDNEY, 10.0), (-1.0, L.LEFT_KIDNEY, 25.0)):
         kc, kr = j((side * 60.0, -b / s + 95.0, z), 7.0), r((28.0, 25.0, 50.0))
         rot = rotation(side * rng.uniform(0.0, 25.0), rng.uniform(-15.0, 15.0))
-        can.paint(ellipsoid(kc, kr, rot), 40.0 + 150.0 * c, lid)  # cortex
+        cortex_hu = 40.0 + 150.0 * c
+        can.paint(ellipsoid(kc, kr, rot), cortex_hu, lid)  # cortex
         can.paint(ellipsoid(kc - [side * 6.0, 0, 0], kr * 0.55, rot), 35.0 + 80.0 * c, lid)  # medulla / pelvis
-        ctr["kidney_r" if side > 0 else "kidney_l"] = (kc, kr)
+        ctr["kidney_r" if side > 0 else "kidney_l"] = (kc, kr, cortex_hu)
     for side, lid, z in ((1.0, L.RIGHT_ADRENAL, 75.0), (-1.0, L.LEFT_ADRENAL, 68.0)):
         can.paint(ellipsoid(j((side * 38.0, -b / s + 100.0, z), 4.0), r((8.0, 5.0, 16.0)), turn(30.0, 15.0)),
                   30.0 + 30.0 * c, lid)
@@ -245,18 +247,20 @@ def _organs(can: Canvas, rng: np.random.Generator, s: float, b: float, c: float)
               L.ESOPHAGUS)
     p0, p1 = j((30.0, 0.0, 30.0), 7.0), j((-75.0, -15.0, 50.0), 7.0)
     pr = 12.0 * s * rng.uniform(0.8, 1.2)
-    can.paint(capsule(p0, p1, pr), 40.0 + 60.0 * c, L.PANCREAS)
-    ctr["pancreas"] = ((p0 + p1) / 2, np.array([abs(p1[0] - p0[0]) / 2, pr, pr]))
+    pancreas_hu = 40.0 + 60.0 * c
+    can.paint(capsule(p0, p1, pr), pancreas_hu, L.PANCREAS)
+    ctr["pancreas"] = ((p0 + p1) / 2, np.array([abs(p1[0] - p0[0]) / 2, pr, pr]), pancreas_hu)
     d = [p0 + np.array([18.0, 15.0, 25.0]) * s, p0 + np.array([25.0, 10.0, -15.0]) * s + rng.normal(0, 5, 3),
          p0 + np.array([-20.0, 0.0, -30.0]) * s + rng.normal(0, 5, 3)]
     for q0, q1 in itertools.pairwise(d):
         can.paint(capsule(q0, q1, 10.0 * s), 30.0 + 40.0 * c, L.DUODENUM)
     st_c, st_r, st_rot = j((-50.0, 25.0, 110.0)), r((45.0, 35.0, 45.0)), turn(20.0, 15.0)
-    can.paint(ellipsoid(st_c, st_r, st_rot), 40.0 + 40.0 * c, L.STOMACH)  # wall
+    wall_hu = 40.0 + 40.0 * c
+    can.paint(ellipsoid(st_c, st_r, st_rot), wall_hu, L.STOMACH)  # wall
     can.paint(ellipsoid(st_c, st_r - 5.0 * s, st_rot), 15.0, L.STOMACH)  # content
     can.paint(ellipsoid(st_c + [0, 0, st_r[2] * 0.6], st_r * [0.6, 0.6, 0.35]), -900.0, L.STOMACH,
               only_label=L.STOMACH)  # gas cap
-    ctr["stomach"] = (st_c, st_r)
+    ctr["stomach"] = (st_c, st_r, wall_hu)
     ctr["aorta_x"] = ax
     return ctr
 
@@ -291,8 +295,15 @@ def _background_anatomy(can: Canvas, rng: np.random.Generator, a: float, b: floa
     can.paint(ellipsoid((0.0, 0.0, 620.0), (66.0, 86.0, 101.0)), 35.0)  # brain
 
 
+#: the density masses outside an organ are drawn against (retroperitoneum, lungs)
+SOFT_TISSUE_HU = 40.0
+
+
 def _tumors(can: Canvas, rng: np.random.Generator, ctr: dict[str, Any], b: float, s: float) -> list[dict[str, Any]]:
-    """0-3 tumours in organs, the retroperitoneum or (when in view) the lungs; hypo- or hyperdense."""
+    """0-3 tumours in organs, the retroperitoneum or (when in view) the lungs; hypo- or hyperdense by 25-60 HU
+    against the host organ's tissue, masses in the retroperitoneum and lungs against soft tissue (40 HU), as lesions
+    are. (Until 2026-12-05 the density was taken from the voxel at the tumour's centre, which could be stomach gas,
+    fat or a neighbouring organ: "tumours" of air density in the stomach, or 13 HU from the liver around them.)"""
     z_lo, z_hi = can.grid.origin[2], can.grid.origin[2] + can.grid.spacing[2] * (can.grid.shape[2] - 1)
     hosts = ["liver", "kidney_r", "kidney_l", "pancreas", "spleen", "stomach", "retroperitoneum"]
     if z_hi > 230.0:
@@ -302,15 +313,16 @@ def _tumors(can: Canvas, rng: np.random.Generator, ctr: dict[str, Any], b: float
         host = str(rng.choice(hosts))
         if host == "retroperitoneum":
             centre = np.array([rng.uniform(-40, 40) * s, -b + 95.0 * s, rng.uniform(-80.0, 40.0)])
+            base = SOFT_TISSUE_HU
         elif host == "lung":
             centre = np.array([rng.choice([-1.0, 1.0]) * 80.0 * s, rng.uniform(-30, 30), rng.uniform(200.0, 300.0)])
+            base = SOFT_TISSUE_HU
         else:
-            c, r = ctr[host]
+            c, r, base = ctr[host]
             centre = c + rng.uniform(-0.5, 0.5, 3) * r
         if not z_lo <= centre[2] <= z_hi:
             continue
         radius = rng.uniform(5.0, 30.0) * (0.5 if host in ("pancreas", "lung") else 1.0)
-        base = float(can.hu[can.grid.axes(centre, centre)[0]].mean())
         hu = float(base + rng.choice([-1.0, 1.0], p=[0.8, 0.2]) * rng.uniform(25.0, 60.0))
         n = can.paint(ellipsoid(centre, radius * rng.uniform(0.7, 1.3, 3)), hu, L.TUMOR)
         if n:
@@ -418,11 +430,15 @@ def keep_subset(label_full: np.ndarray, subset: str) -> np.ndarray:
 
 
 def write_case(case: Case, out_dir: Path, name: str, orientation: str) -> dict[str, Any]:
-    """Write image (int16), partial and full labels in ``orientation``; returns the datalist entry."""
+    """Write image (int16), partial and full labels in ``orientation``; returns the datalist entry. An
+    "unlabelled" case gets no ``label`` (as FLARE's unlabelled cases have no label file), so training leaves it out
+    unless asked (``include_unlabelled``); its ``label_full`` is written for scoring."""
     entry: dict[str, Any] = {}
-    for key, folder, arr in (("image", "imagesTr", np.rint(case.hu).astype(np.int16)),
-                             ("label", "labelsTr", keep_subset(case.label_full, case.subset)),
-                             ("label_full", "labelsFull", case.label_full)):
+    files = [("image", "imagesTr", np.rint(case.hu).astype(np.int16))]
+    if SUBSETS[case.subset]:
+        files.append(("label", "labelsTr", keep_subset(case.label_full, case.subset)))
+    files.append(("label_full", "labelsFull", case.label_full))
+    for key, folder, arr in files:
         data, aff = reorient(arr, case.grid.affine, orientation)
         rel = f"{folder}/{name}.nii.gz"
         _save(out_dir / rel, data, aff)

@@ -21,10 +21,12 @@ def flare23_tree(root: Path, cases: int = 7, unlabelled: int = 2, size: int = 48
     """A FLARE23-style tree from phantoms: ``cases`` labelled (imagesTr/<id>_0000 + labelsTr/<id>), one image
     without a label, ``unlabelled`` images in unlabeledTr/."""
     ph = root / "_phantoms"
-    doc = make_phantoms(ph, cases + 1 + unlabelled, seed=3, size=size, holdout=0, folds=5)
+    doc = make_phantoms(ph, 2 * (cases + 1 + unlabelled), seed=3, size=size, holdout=0, folds=5)
+    labelled = [e for e in doc["training"] if "label" in e][:cases]  # unlabelled phantoms have no label file
+    entries = labelled + [e for e in doc["training"] if e not in labelled][:1 + unlabelled]
     for sub in ("imagesTr", "labelsTr", "unlabeledTr"):
         (root / sub).mkdir(parents=True)
-    for n, e in enumerate(doc["training"]):
+    for n, e in enumerate(entries):
         cid = f"FLARE23_{n:04d}"
         if n < cases + 1:
             shutil.copy(ph / e["image"], root / "imagesTr" / f"{cid}_0000.nii.gz")

@@ -46,7 +46,11 @@ def test_subset_semantics(phantom_dir: Path) -> None:
     doc = json.loads((phantom_dir / "dataset.json").read_text())
     assert len(doc["testing"]) == 2 and all("fold" not in e for e in doc["testing"])
     assert {e["fold"] for e in doc["training"]} <= set(range(5))
+    unlabelled = [e for e in doc["training"] if e["subset"] == "unlabelled"]
+    assert unlabelled and all("label" not in e and e["label_full"] for e in unlabelled)  # no label file, as FLARE's
     for e in doc["training"]:
+        if e["subset"] == "unlabelled":
+            continue
         given = np.asarray(nib.load(phantom_dir / e["label"]).dataobj)
         full = np.asarray(nib.load(phantom_dir / e["label_full"]).dataobj)
         assert set(np.unique(given)) - {0} <= set(SUBSETS[e["subset"]])
@@ -76,13 +80,15 @@ def test_anatomy_is_plausible() -> None:
 def test_analysis_table(phantom_dir: Path) -> None:
     res = analyze(phantom_dir)
     doc = json.loads((phantom_dir / "dataset.json").read_text())
-    assert res["n_training"] == 10 and res["n_testing"] == 2
-    assert sum(r["cases"] for r in res["subsets"]) == 10
-    for case, entry in zip(res["cases"], doc["training"], strict=True):
+    labelled = [e for e in doc["training"] if e["subset"] != "unlabelled"]
+    assert res["n_unlabelled"] == 10 - len(labelled) > 0  # left out of training, as the paper does
+    assert res["n_training"] == len(labelled) and res["n_testing"] == 2
+    assert sum(r["cases"] for r in res["subsets"]) == len(labelled)
+    for case, entry in zip(res["cases"], labelled, strict=True):
         full = np.asarray(nib.load(phantom_dir / entry["label_full"]).dataobj)
         if entry["subset"] == "all":  # at 48 voxels the adrenals can vanish: fully labelled iff all 13 are there
             assert case["fully_labelled"] == (set(L.ORGAN_IDS) <= set(np.unique(full).tolist()))
-        if entry["subset"] in ("tumor", "unlabelled"):
+        if entry["subset"] == "tumor":
             assert not case["fully_labelled"] and set(case["ids"]) <= {L.TUMOR}
     assert res["n_fully_labelled"] == sum(c["fully_labelled"] for c in res["cases"]) > 0
 
@@ -110,3 +116,17 @@ def test_forced_extent_test_set_and_varied_anatomy(tmp_path: Path) -> None:
     lo, hi = turned.bbox
     pts = np.stack([g[v1] for g in grid], 1)
     assert np.all(pts >= lo - 1e-6) and np.all(pts <= hi + 1e-6)
+
+
+def test_tumours_are_soft_tissue_lesions() -> None:
+    """A tumour's density is drawn against its host organ's tissue (masses outside organs against soft tissue), never
+    against whatever voxel lies at its centre: seed 2026 (the proof's test set) has a tumour in the stomach, whose
+    centre voxel is gas, one in the retroperitoneal fat and lung nodules."""
+    hosts = set()
+    for index in (0, 1, 11):
+        case = make_case(index, seed=2026, size=48, extent="head-to-thigh" if index % 4 == 0 else None)
+        hosts |= {t["host"] for t in case.params["tumors"]}
+        tumour = case.label_full == L.TUMOR
+        assert tumour.any()
+        assert -40.0 < float(np.median(case.hu[tumour])) < 300.0, case.params["tumors"]
+    assert {"stomach", "retroperitoneum", "lung"} <= hosts
