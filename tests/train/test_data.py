@@ -90,7 +90,9 @@ def test_crop_centres_drawn_over_the_15_flare_classes(entries: list[dict], tmp_p
 
 
 def test_crop_ratios_choose_the_classes_crops_are_centred_on(entries: list[dict]) -> None:
-    """``train.crop_ratios`` weights the 15 regions: with weight only on the liver every crop is centred in liver."""
+    """``train.crop_ratios`` weights the 15 regions: with weight only on the liver every crop holds liver and most
+    are centred on it (MONAI moves a crop whose centre lies within half a crop of the image border, so its centre
+    voxel may leave the liver; the drawn centre stays inside the crop)."""
     from flare.runtime.foundation import labels as L
     from flare.runtime.foundation.errors import InputError
 
@@ -102,8 +104,10 @@ def test_crop_ratios_choose_the_classes_crops_are_centred_on(entries: list[dict]
                                            "train": {"num_crops": 4, "crop_ratios": ratios}}), "fold")
     ds = train_dataset(entries[:1], eff, None)
     centre = tuple(r // 2 for r in eff["roi"])
-    for _ in range(3):
-        assert all(int(c["label"][(0, *centre)]) == L.FLARE_TO_MERGED[L.LIVER] for c in ds[0])
+    liver = L.FLARE_TO_MERGED[L.LIVER]
+    crops = [c for _ in range(3) for c in ds[0]]
+    assert all(bool((c["label"] == liver).any()) for c in crops)
+    assert sum(int(c["label"][(0, *centre)]) == liver for c in crops) > len(crops) // 2
     with pytest.raises(InputError, match="crop_ratios must be 15"):
         augment_transform(role_config(load_config("tiny", {"train": {"crop_ratios": [1.0, 2.0]}}), "fold"))
 
