@@ -200,8 +200,10 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
         _say(f"   {name}: {times[name]} s")
 
     t = time.perf_counter()
-    _say(f"1/6 phantoms: {cases} for training, {test_cases} held out from seed {TEST_SEED} -> {out}")
     train_dir, test_dir = make_sets(out, cases, test_cases, size)
+    labelled = sum(1 for e in json.loads((train_dir / "dataset.json").read_text())["training"] if e.get("label"))
+    _say(f"1/6 phantoms: {labelled} labelled for training ({cases - labelled} unlabelled left out, as the paper does), "
+         f"{test_cases} held out from seed {TEST_SEED} -> {out}")
     step("phantoms", t)
     planner = None
     if minutes:
