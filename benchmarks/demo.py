@@ -188,6 +188,7 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
     from flare.runtime.bundle.manifest import default_bundle_dir
     from flare.runtime.foundation.atomic import write_text_atomic
     from flare.train.config import load_config
+    from flare.train.datalist import load_datalist
     from flare.train.run import run_all
 
     t0 = time.perf_counter()
@@ -201,7 +202,7 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
 
     t = time.perf_counter()
     train_dir, test_dir = make_sets(out, cases, test_cases, size)
-    labelled = sum(1 for e in json.loads((train_dir / "dataset.json").read_text())["training"] if e.get("label"))
+    labelled = len(load_datalist(train_dir)["training"])  # the loader's rule: a case without a label is left out
     _say(f"1/6 phantoms: {labelled} labelled for training ({cases - labelled} unlabelled left out, as the paper does), "
          f"{test_cases} held out from seed {TEST_SEED} -> {out}")
     step("phantoms", t)
