@@ -194,7 +194,8 @@ def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    results: dict[str, Any] = {"load_before": [round(v, 2) for v in os.getloadavg()]}
+    results: dict[str, Any] = {"load_before": [round(v, 2) for v in os.getloadavg()],
+                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin)")}
 
     def step(name: str, t: float) -> None:
         times[name] = round(time.perf_counter() - t, 1)

@@ -21,20 +21,49 @@ from .distributed import Dist, barrier, gather, unwrap, wrap
 from .runlog import RunLog
 
 
+def busy_cores(window_s: float = 0.5) -> float:
+    """How many CPU cores other processes keep busy right now: non-idle time in ``/proc/stat`` over ``window_s``
+    seconds while this process sleeps, in cores. Where ``/proc/stat`` is missing (macOS, Windows), the 1-minute
+    load average, which lags: it still counts a job that ended seconds ago (on this box, ``make demo``'s pip install)."""
+    import os
+    import time
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    first = sample()
+    if first is None:
+        return float(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0.0
+    time.sleep(window_s)
+    second = sample()
+    if second is None or second[1] <= first[1]:
+        return 0.0
+    return (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or 1)
+
+
 def torch_setup(threads: int | None = None) -> None:
     """CPU threads and flush-to-zero: trained weights produce denormal floats that slow CPU convolutions ~5x.
 
-    When other processes already load the CPU (1-minute load average >= 1 before torch is imported) and
-    ``OMP_WAIT_POLICY`` is unset, idle OpenMP threads are made to sleep instead of spin (``PASSIVE``): on the shared
-    2-core box, spinning threads of a 2-thread torch waited for descheduled partners and a tiny-recipe step took
-    3.96 s instead of 0.25 s (load 4.5). On an idle CPU spinning is faster (0.11 s vs 0.17 s per step), so it is
-    kept there.
+    When other processes keep at least half a core busy (:func:`busy_cores`, measured over half a second before
+    torch is imported) and ``OMP_WAIT_POLICY`` is unset, idle OpenMP threads are made to sleep instead of spin
+    (``PASSIVE``): on the shared 2-core box, spinning threads of a 2-thread torch waited for descheduled partners and
+    a tiny-recipe step took 3.96 s instead of 0.25 s (load 4.5; with one core kept busy by another process 0.58 s
+    instead of 0.38 s). On an idle CPU spinning is faster (0.151 s vs 0.173 s a step), so it is kept there. Until
+    2026-12-05 the rule read the 1-minute load average, which still counted ``make demo``'s finished pip install:
+    the demo then trained passive on an idle box, its probe read 1.4x and it cut a third of its steps.
     """
     import os
     import sys
 
-    if "torch" not in sys.modules and int(threads or 0) != 1 and os.getloadavg()[0] >= 1.0:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" not in sys.modules and int(threads or 0) != 1 and "OMP_WAIT_POLICY" not in os.environ \
+            and busy_cores() >= 0.5:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch
 
     if threads:

@@ -73,3 +73,26 @@ def test_whole_case_prediction_uses_the_inference_tile() -> None:
     seen.clear()
     segment([net], torch.rand(1, 32, 32, 32), {**eff, "validation": {"overlap": 0.0}}, torch.device("cpu"))
     assert seen and set(seen) == {(16, 16, 16)}
+
+
+def test_torch_setup_sleeps_idle_openmp_threads_when_another_process_keeps_a_core_busy() -> None:
+    """The wait policy follows the load measured now (``/proc/stat``), not the 1-minute average: with a process
+    spinning on one core, a fresh process's ``torch_setup`` picks ``OMP_WAIT_POLICY=PASSIVE``."""
+    import os
+    import subprocess
+    import sys
+
+    from flare.train.engine import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert busy_cores() >= 0.5
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        code = ("import os; from flare.train.engine import torch_setup; torch_setup(2); "
+                "print(os.environ.get('OMP_WAIT_POLICY'))")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "PASSIVE"
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.0 <= busy_cores(0.1) <= (os.cpu_count() or 1) + 0.01
