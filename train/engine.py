@@ -77,6 +77,10 @@ def torch_setup(threads: int | None = None) -> None:
 
 
 LOSSES = ("DiceFocal", "DiceCE")
+#: ``train`` settings the ``stage2`` section may set for stage 2 alone (its ``init_from_stage1`` and
+#: ``snapshot_epochs`` are read where they act): stage 2 starting from the stage-1 weights may want a gentler
+#: learning rate than a network starting from scratch
+STAGE2_TRAIN_KEYS = ("epochs", "lr", "warmup_epochs")
 
 
 def class_weights(eff: dict[str, Any]) -> Any:
@@ -371,9 +375,10 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     log = log or RunLog(quiet=True)
     d = dist or setup()
     eff = role_config(cfg, role)
+    stage2 = cfg.get("stage2", {}) if (role == "fold" and stage == 2) else {}
+    eff = {**eff, "train": {**eff["train"], **{k: stage2[k] for k in STAGE2_TRAIN_KEYS if k in stage2}}}
     tr = eff["train"]
-    epochs = int(cfg.get("stage2", {}).get("epochs", tr["epochs"])) if (role == "fold" and stage == 2) \
-        else int(tr["epochs"])
+    epochs = int(tr["epochs"])
     out_folder = Path(out_folder)
     ck_cfg = checkpoint_config(cfg, role, fold, stage)
     seed = int(tr.get("seed", 0)) + 1000 * (stage or 0) + (fold or 0)
@@ -418,7 +423,6 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     metrics = Metrics(Path(tensorboard) if tensorboard and d.main and tr.get("tensorboard", True) else None, log)
     t0 = log.elapsed()
     val_every = int(tr.get("val_every", 1))
-    stage2 = cfg.get("stage2", {}) if (role == "fold" and stage == 2) else {}
     snapshots = {int(e) for e in stage2.get("snapshot_epochs", tr.get("snapshot_epochs")) or []}
     for epoch in range(start, epochs):
         losses.append(train_steps(model, batches, loss_fn, opt, sched, scaler, d.device, steps, amp))

@@ -227,7 +227,9 @@ def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path
                               if k != "losses"}
     if naive:
         epochs = int(cfg["train"]["epochs"]) + int(cfg.get("stage2", {}).get("epochs", cfg["train"]["epochs"]))
-        naive_cfg = {**cfg, "stage2": {**cfg.get("stage2", {}), "epochs": epochs}}
+        # from scratch, as long as both stages: the stage-1 schedule (a stage-2 lr is for fine-tuning stage-1 weights)
+        naive_cfg = {**cfg, "stage2": {**{k: v for k, v in cfg.get("stage2", {}).items() if k not in ("lr", "warmup_epochs")},
+                                       "epochs": epochs}}
         summary["stage2"] = timed("stage2", train_folds, trainer, entries, 2, folds, cfg=naive_cfg)
     else:
         summary["stage1"] = timed("stage1", train_folds, trainer, entries, 1, folds)

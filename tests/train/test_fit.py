@@ -57,6 +57,21 @@ def test_tiny_fit_lowers_loss_and_beats_chance(phantoms: Path, tmp_path: Path) -
     assert len(res2["losses"]) == 7 and res2["losses"][:6] == res["losses"]
 
 
+def test_stage2_section_sets_stage2_epochs_and_learning_rate(phantoms: Path, tmp_path: Path) -> None:
+    """``stage2.lr``/``warmup_epochs``/``epochs`` apply to stage 2 alone; stage 1 keeps ``train``'s."""
+    torch_setup(2)
+    small = {"spacing_mm": [8.0, 8.0, 8.0], "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
+             "train": {"epochs": 1, "steps_per_epoch": 1, "val_every": 5, "lr": 0.005},
+             "stage2": {"epochs": 2, "lr": 0.001, "warmup_epochs": 0}}
+    cfg = load_config("tiny", small)
+    entries = [{**e, "label": e["label_full"]} for e in load_datalist(phantoms)["training"][:2]]
+    for stage, epochs, lr in ((1, 1, 0.005), (2, 2, 0.001)):
+        res = fit(cfg, "fold", entries, entries[:1], tmp_path / f"s{stage}", fold=0, stage=stage,
+                  cache_dir=tmp_path / "cache")
+        state = torch.load(tmp_path / f"s{stage}" / "last.pt", map_location="cpu", weights_only=False)
+        assert len(res["losses"]) == epochs and state["optimizer"]["param_groups"][0]["initial_lr"] == lr
+
+
 def test_run_all_layout(phantoms: Path, tmp_path: Path) -> None:
     fast = {"spacing_mm": [8.0, 8.0, 8.0], "network": {"init_filters": 4, "blocks_down": [1, 1, 1], "dsdepth": 2},
             "train": {"epochs": 1, "steps_per_epoch": 2, "val_every": 1}, "stage2": {"epochs": 1},
