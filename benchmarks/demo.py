@@ -49,6 +49,8 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
     return target
 
 
+#: training phantoms of the demo (seed 0; 32 of them labelled)
+DEMO_TRAIN_CASES = 40
 #: The demo's time on the idle 2-core box it was sized on (2026-12-05, `demo` config, 72^3 tiles): seconds of
 #: the parts that scale with the number of training steps (locator, stage 1, stage 2) and of those that do not
 #: (phantoms, pseudo-labels, export, flare-run on the held-out set, benchmark), and one probe step (two 32^3 crops,
@@ -143,7 +145,8 @@ def segment_and_score(seg: Any, image: Path, truth: Path | None, out: Path) -> d
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder for everything the demo makes.")] = Path(
         "demo-out"),
-    cases: Annotated[int, typer.Option(min=10, help="Number of training phantoms.")] = 40,
+    cases: Annotated[int | None, typer.Option(min=10, help="Number of training phantoms (default "
+                                                          f"{DEMO_TRAIN_CASES}; with --proof 64).")] = None,
     test_cases: Annotated[int, typer.Option(min=1, help="Held-out phantoms (an unseen seed), all scored.")] = 12,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Write a short flare-bench report.")] = True,
     install: Annotated[bool, typer.Option("--install/--no-install",
@@ -163,22 +166,23 @@ def demo(
     phantom and the real CT → benchmark → default bundle. Output: a short table; everything in OUT/demo.json."""
     try:
         if proof:
-            from flare.benchmarks.proof import run_proof
+            from flare.benchmarks.proof import PROOF_TRAIN_CASES, run_proof
 
+            cases = cases or PROOF_TRAIN_CASES
             res = run_proof(out, config=config or "proof", folds=folds, train_cases=cases, test_cases=test_cases,
                             say=_say, command=f"flare-demo --proof --out {out} --cases {cases} --test-cases "
                                               f"{test_cases} --folds {folds} --config {config or 'proof'}")
             typer.echo((out / "proof.md").read_text(), nl=False)
             _say(f"details: {out / 'proof.json'}, curve: {out / 'curve.png'}; {res['seconds']['total']:.0f} s")
             return
-        run_demo(out, cases=cases, test_cases=test_cases, folds=folds, bench=bench, install=install,
+        run_demo(out, cases=cases or DEMO_TRAIN_CASES, test_cases=test_cases, folds=folds, bench=bench, install=install,
                  config=config or "demo", minutes=None if config or not minutes else minutes)
     except FlareError as err:
         _say(f"error: {err}")
         raise typer.Exit(2) from None
 
 
-def run_demo(out: Path, *, cases: int = 40, test_cases: int = 12, folds: int = 1, bench: bool = True,
+def run_demo(out: Path, *, cases: int = DEMO_TRAIN_CASES, test_cases: int = 12, folds: int = 1, bench: bool = True,
              install: bool = True, config: str | dict[str, Any] = "demo", size: int = 96,
              minutes: float | None = None) -> dict[str, Any]:
     from flare.benchmarks.cases import shared_data_dir
