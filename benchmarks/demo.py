@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+from flare.benchmarks.proof import PROOF_TRAIN_CASES
 from flare.runtime.foundation.errors import FlareError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -146,7 +147,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder for everything the demo makes.")] = Path(
         "demo-out"),
     cases: Annotated[int | None, typer.Option(min=10, help="Number of training phantoms (default "
-                                                          f"{DEMO_TRAIN_CASES}; with --proof 64).")] = None,
+                                                          f"{DEMO_TRAIN_CASES}; with --proof {PROOF_TRAIN_CASES}).")] = None,
     test_cases: Annotated[int, typer.Option(min=1, help="Held-out phantoms (an unseen seed), all scored.")] = 12,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Write a short flare-bench report.")] = True,
     install: Annotated[bool, typer.Option("--install/--no-install",
@@ -166,7 +167,7 @@ def demo(
     phantom and the real CT → benchmark → default bundle. Output: a short table; everything in OUT/demo.json."""
     try:
         if proof:
-            from flare.benchmarks.proof import PROOF_TRAIN_CASES, run_proof
+            from flare.benchmarks.proof import run_proof
 
             cases = cases or PROOF_TRAIN_CASES
             res = run_proof(out, config=config or "proof", folds=folds, train_cases=cases, test_cases=test_cases,

@@ -192,7 +192,7 @@ def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path
     as given (missing organs count as background) for as many epochs as stage 1 and 2 together.
     ``resume`` (default) skips finished steps and continues interrupted ones.
     """
-    from .engine import torch_setup
+    from .engine import STAGE2_TRAIN_KEYS, torch_setup
 
     torch_setup(threads)
     t0 = time.perf_counter()
@@ -227,9 +227,9 @@ def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path
                               if k != "losses"}
     if naive:
         epochs = int(cfg["train"]["epochs"]) + int(cfg.get("stage2", {}).get("epochs", cfg["train"]["epochs"]))
-        # from scratch, as long as both stages: the stage-1 schedule (a stage-2 lr is for fine-tuning stage-1 weights)
-        naive_cfg = {**cfg, "stage2": {**{k: v for k, v in cfg.get("stage2", {}).items() if k not in ("lr", "warmup_epochs")},
-                                       "epochs": epochs}}
+        # from scratch, as long as both stages, on train's schedule: stage 2's lr is for fine-tuning stage-1 weights
+        stage2 = {k: v for k, v in cfg.get("stage2", {}).items() if k not in STAGE2_TRAIN_KEYS}
+        naive_cfg = {**cfg, "stage2": {**stage2, "epochs": epochs}}
         summary["stage2"] = timed("stage2", train_folds, trainer, entries, 2, folds, cfg=naive_cfg)
     else:
         summary["stage1"] = timed("stage1", train_folds, trainer, entries, 1, folds)
