@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.atomic import write_text_atomic
+from flare.runtime.foundation.errors import FlareError
 
 #: the six large organs of the issue's target (both kidneys count)
 LARGE_ORGANS = (L.LIVER, L.RIGHT_KIDNEY, L.LEFT_KIDNEY, L.SPLEEN, L.AORTA, L.STOMACH)
@@ -271,15 +272,31 @@ def plot_curve(points: Sequence[dict[str, Any]], ceiling: dict[str, Any], path: 
 # -------------------------------------------------------------------------------------------------- the proof
 def make_sets(out: Path, train_cases: int, test_cases: int, size: int = PHANTOM_SIZE) -> tuple[Path, Path]:
     """Training phantoms (seed :data:`TRAIN_SEED`, none held out) and the fixed test set (seed
-    :data:`TEST_SEED`); in both every 4th case is a head-to-thigh scan. Existing sets are reused."""
+    :data:`TEST_SEED`); in both every 4th case is a head-to-thigh scan. An existing set is reused when it is the one
+    asked for (number of cases, seed, size); another one is refused (:class:`FlareError`): a resumed run would
+    otherwise train or score on other phantoms than the command says."""
     from flare.train.phantoms import make_phantoms
 
     train_dir, test_dir = out / "phantoms", out / "test"
-    if not (train_dir / "dataset.json").is_file():
-        make_phantoms(train_dir, train_cases, TRAIN_SEED, size=size, holdout=0, long_every=LONG_EVERY)
-    if not (test_dir / "dataset.json").is_file():
-        make_phantoms(test_dir, test_cases, TEST_SEED, size=size, holdout=test_cases, long_every=LONG_EVERY)
+    for folder, cases, seed, holdout in ((train_dir, train_cases, TRAIN_SEED, 0),
+                                         (test_dir, test_cases, TEST_SEED, test_cases)):
+        if (folder / "dataset.json").is_file():
+            _check_set(folder, cases, seed, size)
+        else:
+            make_phantoms(folder, cases, seed, size=size, holdout=holdout, long_every=LONG_EVERY)
     return train_dir, test_dir
+
+
+def _check_set(folder: Path, cases: int, seed: int, size: int) -> None:
+    try:
+        doc = json.loads((folder / "dataset.json").read_text())
+        have = (len(doc["training"]) + len(doc["testing"]), doc["seed"], doc["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FlareError(folder / "dataset.json", "not a phantom set written by flare; use a fresh output folder") \
+            from None
+    if have != (cases, seed, size):
+        raise FlareError(folder, f"holds {have[0]} phantoms (seed {have[1]}, size {have[2]}), this run asks for "
+                                 f"{cases} (seed {seed}, size {size}); use a fresh output folder")
 
 
 def heldout_entries(test_dir: Path) -> list[dict[str, Any]]:

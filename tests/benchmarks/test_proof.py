@@ -69,3 +69,16 @@ def test_minimal_proof_through_the_runtime(tmp_path: Path) -> None:
     # a rerun skips the finished training and reuses the scores of the same checkpoints
     again = run_proof(tmp_path, train_cases=10, test_cases=2, size=48, overrides=fast, command="t")
     assert again["two_stage"] == res["two_stage"] and again["curve"] == res["curve"]
+
+
+def test_an_existing_phantom_set_of_another_size_is_refused(tmp_path: Path) -> None:
+    """A resumed proof with another ``--cases`` must not train on the old set while reporting the new count."""
+    from flare.benchmarks.demo import app
+    from typer.testing import CliRunner
+
+    make_phantoms(tmp_path / "phantoms", 2, TRAIN_SEED, size=48, holdout=0)
+    result = CliRunner().invoke(app, ["--proof", "--out", str(tmp_path), "--cases", "12"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "holds 2 phantoms (seed 0, size 48), this run asks for 12 (seed 0, size" in lines[0], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "test").exists()  # refused before anything else
