@@ -322,7 +322,8 @@ def quantize_model(fp32_path: Path, dst: Path, tiles: TileSet, gate: bool = True
               f"agreement {last['agreement']:.4f}, lowest class Dice {last['min_dice_gated']}")
     raise FlareError(fp32_path, f"int8 model fails verification against fp32 with convolutions under "
                                 f"{' / '.join(map(str, FLOAT_LADDER))} channels in float: {detail} (needs agreement "
-                                f">= {MIN_AGREEMENT}, Dice >= {MIN_DICE}); export refused")
+                                f">= {MIN_AGREEMENT}, Dice >= {MIN_DICE}); export refused (without --int8 the "
+                                "bundle runs fp32 on the CPU)")
 
 
 def record() -> dict[str, Any]:
