@@ -16,6 +16,7 @@ from flare.benchmarks.proof import (
     missing_organs,
     proof_markdown,
     resolution_ceiling,
+    spread,
     run_proof,
     summarise,
 )
@@ -64,6 +65,7 @@ def test_minimal_proof_through_the_runtime(tmp_path: Path) -> None:
     assert [p["step"] for p in res["curve"]] == [2, 4, 6] and res["curve"][-1]["stage"] == "stage 2 (final)"
     assert set(res["ceiling"]) == {"8mm", "6mm", "3mm"}  # at size 48 the truth is already coarse: no ordering
     md = proof_markdown(res)
+    assert set(res["spread"]) == {"rounds", "tumor_ci95", "missing_gap_ci95", "missing_cases_two_stage_higher"}
     assert "13-organ mean" in md and "two-stage (strict)" in md and "| 6 |" in md and "Post-processing per case" in md
     assert not list(tmp_path.glob(".view*")) and not list(tmp_path.glob(".curve"))
     # a rerun skips the finished training and reuses the scores of the same checkpoints
@@ -82,3 +84,22 @@ def test_an_existing_phantom_set_of_another_size_is_refused(tmp_path: Path) -> N
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "holds 2 phantoms (seed 0, size 48), this run asks for 12 (seed 0, size" in lines[0], result.output
     assert "Traceback" not in result.output and not (tmp_path / "test").exists()  # refused before anything else
+
+
+def test_spread_brackets_the_headline_and_counts_cases() -> None:
+    """The bootstrap over test cases: its interval holds the headline gap, and a model better on every case is
+    counted so; cases without tumour leave the tumour interval to the others."""
+    missing = [L.name_of(c) for c in missing_organs()]
+    rng = np.random.default_rng(3)
+    two, naive = [], []
+    for i in range(12):
+        base = {n: float(rng.uniform(0.3, 0.7)) for n in missing}
+        two.append({"case": f"c{i}", "dice": {**{n: v + 0.1 for n, v in base.items()},
+                                              **({"tumor": 0.4} if i % 2 else {})}})
+        naive.append({"case": f"c{i}", "dice": base})
+    res = {"two_stage": {"paper": {"per_case": two}}, "naive": {"paper": {"per_case": naive}}}
+    out = spread(res, rounds=200)
+    lo, hi = out["missing_gap_ci95"]
+    assert lo <= 0.1 + 1e-3 and hi >= 0.1 - 1e-3 and out["missing_cases_two_stage_higher"] == [12, 12]
+    assert out["tumor_ci95"] == [0.4, 0.4]
+    assert spread({"two_stage": res["two_stage"]}, rounds=10).keys() == {"rounds", "tumor_ci95"}
