@@ -16,8 +16,8 @@ from flare.benchmarks.proof import (
     missing_organs,
     proof_markdown,
     resolution_ceiling,
-    spread,
     run_proof,
+    spread,
     summarise,
 )
 from flare.runtime.foundation import labels as L
