@@ -415,10 +415,11 @@ def spread(res: dict[str, Any], rounds: int = 2000, seed: int = 0) -> dict[str, 
 
     out: dict[str, Any] = {"rounds": rounds, "tumor_ci95": ci(tumour)}
     if naive is not None:
-        per_case = [(float(np.mean([a[c] for c in missing if c in a])), float(np.mean([b[c] for c in missing if c in b])))
-                    for a, b in zip(two, naive, strict=True) if any(c in a for c in missing)]
+        pairs = [(summarise([a], missing)["missing_mean"], summarise([b], missing)["missing_mean"])
+                 for a, b in zip(two, naive, strict=True)]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         out["missing_gap_ci95"] = ci(gap)
-        out["missing_cases_two_stage_higher"] = [sum(a > b for a, b in per_case), len(per_case)]
+        out["missing_cases_two_stage_higher"] = [sum(a > b for a, b in pairs), len(pairs)]
     return out
 
 
@@ -448,16 +449,16 @@ def proof_markdown(res: dict[str, Any]) -> str:
         vals = [_f(res[m][pp]["summary"]["per_class"].get(name)) for m, pp in cols]
         lines.append(f"| {name} | {_f(ceil['per_class'].get(name))} | " + " | ".join(vals) + " |")
     out = "\n".join(lines) + "\n"
-    sp_ = res.get("spread") or {}
-    if sp_.get("tumor_ci95") or sp_.get("missing_gap_ci95"):
+    draw = res.get("spread") or {}
+    if draw.get("tumor_ci95") or draw.get("missing_gap_ci95"):
         bits = []
-        if sp_.get("tumor_ci95"):
-            bits.append("tumor (two-stage) {:.3f}–{:.3f}".format(*sp_["tumor_ci95"]))
-        if sp_.get("missing_gap_ci95"):
-            k, n = sp_["missing_cases_two_stage_higher"]
+        if draw.get("tumor_ci95"):
+            bits.append("tumor (two-stage) {:.3f}–{:.3f}".format(*draw["tumor_ci95"]))
+        if draw.get("missing_gap_ci95"):
+            k, n = draw["missing_cases_two_stage_higher"]
             bits.append("two-stage minus naive on the missed organs {:+.3f} to {:+.3f} (two-stage higher in {} of {} "
-                        "cases)".format(*sp_["missing_gap_ci95"], k, n))
-        out += (f"\nOver which test phantoms were drawn (95 % bootstrap over the cases, {sp_['rounds']} rounds; training "
+                        "cases)".format(*draw["missing_gap_ci95"], k, n))
+        out += (f"\nOver which test phantoms were drawn (95 % bootstrap over the cases, {draw['rounds']} rounds; training "
                 "noise not included): " + "; ".join(bits) + ".\n")
     if "strict" in res.get("two_stage", {}):
         out += "\n" + postprocess_markdown(res["two_stage"]["paper"]["per_case"], res["two_stage"]["strict"]["per_case"])
