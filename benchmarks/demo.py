@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from flare.benchmarks.proof import PROOF_TRAIN_CASES
+from flare.benchmarks.proof import PROOF_TEST_CASES, PROOF_TRAIN_CASES
 from flare.runtime.foundation.errors import FlareError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -52,6 +52,7 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
 
 #: training phantoms of the demo (seed 0; 32 of them labelled)
 DEMO_TRAIN_CASES = 40
+DEMO_TEST_CASES = 12
 #: The demo's time on the idle 2-core box it was sized on (2026-12-05, `demo` config, 72^3 tiles): seconds of
 #: the parts that scale with the number of training steps (locator, stage 1, stage 2) and of those that do not
 #: (phantoms, pseudo-labels, export, flare-run on the held-out set, benchmark), and one probe step (two 32^3 crops,
@@ -148,7 +149,9 @@ def demo(
         "demo-out"),
     cases: Annotated[int | None, typer.Option(min=10, help="Number of training phantoms (default "
                                                           f"{DEMO_TRAIN_CASES}; with --proof {PROOF_TRAIN_CASES}).")] = None,
-    test_cases: Annotated[int, typer.Option(min=1, help="Held-out phantoms (an unseen seed), all scored.")] = 12,
+    test_cases: Annotated[int | None, typer.Option(min=1, help="Held-out phantoms (an unseen seed), all scored "
+                                                              f"(default {DEMO_TEST_CASES}; with --proof "
+                                                              f"{PROOF_TEST_CASES}).")] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Write a short flare-bench report.")] = True,
     install: Annotated[bool, typer.Option("--install/--no-install",
                                           help="Install the bundle as the default bundle.")] = True,
@@ -169,25 +172,25 @@ def demo(
         if proof:
             from flare.benchmarks.proof import run_proof
 
-            cases = cases or PROOF_TRAIN_CASES
+            cases, test_cases = cases or PROOF_TRAIN_CASES, test_cases or PROOF_TEST_CASES
             res = run_proof(out, config=config or "proof", folds=folds, train_cases=cases, test_cases=test_cases,
                             say=_say, command=f"flare-demo --proof --out {out} --cases {cases} --test-cases "
                                               f"{test_cases} --folds {folds} --config {config or 'proof'}")
             typer.echo((out / "proof.md").read_text(), nl=False)
             _say(f"details: {out / 'proof.json'}, curve: {out / 'curve.png'}; {res['seconds']['total']:.0f} s")
             return
-        run_demo(out, cases=cases or DEMO_TRAIN_CASES, test_cases=test_cases, folds=folds, bench=bench, install=install,
+        run_demo(out, cases=cases or DEMO_TRAIN_CASES, test_cases=test_cases or DEMO_TEST_CASES, folds=folds, bench=bench, install=install,
                  config=config or "demo", minutes=None if config or not minutes else minutes)
     except FlareError as err:
         _say(f"error: {err}")
         raise typer.Exit(2) from None
 
 
-def run_demo(out: Path, *, cases: int = DEMO_TRAIN_CASES, test_cases: int = 12, folds: int = 1, bench: bool = True,
+def run_demo(out: Path, *, cases: int = DEMO_TRAIN_CASES, test_cases: int = DEMO_TEST_CASES, folds: int = 1, bench: bool = True,
              install: bool = True, config: str | dict[str, Any] = "demo", size: int = 96,
              minutes: float | None = None) -> dict[str, Any]:
     from flare.benchmarks.cases import shared_data_dir
-    from flare.benchmarks.proof import TEST_SEED, heldout_entries, make_sets, score_bundle
+    from flare.benchmarks.proof import HELDOUT_SEED, heldout_entries, make_sets, score_bundle
     from flare.export import export_bundle
     from flare.runtime import Segmenter
     from flare.runtime.bundle.manifest import default_bundle_dir
@@ -207,10 +210,10 @@ def run_demo(out: Path, *, cases: int = DEMO_TRAIN_CASES, test_cases: int = 12, 
         _say(f"   {name}: {times[name]} s")
 
     t = time.perf_counter()
-    train_dir, test_dir = make_sets(out, cases, test_cases, size)
+    train_dir, test_dir = make_sets(out, cases, test_cases, size, test_seed=HELDOUT_SEED)
     labelled = len(load_datalist(train_dir)["training"])  # the loader's rule: a case without a label is left out
     _say(f"1/6 phantoms: {labelled} labelled for training ({cases - labelled} unlabelled left out, as the paper does), "
-         f"{test_cases} held out from seed {TEST_SEED} -> {out}")
+         f"{test_cases} held out from seed {HELDOUT_SEED} -> {out}")
     step("phantoms", t)
     planner = None
     if minutes:

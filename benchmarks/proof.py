@@ -37,8 +37,16 @@ from flare.runtime.foundation.errors import FlareError
 #: the six large organs of the issue's target (both kidneys count)
 LARGE_ORGANS = (L.LIVER, L.RIGHT_KIDNEY, L.LEFT_KIDNEY, L.SPLEEN, L.AORTA, L.STOMACH)
 ORGANS = tuple(L.ORGAN_IDS)
-#: seed of the fixed test set: no training command of the project uses it
-TEST_SEED = 2026
+#: the demo's held-out phantoms (12 by default). Proof configs up to run H were chosen by their score on the first
+#: 12 phantoms of this seed, so for the proof it is a development set, not a test set
+HELDOUT_SEED = 2026
+#: the proof's test set: 36 phantoms drawn after every choice of the proof's config and training set, never trained
+#: on, never used to choose. (Seed 2027, drawn first, showed that the choices made on seed 2026 were noise and chose
+#: between the recorded runs: train/results/RESULTS.md, "a fresh test set"; so it is not the test set either.)
+TEST_SEED = 2028
+#: test phantoms of the proof: with 12, one run's tumour Dice was uncertain by about +-0.16 from the draw alone
+#: (bootstrap over the cases); 36 narrow that to about +-0.08
+PROOF_TEST_CASES = 36
 TRAIN_SEED = 0
 #: every n-th phantom, training and test alike, is a head-to-thigh scan. The test set shows what remote false organs
 #: cost under the paper's z-run rule; in training, with the generator's natural 10 %, the network saw a head or
@@ -46,9 +54,11 @@ TRAIN_SEED = 0
 #: proof run 3)
 LONG_EVERY = 4
 PHANTOM_SIZE = 96
-#: training phantoms of the proof (seed 0; the unlabelled fifth is left out: 51 train). On 40 the tumour Dice stayed
-#: at 0.17; on 64, with the `proof` config's tumour weights, it reached 0.31 (train/results/RESULTS.md, run F)
-PROOF_TRAIN_CASES = 64
+#: training phantoms of the proof (seed 0; the unlabelled fifth is left out: 32 train). 64 (51 train) did not raise
+#: the tumour Dice on fresh phantoms (0.15-0.16 either way) and cut the two-stage gain over naive training from
+#: +0.12 to +0.06-0.09: the naive run learns the missed organs from the extra fully labelled cases
+#: (train/results/RESULTS.md, "a fresh test set")
+PROOF_TRAIN_CASES = 40
 
 Say = Callable[[str], None]
 
@@ -270,16 +280,17 @@ def plot_curve(points: Sequence[dict[str, Any]], ceiling: dict[str, Any], path: 
 
 
 # -------------------------------------------------------------------------------------------------- the proof
-def make_sets(out: Path, train_cases: int, test_cases: int, size: int = PHANTOM_SIZE) -> tuple[Path, Path]:
-    """Training phantoms (seed :data:`TRAIN_SEED`, none held out) and the fixed test set (seed
-    :data:`TEST_SEED`); in both every 4th case is a head-to-thigh scan. An existing set is reused when it is the one
+def make_sets(out: Path, train_cases: int, test_cases: int, size: int = PHANTOM_SIZE, *,
+              test_seed: int) -> tuple[Path, Path]:
+    """Training phantoms (seed :data:`TRAIN_SEED`, none held out) and a held-out set of ``test_seed`` (the proof's
+    :data:`TEST_SEED`, the demo's :data:`HELDOUT_SEED`); in both every 4th case is a head-to-thigh scan. An existing set is reused when it is the one
     asked for (number of cases, seed, size); another one is refused (:class:`FlareError`): a resumed run would
     otherwise train or score on other phantoms than the command says."""
     from flare.train.phantoms import make_phantoms
 
     train_dir, test_dir = out / "phantoms", out / "test"
     for folder, cases, seed, holdout in ((train_dir, train_cases, TRAIN_SEED, 0),
-                                         (test_dir, test_cases, TEST_SEED, test_cases)):
+                                         (test_dir, test_cases, test_seed, test_cases)):
         if (folder / "dataset.json").is_file():
             _check_set(folder, cases, seed, size)
         else:
@@ -306,7 +317,7 @@ def heldout_entries(test_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof", folds: int = 1,
-              train_cases: int = PROOF_TRAIN_CASES, test_cases: int = 12, naive: bool = True, curve: bool = True,
+              train_cases: int = PROOF_TRAIN_CASES, test_cases: int = PROOF_TEST_CASES, naive: bool = True, curve: bool = True,
               overrides: dict[str, Any] | None = None, size: int = PHANTOM_SIZE, threads: int | None = None,
               say: Say = _quiet, command: str = "") -> dict[str, Any]:
     """The whole proof; returns (and writes to ``OUT/proof.json``) the results, ``OUT/curve.png``, ``OUT/proof.md``.
@@ -330,7 +341,7 @@ def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof",
         times[name] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
-    train_dir, test_dir = make_sets(out, train_cases, test_cases, size)
+    train_dir, test_dir = make_sets(out, train_cases, test_cases, size, test_seed=TEST_SEED)
     tests = heldout_entries(test_dir)
     res["test_set"] = {"seed": TEST_SEED, "cases": len(tests), "size": size,
                        "extents": [(e.get("params") or {}).get("extent") for e in tests]}

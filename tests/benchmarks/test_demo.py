@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from flare.benchmarks.demo import summary_lines
-from flare.benchmarks.proof import summarise
+from flare.benchmarks.proof import HELDOUT_SEED, summarise
 from flare.runtime.foundation import labels as L
 
 
@@ -43,6 +45,7 @@ def test_demo_end_to_end_scores_every_heldout_case(tmp_path) -> None:
     assert held["summary"]["cases"] == 2 and len(held["per_case"]) == 2
     assert len(list((tmp_path / "heldout_seg").glob("*.nii.gz"))) == 2
     assert (tmp_path / "demo.json").is_file() and (tmp_path / "bundle" / "bundle.json").is_file()
+    assert json.loads((tmp_path / "test" / "dataset.json").read_text())["seed"] == HELDOUT_SEED  # not the proof's
 
 
 def test_bench_summary_reads_the_runtime_and_same_settings_reference() -> None:
