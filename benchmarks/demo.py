@@ -52,6 +52,7 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
 
 #: training phantoms of the demo (seed 0; 32 of them labelled)
 DEMO_TRAIN_CASES = 40
+#: held-out phantoms of the demo (seed :data:`flare.benchmarks.proof.HELDOUT_SEED`)
 DEMO_TEST_CASES = 12
 #: The demo's time on the idle 2-core box it was sized on (2026-12-05, `demo` config, 72^3 tiles): seconds of
 #: the parts that scale with the number of training steps (locator, stage 1, stage 2) and of those that do not
@@ -179,15 +180,16 @@ def demo(
             typer.echo((out / "proof.md").read_text(), nl=False)
             _say(f"details: {out / 'proof.json'}, curve: {out / 'curve.png'}; {res['seconds']['total']:.0f} s")
             return
-        run_demo(out, cases=cases or DEMO_TRAIN_CASES, test_cases=test_cases or DEMO_TEST_CASES, folds=folds, bench=bench, install=install,
-                 config=config or "demo", minutes=None if config or not minutes else minutes)
+        run_demo(out, cases=cases or DEMO_TRAIN_CASES, test_cases=test_cases or DEMO_TEST_CASES, folds=folds,
+                 bench=bench, install=install, config=config or "demo",
+                 minutes=None if config or not minutes else minutes)
     except FlareError as err:
         _say(f"error: {err}")
         raise typer.Exit(2) from None
 
 
-def run_demo(out: Path, *, cases: int = DEMO_TRAIN_CASES, test_cases: int = DEMO_TEST_CASES, folds: int = 1, bench: bool = True,
-             install: bool = True, config: str | dict[str, Any] = "demo", size: int = 96,
+def run_demo(out: Path, *, cases: int = DEMO_TRAIN_CASES, test_cases: int = DEMO_TEST_CASES, folds: int = 1,
+             bench: bool = True, install: bool = True, config: str | dict[str, Any] = "demo", size: int = 96,
              minutes: float | None = None) -> dict[str, Any]:
     from flare.benchmarks.cases import shared_data_dir
     from flare.benchmarks.proof import HELDOUT_SEED, heldout_entries, make_sets, score_bundle

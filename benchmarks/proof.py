@@ -283,9 +283,9 @@ def plot_curve(points: Sequence[dict[str, Any]], ceiling: dict[str, Any], path: 
 def make_sets(out: Path, train_cases: int, test_cases: int, size: int = PHANTOM_SIZE, *,
               test_seed: int) -> tuple[Path, Path]:
     """Training phantoms (seed :data:`TRAIN_SEED`, none held out) and a held-out set of ``test_seed`` (the proof's
-    :data:`TEST_SEED`, the demo's :data:`HELDOUT_SEED`); in both every 4th case is a head-to-thigh scan. An existing set is reused when it is the one
-    asked for (number of cases, seed, size); another one is refused (:class:`FlareError`): a resumed run would
-    otherwise train or score on other phantoms than the command says."""
+    :data:`TEST_SEED`, the demo's :data:`HELDOUT_SEED`); in both every 4th case is a head-to-thigh scan. An existing
+    set is reused when it is the one asked for (number of cases, seed, size); another one is refused
+    (:class:`FlareError`): a resumed run would otherwise train or score on other phantoms than the command says."""
     from flare.train.phantoms import make_phantoms
 
     train_dir, test_dir = out / "phantoms", out / "test"
@@ -317,8 +317,9 @@ def heldout_entries(test_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof", folds: int = 1,
-              train_cases: int = PROOF_TRAIN_CASES, test_cases: int = PROOF_TEST_CASES, naive: bool = True, curve: bool = True,
-              overrides: dict[str, Any] | None = None, size: int = PHANTOM_SIZE, threads: int | None = None,
+              train_cases: int = PROOF_TRAIN_CASES, test_cases: int = PROOF_TEST_CASES, naive: bool = True,
+              curve: bool = True, overrides: dict[str, Any] | None = None, size: int = PHANTOM_SIZE,
+              threads: int | None = None,
               say: Say = _quiet, command: str = "") -> dict[str, Any]:
     """The whole proof; returns (and writes to ``OUT/proof.json``) the results, ``OUT/curve.png``, ``OUT/proof.md``.
     The naive run trains in a second process beside the two-stage run, each with ``threads`` torch threads
