@@ -120,7 +120,7 @@ def test_forced_extent_test_set_and_varied_anatomy(tmp_path: Path) -> None:
 
 def test_tumours_are_soft_tissue_lesions() -> None:
     """A tumour's density is drawn against its host organ's tissue (masses outside organs against soft tissue), never
-    against whatever voxel lies at its centre: seed 2026 (the proof's test set) has a tumour in the stomach, whose
+    against whatever voxel lies at its centre: seed 2026 (the demo's held-out set) has a tumour in the stomach, whose
     centre voxel is gas, one in the retroperitoneal fat and lung nodules."""
     hosts = set()
     for index in (0, 1, 11):
