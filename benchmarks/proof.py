@@ -319,8 +319,7 @@ def heldout_entries(test_dir: Path) -> list[dict[str, Any]]:
 def run_proof(out: str | Path, *, config: str | Path | dict[str, Any] = "proof", folds: int = 1,
               train_cases: int = PROOF_TRAIN_CASES, test_cases: int = PROOF_TEST_CASES, naive: bool = True,
               curve: bool = True, overrides: dict[str, Any] | None = None, size: int = PHANTOM_SIZE,
-              threads: int | None = None,
-              say: Say = _quiet, command: str = "") -> dict[str, Any]:
+              threads: int | None = None, say: Say = _quiet, command: str = "") -> dict[str, Any]:
     """The whole proof; returns (and writes to ``OUT/proof.json``) the results, ``OUT/curve.png``, ``OUT/proof.md``.
     The naive run trains in a second process beside the two-stage run, each with ``threads`` torch threads
     (default: the CPUs shared between the processes — on 2 cores 1 each; 2 each made both runs 3-5x slower)."""
