@@ -7,7 +7,8 @@ for the locator), at most ``data.max_samples_per_class`` of them (MONAI ``Classe
 ...)``: evenly spaced over the class's voxels; without the cap the background alone needs 8 bytes per voxel).
 Augmentation per step: pad to the roi -> crops centred on each present class with equal probability (the paper's
 "equal probability from one of the 15 regions": each kidney and each adrenal gland is its own region, so they get
-the weight of one class each, not half of a merged one) -> rotation in the axial plane and scaling
+the weight of one class each, not half of a merged one; with ``augment.lesion_paste_prob``, labelled tumours
+are first copied to new places, :mod:`flare.train.lesions`) -> rotation in the axial plane and scaling
 (``augment.scale_axes``: ``"xy"`` as the paper, ``"xyz"`` the old behaviour) -> flips -> histogram shift ->
 contrast -> labels to the 13 merged training classes (left/right merged).
 
@@ -206,6 +207,7 @@ def augment_transform(eff: dict[str, Any]):
     if axes not in ("xy", "xyz"):
         raise InputError("config", f"augment.scale_axes must be 'xy' or 'xyz', not {axes!r}")
     return T.Compose([
+        *lesion_paste(eff),
         T.SpatialPadd(keys=keys, spatial_size=roi),
         T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=roi, num_classes=sampling_classes(eff),
                                   ratios=crop_ratios(eff), num_samples=int(eff["train"].get("num_crops", 1)),
@@ -223,6 +225,18 @@ def augment_transform(eff: dict[str, Any]):
         *([] if eff.get("labels") == "organ-union" else
           [T.Lambdad(keys="label", func=_map_labels(L.FLARE_TO_MERGED))]),  # FLARE ids -> 13 merged classes
     ])
+
+
+def lesion_paste(eff: dict[str, Any]) -> list[Any]:
+    """``augment.lesion_paste_prob`` > 0 (folds only): :class:`flare.train.lesions.RandLesionPasted` before the crop;
+    absent at 0 (the paper's default), so the other transforms' random streams stay as they were."""
+    aug = eff["augment"]
+    prob = aug.get("lesion_paste_prob", 0.0)
+    if eff.get("labels") == "organ-union" or not prob:
+        return []
+    from .lesions import DEFAULT_HOSTS, RandLesionPasted
+
+    return [RandLesionPasted(prob, aug.get("lesion_hosts") or DEFAULT_HOSTS)]
 
 
 def _slim(entries: list[dict[str, Any]], label_key: str | None) -> list[dict[str, Any]]:
