@@ -236,7 +236,8 @@ def lesion_paste(eff: dict[str, Any]) -> list[Any]:
         return []
     from .lesions import DEFAULT_HOSTS, RandLesionPasted
 
-    return [RandLesionPasted(prob, aug.get("lesion_hosts") or DEFAULT_HOSTS)]
+    return [RandLesionPasted(prob, aug.get("lesion_hosts") or DEFAULT_HOSTS, scale=aug.get("lesion_scale"),
+                             contrast=aug.get("lesion_contrast"))]
 
 
 def _slim(entries: list[dict[str, Any]], label_key: str | None) -> list[dict[str, Any]]:

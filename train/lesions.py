@@ -12,6 +12,11 @@ organ's level in the same shell, blends the edge over a Gaussian
 (sigma ``EDGE_SIGMA`` voxels, as partial volume does), labels the pasted voxels tumour and adds them to the crop
 centres of the tumour class, so crops land on pasted tumours as often as on real ones.
 
+Optionally each paste is also jittered (``augment.lesion_scale`` and ``augment.lesion_contrast``, ``[low, high]``,
+absent by default): the lesion is resized by a factor drawn per axis (linear for the image, the mask resampled and
+thresholded, its surroundings and shell cut again as ``harvest`` cuts them) and its contrast to its host multiplied by one drawn factor, so that a few dozen
+labelled tumours become many shapes, sizes and densities rather than the same ones in new places.
+
 Runs on the preprocessed case (FLARE ids, 0..1 image) before cropping; only labelled tumours are used, and only
 hosts the label shows are pasted into, so partial labels stay consistent. Lesions are copied from the training
 cases, never generated: nothing about the test data is assumed beyond what the labels show.
@@ -100,11 +105,48 @@ def paste(image: np.ndarray, label: np.ndarray, lesion: Lesion, centre: Sequence
     return np.ravel_multi_index(tuple(w + a for w, a in zip(where, start)), image.shape)
 
 
+def jittered(lesion: Lesion, zoom: Sequence[float] | None = None, contrast: float | None = None) -> Lesion | None:
+    """``lesion`` resized by ``zoom`` (per axis) and/or with its contrast to its host scaled by ``contrast``;
+    None when the resized tumour is under ``MIN_VOXELS`` or its patch over ``MAX_PATCH_VOXELS``."""
+    from scipy import ndimage
+
+    image, mask, shell = lesion.image, lesion.mask, lesion.shell
+    if zoom is not None:
+        image = ndimage.zoom(image, zoom, order=1, mode="nearest", grid_mode=True)
+        mask = ndimage.zoom(mask.astype(np.float32), zoom, order=1, mode="nearest", grid_mode=True) >= 0.5
+        if mask.sum() < MIN_VOXELS:
+            return None
+        # the tumour's box with MARGIN voxels of (edge-extended) surroundings, as harvest cuts it
+        box = tuple(slice(s.start, s.stop + 2 * MARGIN) for s in ndimage.find_objects(mask.astype(np.uint8))[0])
+        if np.prod([s.stop - s.start for s in box]) > MAX_PATCH_VOXELS:
+            return None
+        image = np.pad(image, MARGIN, mode="edge")[box]
+        mask = np.pad(mask, MARGIN)[box]
+        shell = ndimage.binary_dilation(mask, iterations=MARGIN) & ~mask
+    if contrast is not None:
+        image = (lesion.level + contrast * (image - lesion.level)).astype(np.float32)
+    return Lesion(image, mask, shell, lesion.level)
+
+
+def _range(value: Any, name: str) -> tuple[float, float] | None:
+    """A ``[low, high]`` config range of positive factors, or None when absent."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not 0.0 < low <= high:
+        raise InputError("config", f"augment.{name} must be [low, high] with 0 < low <= high, not {value!r}")
+    return low, high
+
+
 class RandLesionPasted(Randomizable, MapTransform):
     """Keys ``image``, ``label`` (channel first, FLARE ids) and ``label_cls_indices`` (the crop centres per class);
     see the module docstring."""
 
-    def __init__(self, prob: float, hosts: Sequence[int] = DEFAULT_HOSTS, bank_size: int = BANK_SIZE) -> None:
+    def __init__(self, prob: float, hosts: Sequence[int] = DEFAULT_HOSTS, bank_size: int = BANK_SIZE,
+                 scale: Sequence[float] | None = None, contrast: Sequence[float] | None = None) -> None:
         MapTransform.__init__(self, ["image", "label"])
         if not 0.0 <= float(prob) <= 1.0:
             raise InputError("config", f"augment.lesion_paste_prob must lie in [0, 1], not {prob!r}")
@@ -112,6 +154,7 @@ class RandLesionPasted(Randomizable, MapTransform):
         if bad or not hosts:
             raise InputError("config", f"augment.lesion_hosts must be organ ids 1..{L.TUMOR - 1}, not {list(hosts)!r}")
         self.prob, self.hosts, self.bank_size = float(prob), tuple(hosts), int(bank_size)
+        self.scale, self.contrast = _range(scale, "lesion_scale"), _range(contrast, "lesion_contrast")
         self.bank: list[Lesion] = []
         self._seen: set[tuple[Any, ...]] = set()
         self._count = 0  # lesions met so far
@@ -156,6 +199,12 @@ class RandLesionPasted(Randomizable, MapTransform):
             image_p, mask, shell = (np.ascontiguousarray(np.flip(a, flip)) for a in (lesion.image, lesion.mask,
                                                                                    lesion.shell))
             lesion = Lesion(image_p, mask, shell, lesion.level)
+        if self.scale or self.contrast:  # no draws without them: the stream of runs made before stays the same
+            zoom = [float(self.R.uniform(*self.scale)) for _ in range(3)] if self.scale else None
+            changed = jittered(lesion, zoom, float(self.R.uniform(*self.contrast)) if self.contrast else None)
+            if changed is None:
+                return d
+            lesion = changed
         image, label = image.copy(), label.copy()
         placed = paste(image, label, lesion, centre, host)
         if placed is None:

@@ -10,7 +10,7 @@ from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.errors import InputError
 from flare.train.config import load_config, role_config
 from flare.train.data import augment_transform
-from flare.train.lesions import RandLesionPasted, harvest, paste
+from flare.train.lesions import RandLesionPasted, harvest, jittered, paste
 
 SHAPE = (40, 40, 40)
 LIVER_LEVEL, KIDNEY_LEVEL, CONTRAST = 0.6, 0.7, -0.08  # 0..1 image: +-250 HU window -> 0.08 = 40 HU
@@ -86,6 +86,41 @@ def test_transform_pastes_banked_tumours_and_adds_crop_centres() -> None:
     assert torch.equal(never(dest)["image"], dest["image"])
 
 
+def test_jitter_resizes_the_tumour_and_scales_its_contrast() -> None:
+    case = _case(True, np.random.default_rng(4))
+    lesion = harvest(case["image"][0].numpy(), case["label"][0].numpy())[0]
+    big = jittered(lesion, [1.5, 1.2, 1.0], 0.5)
+    assert big is not None
+    assert big.mask.sum() / lesion.mask.sum() == pytest.approx(1.5 * 1.2, rel=0.15)
+    assert big.level == lesion.level and not (big.mask & big.shell).any()
+    assert big.shell.sum() > lesion.shell.sum()  # rebuilt around the larger tumour
+    assert float(big.image[big.mask].mean() - big.level) == pytest.approx(0.5 * CONTRAST, abs=0.01)
+    same_size = jittered(lesion, None, 1.25)
+    assert same_size is not None and np.array_equal(same_size.mask, lesion.mask)
+    assert float(same_size.image[lesion.mask].mean() - lesion.level) == pytest.approx(1.25 * CONTRAST, abs=0.01)
+    assert jittered(lesion, [0.1, 0.1, 0.1]) is None  # under MIN_VOXELS: not pasted
+
+
+def test_jittered_pastes_differ_from_plain_ones_and_stay_seeded() -> None:
+    rng = np.random.default_rng(5)
+    source, dest = _case(True, rng), _case(False, rng)
+
+    def pasted(**jitter: list[float]) -> torch.Tensor:
+        """The first paste that fits (a random centre near the volume's edge does not)."""
+        t = RandLesionPasted(1.0, **jitter)
+        t.set_random_state(11)
+        t(source)
+        for _ in range(50):
+            tumour = t(dest)["label"][0] == L.TUMOR
+            if tumour.any():
+                return tumour
+        raise AssertionError("no paste fitted in 50 draws")
+
+    plain, sized = pasted(), pasted(scale=[1.4, 1.5])
+    assert int(sized.sum()) > int(plain.sum()) * 1.8
+    assert torch.equal(pasted(scale=[1.4, 1.5]), sized)
+
+
 def test_config_switch_and_checks() -> None:
     paper = role_config(load_config("tiny"), "fold")
     names = [type(x).__name__ for x in augment_transform(paper).transforms]
@@ -99,6 +134,10 @@ def test_config_switch_and_checks() -> None:
     with pytest.raises(InputError, match="lesion_hosts must be organ ids"):
         augment_transform(role_config(load_config("tiny", {"augment": {"lesion_paste_prob": 0.5,
                                                                        "lesion_hosts": [14]}}), "fold"))
+    for bad in ([1.2, 0.8], [0, 1], "big", [1.0]):
+        with pytest.raises(InputError, match="lesion_scale must be"):
+            augment_transform(role_config(load_config("tiny", {"augment": {"lesion_paste_prob": 0.5,
+                                                                           "lesion_scale": bad}}), "fold"))
 
 
 def test_pasted_tumours_reach_the_training_crops() -> None:
