@@ -14,8 +14,9 @@ centres of the tumour class, so crops land on pasted tumours as often as on real
 
 Optionally each paste is also jittered (``augment.lesion_scale`` and ``augment.lesion_contrast``, ``[low, high]``,
 absent by default): the lesion is resized by a factor drawn per axis (linear for the image, the mask resampled and
-thresholded, its surroundings and shell cut again as ``harvest`` cuts them) and its contrast to its host multiplied by one drawn factor, so that a few dozen
-labelled tumours become many shapes, sizes and densities rather than the same ones in new places.
+thresholded, its surroundings and shell cut again as ``harvest`` cuts them) and its contrast to its host multiplied
+by one drawn factor, so that a few dozen labelled tumours become many shapes, sizes and densities rather than the
+same ones in new places.
 
 Runs on the preprocessed case (FLARE ids, 0..1 image) before cropping; only labelled tumours are used, and only
 hosts the label shows are pasted into, so partial labels stay consistent. Lesions are copied from the training
