@@ -38,7 +38,7 @@ test: install
 demo: install
 	$(VENV)/bin/flare-demo $(DEMO_ARGS)
 
-# the proof that the recipe learns (docs/training.md): 40 min on 2 idle cores (measured 2026-12-05); results in proof-out/proof.md
+# the proof that the recipe learns (docs/training.md): 28-40 min on 2 idle cores, by host (measured 2026-12-05); results in proof-out/proof.md
 proof: install
 	nice $(VENV)/bin/flare-demo --proof --out proof-out $(PROOF_ARGS)
 
