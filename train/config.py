@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from flare.runtime.foundation.errors import InputError
+from flare.runtime.ops.postprocessing import MODES
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+#: ``pseudolabel.postprocess``: no cleaning of the stage-1 prediction (the paper, the default) or a runtime rule set
+PSEUDOLABEL_POSTPROCESS = ("none", *MODES)
 REQUIRED = ("name", "network", "spacing_mm", "hu_window", "roi", "train", "augment", "validation", "locator")
 
 
@@ -55,7 +58,17 @@ def load_config(name_or_path: str | Path | dict[str, Any], overrides: dict[str, 
     if missing:
         raise InputError(source, f"config lacks {', '.join(missing)}")
     _check_tiles(cfg, source)
+    pseudolabel_postprocess(cfg, source)
     return cfg
+
+
+def pseudolabel_postprocess(cfg: dict[str, Any], source: str | Path = "<config>") -> str:
+    """``pseudolabel.postprocess`` of a config or its fold settings ("none" when absent), checked."""
+    mode = cfg.get("pseudolabel", {}).get("postprocess", "none")
+    if mode not in PSEUDOLABEL_POSTPROCESS:
+        raise InputError(source, f"pseudolabel.postprocess must be one of {', '.join(PSEUDOLABEL_POSTPROCESS)}, "
+                                 f"got {mode!r}")
+    return str(mode)
 
 
 def _check_tiles(cfg: dict[str, Any], source: str | Path) -> None:

@@ -5,6 +5,14 @@ missing organ is written only into voxels that are background in the given label
 overwritten; tumour is never pseudo-labelled. The ensemble runs in the training space (RAS, ``spacing_mm``); its
 merged classes are split into left/right in world coordinates and mapped back onto the case's original voxel grid
 (nearest neighbour), where the merge happens and the file is written with the given label's header.
+
+Not in the paper, off by default: ``pseudolabel.postprocess`` in the config cleans the ensemble's prediction before
+the merge with one of the runtime's post-processing rule sets (:mod:`flare.runtime.ops.postprocessing`), in the
+training space. ``"strict"`` keeps each listed organ's largest 3-D component and the organ union's z run with most
+voxels: on head-to-thigh phantoms a small stage-1 network labels organs in the head, the raw pseudo-labels teach
+stage 2 to do the same, and at inference the paper's z-run rule then keeps the false run and deletes the true organ
+(train/results/RESULTS.md, issue 20, "remote pseudo-labels"). ``"paper"`` (the z-run rule) keeps the longer false
+run and makes pseudo-labels worse there; it is offered for comparison.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import numpy as np
 from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.atomic import atomic_path
 from flare.runtime.ops.lr_split import split_left_right
+from flare.runtime.ops.postprocessing import postprocess
 
+from .config import pseudolabel_postprocess
 from .datalist import case_name
 
 
@@ -51,6 +61,10 @@ def pseudolabel_case(nets: list[Any], item: dict[str, Any], entry: dict[str, Any
     merged = segment(nets, item["image"], eff, device)
     affine_train = np.asarray(item["affine"], dtype=np.float64)
     pseudo_train = split_left_right(L.merged_to_flare(merged), affine_train)
+    mode = pseudolabel_postprocess(eff)
+    if mode != "none":
+        spacing = tuple(float(v) for v in eff["spacing_mm"])
+        postprocess(pseudo_train, spacing, mode=mode, copy=False)  # type: ignore[arg-type]
     ref: Any
     if entry.get("label"):
         ref = nib.load(entry["label"])
@@ -81,6 +95,7 @@ def pseudolabel_datalist(nets: list[Any], entries: list[dict[str, Any]], eff: di
     from .distributed import gather
 
     out_dir = Path(out_dir)
+    mode = pseudolabel_postprocess(eff)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [e for e in entries if not fully_labelled(given_ids(e))]
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
@@ -91,7 +106,8 @@ def pseudolabel_datalist(nets: list[Any], entries: list[dict[str, Any]], eff: di
         path = out_dir / f"{case_name(entry)}.nii.gz"
         info = pseudolabel_case(nets, ds[n], entry, eff, device, path)
         if log:
-            log(f"pseudo-label {info['case']} ({n + 1}/{len(mine)} on this rank): added FLARE ids {info['added']}")
+            log(f"pseudo-label {info['case']} ({n + 1}/{len(mine)} on this rank, post-processing {mode}): "
+                f"added FLARE ids {info['added']}")
         done.append((entry["image"], str(path.resolve())))
     labelled = dict(gather(done, dist) if dist else done)
     result = []

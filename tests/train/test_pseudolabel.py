@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.errors import InputError
 from flare.runtime.ops.lr_split import split_left_right
 from flare.train.config import load_config, role_config
 from flare.train.data import preprocess
@@ -83,3 +86,54 @@ def test_split_sides_survives_degenerate_components() -> None:
     aff[0, 3] = -1.0
     out = split_left_right(flare, aff)
     assert out.shape == flare.shape and set(np.unique(out)) <= {0, L.RIGHT_KIDNEY, L.LEFT_KIDNEY}
+
+
+def _liver_case(folder: Path) -> dict[str, str]:
+    """A 16x16x40 CT at 8 mm (RAS): a large bright block low in z ("abdomen") and a slender bright column high in z
+    ("head"), longer in z than the block; the given label holds only a spleen, so liver is missing."""
+    ct = np.full((16, 16, 40), -100.0, np.float32)
+    ct[2:10, 2:10, 2:8] = 200.0   # 384 voxels over 6 slices
+    ct[12:14, 12:14, 20:34] = 200.0  # 56 voxels over 14 slices, 96 mm above the block
+    given = np.zeros(ct.shape, np.uint8)
+    given[12:15, 2:5, 4:7] = L.SPLEEN
+    aff = np.diag([8.0, 8.0, 8.0, 1.0])
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(ct, aff), folder / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(given, aff), folder / "given.nii.gz")
+    return {"image": str(folder / "ct.nii.gz"), "label": str(folder / "given.nii.gz")}
+
+
+def _bright_is_liver() -> torch.nn.Module:
+    """A real 1x1x1 convolution whose argmax is liver where the normalised HU is above 0.6 (50 HU), else background."""
+    net = torch.nn.Conv3d(1, L.NUM_MERGED_CLASSES, 1)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.fill_(-1000.0)
+        net.bias[0] = 0.0
+        net.weight[1] = 100.0  # merged class 1 = liver
+        net.bias[1] = -60.0
+    return net.eval()
+
+
+@pytest.mark.parametrize("mode", ["none", "paper", "strict"])
+def test_pseudolabel_postprocess_modes(tmp_path: Path, mode: str) -> None:
+    """``pseudolabel.postprocess``: none keeps a remote false liver, the paper's z-run rule keeps it *instead of*
+    the true one (its run is longer), strict keeps the largest 3-D component; the given labels stay."""
+    entry = _liver_case(tmp_path / "case")
+    over = {"spacing_mm": [8.0, 8.0, 8.0], "roi": [16, 16, 16], "pseudolabel": {"postprocess": mode}}
+    eff = role_config(load_config("tiny", over), "fold")
+    new = pseudolabel_datalist([_bright_is_liver()], [entry], eff, torch.device("cpu"), tmp_path / "pl")
+    out = np.asarray(nib.load(new[0]["label"]).dataobj)
+    block, column = out[2:10, 2:10, 2:8] == L.LIVER, out[12:14, 12:14, 20:34] == L.LIVER
+    assert int(np.sum(out == L.SPLEEN)) == 27
+    expect = {"none": (True, True), "paper": (False, True), "strict": (True, False)}[mode]
+    assert (bool(block.all()), bool(column.all())) == expect  # whole or (count below) not at all
+    assert int(np.sum(out == L.LIVER)) == 384 * expect[0] + 56 * expect[1]
+
+
+def test_pseudolabel_postprocess_rejects_unknown_mode(tmp_path: Path) -> None:
+    """A bad value stops the config from loading, before any training."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**load_config("tiny"), "pseudolabel": {"postprocess": "largest"}}))
+    with pytest.raises(InputError, match="pseudolabel.postprocess must be one of none, paper, strict, got 'largest'"):
+        load_config(cfg)
