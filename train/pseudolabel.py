@@ -63,8 +63,8 @@ def pseudolabel_case(nets: list[Any], item: dict[str, Any], entry: dict[str, Any
     pseudo_train = split_left_right(L.merged_to_flare(merged), affine_train)
     mode = pseudolabel_postprocess(eff)
     if mode != "none":
-        spacing = tuple(float(v) for v in eff["spacing_mm"])
-        postprocess(pseudo_train, spacing, mode=mode, copy=False)  # type: ignore[arg-type]
+        sx, sy, sz = (float(v) for v in eff["spacing_mm"])
+        postprocess(pseudo_train, (sx, sy, sz), mode=mode, copy=False)
     ref: Any
     if entry.get("label"):
         ref = nib.load(entry["label"])
