@@ -53,7 +53,8 @@ def to_original_grid(labels: np.ndarray, affine_src: np.ndarray, shape: tuple[in
 
 def pseudolabel_case(nets: list[Any], item: dict[str, Any], entry: dict[str, Any], eff: dict[str, Any],
                      device: Any, out_path: Path) -> dict[str, Any]:
-    """Predict ``item`` (preprocessed image) with the ensemble, merge into the entry's given labels, write."""
+    """Predict ``item`` (preprocessed image) with the ensemble, clean it as ``pseudolabel.postprocess`` says, merge
+    into the entry's given labels, write."""
     import nibabel as nib
 
     from .engine import segment
@@ -79,7 +80,7 @@ def pseudolabel_case(nets: list[Any], item: dict[str, Any], entry: dict[str, Any
     with atomic_path(out_path) as tmp:
         nib.save(img, tmp)
     added = sorted(set(np.unique(merged_labels).tolist()) - set(np.unique(given).tolist()))
-    return {"case": case_name(entry), "added": [int(a) for a in added]}
+    return {"case": case_name(entry), "added": [int(a) for a in added], "postprocess": mode}
 
 
 def pseudolabel_datalist(nets: list[Any], entries: list[dict[str, Any]], eff: dict[str, Any], device: Any,
@@ -95,7 +96,6 @@ def pseudolabel_datalist(nets: list[Any], entries: list[dict[str, Any]], eff: di
     from .distributed import gather
 
     out_dir = Path(out_dir)
-    mode = pseudolabel_postprocess(eff)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [e for e in entries if not fully_labelled(given_ids(e))]
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
@@ -106,7 +106,7 @@ def pseudolabel_datalist(nets: list[Any], entries: list[dict[str, Any]], eff: di
         path = out_dir / f"{case_name(entry)}.nii.gz"
         info = pseudolabel_case(nets, ds[n], entry, eff, device, path)
         if log:
-            log(f"pseudo-label {info['case']} ({n + 1}/{len(mine)} on this rank, post-processing {mode}): "
+            log(f"pseudo-label {info['case']} ({n + 1}/{len(mine)} on this rank, post-processing {info['postprocess']}): "
                 f"added FLARE ids {info['added']}")
         done.append((entry["image"], str(path.resolve())))
     labelled = dict(gather(done, dist) if dist else done)
