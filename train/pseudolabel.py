@@ -106,8 +106,8 @@ def pseudolabel_datalist(nets: list[Any], entries: list[dict[str, Any]], eff: di
         path = out_dir / f"{case_name(entry)}.nii.gz"
         info = pseudolabel_case(nets, ds[n], entry, eff, device, path)
         if log:
-            log(f"pseudo-label {info['case']} ({n + 1}/{len(mine)} on this rank, post-processing {info['postprocess']}): "
-                f"added FLARE ids {info['added']}")
+            log(f"pseudo-label {info['case']} ({n + 1}/{len(mine)} on this rank, "
+                f"post-processing {info['postprocess']}): added FLARE ids {info['added']}")
         done.append((entry["image"], str(path.resolve())))
     labelled = dict(gather(done, dist) if dist else done)
     result = []
