@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 # -qq: pip's errors only (its warnings, e.g. about configured index locations that do not exist, flooded make demo)
 PIP    := $(PY) -m pip --disable-pip-version-check -qq
-EXTRAS ?= cpu,train,export,bench,preview,dicom,dev,serve
+EXTRAS ?= cpu,openvino,train,export,bench,preview,dicom,dev,serve
 TORCH_VERSION   ?= 2.13.0
 # PyTorch's CPU-only wheels; the default index (PyPI) serves the CUDA build of torch on Linux
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu

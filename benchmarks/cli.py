@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from flare.runtime.app.cli import Device, Precision
 from flare.runtime.foundation.errors import FlareError
+from flare.runtime.inference.engines import CpuEngine
 
 from .reference import MODES
 
@@ -54,6 +55,9 @@ def bench(
                          ] = None,
     folds: Annotated[int | None, typer.Option(min=1, help="Runtime with the first N folds (default: all).",
                                               show_default=False)] = None,
+    engine: Annotated[list[CpuEngine] | None, typer.Option("--engine", help="CPU engine; repeat it (--engine "
+                      "onnxruntime --engine openvino) to run them side by side like --precision (OpenVINO runs "
+                      "fp32 only). Default: onnxruntime.", show_default=False)] = None,
     cache: Annotated[Path | None, typer.Option(help="Where synthetic cases are cached "
                      "(default ~/.cache/flare/bench-cases).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -99,7 +103,8 @@ def bench(
                                reference_mode=reference_mode.value, reference_cases=reference_cases,
                                reference_folds=reference_folds, checkpoints=checkpoints, cache_dir=cache,
                                quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]), runs_log=runs_log,
-                               precisions=[p.value for p in precision or []], folds=folds)
+                               precisions=[p.value for p in precision or []], folds=folds,
+                               engines=[e.value for e in engine or []])
     except FlareError as err:
         typer.echo(f"flare-bench: error: {err}", err=True)
         raise typer.Exit(2) from None

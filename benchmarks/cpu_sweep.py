@@ -1,4 +1,5 @@
-"""Per-tile time of candidate CPU networks on ONNX Runtime's CPU provider, fp32 against static int8, interleaved.
+"""Per-tile time of candidate CPU networks on ONNX Runtime's CPU provider, fp32 against static int8, interleaved
+(and OpenVINO's fp32 with ``--engines onnxruntime openvino``).
 
     nice python -m flare.benchmarks.cpu_sweep --nets 16:1,2,2,4 24:1,2,2,4 --tiles 96 128 --repeats 3 -o sweep.json
 
@@ -62,18 +63,36 @@ def session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), cpu_session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def sweep(models: dict[str, dict[str, Any]], tiles: list[int], repeats: int, threads: int) -> list[dict[str, Any]]:
-    sessions = {(n, p): session(m[p], threads) for n, m in models.items() for p in ("fp32", "int8")}
+def runners(models: dict[str, dict[str, Any]], threads: int, engines: list[str]) -> dict[tuple[str, str], Any]:
+    """One callable per (network, precision): ONNX Runtime fp32 and int8, OpenVINO fp32 (``fp32@openvino``, made
+    and released as the runtime's OpenVINO engine does)."""
+    out: dict[tuple[str, str], Any] = {}
+    for n, m in models.items():
+        if "onnxruntime" in engines:
+            for p in ("fp32", "int8"):
+                s = session(m[p], threads)
+                out[(n, p)] = lambda x, s=s: s.run(None, {"image": x})
+        if "openvino" in engines:
+            from flare.runtime.inference.engines.openvino_cpu import compile_model
+
+            c = compile_model(m["fp32"], threads)
+            out[(n, "fp32@openvino")] = lambda x, c=c: (c({0: x}), c.release_memory())
+    return out
+
+
+def sweep(models: dict[str, dict[str, Any]], tiles: list[int], repeats: int, threads: int,
+          engines: list[str] | None = None) -> list[dict[str, Any]]:
+    sessions = runners(models, threads, engines or ["onnxruntime"])
     inputs = {t: np.random.default_rng(1).random((1, 1, t, t, t), dtype=np.float32) for t in tiles}
-    for s in sessions.values():  # warm-up: first runs allocate
-        s.run(None, {"image": inputs[min(tiles)]})
+    for run in sessions.values():  # warm-up: first runs allocate
+        run(inputs[min(tiles)])
     times: dict[tuple[str, str, int], list[float]] = {}
     loads: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(repeats):
         for t in tiles:
-            for (n, p), s in sessions.items():
+            for (n, p), run in sessions.items():
                 t0 = time.perf_counter()
-                s.run(None, {"image": inputs[t]})
+                run(inputs[t])
                 times.setdefault((n, p, t), []).append(time.perf_counter() - t0)
                 loads.setdefault((n, p, t), []).append(os.getloadavg()[0])
     rows = []
@@ -91,12 +110,13 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="+", type=int, default=[96, 128])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", nargs="+", default=["onnxruntime"], choices=["onnxruntime", "openvino"])
     ap.add_argument("-o", "--output", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="flare-cpu-sweep-") as tmp:
-        rows = sweep(build_models(args.nets, Path(tmp)), args.tiles, args.repeats, args.threads)
+        rows = sweep(build_models(args.nets, Path(tmp)), args.tiles, args.repeats, args.threads, args.engines)
     for r in sorted(rows, key=lambda r: (r["net"], r["tile"], r["precision"])):
-        print(f"{r['net']:>16} {r['params'] / 1e6:6.2f} M  {r['precision']}  {r['tile']}^3  {r['median_s']:7.3f} s "
+        print(f"{r['net']:>16} {r['params'] / 1e6:6.2f} M  {r['precision']:>13}  {r['tile']}^3  {r['median_s']:7.3f} s "
               f"({r['us_per_voxel']} us/voxel)  load {r['load_1min']}")
     if args.output:
         args.output.write_text(json.dumps(rows, indent=1) + "\n")

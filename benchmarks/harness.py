@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from flare.runtime.bundle.manifest import Bundle, load_bundle
 from flare.runtime.foundation.errors import FlareError, InputError
+from flare.runtime.inference.engines import CPU_ENGINES
 
 from .cases import resolve_cases
 from .environment import environment
@@ -68,8 +69,32 @@ def flare_run_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "flare.runtime.app.cli"]
 
 
+def variant(key: str | None) -> tuple[str | None, str]:
+    """A benchmark variant's (precision, engine) from its key: ``fp32``, ``int8`` (ONNX Runtime), ``fp32@openvino``
+    (:func:`variant_keys`); None: flare-run's defaults."""
+    if key is None:
+        return None, CPU_ENGINES[0]
+    precision, _, engine = key.partition("@")
+    return precision or None, engine or CPU_ENGINES[0]
+
+
+def variant_keys(precisions: Sequence[str], engines: Sequence[str]) -> list[str | None]:
+    """The variants run side by side: every precision on every engine (ONNX Runtime's keys are the bare precision,
+    the others' ``PRECISION@ENGINE``), leaving out what an engine cannot run (OpenVINO: fp32 only; an engine left
+    with nothing to run is an InputError); ``[None]`` (flare-run's defaults) when neither is given."""
+    keys: list[str | None] = []
+    for engine in engines or [CPU_ENGINES[0]]:
+        if engine == CPU_ENGINES[0]:
+            keys += [*precisions] or [None]
+        elif precisions and "fp32" not in precisions:
+            raise InputError(None, f"--engine {engine} runs fp32 only; add --precision fp32")
+        else:
+            keys.append(f"fp32@{engine}")
+    return keys
+
+
 def cold_run(case: Path, bundle: Path, device: str, work: Path, precision: str | None = None,
-             folds: int | None = None) -> Run:
+             folds: int | None = None, engine: str = "onnxruntime") -> Run:
     """One fresh ``flare-run`` process on ``case``; memory of the child sampled from here."""
     out, rep = work / "cold_seg.nii.gz", work / "cold_report.json"
     for stale in (out, rep):
@@ -78,6 +103,7 @@ def cold_run(case: Path, bundle: Path, device: str, work: Path, precision: str |
                                  "--report", str(rep), "--quiet"]
     cmd += ["--precision", precision] if precision else []
     cmd += ["--folds", str(folds)] if folds else []
+    cmd += ["--engine", engine] if engine != CPU_ENGINES[0] else []
     child: list[int] = []
     with MemorySampler(pids=lambda: child) as sampler:
         t0 = time.perf_counter()
@@ -197,7 +223,8 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
                   reference_cases: int | None = None, reference_folds: int | None = None,
                   checkpoints: str | Path | None = None, cache_dir: str | Path | None = None,
                   quiet: bool = False, command: str | None = None, precisions: Sequence[str] = (),
-                  folds: int | None = None, runs_log: str | Path | None = None) -> dict[str, Any]:
+                  folds: int | None = None, runs_log: str | Path | None = None,
+                  engines: Sequence[str] = ()) -> dict[str, Any]:
     """Benchmark ``bundle`` on ``cases`` and write ``report.json``, ``report.md`` and PNGs into ``out_dir``.
 
     Returns the report dictionary. ``repeats`` warm runs per case, ``cold`` fresh-process runs per case,
@@ -210,7 +237,8 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     ``precisions`` (e.g. fp32, int8) runs the cold and warm phases once per precision, interleaved run by run (so
     that the load of a shared machine falls on each alike), into ``case["by_precision"]``, with the labels of each
     later precision compared with the first's (voxel agreement, per-class Dice); ``cold``/``warm`` are then the
-    first precision's. ``folds`` runs the runtime with the first N folds only.
+    first precision's. ``engines`` (onnxruntime, openvino) does the same per CPU engine (:func:`variant_keys`:
+    keys ``fp32``, ``int8``, ``fp32@openvino``). ``folds`` runs the runtime with the first N folds only.
     ``runs_log``: a JSON-lines file that gets one line per run as soon as it ends (the GPU check's results file).
     """
     from .report import write_reports
@@ -230,7 +258,7 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     total = len(case_paths) * (cold + repeats) + n_ref_cases * (runs_ref + (n_ref_folds < len(b.folds)))
     results: list[dict[str, Any]] = [{"case": str(p), "name": p.name} for p in case_paths]
     keep: dict[str, dict[str, MemoryTrace]] = {"runtime": {}, "reference": {}}
-    variants: list[str | None] = [*precisions] or [None]
+    variants = variant_keys(precisions, engines)
     total += len(case_paths) * (cold + repeats) * (len(variants) - 1)
     rec = run_recorder(Path(runs_log) if runs_log else None, b.root)
     with _progress(total, quiet) as step:
@@ -245,7 +273,7 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
         case["flare"] = judge(case)
         case["ratios"] = compare(case) if "reference" in case else None
     report = {"format": "flare-bench", "version": 1, "command": command, "bundle": str(b.root),
-              "device": device, "precisions": list(precisions), "folds": folds, "repeats": {"cold": cold, "warm": repeats, "reference": runs_ref},
+              "device": device, "precisions": list(precisions), "engines": list(engines), "folds": folds, "repeats": {"cold": cold, "warm": repeats, "reference": runs_ref},
               "reference_mode": reference_mode if runs_ref else None,
               "reference_scope": {"cases": n_ref_cases, "folds": n_ref_folds, "bundle_folds": len(b.folds)}
               if runs_ref else None, "targets": {"time_s": FLARE_TIME_S,
@@ -307,7 +335,8 @@ def _cold_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
             runs: dict[str | None, list[Run]] = {v: [] for v in variants}
             for _ in range(n):
                 for v in variants:  # interleaved
-                    runs[v].append(cold_run(path, b.root, device, Path(tmp), v, folds))
+                    precision, engine = variant(v)
+                    runs[v].append(cold_run(path, b.root, device, Path(tmp), precision, folds, engine))
                     record("cold", path, runs[v][-1])
                     step(f"cold {path.name}" + (f" {v}" if v else ""))
             _store(res, "cold", variants, runs)
@@ -320,7 +349,8 @@ def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
                 folds: int | None) -> dict[str, np.ndarray]:
     from flare.runtime.pipeline.segmenter import Segmenter
 
-    segs = {v: Segmenter(b, device=device, precision=v, folds=folds) for v in variants}
+    segs = {v: Segmenter(b, device=device, precision=variant(v)[0], folds=folds, engine=variant(v)[1])
+            for v in variants}
     labels: dict[str | None, dict[str, np.ndarray]] = {v: {} for v in variants}
     for path, res in zip(cases, results):
         runs: dict[str | None, list[Run]] = {v: [] for v in variants}

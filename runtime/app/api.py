@@ -24,17 +24,18 @@ __all__ = ["segment"]
 def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
             device: str = "auto", folds: int | None = None, overlap: float | None = None,
             precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None,
-            cudnn_algo_search: str = "HEURISTIC") -> SegmentResult:
+            cudnn_algo_search: str = "HEURISTIC", engine: str = "onnxruntime") -> SegmentResult:
     """Segment one CT: ``result.labels`` (uint8 FLARE ids in the input grid), ``result.affine``, ``result.report``;
     writes the label map to ``output`` (NIfTI, in the input's space) when given.
 
     ``postprocess`` picks the clean-up rules: ``"paper"`` or ``"strict"`` (see :mod:`flare.runtime.ops.postprocessing`);
-    None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise)."""
+    None takes the bundle's ``postprocess.mode`` (``"paper"`` unless the bundle says otherwise). ``engine``
+    ``"openvino"`` runs the fp32 models with OpenVINO on the CPU (the ``openvino`` extra)."""
     from flare.runtime.app.write import Outputs, write_result
 
     result = Segmenter(bundle, device=device, folds=folds, overlap=overlap, precision=precision,
                        gpu_mem_budget=gpu_mem_budget, postprocess=postprocess,
-                       cudnn_algo_search=cudnn_algo_search).segment(image)
+                       cudnn_algo_search=cudnn_algo_search, engine=engine).segment(image)
     if output is not None:
         write_result(result, Outputs(Path(output)))
     return result

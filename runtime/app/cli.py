@@ -23,6 +23,7 @@ import typer
 from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
 from flare.runtime.app.process import Terminated
 from flare.runtime.foundation.errors import FlareError, InputError
+from flare.runtime.inference.engines import CpuEngine
 from flare.runtime.inference.memory_plan import DEFAULT_BUDGET_MB
 from flare.runtime.ops.postprocessing import Mode
 
@@ -187,6 +188,9 @@ def run(
     precision: Annotated[Precision | None, typer.Option(help="Model precision (default: fp16 on CUDA, int8 on the "
                                                              "CPU, when the bundle has it; else fp32).",
                                                         show_default=False)] = None,
+    engine: Annotated[CpuEngine, typer.Option(help="CPU engine: onnxruntime, or openvino (fp32 only; faster on "
+                      "small networks such as the cpu profile's; extra 'openvino'; implies --device cpu).")
+                      ] = CpuEngine.onnxruntime,
     gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
                               help="GPU memory budget in MB (the process's whole NVML footprint): picks the tile "
                                    "size; OOM retries smaller, then CPU.")
@@ -224,8 +228,8 @@ def run(
                       "a file for one image, a folder for several (CASE_report.json).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     server: Annotated[str | None, typer.Option(help="Segment on flare-serve servers at HOST:PORT (their HTTP port; "
-                      "several: comma-separated) instead of here; --bundle, --device, --precision and "
-                      "--gpu-mem-budget are the servers'.")] = None,
+                      "several: comma-separated) instead of here; --bundle, --device, --precision, --engine "
+                      "and --gpu-mem-budget are the servers'.")] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=256, help="With --server: cases in flight at once, spread "
                            "over the servers (each goes to the one with the fewest in flight).")] = 1,
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
@@ -263,7 +267,7 @@ def run(
                 seg = Segmenter(bundle or default_bundle_dir(), device=device, folds=folds, overlap=overlap,
                                 precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
                                 postprocess=None if postprocess is None else postprocess.value,
-                                cudnn_algo_search=cudnn_algo_search.upper())
+                                cudnn_algo_search=cudnn_algo_search.upper(), engine=engine.value)
             plan.create_folders()
             if precision is None and not quiet:
                 _note_default_precision(seg)

@@ -86,8 +86,9 @@ def run_display(plan: Plan, seg: Segmenter, quiet: bool) -> Iterator[Display]:
     )
 
     console = Console(stderr=True, soft_wrap=True)
+    first = seg.engines[0]
     console.print(f"flare-run: bundle {seg.bundle.root} · {len(seg.engines)} fold(s) · device {seg.device} "
-                  f"({seg.engines[0].precision}) · models loaded in {seg.load_s:.2f} s")
+                  f"({first.precision}, {first.backend}) · models loaded in {seg.load_s:.2f} s")
     for line in plan.skipped:
         console.print(f"flare-run: {line}", markup=False, highlight=False)
     columns = [SpinnerColumn(), TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),

@@ -24,7 +24,7 @@ from flare.runtime.foundation.lifecycle import pause_point
 from flare.runtime.image.model import LoadedImage, to_canonical
 from flare.runtime.image.nifti import read_image
 from flare.runtime.inference.device import ort, resolve_device, to_device
-from flare.runtime.inference.engines import Engine, backend_for, create_engine, default_precision
+from flare.runtime.inference.engines import CPU_ENGINES, Engine, backend_for, create_engine, default_precision
 from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
 from flare.runtime.inference.memory_plan import MemoryPlan
@@ -74,7 +74,7 @@ class Segmenter:
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", folds: int | None = None,
                  overlap: float | None = None, precision: str | None = None, threads: int | None = None,
                  gpu_mem_budget: float | None = None, postprocess: str | None = None,
-                 cudnn_algo_search: str = "HEURISTIC") -> None:
+                 cudnn_algo_search: str = "HEURISTIC", engine: str = CPU_ENGINES[0]) -> None:
         t_init = self._t_init = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_hashes=False)
         n_folds = len(self.bundle.folds)
@@ -82,6 +82,8 @@ class Segmenter:
         self._set_overlap(overlap)
         imports_before = sum(IMPORT_SECONDS.values())
         t_dev = time.perf_counter()
+        if engine != CPU_ENGINES[0] and device == "auto":
+            device = "cpu"  # the other engines run on the CPU only
         self.dev = resolve_device(device)  # answered once; cached per process
         device_init = time.perf_counter() - t_dev - (sum(IMPORT_SECONDS.values()) - imports_before)
         ort.load()  # imported here (not inside the first session's creation) so that the load timings separate
@@ -95,15 +97,18 @@ class Segmenter:
         specs = self.bundle.folds[: folds or n_folds]
         models = list(specs) + ([self.bundle.locator] if self.bundle.locator is not None else [])
         t_hash = time.perf_counter()  # only the files that will be loaded; cached per file version
-        hashed = verify_bundle(self.bundle, {m.name: precision or default_precision(m, self.device) for m in models})
+        def chosen(spec: Any) -> str:
+            return precision or default_precision(spec, self.device, engine)
+
+        hashed = verify_bundle(self.bundle, {m.name: chosen(m) for m in models})
         hash_s = time.perf_counter() - t_hash
         # the one memory plan of this Segmenter: budget, arena cap, design, tiles, CuPy's pool
         # (flare.runtime.inference.memory_plan); the design is estimated from the files that will be loaded
         def file_mb(spec: Any) -> float:
-            return spec.file_for(precision or default_precision(spec, self.device)).path.stat().st_size / 1e6
+            return spec.file_for(chosen(spec)).path.stat().st_size / 1e6
 
         self.plan = MemoryPlan.build(gpu_mem_budget, backend_for(self.device) if self.device == "cuda" else None,
-                                     precision or default_precision(specs[0], self.device), specs[0].out_channels,
+                                     chosen(specs[0]), specs[0].out_channels,
                                      model_mb=[file_mb(s) for s in specs],
                                      locator_mb=None if self.bundle.locator is None else file_mb(self.bundle.locator))
         self._arena_mb = self.plan.arena_mb
@@ -111,10 +116,10 @@ class Segmenter:
 
         def make(spec: Any) -> Engine:
             t0 = time.perf_counter()
-            engine = create_engine(spec, self.dev, precision, threads, mem_limit_mb=self._arena_mb,
-                                   algo_search=cudnn_algo_search)
+            made = create_engine(spec, self.dev, precision, threads, mem_limit_mb=self._arena_mb,
+                                 algo_search=cudnn_algo_search, engine=engine)
             sessions[spec.name] = round(time.perf_counter() - t0, 4)
-            return engine
+            return made
 
         self.locator: Engine | None = make(self.bundle.locator) if self.bundle.locator is not None else None
         # the folds' sessions (all of them, or the first group of the grouped design) are built on a thread while
