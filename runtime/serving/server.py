@@ -35,6 +35,7 @@ import numpy as np
 import typer
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.foundation.lazy import lazy_import
+from flare.runtime.inference.engines import CpuEngine
 from flare.runtime.serving.front import return_memory
 from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, request_name
 
@@ -370,25 +371,26 @@ def instance_devices(device: str, devices: Sequence[int] | None, instances: int 
     return [f"cuda:{devices[i % len(devices)]}" for i in range(n)]
 
 
-def load_models(loaded: Any, devices: Sequence[str], gpu_mem_budget: float | None, segmenter: Any = None
-                ) -> list[FlareModel]:
-    """One FlareModel (a Segmenter on its device) per entry of ``devices``; CPU threads are shared out between the
-    instances that run on the CPU."""
+def load_models(loaded: Any, devices: Sequence[str], gpu_mem_budget: float | None, segmenter: Any = None,
+                engine: str = "onnxruntime") -> list[FlareModel]:
+    """One FlareModel (a Segmenter on its device, with the CPU ``engine``) per entry of ``devices``; CPU threads are
+    shared out between the instances that run on the CPU."""
     factory = segmenter
     if factory is None:
         from flare.runtime.pipeline.segmenter import Segmenter
 
         factory = Segmenter
     threads = None if len(devices) == 1 else max(1, (os.cpu_count() or 1) // len(devices))
-    return [FlareModel(factory(loaded, device=dev, threads=threads, gpu_mem_budget=gpu_mem_budget))
+    return [FlareModel(factory(loaded, device=dev, threads=threads, gpu_mem_budget=gpu_mem_budget, engine=engine))
             for dev in devices]
 
 
 def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_port: int = 8000,
           grpc_port: int = 8001, metrics_port: int = 8002, instances: int | None = None,
-          gpu_mem_budget: float | None = None, verbose: bool = False, devices: Sequence[int] | None = None) -> None:
-    """Load the model instances (``instances`` Segmenters on ``device``, or spread over the CUDA ``devices``), start
-    Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
+          gpu_mem_budget: float | None = None, verbose: bool = False, devices: Sequence[int] | None = None,
+          engine: str = "onnxruntime") -> None:
+    """Load the model instances (``instances`` Segmenters on ``device``, or spread over the CUDA ``devices``; on the
+    CPU with ``engine``), start Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
     from flare.runtime.bundle.manifest import load_bundle
     from flare.runtime.serving.front import GrpcFront, HttpFront
     from flare.runtime.serving.gate import InferGate
@@ -403,7 +405,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     _quiet_pytriton(verbose)
     limit = max_request_bytes()
     loaded = load_bundle(bundle)
-    models = load_models(loaded, per_instance, gpu_mem_budget)
+    models = load_models(loaded, per_instance, gpu_mem_budget, engine=engine)
     seg = models[0].segmenter
     triton_log = None if verbose else Path(tempfile.mkdtemp(prefix="flare-serve-")) / "tritonserver.log"
     # Triton listens on loopback ports of its own; the public ports are the bounded fronts
@@ -503,6 +505,8 @@ def main_command(
                               "default 1, with --devices one per device).", show_default=False)] = None,
     gpu_mem_budget: Annotated[float | None, typer.Option(min=500.0,
                               help="GPU memory budget per instance in MB (default: flare-run's).")] = None,
+    engine: Annotated[CpuEngine, typer.Option(help="CPU engine: onnxruntime, or openvino (fp32 only; extra "
+                      "'openvino'; implies --device cpu).")] = CpuEngine.onnxruntime,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Triton's and PyTriton's own logs on stdout "
                        "(default: Triton's log goes to a temporary file, named on errors).")] = False,
 ) -> None:
@@ -512,7 +516,7 @@ def main_command(
     try:
         serve(bundle or default_bundle_dir(), device=device, host=host, http_port=http_port, grpc_port=grpc_port,
               metrics_port=metrics_port, instances=instances, gpu_mem_budget=gpu_mem_budget, verbose=verbose,
-              devices=None if devices is None else parse_devices(devices))
+              devices=None if devices is None else parse_devices(devices), engine=engine.value)
     except FlareError as err:
         typer.echo(f"flare-serve: error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -51,15 +51,25 @@ def test_each_instance_gets_its_device(tiny_bundle: Path) -> None:
 
     seen: list[str] = []
 
-    def segmenter(bundle, device, threads, gpu_mem_budget):  # records, then loads a real CPU Segmenter
+    def segmenter(bundle, device, threads, gpu_mem_budget, engine):  # records, then loads a real CPU Segmenter
         from flare.runtime.pipeline.segmenter import Segmenter
 
         seen.append(device)
-        return Segmenter(bundle, device="cpu", threads=threads, gpu_mem_budget=gpu_mem_budget)
+        return Segmenter(bundle, device="cpu", threads=threads, gpu_mem_budget=gpu_mem_budget, engine=engine)
 
     models = load_models(load_bundle(tiny_bundle), ["cuda:0", "cuda:1", "cuda:0"], None, segmenter)
     assert seen == ["cuda:0", "cuda:1", "cuda:0"] and len(models) == 3
     assert len({id(m.segmenter) for m in models}) == 3
+    assert {m.segmenter.engines[0].backend for m in models} == {"onnxruntime"}
+
+
+def test_instances_on_openvino(tiny_bundle: Path) -> None:
+    """flare-serve --engine openvino: every instance's Segmenter runs its folds on OpenVINO, on the CPU."""
+    from flare.runtime.bundle.manifest import load_bundle
+    from flare.runtime.serving.server import load_models
+
+    models = load_models(load_bundle(tiny_bundle), ["auto", "auto"], None, engine="openvino")
+    assert [(m.segmenter.device, m.segmenter.engines[0].backend) for m in models] == [("cpu", "openvino")] * 2
 
 
 def test_device_index_reaches_the_engine_options() -> None:
