@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib import import_module
 from importlib.util import find_spec
+from itertools import pairwise
 
 from flare.runtime.foundation.version import DIST, version
 
@@ -28,7 +29,8 @@ HELP_FLAGS = frozenset({"--help"})
 class Command:
     target: str  # module whose main() runs the command
     needs: tuple[tuple[str, str], ...]  # (import name, extra)
-    #: more needs when an argument is given (e.g. flare-bench --reference needs torch)
+    #: more needs when an argument is given (e.g. flare-bench --reference needs torch; ``--engine=openvino`` also
+    #: matches ``--engine openvino``)
     when: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     #: needs dropped when an argument is given (e.g. flare-export --no-verify needs no onnxruntime)
     unless: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -36,7 +38,7 @@ class Command:
     def requirements(self, argv: Sequence[str]) -> list[tuple[str, str]]:
         reqs = list(self.needs)
         for flag, more in self.when.items():
-            if flag in argv:
+            if _given(flag, argv):
                 reqs += more
         for flag, dropped in self.unless.items():
             if flag in argv:
@@ -44,20 +46,27 @@ class Command:
         return reqs
 
 
+def _given(flag: str, argv: Sequence[str]) -> bool:
+    """Whether ``flag`` is in ``argv``; ``--option=value`` also as the two arguments ``--option value``."""
+    name, _, value = flag.partition("=")
+    return flag in argv or bool(value) and any(a == name and b == value for a, b in pairwise(argv))
+
+
 _ORT = ("onnxruntime", "cpu")
 _TRAIN = (("torch", "train"), ("monai", "train"))
 _EXPORT = (("torch", "export"), ("monai", "export"), ("onnx", "export"), ("yaml", "export"))
 _CLIENT = ("tritonclient", "serve")
+_OPENVINO = {"--engine=openvino": (("openvino", "openvino"),)}
 
 COMMANDS: dict[str, Command] = {
-    "flare-run": Command("flare.runtime.app.cli", (_ORT,), when={"--server": (_CLIENT,)},
+    "flare-run": Command("flare.runtime.app.cli", (_ORT,), when={"--server": (_CLIENT,), **_OPENVINO},
                          unless={"--server": ("onnxruntime",)}),
     "flare-export": Command("flare.export.cli", (*_EXPORT, _ORT), unless={"--no-verify": ("onnxruntime",)}),
     "flare-demo": Command("flare.benchmarks.demo", (*_TRAIN, *_EXPORT, _ORT)),
     "flare-train": Command("flare.train.cli", _TRAIN),
     "flare-bench": Command("flare.benchmarks.cli", (("matplotlib", "bench"), _ORT),
-                           when={"--reference": _TRAIN, "--server": (_CLIENT,)}),
-    "flare-serve": Command("flare.runtime.serving.server", (_ORT, ("pytriton", "serve"), _CLIENT)),
+                           when={"--reference": _TRAIN, "--server": (_CLIENT,), **_OPENVINO}),
+    "flare-serve": Command("flare.runtime.serving.server", (_ORT, ("pytriton", "serve"), _CLIENT), when=_OPENVINO),
 }
 
 

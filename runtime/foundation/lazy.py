@@ -3,7 +3,7 @@
 :func:`lazy_import` returns a module proxy that imports on first attribute access, records how long the import took
 (:data:`IMPORT_SECONDS`, for the report's ``load`` timings) and turns a missing or broken package into a one-line
 :class:`DependencyError` that names the pip extra to install. Every optional or heavy package of the runtime
-(onnxruntime, CuPy, pydicom, highdicom, isal, tritonclient, pytriton) is reached through it.
+(onnxruntime, OpenVINO, CuPy, pydicom, highdicom, isal, tritonclient, pytriton) is reached through it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """OpenVINO on the CPU (``--engine openvino``): one compiled model per bundle model, host tiles in, float32 logits out.
 
 Why it is offered (measured on the 2-core AMD EPYC box, ``docs/cpu.md``, ``benchmarks/RESULTS.md``): on the ``cpu``
-profile's network (16 filters, 3 mm, 128³ tiles) OpenVINO's fp32 takes 1.66 s per tile where ONNX Runtime's takes
-2.5 s; on the flare23 network (32 filters) the two are even. It reads the bundle's ONNX files as they are.
+profile's network (16 filters, 3 mm, 128³ tiles) OpenVINO's fp32 takes 1.65 s per tile where ONNX Runtime's takes
+2.46 s (the whole FLARE-size case: 9.7 s against 11.7 s); on the flare23 network 1.3x, where ONNX Runtime's int8 is
+faster still. On an earlier host the two fp32 engines were even: the gain is the CPU's, measure it there. It reads
+the bundle's ONNX files as they are.
 
 - **fp32 only.** The int8 files were verified at export against ONNX Runtime's integer kernels; OpenVINO's are
   others, so running them here would skip the verification. Asking for int8 (or fp16) is a one-line error.

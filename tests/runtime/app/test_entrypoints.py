@@ -45,6 +45,10 @@ def run_script(name: str, args: list[str], blocked: list[str]) -> subprocess.Com
     ("flare-bench", ["--cases", "synthetic"], RUNTIME_ONLY, "bench"),
     ("flare-bench", ["--reference"], ["torch", "monai"], "train"),
     ("flare-run", ["ct.nii.gz"], ["onnxruntime"], "cpu"),
+    ("flare-run", ["ct.nii.gz", "--engine", "openvino"], ["openvino"], "openvino"),
+    ("flare-run", ["ct.nii.gz", "--engine=openvino"], ["openvino"], "openvino"),
+    ("flare-bench", ["--engine", "onnxruntime", "--engine", "openvino"], ["openvino"], "openvino"),
+    ("flare-serve", ["--engine", "openvino"], ["openvino"], "openvino"),
     ("flare-export", ["ckpt", "-o", "bundle"], ["onnxruntime"], "cpu"),
 ])
 def test_missing_extra_is_one_line(name: str, args: list[str], blocked: list[str], extra: str, tmp_path) -> None:
