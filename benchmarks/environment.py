@@ -10,8 +10,8 @@ from typing import Any
 
 from .sampler import gpu_info
 
-_PACKAGES = ("numpy", "scipy", "nibabel", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cupy-cuda12x", "cupy-cuda13x", "torch",
-             "monai", "flare-seg")
+_PACKAGES = ("numpy", "scipy", "nibabel", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "cupy-cuda12x",
+             "cupy-cuda13x", "torch", "monai", "flare-seg")
 
 
 def cpu_model() -> str:

@@ -78,14 +78,16 @@ def variant(key: str | None) -> tuple[str | None, str]:
     return precision or None, engine or CPU_ENGINES[0]
 
 
-def variant_keys(precisions: Sequence[str], engines: Sequence[str]) -> list[str | None]:
+def variant_keys(precisions: Sequence[str], engines: Sequence[str], cpu_default: str = "fp32") -> list[str | None]:
     """The variants run side by side: every precision on every engine (ONNX Runtime's keys are the bare precision,
     the others' ``PRECISION@ENGINE``), leaving out what an engine cannot run (OpenVINO: fp32 only; an engine left
-    with nothing to run is an InputError); ``[None]`` (flare-run's defaults) when neither is given."""
+    with nothing to run is an InputError); ``[None]`` (flare-run's defaults) when neither is given. Without
+    precisions but with several engines, ONNX Runtime runs ``cpu_default`` (flare-run's CPU choice for the bundle),
+    so that every variant has a name."""
     keys: list[str | None] = []
     for engine in engines or [CPU_ENGINES[0]]:
         if engine == CPU_ENGINES[0]:
-            keys += [*precisions] or [None]
+            keys += [*precisions] or [cpu_default if len(engines) > 1 else None]
         elif precisions and "fp32" not in precisions:
             raise InputError(None, f"--engine {engine} runs fp32 only; add --precision fp32")
         else:
@@ -258,7 +260,9 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     total = len(case_paths) * (cold + repeats) + n_ref_cases * (runs_ref + (n_ref_folds < len(b.folds)))
     results: list[dict[str, Any]] = [{"case": str(p), "name": p.name} for p in case_paths]
     keep: dict[str, dict[str, MemoryTrace]] = {"runtime": {}, "reference": {}}
-    variants = variant_keys(precisions, engines)
+    from flare.runtime.inference.engines import default_precision
+
+    variants = variant_keys(precisions, engines, default_precision(b.folds[0], "cpu"))
     total += len(case_paths) * (cold + repeats) * (len(variants) - 1)
     rec = run_recorder(Path(runs_log) if runs_log else None, b.root)
     with _progress(total, quiet) as step:
@@ -273,7 +277,7 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
         case["flare"] = judge(case)
         case["ratios"] = compare(case) if "reference" in case else None
     report = {"format": "flare-bench", "version": 1, "command": command, "bundle": str(b.root),
-              "device": device, "precisions": list(precisions), "engines": list(engines), "folds": folds, "repeats": {"cold": cold, "warm": repeats, "reference": runs_ref},
+              "device": device, "precisions": [v for v in variants if v is not None], "engines": list(engines), "folds": folds, "repeats": {"cold": cold, "warm": repeats, "reference": runs_ref},
               "reference_mode": reference_mode if runs_ref else None,
               "reference_scope": {"cases": n_ref_cases, "folds": n_ref_folds, "bundle_folds": len(b.folds)}
               if runs_ref else None, "targets": {"time_s": FLARE_TIME_S,
@@ -349,8 +353,10 @@ def _warm_phase(cases: list[Path], b: Bundle, device: str, n: int, results: list
                 folds: int | None) -> dict[str, np.ndarray]:
     from flare.runtime.pipeline.segmenter import Segmenter
 
-    segs = {v: Segmenter(b, device=device, precision=variant(v)[0], folds=folds, engine=variant(v)[1])
-            for v in variants}
+    segs: dict[str | None, Segmenter] = {}
+    for v in variants:  # one at a time: a Segmenter builds its folds in the background, the next would compete
+        segs[v] = Segmenter(b, device=device, precision=variant(v)[0], folds=folds, engine=variant(v)[1])
+        segs[v].engines  # noqa: B018 - waits for the folds
     labels: dict[str | None, dict[str, np.ndarray]] = {v: {} for v in variants}
     for path, res in zip(cases, results):
         runs: dict[str | None, list[Run]] = {v: [] for v in variants}

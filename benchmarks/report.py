@@ -51,7 +51,7 @@ def _precision_lines(report: dict[str, Any]) -> list[str]:
     if not report.get("precisions"):
         return []
     first = report["precisions"][0]
-    lines = ["", (f"## Precisions side by side ({', '.join(report['precisions'])}; folds: "
+    lines = ["", (f"## Side by side ({', '.join(report['precisions'])}; folds: "
                  f"{report.get('folds') or 'all'})"), "",
              f"Interleaved runs; stages are warm medians (s). Agreement and Dice: labels against {first}'s (warm).",
              "", "| case | precision | cold wall s | warm s | host RSS peak MB | " + " | ".join(STAGE_ORDER)

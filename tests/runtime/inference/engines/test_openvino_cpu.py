@@ -90,9 +90,25 @@ def test_bench_variants() -> None:
 
     assert variant_keys([], []) == [None]
     assert variant_keys(["fp32", "int8"], []) == ["fp32", "int8"]
-    assert variant_keys([], ["onnxruntime", "openvino"]) == [None, "fp32@openvino"]
+    assert variant_keys([], ["onnxruntime", "openvino"], "int8") == ["int8", "fp32@openvino"]
+    assert variant_keys([], ["openvino"], "int8") == ["fp32@openvino"]
     assert variant_keys(["fp32", "int8"], ["onnxruntime", "openvino"]) == ["fp32", "int8", "fp32@openvino"]
     with pytest.raises(InputError, match="runs fp32 only"):
         variant_keys(["int8"], ["openvino"])
     assert [variant(k) for k in (None, "int8", "fp32@openvino")] == [(None, "onnxruntime"), ("int8", "onnxruntime"),
                                                                       ("fp32", "openvino")]
+
+
+def test_bench_runs_the_engines_side_by_side(tiny_bundle: Path, tmp_path: Path) -> None:
+    from flare.benchmarks.harness import run_benchmark
+
+    ct = data_path("ts_abdomen_ct_3mm.nii.gz")
+    report = run_benchmark(tiny_bundle, [ct], reference=False, out_dir=tmp_path / "bench", repeats=1, cold=1,
+                           device="cpu", quiet=True, engines=["onnxruntime", "openvino"])
+    assert report["precisions"] == ["fp32", "fp32@openvino"] and report["engines"] == ["onnxruntime", "openvino"]
+    by = report["cases"][0]["by_precision"]
+    assert not report["cases"][0]["cold"]["errors"]
+    assert by["fp32@openvino"]["warm"]["backend"]["engine"] == "openvino"
+    assert by["fp32"]["warm"]["backend"]["engine"] == "onnxruntime"
+    assert by["fp32@openvino"]["vs_fp32"]["voxel_agreement"] > 0.9999
+    assert "fp32@openvino" in (tmp_path / "bench" / "report.md").read_text()
