@@ -14,6 +14,10 @@ the bundle's ONNX files as they are.
   shared arena does (measured: five folds at 128³ 1.7 GB peak RSS with the release, 4.1 GB without).
 - **Threads**: ``threads``, else ``$FLARE_THREADS``, else OpenVINO's default (one per physical core).
 - The bundle's declared contract (names, element types, channels, divisor) is checked as for ONNX Runtime.
+- **No fork after it**: OpenVINO's CPU plugin keeps a TBB thread pool, which is not fork-safe; a process that forked
+  after running it (torch DataLoader workers in the test suite) deadlocked or crashed. flare's own commands start
+  their children with fork + exec or spawn; a program using this engine should do the same (``multiprocessing``'s
+  ``spawn`` context).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """OpenVINO on the CPU (``--engine openvino``): the same logits as ONNX Runtime's fp32 engine on a real CT, the
-bundle's contract checked the same way, fp32 only, and flare-run / flare-bench with the engine chosen."""
+bundle's contract checked the same way, fp32 only, and flare-run / flare-bench with the engine chosen. OpenVINO never
+loads in the pytest process (``openvino_support``: its thread pool is not fork-safe)."""
 
 from __future__ import annotations
 
@@ -13,29 +14,12 @@ import pytest
 from cli_support import assert_clean_failure, flare_run
 from conftest import data_path
 from flare.runtime.bundle.manifest import load_bundle
-from flare.runtime.foundation.errors import BundleError, InputError
-
-
-def _tile(spacing: float, side: int = 32) -> np.ndarray:
-    from flare.export.quantize import case_tiles, case_volume
-
-    vol = case_volume(data_path("ts_abdomen_ct_3mm.nii.gz"), [spacing] * 3, (-250.0, 250.0))
-    return case_tiles(vol, 1, side=side, max_tiles=1)[0]
+from flare.runtime.foundation.errors import InputError
+from openvino_support import in_fresh_process
 
 
 def test_openvino_matches_onnxruntime_fp32(tiny_bundle: Path) -> None:
-    from flare.runtime.inference.engines import create_engine
-
-    b = load_bundle(tiny_bundle)
-    tile = _tile(b.spacing_mm[0])
-    for spec in (b.folds[0], b.locator):
-        ov, ort = create_engine(spec, "cpu", "fp32", engine="openvino"), create_engine(spec, "cpu", "fp32")
-        assert (ov.backend, ov.precision, ort.backend) == ("openvino", "fp32", "onnxruntime")
-        a, r = ov.run(tile), ort.run(tile)
-        assert a.dtype == np.float32 and a.shape == r.shape == (1, spec.out_channels, *tile.shape[2:])
-        assert float(np.abs(a - r).max()) < 1e-3 * max(1.0, float(np.abs(r).max()))
-        again = ov.run(tile)  # after the run's memory was released: the same result
-        assert np.array_equal(a, again)
+    in_fresh_process("engines_match", tiny_bundle, data_path("ts_abdomen_ct_3mm.nii.gz"))
 
 
 def test_openvino_runs_fp32_only(tiny_bundle: Path) -> None:
@@ -51,15 +35,7 @@ def test_openvino_runs_fp32_only(tiny_bundle: Path) -> None:
 
 
 def test_openvino_checks_the_contract(parity_bundle4: Path) -> None:
-    from flare.runtime.inference.engines import create_engine
-
-    spec = load_bundle(parity_bundle4).folds[0]
-    assert create_engine(spec, "cpu", "fp32", engine="openvino").out_channels == 13  # divisor 8 passes the probe
-    wrong = dataclasses.replace(spec, files={"fp32": dataclasses.replace(spec.files["fp32"], output_name="probs")})
-    with pytest.raises(BundleError, match="has no output 'probs'"):
-        create_engine(wrong, "cpu", "fp32", engine="openvino")
-    with pytest.raises(BundleError, match="13 channels|declares"):
-        create_engine(dataclasses.replace(spec, out_channels=14), "cpu", "fp32", engine="openvino")
+    in_fresh_process("contract", parity_bundle4)
 
 
 def test_flare_run_with_openvino(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -100,15 +76,10 @@ def test_bench_variants() -> None:
 
 
 def test_bench_runs_the_engines_side_by_side(tiny_bundle: Path, tmp_path: Path) -> None:
-    from flare.benchmarks.harness import run_benchmark
+    in_fresh_process("bench_side_by_side", tiny_bundle, data_path("ts_abdomen_ct_3mm.nii.gz"), tmp_path / "bench")
 
-    ct = data_path("ts_abdomen_ct_3mm.nii.gz")
-    report = run_benchmark(tiny_bundle, [ct], reference=False, out_dir=tmp_path / "bench", repeats=1, cold=1,
-                           device="cpu", quiet=True, engines=["onnxruntime", "openvino"])
-    assert report["precisions"] == ["fp32", "fp32@openvino"] and report["engines"] == ["onnxruntime", "openvino"]
-    by = report["cases"][0]["by_precision"]
-    assert not report["cases"][0]["cold"]["errors"]
-    assert by["fp32@openvino"]["warm"]["backend"]["engine"] == "openvino"
-    assert by["fp32"]["warm"]["backend"]["engine"] == "onnxruntime"
-    assert by["fp32@openvino"]["vs_fp32"]["voxel_agreement"] > 0.9999
-    assert "fp32@openvino" in (tmp_path / "bench" / "report.md").read_text()
+
+def test_openvino_never_loaded_in_the_test_process() -> None:
+    import sys
+
+    assert "openvino" not in sys.modules  # see openvino_support: later tests fork
