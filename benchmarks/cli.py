@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from flare.runtime.app.cli import Device, Precision
 from flare.runtime.foundation.errors import FlareError
-from flare.runtime.inference.engines import CpuEngine
+from flare.runtime.inference.engine_names import CpuEngine
 
 from .reference import MODES
 

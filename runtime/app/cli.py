@@ -23,7 +23,7 @@ import typer
 from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
 from flare.runtime.app.process import Terminated
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.inference.engines import CpuEngine
+from flare.runtime.inference.engine_names import CpuEngine
 from flare.runtime.inference.memory_plan import DEFAULT_BUDGET_MB
 from flare.runtime.ops.postprocessing import Mode
 

@@ -35,7 +35,7 @@ import numpy as np
 import typer
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.foundation.lazy import lazy_import
-from flare.runtime.inference.engines import CpuEngine
+from flare.runtime.inference.engine_names import CpuEngine
 from flare.runtime.serving.front import return_memory
 from flare.runtime.serving.protocol import ERROR_MARKER, INPUT, MODEL, OUTPUT_LABELS, OUTPUT_REPORT, request_name
 

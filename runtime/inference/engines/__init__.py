@@ -11,25 +11,15 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 from flare.runtime.bundle.manifest import PRECISIONS, ModelSpec
 from flare.runtime.inference.device import Device, resolve_device
+from flare.runtime.inference.engine_names import CPU_ENGINES, CpuEngine
 from flare.runtime.inference.engines.base import Engine, EngineError
 from flare.runtime.inference.engines.ort_cpu import OrtEngine
 
 __all__ = ["CPU_ENGINES", "CpuEngine", "Engine", "EngineError", "OrtEngine", "backend_for", "create_engine",
            "default_precision"]
 
-
-class CpuEngine(str, Enum):
-    """The engines that run on the CPU (``--engine``); the first is the default."""
-
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-
-
-CPU_ENGINES = tuple(e.value for e in CpuEngine)
 
 
 def default_precision(spec: ModelSpec, device: str, engine: str = CPU_ENGINES[0]) -> str:
@@ -38,7 +28,7 @@ def default_precision(spec: ModelSpec, device: str, engine: str = CPU_ENGINES[0]
     without the file asked for runs its fp32 file (:func:`flare.runtime.inference.engines.base.model_file`)."""
     if device == "cuda":
         return "fp16" if "fp16" in spec.files else "fp32"
-    return "int8" if "int8" in spec.files and engine == "onnxruntime" else "fp32"
+    return "int8" if "int8" in spec.files and engine == CPU_ENGINES[0] else "fp32"
 
 
 def backend_for(device: str) -> str:

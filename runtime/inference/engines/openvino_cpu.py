@@ -48,17 +48,16 @@ class _Contract:
         self._compiled = compiled
 
     @staticmethod
-    def _arg(port: Any) -> SimpleNamespace:
+    def _arg(port: Any, name: str) -> SimpleNamespace:
         dims = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
-        return SimpleNamespace(name=port.get_any_name(), type=_ORT_TYPE.get(port.get_element_type().get_type_name(),
-                                                                             str(port.get_element_type())), shape=dims)
+        kind = port.get_element_type()
+        return SimpleNamespace(name=name, type=_ORT_TYPE.get(kind.get_type_name(), str(kind)), shape=dims)
 
     def get_inputs(self) -> list[SimpleNamespace]:
-        return [self._arg(p) for p in self._compiled.inputs]
+        return [self._arg(p, p.get_any_name()) for p in self._compiled.inputs]
 
-    def get_outputs(self) -> list[SimpleNamespace]:
-        return [SimpleNamespace(**{**vars(self._arg(p)), "name": n}) for p in self._compiled.outputs
-                for n in sorted(p.get_names())]
+    def get_outputs(self) -> list[SimpleNamespace]:  # an output port may carry several tensor names
+        return [self._arg(p, n) for p in self._compiled.outputs for n in sorted(p.get_names())]
 
     def run(self, names: list[str], feed: dict[str, np.ndarray], run_options: Any = None) -> list[np.ndarray]:
         (tile,) = feed.values()
