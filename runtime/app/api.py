@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flare.runtime.inference.engine_names import CPU_ENGINES
 from flare.runtime.pipeline.result import SegmentResult
 from flare.runtime.pipeline.segmenter import Segmenter
 
@@ -24,7 +25,7 @@ __all__ = ["segment"]
 def segment(image: str | Path | LoadedImage, bundle: str | Path | Bundle, *, output: str | Path | None = None,
             device: str = "auto", folds: int | None = None, overlap: float | None = None,
             precision: str | None = None, gpu_mem_budget: float | None = None, postprocess: str | None = None,
-            cudnn_algo_search: str = "HEURISTIC", engine: str = "onnxruntime") -> SegmentResult:
+            cudnn_algo_search: str = "HEURISTIC", engine: str = CPU_ENGINES[0]) -> SegmentResult:
     """Segment one CT: ``result.labels`` (uint8 FLARE ids in the input grid), ``result.affine``, ``result.report``;
     writes the label map to ``output`` (NIfTI, in the input's space) when given.
 

@@ -372,7 +372,7 @@ def instance_devices(device: str, devices: Sequence[int] | None, instances: int 
 
 
 def load_models(loaded: Any, devices: Sequence[str], gpu_mem_budget: float | None, segmenter: Any = None,
-                engine: str = "onnxruntime") -> list[FlareModel]:
+                engine: str = CpuEngine.onnxruntime.value) -> list[FlareModel]:
     """One FlareModel (a Segmenter on its device, with the CPU ``engine``) per entry of ``devices``; CPU threads are
     shared out between the instances that run on the CPU."""
     factory = segmenter
@@ -388,7 +388,7 @@ def load_models(loaded: Any, devices: Sequence[str], gpu_mem_budget: float | Non
 def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_port: int = 8000,
           grpc_port: int = 8001, metrics_port: int = 8002, instances: int | None = None,
           gpu_mem_budget: float | None = None, verbose: bool = False, devices: Sequence[int] | None = None,
-          engine: str = "onnxruntime") -> None:
+          engine: str = CpuEngine.onnxruntime.value) -> None:
     """Load the model instances (``instances`` Segmenters on ``device``, or spread over the CUDA ``devices``; on the
     CPU with ``engine``), start Triton with model ``flare`` and serve until SIGTERM/SIGINT."""
     from flare.runtime.bundle.manifest import load_bundle

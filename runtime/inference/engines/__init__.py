@@ -65,7 +65,7 @@ def create_engine(spec: ModelSpec, device: str | Device = "cpu", precision: str 
 
         return CudaOrtEngine(spec, precision, mem_limit_mb=mem_limit_mb, algo_search=algo_search, threads=threads,
                              device_id=dev.device_id)
-    if engine == "openvino":
+    if engine == CpuEngine.openvino:
         from flare.runtime.inference.engines.openvino_cpu import OvEngine
 
         return OvEngine(spec, precision=precision, threads=threads)
