@@ -244,12 +244,14 @@ def compare_int8(int8_path: Path, fp32_path: Path, tiles: list[np.ndarray],
     q, f = ort_session(int8_path), ort_session(fp32_path)
     cases = list(case_of) if case_of is not None else [0] * len(tiles)
     same = total = 0
+    channels = 0
     inter: dict[int, dict[int, int]] = {}  # case -> class -> voxels
     sizes: dict[int, dict[int, list[int]]] = {}
     for tile, case in zip(tiles, cases, strict=True):
         a = q.run(None, {INPUT_NAME: tile})[0]
         if not np.isfinite(a).all():
             return {"finite": False, "passed": False}
+        channels = a.shape[1]
         la, lb = _labels(a), _labels(f.run(None, {INPUT_NAME: tile})[0])
         same += int((la == lb).sum())
         total += la.size
@@ -280,7 +282,17 @@ def compare_int8(int8_path: Path, fp32_path: Path, tiles: list[np.ndarray],
     return {"finite": True, "passed": passed, "agreement": round(agreement, 6), "dice": dice,
             "fp32_voxels": fp32_voxels, "dice_per_case": {str(c): d for c, d in per_case.items()},
             "min_dice_gated": worst[0] if worst else None,
-            "min_dice_case_class": [worst[1], worst[2]] if worst else None, "voxels": total, "tiles": len(tiles)}
+            "min_dice_case_class": [worst[1], worst[2]] if worst else None,
+            "min_dice_class_name": class_name(int(worst[2]), channels) if worst else None,
+            "voxels": total, "tiles": len(tiles)}
+
+
+def class_name(index: int, channels: int) -> str:
+    """Name of a class index of a model's labels: the locator's one channel is the organ union, a fold's channels
+    are the merged training classes (index 12 is the tumor, not the duodenum)."""
+    from flare.runtime.foundation.labels import merged_name
+
+    return "organ union" if channels == 1 else merged_name(index)
 
 
 def quantize_model(fp32_path: Path, dst: Path, tiles: TileSet, gate: bool = True,
@@ -319,11 +331,20 @@ def quantize_model(fp32_path: Path, dst: Path, tiles: TileSet, gate: bool = True
     detail = ("NaN/inf output" if not last.get("finite") else
               f"every convolution has fewer than {last['float_below_channels']} channels or is the stem/head: "
               "int8 would gain nothing" if last.get("nothing_to_quantize") else
-              f"agreement {last['agreement']:.4f}, lowest class Dice {last['min_dice_gated']}")
+              f"agreement {last['agreement']:.4f}, lowest class Dice {last['min_dice_gated']}{_weakest(last, tiles)}")
     raise FlareError(fp32_path, f"int8 model fails verification against fp32 with convolutions under "
                                 f"{' / '.join(map(str, FLOAT_LADDER))} channels in float: {detail} (needs agreement "
                                 f">= {MIN_AGREEMENT}, Dice >= {MIN_DICE}); export refused (without --int8 the "
                                 "bundle runs fp32 on the CPU)")
+
+
+def _weakest(measure: dict[str, Any], tiles: TileSet) -> str:
+    """`` (CLASS in CASE)`` of a candidate's lowest gated class Dice, for the refusal line; empty when none."""
+    if not measure.get("min_dice_case_class"):
+        return ""
+    case = int(measure["min_dice_case_class"][0])
+    where = tiles.verification_cases[case] if case < len(tiles.verification_cases) else f"case {case}"
+    return f" ({measure['min_dice_class_name']} in {where})"
 
 
 def record() -> dict[str, Any]:

@@ -50,6 +50,7 @@ __all__ = [
     "delta_e76",
     "label_named",
     "merge_left_right",
+    "merged_name",
     "merged_to_flare",
     "name_of",
     "registry_snapshot",
@@ -164,6 +165,14 @@ def merged_to_flare(merged: np.ndarray) -> np.ndarray:
 
 def name_of(label_id: int) -> str:
     return LABELS[label_id].name
+
+
+def merged_name(index: int) -> str:
+    """Name of a merged training-space class: its FLARE label's, without the side for a merged pair (``kidney``,
+    ``adrenal gland``)."""
+    flare_id = int(MERGED_TO_FLARE[index])
+    name = name_of(flare_id)
+    return name.removeprefix("right ") if any(flare_id == right for right, _ in LEFT_RIGHT_PAIRS) else name
 
 
 def label_named(name: str) -> Label:

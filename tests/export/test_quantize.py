@@ -114,6 +114,11 @@ def test_a_model_failing_the_gate_is_refused(int8_bundle: Path, tmp_path: Path, 
     message = str(err.value)
     assert "\n" not in message and "fails verification against fp32 with convolutions under 1 channels in " \
         "float" in message and "export refused (without --int8" in message
+    # the weakest class is named (merged classes: kidney, adrenal gland, ..., tumor) with its verification case
+    from flare.runtime.foundation.labels import NUM_MERGED_CLASSES, merged_name
+
+    names = {merged_name(i) for i in range(NUM_MERGED_CLASSES)}
+    assert f" in {CALIBRATION[0]})" in message and any(f"({n} in " in message for n in names)
     assert not dst.exists()
 
 

@@ -35,3 +35,12 @@ def test_totalsegmentator_names_resolve_and_unknown_names_list_the_valid_ones() 
     with pytest.raises(KeyError) as err:
         label_named("colon")
     assert "colon" in err.value.args[0] and "inferior_vena_cava" in err.value.args[0]
+
+
+def test_merged_class_names_drop_the_side_of_merged_pairs() -> None:
+    from flare.runtime.foundation.labels import MERGED_TUMOR, NUM_MERGED_CLASSES, merged_name
+
+    names = [merged_name(i) for i in range(NUM_MERGED_CLASSES)]
+    assert names[2] == "kidney" and names[7] == "adrenal gland" and names[3] == "spleen"
+    assert names[11] == "duodenum" and names[MERGED_TUMOR] == "tumor"  # index 12 is the tumor, not FLARE id 12
+    assert len(set(names)) == NUM_MERGED_CLASSES
