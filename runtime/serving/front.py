@@ -27,6 +27,7 @@ aiohttp and grpcio are imported when a front starts (both come with the ``serve`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -91,8 +92,11 @@ class HttpFront:
                 loop.run_until_complete(self._listen(web))
             except BaseException as err:  # noqa: BLE001 - reported to start()
                 failure.append(err)
-                started.set()
-                loop.close()
+                try:  # the client session and runner that _listen made before the bind failed
+                    loop.run_until_complete(self._close())
+                finally:
+                    loop.close()
+                    started.set()  # only now: start() returns to a front with nothing left running
                 return
             started.set()
             loop.run_forever()
@@ -105,14 +109,19 @@ class HttpFront:
         started.wait(START_TIMEOUT_S)
         if failure or not started.is_set():
             err = failure[0] if failure else TimeoutError("no answer")
+            self.stop()  # a listen that never answered is stopped; a failed one has already wound down
+            self._loop = self._thread = None  # stop() is then a no-op, and start() may be tried again
             raise FlareError(None, f"cannot listen on {self.host}:{self.port}: "
                                    f"{getattr(err, 'strerror', None) or err}") from None
 
     def stop(self) -> None:
         """Stop listening and close the connections (in-flight requests are cut)."""
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=15)
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed itself between the check and the call
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=15)
 
     async def _listen(self, web: Any) -> None:
         aiohttp = lazy_import("aiohttp", "serve").load()
@@ -259,6 +268,8 @@ class GrpcFront:
         except RuntimeError:
             bound = 0
         if not bound:
+            self.stop()
+            self._server = self._channel = None  # stop() is then a no-op, and start() may be tried again
             raise FlareError(None, f"cannot listen on {self.host}:{self.port} (gRPC)")
         self._server.start()
 

@@ -175,6 +175,34 @@ def test_busy_port_is_one_line_error(front) -> None:
         other.stop()
 
 
+def test_a_failed_start_leaves_nothing_running_and_can_be_retried(front) -> None:
+    """A front that could not bind winds down before start() raises (stop() after it is a no-op, however the
+    threads interleave), and starts cleanly once the port is free."""
+    from flare.runtime.foundation.errors import FlareError
+    from flare.runtime.serving.front import GrpcFront, HttpFront
+
+    proxy, upstream = front
+
+    def fronts_alive() -> int:
+        return sum(t.name == f"flare-front-{proxy.port}" and t.is_alive() for t in threading.enumerate())
+
+    http_front = HttpFront("127.0.0.1", proxy.port, upstream.port, LIMIT, "x")
+    grpc_front = GrpcFront("127.0.0.1", proxy.port, upstream.port, LIMIT)
+    for _ in range(20):  # the race of a stop() right after a failed start is in the first few
+        for other in (http_front, grpc_front):
+            with pytest.raises(FlareError, match=f"cannot listen on 127.0.0.1:{proxy.port}"):
+                other.start()
+            assert fronts_alive() == 1  # the fixture's own front only
+            other.stop()
+    proxy.stop()
+    http_front.start()
+    try:
+        status, _, _ = _send(proxy.port, {"Content-Length": "2"}, iter([b"{}"]))
+    finally:
+        http_front.stop()
+    assert status == 201 and upstream.seen
+
+
 def test_grpc_front_forwards_and_refuses_large_messages() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
