@@ -69,6 +69,8 @@ def build_parity_bundle(tiny_checkpoints: Path, root: Path, roi: tuple[int, int,
     ckpt, bundle = root / "ckpt", root / "bundle"
     if (bundle / "bundle.json").is_file():
         return bundle
+    data_path("ts_abdomen_ct_3mm.nii.gz")  # the calibration CT: skip before anything is written
+    shutil.rmtree(root, ignore_errors=True)  # what an earlier, failed build left
     _recalibrate(tiny_checkpoints, ckpt)
     bundle.mkdir(parents=True)
     loc = model_entry("locator", {"fp32": _export_onnx(ckpt / "locator", bundle / "locator.fp32.onnx")}, out_channels=1,

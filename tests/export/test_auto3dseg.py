@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import data_path
 from flare.runtime.bundle.manifest import load_bundle
 from flare.runtime.foundation.errors import InputError
 from flare.runtime.foundation.labels import FLARE_TO_MERGED, NUM_MERGED_CLASSES
@@ -65,11 +66,13 @@ def _work_dir(root: Path, classes: int = 15, mode: str = "range") -> tuple[Path,
     return root, nets
 
 
-def test_auto3dseg_import_matches_monai(tmp_path: Path, shared_data: Path) -> None:
+def test_auto3dseg_import_matches_monai(tmp_path: Path) -> None:
     import nibabel as nib
     import onnxruntime as ort
     import torch
     from flare.export import export_auto3dseg
+
+    ct = data_path("ts_abdomen_ct_3mm.nii.gz")
 
     work, nets = _work_dir(tmp_path / "work")
     # verify=False: the comparison below with MONAI's own preprocessing is the stronger check (and keeps it fast)
@@ -86,7 +89,7 @@ def test_auto3dseg_import_matches_monai(tmp_path: Path, shared_data: Path) -> No
     # then summing left+right probabilities) and the runtime's (clip to the bundle window, ONNX, softmax)
     from monai.transforms import ScaleIntensityRange
 
-    hu = np.asanyarray(nib.load(str(shared_data / "ts_abdomen_ct_3mm.nii.gz")).dataobj).astype(np.float32)
+    hu = np.asanyarray(nib.load(str(ct)).dataobj).astype(np.float32)
     hu = np.pad(hu[37:85, 26:74, :], ((0, 0), (0, 0), (1, 1)), constant_values=-1000.0)  # 48x48x32
     x_monai = torch.sigmoid(ScaleIntensityRange(-200.0, 300.0, -1.0, 1.0, clip=False)(torch.from_numpy(hu)))
     lo, hi = b.hu_window

@@ -357,11 +357,11 @@ def test_sigterm_stops_the_server_gracefully(server: Server) -> None:
     from flare.runtime.serving.client import RemoteError, RemoteSegmenter
 
     outcome: list[object] = []
+    ct = data_path("ts_torso_ct_1p5mm_lps.nii.gz")  # here, not in the thread: a skip must reach pytest
 
     def request() -> None:
         try:
-            outcome.append(RemoteSegmenter(server.http, timeout_s=60).segment(
-                data_path("ts_torso_ct_1p5mm_lps.nii.gz")).labels.shape)
+            outcome.append(RemoteSegmenter(server.http, timeout_s=60).segment(ct).labels.shape)
         except RemoteError as err:
             outcome.append(err)
 
