@@ -56,7 +56,7 @@ _ORT = ("onnxruntime", "cpu")
 _TRAIN = (("torch", "train"), ("monai", "train"))
 _EXPORT = (("torch", "export"), ("monai", "export"), ("onnx", "export"), ("yaml", "export"))
 _CLIENT = ("tritonclient", "serve")
-_OPENVINO = {"--engine=openvino": (("openvino", "openvino"),)}
+_OPENVINO: dict[str, tuple[tuple[str, str], ...]] = {"--engine=openvino": (("openvino", "openvino"),)}
 
 COMMANDS: dict[str, Command] = {
     "flare-run": Command("flare.runtime.app.cli", (_ORT,), when={"--server": (_CLIENT,), **_OPENVINO},

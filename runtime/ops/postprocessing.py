@@ -238,7 +238,7 @@ def remove_small_tumors(labels: np.ndarray, spacing: tuple[float, float, float],
 
 
 def keep_largest_components(labels: np.ndarray, label_ids: tuple[int, ...] = LARGEST_COMPONENT_IDS,
-                            boxes: list[Box | None] | None = None) -> int:
+                            boxes: Sequence[Box | None] | None = None) -> int:
     """Strict rule 2, in place: for each id in ``label_ids`` keep only its largest 26-connected component.
 
     Ties keep the component with the lowest id (first in memory order). ``boxes`` (optional) are
