@@ -55,7 +55,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("building the wheel without isolation needs setuptools >= 77 here (the dev extra installs it)")
     out = tmp_path_factory.mktemp("wheel")
     src = out / "src"  # a copy: an in-tree build would reuse a stale build/ folder of the checkout
-    for name in (*FOLDERS, "pyproject.toml", "README.md"):
+    for name in (*FOLDERS, "pyproject.toml", "README.md", "LICENSE"):
         if (REPO / name).is_dir():
             shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
@@ -74,6 +74,7 @@ def test_wheel_holds_every_package_and_its_data(wheel: Path) -> None:
     missing = [p for p in sorted(tree_packages()) if p.replace(".", "/") + "/__init__.py" not in names]
     assert not missing, f"packages missing from the wheel: {missing}"
     assert not [d for d in DATA if d not in names], names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the Apache-2.0 LICENSE is not in the wheel"
     sources = {f"{FOLDERS[f].replace('.', '/')}/{p.relative_to(REPO / f).as_posix()}"
                for f in FOLDERS for p in (REPO / f).rglob("*.py")}
     assert not sorted(sources - names), "modules missing from the wheel"
