@@ -44,6 +44,7 @@ proof: install
 
 lint: install
 	$(VENV)/bin/ruff check runtime train export benchmarks tests
+	$(VENV)/bin/mypy runtime train export benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -127,8 +127,7 @@ def stage2_fraction(left_s: float, stage1_step_s: float, stage2_steps: int) -> f
 
 def segment_and_score(seg: Any, image: Path, truth: Path | None, out: Path) -> dict[str, Any]:
     """Run the runtime on ``image`` into ``out`` and score it against ``truth`` when given (classes of the truth)."""
-    import nibabel as nib
-    from flare.benchmarks.proof import case_dice
+    from flare.benchmarks.proof import case_dice, read_labels
     from flare.runtime.app.write import Outputs, write_result
     from flare.runtime.foundation.labels import ORGAN_IDS, name_of
 
@@ -137,7 +136,7 @@ def segment_and_score(seg: Any, image: Path, truth: Path | None, out: Path) -> d
     result: dict[str, Any] = {"image": str(image), "output": str(out), "total_s": seg_result.report.total_s,
                               "stages": seg_result.report.stages}
     if truth is not None and truth.is_file():
-        dice = case_dice(np.asarray(seg_result.labels), np.asarray(nib.load(truth).dataobj).astype(np.uint8))
+        dice = case_dice(np.asarray(seg_result.labels), read_labels(truth))
         result["dice"] = {name_of(k): round(v, 3) for k, v in dice.items()}
         organs = [v for k, v in dice.items() if k in ORGAN_IDS]
         result["organ_mean_dice"] = round(float(np.mean(organs)), 3) if organs else None

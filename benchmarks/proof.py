@@ -89,10 +89,16 @@ def summarise(per_case: Sequence[dict[int, float]], missing: Sequence[int] = ())
     return out
 
 
-def _truth(entry: dict[str, Any]) -> np.ndarray:
+def read_labels(path: str | Path) -> np.ndarray:
+    """A label map from a NIfTI file, as uint8, in its stored voxel order."""
     import nibabel as nib
 
-    return np.asarray(nib.load(entry.get("label_full") or entry["label"]).dataobj).astype(np.uint8)
+    img: Any = nib.load(path)
+    return np.asarray(img.dataobj).astype(np.uint8)
+
+
+def _truth(entry: dict[str, Any]) -> np.ndarray:
+    return read_labels(entry.get("label_full") or entry["label"])
 
 
 def case_dice(pred: np.ndarray, truth: np.ndarray) -> dict[int, float]:

@@ -251,7 +251,7 @@ def _bundle(folder: Path) -> Path:
         path = folder / f"{name}.onnx"
         w = numpy_helper.from_array(np.ones((c, 1, 1, 1, 1), np.float32), "w")
         node = helper.make_node("Conv", ["image", "w"], ["logits"])
-        dims = ["n", 1, "x", "y", "z"]
+        dims: list[str | int] = ["n", 1, "x", "y", "z"]
         graph = helper.make_graph([node], name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims)],
                                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", c, "x", "y", "z"])],
                                   [w])

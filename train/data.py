@@ -130,9 +130,9 @@ class ResampleToSpacingd(MapTransform):
         from monai.transforms import Resize
 
         d = dict(data)
-        img = d[self.keys[0]]
+        img = d[str(self.keys[0])]
         shape = output_shape(img.shape[1:], [float(v) for v in img.pixdim], self.spacing)
-        for key in self.keys:
+        for key in map(str, self.keys):
             mode = "trilinear" if key == "image" else "nearest-exact"
             d[key] = Resize(shape, mode=mode, anti_aliasing=False)(d[key])
         return d

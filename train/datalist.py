@@ -217,7 +217,7 @@ def build_datalist(root: str | Path, out: str | Path, *, folds: int = 5, seed: i
             present.append(found)
             if progress:
                 progress(1)
-    training = [{"image": str(images[i]), "label": str(labels[i]), "labels_present": sorted(p)}
+    training: list[dict[str, Any]] = [{"image": str(images[i]), "label": str(labels[i]), "labels_present": sorted(p)}
                 for i, p in zip(ids, present, strict=True)]
     order = np.random.default_rng(seed).permutation(len(training))
     for rank, idx in enumerate(order):

@@ -301,7 +301,7 @@ def _loader(ds: Any, eff: dict[str, Any], seed: int, d: Dist):
 
     tr = eff["train"]
     workers = int(tr.get("num_workers", 0))
-    sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed) \
+    sampler: DistributedSampler[Any] | None = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed) \
         if d.world > 1 else None
     extra = {"prefetch_factor": int(tr.get("prefetch", 2)), "persistent_workers": True} if workers else {}
     loader = DataLoader(ds, batch_size=int(tr.get("batch_size", 1)), shuffle=sampler is None, sampler=sampler,
