@@ -198,19 +198,19 @@ def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path
     t0 = time.perf_counter()
     out = Path(out_dir)
     cfg = load_config(config, overrides)
+    doc = load_datalist(datalist_or_dir, include_unlabelled=include_unlabelled)  # refused before OUT is made
+    entries = assign_folds(doc["training"], folds)
+    full = full_cases(entries)
+    if not full and not naive:
+        raise InputError(doc["_path"], "no fully labelled case (all 13 organs) for stage 1")
     dist = setup(timeout_min=cfg["train"].get("dist_timeout_min"))
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(dist)
     log = RunLog(out / "train.log", quiet=quiet, enabled=dist.main)
-    doc = load_datalist(datalist_or_dir, include_unlabelled=include_unlabelled)
-    entries = assign_folds(doc["training"], folds)
-    full = full_cases(entries)
     log(f"config {cfg['name']}: {len(entries)} training cases ({len(full)} fully labelled), "
         f"{len(doc['unlabeled'])} unlabelled {'included' if include_unlabelled else 'left out'}, "
         f"{len(doc.get('testing') or [])} held out, {folds} folds, {dist.world} rank(s){' (naive)' if naive else ''}")
-    if not full and not naive:
-        raise InputError(doc["_path"], "no fully labelled case (all 13 organs) for stage 1")
     summary: dict[str, Any] = {"config": cfg["name"], "datalist": relative_to(doc["_path"], out), "folds": folds,
                                "naive": naive, "n_training": len(entries), "n_fully_labelled": len(full),
                                "ranks": dist.world, "seconds": {}}

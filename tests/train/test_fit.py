@@ -118,3 +118,13 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in res.output
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0 and "phantoms" in res.output and "pseudolabel" in res.output
+
+
+def test_refused_datalist_makes_no_output_folder(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{bad")
+    for command in ("run", "fit", "locator", "pseudolabel"):
+        for datalist, problem in (("missing.json", "datalist does not exist"), ("bad.json", "cannot parse datalist")):
+            out = tmp_path / f"out_{command}"
+            res = CliRunner().invoke(app, [command, str(tmp_path / datalist), "-o", str(out)])
+            assert res.exit_code == 2 and problem in res.output, (command, res.output)
+            assert not out.exists(), f"flare-train {command} made {out.name} for a refused datalist"
