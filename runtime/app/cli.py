@@ -246,11 +246,13 @@ def run(
             if concurrency > 1 and server is None:
                 raise InputError(None, "--concurrency needs --server (locally one case runs at a time, using "
                                        "every core)")
+            from flare.runtime.bundle.manifest import default_bundle_dir
+
             plan = make_plan([*(input_opt or []), *(inputs or [])], output=output, fmt=fmt, series=series,
                              statistics=statistics, preview=preview, report=report, masks=masks,
-                             label_table=label_table, roi_subset=roi_subset)
+                             label_table=label_table, roi_subset=roi_subset,
+                             protect=() if server is not None else [bundle or default_bundle_dir()])
             _check_extras(plan)
-            from flare.runtime.bundle.manifest import default_bundle_dir
             from flare.runtime.pipeline.limits import preflight
             from flare.runtime.pipeline.segmenter import Segmenter
 

@@ -353,9 +353,11 @@ def _input_files(case: Case) -> list[Path]:
     return [case.source]
 
 
-def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Sequence[Path] = ()) -> None:
-    """No two outputs are the same file, and no output is an input (:func:`flare.runtime.app.output_guard.check_outputs`:
-    resolved paths and device/inode). Folders are checked (and created) separately."""
+def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Sequence[Path] = (),
+                    protect: Sequence[Path] = ()) -> None:
+    """No two outputs are the same file, and no output is an input or an existing file below a ``protect`` folder
+    (:func:`flare.runtime.app.output_guard.check_outputs`: resolved paths and device/inode). Folders are checked
+    (and created) separately."""
     from flare.runtime.app.output_guard import check_outputs
 
     outputs: dict[str, Path | None] = {}
@@ -366,15 +368,16 @@ def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Seque
                            *((f"label table {i + 1}", t) for i, t in enumerate(job.tables))):
             outputs[prefix + role] = path
     outputs.update({f"summary{'' if i == 0 else i}": p for i, p in enumerate(extra)})
-    check_outputs([p for c in cases for p in _input_files(c)], outputs, writable=False)
+    check_outputs([*(p for c in cases for p in _input_files(c)), *protect], outputs, writable=False)
 
 
 def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat | None = None,
               series: str | None = None, statistics: Path | None = None, preview: Path | None = None,
               report: Path | None = None, masks: Path | None = None, label_table: bool = False,
-              roi_subset: Sequence[str] | None = None) -> Plan:
+              roi_subset: Sequence[str] | None = None, protect: Sequence[Path] = ()) -> Plan:
     """Decide the cases and their output paths, checking every output before any work (one-line errors).
-    ``statistics`` may be :data:`BESIDE_OUTPUT` (``--statistics`` without a path)."""
+    ``statistics`` may be :data:`BESIDE_OUTPUT` (``--statistics`` without a path). ``protect``: folders the run
+    reads besides the cases (the bundle), whose existing files no output may replace."""
     subset = _subset_ids(roi_subset)
     beside = statistics == BESIDE_OUTPUT
     exclude = [p for p in (output, None if beside else statistics, preview, report, masks) if p is not None]
@@ -401,7 +404,7 @@ def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat 
             if path is not None:
                 _check_file_target(path, what, suffixes)
         job = CaseJob(case, out, statistics, preview, report, masks, table_paths(out) if label_table else ())
-        _check_distinct([job], cases)
+        _check_distinct([job], cases, protect=protect)
         return Plan([job], False, out_fmt, folders=[masks] if masks is not None and not masks.is_dir() else [],
                     skipped=skipped, roi_subset=subset)
     if output is None:
@@ -431,7 +434,7 @@ def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat 
                     None if report is None else report / f"{c.name}_report.json",
                     None if masks is None else masks / c.name,
                     table_paths(output / f"{c.name}{fmt.suffix}") if label_table else ()) for c in cases]
-    _check_distinct(jobs, cases, [output / "summary.json"])
+    _check_distinct(jobs, cases, [output / "summary.json"], protect)
     return Plan(jobs, True, fmt, output, folders, skipped, subset)
 
 

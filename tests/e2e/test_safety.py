@@ -103,6 +103,33 @@ def test_cli_refuses_clobbering(tiny_bundle: Path, ct: Path, tmp_path: Path, whi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "dir.json", "hard.nii.gz", "sym.json", "x"]
 
 
+@pytest.mark.parametrize("how", ["--bundle", "FLARE_BUNDLE"])
+def test_cli_refuses_overwriting_a_bundle_file(tiny_bundle: Path, ct: Path, tmp_path: Path, how: str) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    where = ["--bundle", bundle] if how == "--bundle" else []
+    env = {"FLARE_BUNDLE": str(bundle)} if how == "FLARE_BUNDLE" else None
+    for option in ("--report", "--statistics"):
+        line = error_line(flare_run(ct, "-o", tmp_path / "seg.nii.gz", option, bundle / "bundle.json", *where, "-q",
+                                    env=env))
+        assert str(bundle / "bundle.json") in line and "input folder" in line, line
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before and not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_api_refuses_overwriting_its_inputs(tiny_bundle: Path, ct: Path, tmp_path: Path) -> None:
+    from flare.runtime import segment
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    before = ct.read_bytes(), (bundle / "bundle.json").read_bytes()
+    for output, words in ((ct, "is the input"), (bundle / "bundle.json", "input folder"), (tmp_path, "folder"),
+                          (tmp_path / "missing" / "seg.nii.gz", "does not exist")):
+        with pytest.raises(OutputError, match=words):
+            segment(ct, bundle, output=output, device="cpu")
+    assert (ct.read_bytes(), (bundle / "bundle.json").read_bytes()) == before
+
+
 # ------------------------------------------------------------------------------------------------ limits
 def _header_only(path: Path, shape: tuple[int, int, int], zooms: tuple[float, float, float],
                  gz: bool = True) -> Path:
