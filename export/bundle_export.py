@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from flare.runtime.bundle.manifest import (
     write_bundle_json,
 )
 from flare.runtime.foundation.errors import OutputError
+from flare.runtime.foundation.lifecycle import pause_point
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, optimise_if_helpful
 from .sources import ExportSources, ModelSource, config_hash, flare_sources
@@ -67,7 +69,7 @@ def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = 
     with ``calibration`` (CT paths) also static int8 models, verified against fp32; ``card``: a model-card JSON file
     whose fields replace the derived ones (:func:`model_card`)."""
     out = Path(out_dir).resolve()
-    check_target(out)
+    check_target(out, reads=[sources.root, *([Path(card)] if card is not None else []), *(calibration or [])])
     model_card_doc = model_card(sources, card).to_json()  # a bad card file fails before the long work
     int8 = calibration is not None
     n_steps = len(sources.models) * (2 + int(fp16) + int(verify) + int(int8)) + int(trt) + 1
@@ -75,6 +77,7 @@ def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = 
         models, optimisation = {}, {}
         for src in sources.models:
             models[src.name], optimisation[src.name] = export_model(src, tmp, fp16, opset, step)
+            pause_point(f"export:{src.name}")  # test hook (FLARE_TEST_PAUSE_AT); a no-op otherwise
         report: dict[str, Any] = verify_models(sources, tmp, models, fp16, step) if verify else {"skipped": True}
         if int8:
             report["int8"] = quantize_models(sources, tmp, models, calibration or [], step, gate=verify)
@@ -223,12 +226,19 @@ def is_flare_bundle(folder: Path) -> bool:
         return False
 
 
-def check_target(out: Path) -> None:
-    """Refuse an output path that exists as a file or as a non-empty folder that is not a flare bundle."""
+def check_target(out: Path, reads: Sequence[Path] = ()) -> None:
+    """Refuse an output path that exists as a file or as a non-empty folder that is not a flare bundle, or a bundle
+    folder that holds something the export reads (``reads``: its checkpoints, card, calibration CTs), which
+    replacing the bundle would delete."""
     if out.exists() and not out.is_dir():
         raise OutputError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not is_flare_bundle(out):
         raise OutputError(out, "folder is not empty and is not a flare bundle: refusing to overwrite it")
+    real = Path(os.path.realpath(out))
+    for src in reads:
+        if real == Path(os.path.realpath(src)) or real in Path(os.path.realpath(src)).parents:
+            raise OutputError(out, f"holds {src}, which this export reads; replacing the bundle would delete it "
+                                   "(write the bundle elsewhere)")
     if not out.parent.is_dir():
         raise OutputError(out, f"parent folder {out.parent} does not exist")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
+from flare.runtime.app.process import exit_on_signals
 from flare.runtime.foundation.errors import FlareError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -53,6 +54,17 @@ def export(
     if profile is not None and profile not in ("gpu", "cpu"):
         _fail(f"--profile {profile!r}: use gpu or cpu")
     command = "flare-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with exit_on_signals("flare-export"):  # the staging folder is removed before the exit
+        bundle = _export(checkpoint_dir, out, from_auto3dseg, fp16=fp16, trt=trt, opset=opset, verify=verify,
+                         quiet=quiet, command=command, int8=int8, calibration=calibration or [], profile=profile,
+                         card=card)
+    if not quiet:
+        typer.echo(f"bundle written: {bundle}")
+
+
+def _export(checkpoint_dir: Path | None, out: Path, from_auto3dseg: Path | None, *, fp16: bool, trt: bool, opset: int,
+            verify: bool, quiet: bool, command: str, int8: bool, calibration: list[Path], profile: str | None,
+            card: Path | None) -> Path:
     try:
         if from_auto3dseg is not None:
             from .auto3dseg import export_auto3dseg
@@ -64,19 +76,21 @@ def export(
 
             bundle = export_bundle(checkpoint_dir, out, fp16=fp16, trt=trt, opset=opset,  # type: ignore[arg-type]
                                    verify=verify, progress=not quiet, command=command, int8=int8,
-                                   calibration=calibration or [], profile=profile, card=card)
+                                   calibration=calibration, profile=profile, card=card)
     except FlareError as exc:
         _fail(str(exc))
-    if not quiet:
-        typer.echo(f"bundle written: {bundle}")
+    return bundle
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"flare-export: {message}", err=True)
     raise typer.Exit(2)
 
 
 def main() -> None:
+    from flare.runtime.app.process import install_signal_handlers
+
+    install_signal_handlers()  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder is removed
     app()
 
 

@@ -13,15 +13,13 @@ temporary files removed, no partial output).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
-from flare.runtime.app.process import Terminated
+from flare.runtime.app.process import exit_on_signals
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.inference.engine_names import CpuEngine
 from flare.runtime.inference.memory_plan import DEFAULT_BUDGET_MB
@@ -34,7 +32,7 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Segment abdominal CTs (13 FLARE23 organs + tumor) with an exported flare bundle.")
 
-EXIT_OK, EXIT_CANNOT_START, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_CANNOT_START, EXIT_SOME_FAILED = 0, 2, 3
 
 
 class Device(str, Enum):
@@ -149,19 +147,6 @@ def _note_default_precision(seg: Segmenter | RemoteSegmenter) -> None:
                    "--precision fp32 for the fp32 models)", err=True)
 
 
-@contextmanager
-def _exit_on_signals() -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP end the command with one line and exit 130 / 128 + signal."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        typer.echo("flare-run: interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Terminated as sig:
-        typer.echo(f"flare-run: {sig}", err=True)
-        raise typer.Exit(sig.exit_code) from None
-
-
 @app.command()
 def run(
     inputs: Annotated[list[Path] | None, typer.Argument(metavar="INPUT...",
@@ -237,7 +222,7 @@ def run(
 ) -> None:
     """Segment each INPUT and write its label map in the input's own space (shape, affine, header)."""
     _setup_logging(quiet)
-    with _exit_on_signals():
+    with exit_on_signals("flare-run"):
         try:
             from flare.runtime.app.plan import make_plan
             from flare.runtime.inference.device import parse_device
@@ -277,7 +262,7 @@ def run(
             raise _fail(str(err)) from None
         except MemoryError:
             raise _fail("out of memory while loading the bundle") from None
-    with _exit_on_signals():
+    with exit_on_signals("flare-run"):
         code = _run_plan(plan, seg, quiet or server is not None, concurrency)  # type: ignore[arg-type]  # remote
     raise typer.Exit(code)
 

@@ -4,6 +4,7 @@
   :class:`Terminated` in the main thread, so every ``try/finally`` and :func:`flare.runtime.foundation.atomic.atomic_path`
   cleans up (no temp file, no partial output) before the CLI exits with ``128 + signal number`` and one line.
   Further termination signals are ignored while cleaning up.
+* :func:`exit_on_signals`: around a command's work, turns those exceptions into one line and the exit code.
 * :func:`guard_stderr`: a closed stderr (``2>&-``, or a pipe whose reader has gone) must not turn a finished run
   into a failure: writes to it are dropped instead of raising ``BrokenPipeError``.
 """
@@ -15,10 +16,14 @@ import io
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["StderrHandler", "Terminated", "guard_stderr", "install_signal_handlers"]
+__all__ = ["EXIT_INTERRUPTED", "StderrHandler", "Terminated", "exit_on_signals", "guard_stderr",
+           "install_signal_handlers"]
+
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -43,6 +48,22 @@ def install_signal_handlers() -> None:
     with contextlib.suppress(ValueError):  # not the main thread
         for sig in _SIGNALS:
             signal.signal(sig, _on_signal)
+
+
+@contextlib.contextmanager
+def exit_on_signals(prog: str) -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP (with :func:`install_signal_handlers`) end the command ``prog`` with one line on
+    stderr and exit 130 / 128 + signal, after the ``finally`` blocks inside have cleaned up."""
+    import typer
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"{prog}: interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated as sig:
+        typer.echo(f"{prog}: {sig}", err=True)
+        raise typer.Exit(sig.exit_code) from None
 
 
 class _SafeStream(io.TextIOBase):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +125,35 @@ def test_overwrite_rules(exported: Path, tiny_checkpoints: Path, tmp_path: Path)
     assert load_bundle(bundle).precisions == ("fp32",) and not (bundle / "fold0.fp16.onnx").exists()
     assert json.loads((bundle / "bundle.json").read_text())["verification"] == {"skipped": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "foreign"]
+    # a bundle that holds the checkpoints being exported would delete them when replaced
+    shutil.copytree(tiny_checkpoints, bundle / "ckpt")
+    with pytest.raises(OutputError, match="which this export reads"):
+        export_bundle(bundle / "ckpt", bundle, verify=False, progress=False)
+    assert (bundle / "ckpt" / "fold0" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_leaves_no_staging_folder(exported: Path, tiny_checkpoints: Path, tmp_path: Path, sig: int) -> None:
+    """flare-export stopped while its staging folder holds a model: exit 128 + signal, one line, the old bundle
+    untouched, nothing else beside it."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exported, bundle)
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    marker = tmp_path / "marker"
+    env = {**os.environ, "FLARE_TEST_PAUSE_AT": "export:fold0", "FLARE_TEST_PAUSE_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", "from flare.export.cli import main; main()",
+                             str(tiny_checkpoints), "-o", str(bundle), "--no-verify", "-q"], env=env,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 (one signal)
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, (proc.returncode, err)
+    said = "interrupted" if sig == signal.SIGINT else f"terminated by {signal.Signals(sig).name}"
+    assert err.strip().splitlines() == [f"flare-export: {said}"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "marker"]
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
 
 
 def test_bad_checkpoints_leave_nothing(tiny_checkpoints: Path, tmp_path: Path) -> None:
