@@ -89,11 +89,12 @@ def analyze(datalist: DatalistArg,
     """Print and save per-case label availability and the label-subset table."""
     from .analysis import analyze as run_analysis
     from .analysis import print_analysis, save_analysis
-    from .datalist import load_datalist
+    from .datalist import check_json_output, datalist_files, load_datalist
 
     try:
         doc = load_datalist(datalist, include_unlabelled=include_unlabelled)
         target = out or Path(doc["_path"]).with_name("analysis.json")
+        check_json_output(target, datalist_files(doc), "analysis")
         res = run_analysis(doc)
         save_analysis(res, target)
     except FlareError as err:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.atomic import write_text_atomic
-from flare.runtime.foundation.errors import InputError
+from flare.runtime.foundation.errors import InputError, OutputError
 
 #: entry keys that hold file paths
 PATH_KEYS = ("image", "label", "label_full", "label_given")
@@ -165,6 +165,21 @@ def relative_to(path: str | Path, folder: str | Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
 
 
+def check_json_output(out: Path, reads: Iterable[str | Path], role: str) -> None:
+    """Refuse a JSON output (one-line ``OutputError``) that does not end in ``.json``, is a folder, or would replace a
+    file this command reads (``reads``: files, or folders whose files are all protected)."""
+    from flare.runtime.app.output_guard import check_outputs
+
+    if not out.name.lower().endswith(".json"):
+        raise OutputError(out, f"the {role} is JSON: give a file name ending in .json")
+    check_outputs(reads, {role: out}, writable=False)
+
+
+def datalist_files(doc: dict[str, Any]) -> list[str | Path]:
+    """The datalist file itself and every image and label it names."""
+    return [doc["_path"], *(e[k] for name in LISTS for e in doc.get(name) or [] for k in PATH_KEYS if e.get(k))]
+
+
 def write_datalist(doc: dict[str, Any], path: str | Path) -> Path:
     """Write ``doc`` atomically with every path relative to the file's folder (``dataroot`` and ``_path`` dropped)."""
     path = Path(path)
@@ -204,6 +219,8 @@ def build_datalist(root: str | Path, out: str | Path, *, folds: int = 5, seed: i
     from concurrent.futures import ThreadPoolExecutor
 
     root = Path(root)
+    check_json_output(Path(out), [root / name for name in ("imagesTr", "labelsTr", "unlabeledTr", "imagesTs")],
+                      "datalist")
     images, labels = _images(root / "imagesTr", channel=True), _images(root / "labelsTr")
     if not images:
         raise InputError(root / "imagesTr", "no images (expected imagesTr/<id>_0000.nii.gz)")

@@ -85,6 +85,27 @@ def test_datalist_cli_and_analyze(tree: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "no images" in res.output and "Traceback" not in res.output
 
 
+def test_datalist_and_analyze_never_replace_what_they_read(tree: Path, tmp_path: Path) -> None:
+    """-o onto an image, a label, the datalist being analysed or a file it lists: one line, exit 2, file intact."""
+    root = tmp_path / "FLARE23"
+    shutil.copytree(tree, root)
+    runner = CliRunner()
+    image, label = root / "imagesTr" / "FLARE23_0000_0000.nii.gz", root / "labelsTr" / "FLARE23_0000.nii.gz"
+    listed = tmp_path / "dl.json"
+    assert runner.invoke(app, ["datalist", str(root), "-o", str(listed), "-q"]).exit_code == 0
+    notes = root / "imagesTr" / "notes.json"  # the user's, in a folder the datalist reads
+    notes.write_text("{}")
+    before = {p: p.read_bytes() for p in (image, label, listed, notes)}
+    for args, words in (((root, "-o", notes), "input folder"), ((root, "-o", image), "ending in .json"),
+                        ((root, "-o", tmp_path / "dl.txt"), "ending in .json")):
+        res = runner.invoke(app, ["datalist", *map(str, args), "-q"])
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+    for target, words in ((listed, "is the input"), (label, ".json"), (tmp_path / "a.nii.gz", ".json")):
+        res = runner.invoke(app, ["analyze", str(listed), "-o", str(target)])
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "a.nii.gz").exists()
+
+
 def test_auto3dseg_datalist(tree: Path, tmp_path: Path) -> None:
     lists = tmp_path / "configs"
     lists.mkdir()
