@@ -86,7 +86,6 @@ def bench(
         if proxy is not None:
             from .proxy import main as run_proxy
 
-            output.mkdir(exist_ok=True)
             run_proxy(proxy, repeats, output / f"proxy-{proxy}.json")
             return
         if server is not None:
@@ -113,6 +112,13 @@ def bench(
         raise typer.Exit(130) from None
     if not quiet:
         typer.echo(f"wrote {output / 'report.md'} ({len(report['cases'])} case(s))", err=True)
+    from .report import run_errors
+
+    errors = run_errors(report)
+    if errors:  # as flare-run with several cases: the report is written, but the benchmark did not measure them all
+        name, first = errors[0]
+        typer.echo(f"flare-bench: {len(errors)} run(s) failed, first {name}: {first} (report.md lists them)", err=True)
+        raise typer.Exit(3)
 
 
 def main() -> None:

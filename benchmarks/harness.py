@@ -249,9 +249,18 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
         raise ValueError("repeats must be >= 1, cold and reference_repeats >= 0")
     b: Bundle = load_bundle(bundle)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     case_paths = resolve_cases(cases if isinstance(cases, (list, tuple)) else str(cases),
                                Path(cache_dir) if cache_dir else None, progress=not quiet)
+    if runs_log:  # appended to, so it may exist; but never onto what the benchmark reads (a CT, the bundle)
+        from flare.runtime.app.output_guard import check_outputs
+
+        check_outputs([b.root, *case_paths, *([Path(checkpoints)] if checkpoints else [])], {"runs log": runs_log})
+    from flare.runtime.inference.engines import default_precision
+    from flare.runtime.pipeline.segmenter import check_folds
+
+    check_folds(b.root, folds, len(b.folds))
+    variants = variant_keys(precisions, engines, default_precision(b.folds[0], "cpu"))
+    out.mkdir(parents=True, exist_ok=True)  # after every refusal: a refused run leaves no empty folder
     env = environment(device)
     runs_ref = reference_repeats if reference else 0
     on_cpu = _on_cpu(device)
@@ -260,9 +269,6 @@ def run_benchmark(bundle: str | Path, cases: str | Path | list[str | Path] = "sy
     total = len(case_paths) * (cold + repeats) + n_ref_cases * (runs_ref + (n_ref_folds < len(b.folds)))
     results: list[dict[str, Any]] = [{"case": str(p), "name": p.name} for p in case_paths]
     keep: dict[str, dict[str, MemoryTrace]] = {"runtime": {}, "reference": {}}
-    from flare.runtime.inference.engines import default_precision
-
-    variants = variant_keys(precisions, engines, default_precision(b.folds[0], "cpu"))
     total += len(case_paths) * (cold + repeats) * (len(variants) - 1)
     rec = run_recorder(Path(runs_log) if runs_log else None, b.root)
     with _progress(total, quiet) as step:

@@ -361,6 +361,7 @@ def main(case: str, repeats: int, output: Path | None) -> dict[str, Any]:
     if output is not None:
         from flare.runtime.foundation.atomic import write_text_atomic
 
+        output.parent.mkdir(exist_ok=True)
         write_text_atomic(output, text + "\n")
     print(text)
     return doc

@@ -69,6 +69,12 @@ def _precision_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def run_errors(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(case name, error) of every cold, warm or reference run that failed."""
+    return [(c["name"], e) for c in report["cases"] for k in ("cold", "warm", "reference")
+            for e in ((c.get(k) or {}).get("errors") or [])]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human-readable report."""
     env = report["environment"]
@@ -127,8 +133,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_range(ref, 'gpu_device_mbs', 0)} | {_range(ref, 'rss_peak_mb', 0)} | "
                          f"{fmt(r.get('wall_s'), 3)} | {fmt(r.get('gpu_device_peak_mb'), 3)} | "
                          f"{fmt(r.get('gpu_device_mbs'), 3)} | {_dice_text(c.get('dice'))} |")
-    errors = [(c["name"], e) for c in report["cases"] for k in ("cold", "warm", "reference")
-              for e in ((c.get(k) or {}).get("errors") or [])]
+    errors = run_errors(report)
     if errors:
         lines += ["", "## Errors", ""] + [f"- {name}: {err}" for name, err in errors]
     fallbacks = [(c["name"], k, f) for c in report["cases"] for k in ("cold", "warm")

@@ -38,7 +38,7 @@ from flare.runtime.pipeline.result import STAGES, Report, SegmentResult
 
 log = logging.getLogger("flare.runtime")
 
-__all__ = ["Segmenter", "StageHooks", "rss_peak_mb"]
+__all__ = ["Segmenter", "StageHooks", "check_folds", "rss_peak_mb"]
 
 #: one thread per process that builds fold sessions in the background (see Segmenter.engines)
 _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare-sessions")
@@ -66,6 +66,12 @@ def rss_peak_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def check_folds(root: Path, folds: int | None, available: int) -> None:
+    """``folds`` (the first N folds; None: all) must be 1 to ``available`` (one-line ``BundleError`` on ``root``)."""
+    if folds is not None and not 1 <= folds <= available:
+        raise BundleError(root, f"--folds {folds} asked for, the bundle has {available} fold(s)")
 
 
 class Segmenter:
@@ -182,8 +188,7 @@ class Segmenter:
                     source_bytes=source_bytes)
 
     def _check_folds(self, folds: int | None, available: int) -> None:
-        if folds is not None and not 1 <= folds <= available:
-            raise BundleError(self.bundle.root, f"--folds {folds} asked for, the bundle has {available} fold(s)")
+        check_folds(self.bundle.root, folds, available)
 
     def _set_overlap(self, overlap: float | None) -> None:
         self.overlap = self.bundle.overlap if overlap is None else float(overlap)

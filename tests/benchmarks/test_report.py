@@ -64,3 +64,36 @@ def test_cli_bad_cases_folder(parity_bundle: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--bundle", str(parity_bundle), "--cases", str(tmp_path / "none"),
                                       "-o", str(tmp_path / "o"), "-q"])
     assert result.exit_code == 2 and "cases folder does not exist" in result.output
+    assert not (tmp_path / "o").exists()  # a refused benchmark leaves no output folder
+
+
+def test_cli_refusals_touch_nothing(parity_bundle: Path, tmp_path: Path) -> None:
+    """--runs-log onto a case, a bundle file or a folder, --folds beyond the bundle's, an unknown --proxy: exit 2,
+    one line, no output folder, the files as they were."""
+    import shutil
+
+    bundle, ct = tmp_path / "bundle", tmp_path / "ct.nii.gz"
+    shutil.copytree(parity_bundle, bundle)
+    shutil.copy(data_path("ts_abdomen_ct_3mm.nii.gz"), ct)
+    before = {p: p.read_bytes() for p in (ct, bundle / "bundle.json")}
+    base = ["--bundle", str(bundle), "--cases", str(ct), "-o", str(tmp_path / "o"), "-q", "--repeats", "1",
+            "--cold", "0"]
+    for extra, words in ((["--runs-log", str(ct)], "is the input"),
+                         (["--runs-log", str(bundle / "bundle.json")], "input folder"),
+                         (["--runs-log", str(tmp_path)], "existing folder"),
+                         (["--folds", "9"], "--folds 9"), (["--proxy", "nope"], "use worst or realistic")):
+        result = CliRunner().invoke(app, [*base, *extra])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and words in lines[0], (extra, result.output)
+        assert not (tmp_path / "o").exists(), extra
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_cli_failed_runs_exit_3(parity_bundle: Path, tmp_path: Path) -> None:
+    """A case the runtime refuses: the reports are written with the error, and the exit code says so."""
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("not a CT")
+    result = CliRunner().invoke(app, ["--bundle", str(parity_bundle), "--cases", str(bad), "-o",
+                                      str(tmp_path / "o"), "-q", "--repeats", "1", "--cold", "0", "--no-reference"])
+    assert result.exit_code == 3 and "1 run(s) failed, first bad.nii.gz" in result.output, result.output
+    assert "## Errors" in (tmp_path / "o" / "report.md").read_text()
