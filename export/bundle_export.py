@@ -21,13 +21,14 @@ from typing import Any
 from flare.runtime.bundle.card import CARD_FILE, ModelCard, card_from_raw
 from flare.runtime.bundle.manifest import (
     FORMAT,
+    load_bundle,
     model_entry,
     new_bundle_json,
     read_card_file,
     sha256_file,
     write_bundle_json,
 )
-from flare.runtime.foundation.errors import OutputError
+from flare.runtime.foundation.errors import BundleError, InputError, OutputError
 from flare.runtime.foundation.lifecycle import pause_point
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, optimise_if_helpful
@@ -92,6 +93,11 @@ def export_sources(sources: ExportSources, out_dir: str | Path, *, fp16: bool = 
             doc["engines"] = build_bundle_engines(tmp, doc)
         step("bundle.json")
         write_bundle_json(tmp, doc)
+        try:  # what flare-run will check: a bundle it would refuse is not written
+            load_bundle(tmp, verify_hashes=False)
+        except BundleError as err:
+            raise InputError(sources.root, f"the checkpoints make a bundle that flare-run would refuse: "
+                                           f"{err.problem}") from None
     return out
 
 

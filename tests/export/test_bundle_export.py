@@ -194,6 +194,24 @@ def test_non_finite_output_fails_export(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change", [{"spacing_mm": (0.0, 1.0, 1.0)}, {"hu_window": (250.0, -250.0)}])
+def test_a_bundle_flare_run_would_refuse_is_not_written(tmp_path: Path, change: dict) -> None:
+    import torch
+    from flare.export.bundle_export import export_sources
+    from flare.export.sources import ExportSources, ModelSource
+
+    src = ModelSource("fold0", "fold", torch.nn.Conv3d(1, 13, 1).eval(), 1, 13, tmp_path / "x.pt",
+                      {"network": TINY_FOLD_NET}, "0")
+    (tmp_path / "x.pt").write_bytes(b"x")
+    base = {"spacing_mm": (1.0, 1.0, 1.0), "hu_window": (-250.0, 250.0)}
+    sources = ExportSources(root=tmp_path, kind="flare", folds=[src], locator=None, roi=(32, 32, 32),
+                            **{**base, **change})
+    with pytest.raises(InputError, match="a bundle that flare-run would refuse") as err:
+        export_sources(sources, tmp_path / "out", progress=False, verify=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flare.export.cli", *args], capture_output=True, text=True,
                           timeout=120, check=False)
