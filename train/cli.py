@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from flare.runtime.foundation.errors import FlareError
@@ -29,8 +29,17 @@ DatalistArg = Annotated[Path, typer.Argument(help="datalist JSON (flare or Auto3
                                                   "dataset.json")]
 
 
-def _fail(err: FlareError) -> None:
-    print(f"flare-train: {err}", file=sys.stderr)
+def _fail(err: BaseException) -> NoReturn:
+    """A user error (``FlareError``, also when MONAI's transforms have wrapped it in a ``RuntimeError``) is one
+    line and exit 2; anything else propagates as it is."""
+    cause: BaseException | None = err
+    for _ in range(8):
+        if cause is None or isinstance(cause, FlareError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, FlareError):
+        raise err
+    print(f"flare-train: {cause}", file=sys.stderr)
     raise typer.Exit(2)
 
 
@@ -51,7 +60,7 @@ def phantoms(out: Annotated[Path, typer.Argument(help="output folder")],
             task = bar.add_task("phantoms", total=cases)
             doc = make_phantoms(out, cases, seed, size=size, holdout=holdout, folds=folds,
                                 progress=lambda _i: bar.advance(task))
-    except FlareError as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises all but user errors
         _fail(err)
     if not quiet:
         print(f"{len(doc['training'])} training + {len(doc['testing'])} held-out phantoms -> {out}/dataset.json")
@@ -75,7 +84,7 @@ def datalist(root: Annotated[Path, typer.Argument(help="FLARE23-style folder: im
             task = bar.add_task("reading labels", total=n)
             doc = build_datalist(root, out, folds=folds, seed=seed, include_unlabelled=include_unlabelled,
                                  workers=workers, progress=lambda k: bar.advance(task, k))
-    except FlareError as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises all but user errors
         _fail(err)
     print(f"{len(doc['training'])} training cases ({doc['n_fully_labelled']} fully labelled, {folds} folds), "
           f"{len(doc['unlabeled'])} unlabelled listed apart, {len(doc['testing'])} testing -> {out}")
@@ -97,7 +106,7 @@ def analyze(datalist: DatalistArg,
         check_json_output(target, datalist_files(doc), "analysis")
         res = run_analysis(doc)
         save_analysis(res, target)
-    except FlareError as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises all but user errors
         _fail(err)
     print_analysis(res, per_case=per_case)
     print(f"saved {target}")
@@ -142,7 +151,7 @@ def fit_cmd(datalist: DatalistArg, config: ConfigOpt = "tiny",
     """Train one fold: stage 1 on fully labelled cases (-> OUT/stage1/foldK), stage 2 on all (-> OUT/foldK)."""
     try:
         _fit("fold", datalist, config, fold, stage, out, resume, quiet, threads, include_unlabelled, init)
-    except FlareError as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises all but user errors
         _fail(err)
 
 
@@ -153,7 +162,7 @@ def locator(datalist: DatalistArg, config: ConfigOpt = "tiny", out: OutOpt = Pat
     """Train the organ-union locator on the fully labelled cases (-> OUT/locator)."""
     try:
         _fit("locator", datalist, config, 0, None, out, resume, quiet, threads, False)
-    except FlareError as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises all but user errors
         _fail(err)
 
 
@@ -171,7 +180,7 @@ def pseudolabel(datalist: DatalistArg, config: ConfigOpt = "tiny", out: OutOpt =
         doc = load_datalist(datalist, include_unlabelled=include_unlabelled)
         new = pseudolabel_stage(cfg, assign_folds(doc["training"], folds), out, folds,
                                 RunLog(out / "train.log", quiet=quiet, enabled=d.main), d)
-    except FlareError as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises all but user errors
         _fail(err)
     if d.main:
         print(f"{sum('label_given' in e for e in new)} cases pseudo-labelled -> {out / 'dataset_stage2.json'}")
@@ -192,7 +201,7 @@ def run(datalist: DatalistArg, config: ConfigOpt = "tiny", out: OutOpt = Path("c
     try:
         summary = run_all(datalist, out, config, folds, naive=naive, quiet=quiet, threads=threads,
                           include_unlabelled=include_unlabelled, resume=not fresh)
-    except FlareError as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises all but user errors
         _fail(err)
     if "holdout" in summary and not quiet:
         print(json.dumps(summary["holdout"], indent=1))

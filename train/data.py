@@ -85,6 +85,13 @@ def crop_ratios(eff: dict[str, Any]) -> list[float] | None:
     return [float(v) for v in r]
 
 
+def _source(x: Any) -> str | None:
+    """The file a MONAI-loaded tensor came from (None if unknown)."""
+    meta = getattr(x, "meta", None) or {}
+    name = meta.get("filename_or_obj")
+    return None if name is None else str(name)
+
+
 def _map_labels(lut: np.ndarray):
     """Label ids -> ``lut[id]`` as uint8, slab by slab (a whole-volume int64 index would cost 8 bytes a voxel)."""
     import torch
@@ -92,6 +99,9 @@ def _map_labels(lut: np.ndarray):
     table = torch.as_tensor(lut)
 
     def apply(x: Any) -> Any:
+        from .datalist import check_label_values
+
+        check_label_values(_source(x) or "label", np.asarray(x))  # ids outside the table would index past it
         x = torch.as_tensor(x)
         out = torch.empty(x.shape, dtype=torch.uint8)
         for z in range(0, x.shape[-1], 16):
@@ -113,6 +123,31 @@ def _scale_intensity(lo: float, hi: float):
 def _keep_affine(item: dict[str, Any]) -> dict[str, Any]:
     """Store the image's voxel -> world matrix as a plain tensor (``affine``): the disk cache keeps no metadata."""
     return {**item, "affine": item["image"].affine.clone()}
+
+
+class SameGridd(MapTransform):
+    """Image and label on one voxel grid, checked right after loading (before any resampling): the same shape, and
+    grid corners no more than half a voxel apart in the world. Otherwise the label would be resampled along and
+    train the network on misaligned voxels."""
+
+    def __init__(self) -> None:
+        super().__init__(["image", "label"])
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        img, lab = data["image"], data["label"]
+        where = _source(lab) or "label"
+        if tuple(img.shape[1:]) != tuple(lab.shape[1:]):
+            raise InputError(where, f"label grid {tuple(lab.shape[1:])} differs from its image's "
+                                    f"{tuple(img.shape[1:])} ({_source(img)})")
+        corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[1] - 1) for j in (0, img.shape[2] - 1)
+                            for k in (0, img.shape[3] - 1)]).T
+        a, b = (np.asarray(t.affine, dtype=np.float64) for t in (img, lab))
+        apart = float(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0).max())
+        half_voxel = 0.5 * float(np.linalg.norm(a[:3, :3], axis=0).min())
+        if apart > half_voxel:
+            raise InputError(where, f"label is {apart:.1f} mm away from its image's grid ({_source(img)}): the "
+                                    "headers place them differently")
+        return data
 
 
 class ResampleToSpacingd(MapTransform):
@@ -176,6 +211,7 @@ def preprocess_transform(eff: dict[str, Any], *, with_label: bool = True, label_
     steps: list[Any] = [
         T.LoadImaged(keys=keys, image_only=True),
         T.EnsureChannelFirstd(keys=keys),
+        *([SameGridd()] if with_label else []),
         T.Orientationd(keys=keys, axcodes="RAS"),
         ResampleToSpacingd(keys=keys, spacing=[float(v) for v in eff["spacing_mm"]]),
         T.EnsureTyped(keys="image", dtype=np.float32, track_meta=True),

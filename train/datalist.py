@@ -56,10 +56,34 @@ def label_ids(path: str | Path | None) -> set[int]:
 def _label_ids_of(path: str, mtime_ns: int, size: int) -> frozenset[int]:
     import nibabel as nib
 
-    img: Any = nib.load(path)
-    arr = np.asarray(img.dataobj)
+    try:
+        img: Any = nib.load(path)
+        arr = np.asarray(img.dataobj)
+    except Exception as err:  # noqa: BLE001 - nibabel raises many kinds for a bad file
+        raise InputError(path, f"cannot read the label file ({type(err).__name__}: {err})") from None
+    arr = arr.reshape(arr.shape[:3]) if arr.ndim > 3 and all(n == 1 for n in arr.shape[3:]) else arr
+    if arr.ndim != 3:
+        raise InputError(path, f"a label map must be one 3-D volume; this one has shape {arr.shape}")
+    check_label_values(path, arr)
     ids = np.flatnonzero(np.bincount(arr.astype(np.intp).ravel(), minlength=L.NUM_FLARE_IDS))
     return frozenset(int(i) for i in ids if i != 0)
+
+
+def check_label_values(path: str | Path, arr: np.ndarray) -> None:
+    """Every voxel a FLARE id (an integer 0-14; float files must hold whole numbers), checked before anything is
+    allocated from the values (one-line ``InputError``)."""
+    if arr.dtype.kind not in "uif":
+        raise InputError(path, f"label voxels are {arr.dtype}; a label map holds integers 0-{L.NUM_FLARE_IDS - 1}")
+    if arr.size == 0:
+        return
+    lo, hi = arr.min(), arr.max()
+    if arr.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(path, "label map holds NaN or infinite values")
+    if lo < 0 or hi > L.NUM_FLARE_IDS - 1:
+        raise InputError(path, f"label values run from {lo:g} to {hi:g}; FLARE ids are 0-{L.NUM_FLARE_IDS - 1} "
+                               "(relabel the file: flare-train uses the FLARE23 label ids)")
+    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+        raise InputError(path, "label map holds fractional values; a label map holds whole FLARE ids")
 
 
 def given_ids(entry: dict[str, Any]) -> set[int]:

@@ -137,3 +137,66 @@ def test_background_min_hu_draws_background_crops_inside_the_body(entries: list[
         preprocess_transform(bad)
     with pytest.raises(InputError, match="background_min_hu must be a number"):
         preprocess_transform(role_config(load_config("tiny", {"data": {"background_min_hu": "body"}}), "fold"))
+
+
+def _relabelled(src: str, dst: Path, data=None, affine=None, dtype=None) -> Path:
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(src)
+    arr = np.asarray(img.dataobj) if data is None else data(np.asarray(img.dataobj))
+    out = nib.Nifti1Image(arr.astype(dtype or arr.dtype), img.affine if affine is None else affine(img.affine))
+    nib.save(out, dst)
+    return dst
+
+
+def test_bad_label_contents_are_one_line_errors(entries: list[dict], tmp_path: Path) -> None:
+    """Values that are not FLARE ids, fractions, NaN, 4-D: refused from the values before anything is allocated
+    from them (a value of 2e9 made np.bincount allocate 15 GiB); float files of whole ids are fine."""
+    import numpy as np
+    from flare.runtime.foundation.errors import InputError
+    from flare.train.datalist import label_ids
+
+    src = entries[0]["label"]
+    cases = {"from -1 to": (lambda a: a.astype(np.int32) - 1, np.int32),
+             "from 0 to 20": (lambda a: np.where(a == 1, 20, a), np.uint8),
+             "2e\\+09": (lambda a: np.where(a == 1, 2_000_000_000, a), np.int32),
+             "fractional": (lambda a: a + 0.5 * (a == 1), np.float32),
+             "NaN": (lambda a: np.where(a == 1, np.nan, a), np.float32),
+             "one 3-D volume": (lambda a: np.stack([a, a], axis=-1), np.uint8)}
+    for n, (words, (change, dtype)) in enumerate(cases.items()):
+        bad = _relabelled(src, tmp_path / f"bad{n}.nii.gz", change, dtype=dtype)
+        with pytest.raises(InputError, match=words) as err:
+            label_ids(bad)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    as_float = _relabelled(src, tmp_path / "float.nii.gz", dtype=np.float32)
+    assert label_ids(as_float) == label_ids(src)
+
+
+def test_label_off_its_image_stops_training_with_one_line(entries: list[dict], tmp_path: Path) -> None:
+    """A label whose header places it 500 mm away, or with another shape, is refused where the case is loaded for
+    training (the datalist's labels_present spares reading it before): flare-train exits 2 with one line."""
+    import json
+
+    import numpy as np
+    from flare.train.cli import app
+    from typer.testing import CliRunner
+
+    def shifted(a: np.ndarray) -> np.ndarray:
+        b = a.copy()
+        b[:3, 3] += 500.0
+        return b
+
+    for name, kwargs, words in (("shifted", {"affine": shifted}, "mm away from its image's grid"),
+                                ("cropped", {"data": lambda a: a[:-5]}, "differs from its image's")):
+        bad = _relabelled(entries[0]["label"], tmp_path / f"{name}.nii.gz", **kwargs)
+        training = [{**e, "fold": i % 2, "labels_present": list(range(1, 14))} for i, e in enumerate(entries)]
+        training[0]["label"] = str(bad)
+        (tmp_path / f"{name}.json").write_text(json.dumps({"training": training}))
+        cfg = tmp_path / "cfg.json"  # one step, should the check ever let the case through
+        cfg.write_text(json.dumps(load_config("tiny", {**SMALL, "train": {"epochs": 1, "steps_per_epoch": 1}})))
+        res = CliRunner().invoke(app, ["fit", str(tmp_path / f"{name}.json"), "-c", str(cfg), "-o",
+                                       str(tmp_path / f"out_{name}"), "--fold", "1"])
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("flare-train: ")]
+        assert res.exit_code == 2 and len(errors) == 1 and "Traceback" not in res.output, res.output
+        assert words in errors[0] and str(bad) in errors[0], errors
