@@ -29,13 +29,35 @@ def _say(msg: str) -> None:
     typer.echo(f"flare-demo: {msg}", err=True)
 
 
+def check_install_target(target: Path) -> None:
+    """The default bundle folder may be replaced only when it is absent or a flare bundle."""
+    if target.exists() and not (target / "bundle.json").is_file():
+        raise FlareError(target, "exists and is not a flare bundle; not replacing it (set FLARE_BUNDLE elsewhere)")
+
+
+def preflight(out: Path, config: str, install: bool) -> None:
+    """What would stop the demo or the proof later, refused before any work: OUT a file, OUT/bundle not a bundle,
+    a bad --config, a default bundle folder that may not be replaced."""
+    from flare.export.bundle_export import check_target
+    from flare.runtime.bundle.manifest import default_bundle_dir
+    from flare.runtime.foundation.errors import OutputError
+    from flare.train.config import load_config
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder")
+    if (out / "bundle").exists():
+        check_target((out / "bundle").resolve())
+    load_config(config)
+    if install:
+        check_install_target(default_bundle_dir())
+
+
 def install_default_bundle(bundle: Path, target: Path) -> Path:
     """Copy ``bundle`` to ``target`` (the default bundle folder) through a temporary folder and a rename; an
     existing flare bundle there is replaced, anything else is refused."""
     from flare.runtime.bundle.manifest import load_bundle
 
-    if target.exists() and not (target / "bundle.json").is_file():
-        raise FlareError(target, "exists and is not a flare bundle; not replacing it (set FLARE_BUNDLE elsewhere)")
+    check_install_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.installing")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -169,6 +191,7 @@ def demo(
     """Phantoms → training (config demo: 4 mm, one fold, two-stage) → fp16 export → flare-run on every held-out
     phantom and the real CT → benchmark → default bundle. Output: a short table; everything in OUT/demo.json."""
     try:
+        preflight(out, config or ("proof" if proof else "demo"), install and not proof)
         if proof:
             from flare.benchmarks.proof import run_proof
 

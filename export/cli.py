@@ -34,7 +34,8 @@ def export(
     profile: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--profile", help="bundle profile: gpu or cpu (default: the training config's)", show_default=False)] = None,
     trt: Annotated[bool, typer.Option("--trt", help="also build TensorRT engines (needs tensorrt and a GPU)")] = False,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset", min=13)] = 17,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (the TorchScript exporter's 13-20)", min=13,
+                                       max=20)] = 17,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
                                          help="check ONNX Runtime CPU against PyTorch per model (and int8 "
                                               "against fp32: the int8 gate)")] = True,

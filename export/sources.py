@@ -102,8 +102,14 @@ def _load_flare_model(folder: Path, name: str) -> ModelSource:
         raise InputError(ckpt, f"checkpoint of {name} is missing")
     try:
         net, config = load_network(ckpt)
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 (torch/pickle/state-dict errors: one line for the user)
         raise InputError(ckpt, f"cannot load checkpoint ({exc.__class__.__name__}: {str(exc)[:300]})") from None
+    if isinstance(config.get("training_config"), dict):  # the recipe it was trained with, as flare-train checks it
+        from flare.train.config import check_config
+
+        check_config(config["training_config"], ckpt)
     spec = config.get("network", {})
     cfg_file = folder / "config.json"
     return ModelSource(name=name, role=str(config.get("role", "locator" if name == "locator" else "fold")),
@@ -128,6 +134,15 @@ def flare_sources(ckpt_dir: str | Path) -> ExportSources:
                                            f"{NUM_MERGED_CLASSES} (merged FLARE23 classes)")
     locator = _load_flare_model(root / "locator", "locator") if (root / "locator").is_dir() else None
     cfgs = {m.name: m.config for m in folds}
+    try:
+        return _settings(root, folds, locator, cfgs)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:  # hand-edited checkpoint configs
+        raise InputError(root, f"malformed spacing_mm/hu_window/roi in a checkpoint's config "
+                               f"({exc.__class__.__name__}: {exc})") from None
+
+
+def _settings(root: Path, folds: list[ModelSource], locator: ModelSource | None,
+              cfgs: dict[str, dict[str, Any]]) -> ExportSources:
     spacing = agreed({k: [float(v) for v in c.get("spacing_mm", [1, 1, 1])] for k, c in cfgs.items()},
                      "spacing_mm", root)
     hu = agreed({k: [float(v) for v in c.get("hu_window", [-250, 250])] for k, c in cfgs.items()}, "hu_window", root)

@@ -21,7 +21,7 @@ from conftest import REPO, data_path
 FOLDERS = {"runtime": "flare.runtime", "train": "flare.train", "export": "flare.export",
            "benchmarks": "flare.benchmarks"}
 #: package data that must travel with the code (pyproject [tool.setuptools.package-data])
-DATA = ("flare/runtime/bundle/bundle.schema.json", "flare/train/configs/flare23.json", "flare/train/configs/tiny.json")
+DATA = ("flare/runtime/bundle/bundle.schema.json", "flare/train/config.schema.json", "flare/train/configs/flare23.json", "flare/train/configs/tiny.json")
 
 
 def tree_packages() -> set[str]:

@@ -45,12 +45,19 @@ def save_checkpoint(folder: str | Path, net: torch.nn.Module, config: dict[str, 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load ``model.pt`` (or the folder holding it) with ``weights_only=True``."""
+    from flare.runtime.foundation.errors import InputError
+
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise InputError(path, "checkpoint does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip/torch errors of a damaged or foreign file
+        raise InputError(path, f"cannot load checkpoint ({exc.__class__.__name__}: {str(exc)[:200]})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
-        raise ValueError(f"{path}: not a flare checkpoint (needs state_dict and config)")
+        raise InputError(path, "not a flare checkpoint (needs state_dict and config)")
     return payload
 
 

@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_ma
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="named config (tiny, flare23) or a JSON file")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="checkpoint folder (CKPT_DIR)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads")]
 UnlabelledOpt = Annotated[bool, typer.Option("--include-unlabelled",
                                              help="also train on (pseudo-labelled) cases without labels")]
 DatalistArg = Annotated[Path, typer.Argument(help="datalist JSON (flare or Auto3DSeg) or the folder holding "
@@ -46,9 +46,10 @@ def _fail(err: BaseException) -> NoReturn:
 @app.command()
 def phantoms(out: Annotated[Path, typer.Argument(help="output folder")],
              cases: Annotated[int, typer.Option("--cases", "-n", min=1)] = 40,
-             seed: Annotated[int, typer.Option("--seed", "-s")] = 0,
-             size: Annotated[int, typer.Option("--size", min=32, help="in-plane matrix; 512 = realistic spacing")] = 512,
-             holdout: Annotated[int | None, typer.Option(help="held-out cases (default cases // 10)")] = None,
+             seed: Annotated[int, typer.Option("--seed", "-s", min=0)] = 0,
+             size: Annotated[int, typer.Option("--size", min=32, max=1024,
+                                               help="in-plane matrix; 512 = realistic spacing")] = 512,
+             holdout: Annotated[int | None, typer.Option(min=0, help="held-out cases (default cases // 10)")] = None,
              folds: Annotated[int, typer.Option(min=1)] = 5, quiet: QuietOpt = False) -> None:
     """Write synthetic abdominal CT phantoms (imagesTr, labelsTr, labelsFull, dataset.json)."""
     from rich.progress import Progress
@@ -69,7 +70,7 @@ def phantoms(out: Annotated[Path, typer.Argument(help="output folder")],
 @app.command()
 def datalist(root: Annotated[Path, typer.Argument(help="FLARE23-style folder: imagesTr/, labelsTr/, unlabeledTr/")],
              out: Annotated[Path, typer.Option("--out", "-o", help="datalist JSON to write")],
-             folds: Annotated[int, typer.Option(min=1)] = 5, seed: Annotated[int, typer.Option("--seed", "-s")] = 0,
+             folds: Annotated[int, typer.Option(min=1)] = 5, seed: Annotated[int, typer.Option("--seed", "-s", min=0)] = 0,
              include_unlabelled: UnlabelledOpt = False,
              workers: Annotated[int, typer.Option(min=1, help="threads reading label files")] = 4,
              quiet: QuietOpt = False) -> None:
@@ -133,6 +134,10 @@ def _fit(role: str, datalist: Path, config: str, fold: int, stage: int | None, o
     entries = assign_folds(doc["training"], 5)
     if not full_cases(entries) and not (role == "fold" and stage == 2):
         raise FlareError(doc["_path"], "no fully labelled case (all 13 organs) to train on")
+    if init is not None:  # an unusable --init is refused before OUT is made
+        from .checkpoints import load_checkpoint
+
+        load_checkpoint(init)
     trainer = Trainer(cfg, out, RunLog(out / "train.log", quiet=quiet, enabled=d.main), d, resume=resume)
     if role == "locator":
         return train_locator(trainer, full_cases(entries))
@@ -143,7 +148,7 @@ def _fit(role: str, datalist: Path, config: str, fold: int, stage: int | None, o
 
 @app.command(name="fit")
 def fit_cmd(datalist: DatalistArg, config: ConfigOpt = "tiny",
-            fold: Annotated[int, typer.Option("--fold", "-k", min=0)] = 0,
+            fold: Annotated[int, typer.Option("--fold", "-k", min=0, max=4, help="fold 0-4 (fit splits into five)")] = 0,
             stage: Annotated[int, typer.Option("--stage", min=1, max=2)] = 1, out: OutOpt = Path("checkpoints"),
             init: Annotated[Path | None, typer.Option(help="start from this checkpoint's weights")] = None,
             resume: Annotated[bool, typer.Option(help="continue from OUT/.../last.pt; skip a finished fold")] = False,

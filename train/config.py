@@ -8,6 +8,7 @@ saved in each checkpoint (:func:`checkpoint_config`) is what ``flare-export`` re
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,8 @@ from flare.runtime.foundation.errors import InputError
 from flare.runtime.ops.postprocessing import MODES
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+#: JSON Schema of the settings the code computes with (types and ranges); :func:`check_config`
+SCHEMA_FILE = Path(__file__).with_name("config.schema.json")
 #: ``pseudolabel.postprocess``: no cleaning of the stage-1 prediction (the paper, the default) or a runtime rule set
 PSEUDOLABEL_POSTPROCESS = ("none", *MODES)
 REQUIRED = ("name", "network", "spacing_mm", "hu_window", "roi", "train", "augment", "validation", "locator")
@@ -50,16 +53,41 @@ def load_config(name_or_path: str | Path | dict[str, Any], overrides: dict[str, 
             raise InputError(name_or_path, f"no such config (named configs: {', '.join(available_configs())})")
         try:
             cfg = json.loads(source.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(source, f"cannot parse config: {err}") from None
+        if not isinstance(cfg, dict):
+            raise InputError(source, "a config is a JSON object")
     if overrides:
         cfg = deep_merge(cfg, overrides)
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise InputError(source, f"config lacks {', '.join(missing)}")
+    check_config(cfg, source)
     _check_tiles(cfg, source)
     pseudolabel_postprocess(cfg, source)
     return cfg
+
+
+def check_config(cfg: dict[str, Any], source: str | Path = "<config>") -> None:
+    """The settings' types and ranges (``config.schema.json``) and ``hu_window`` low below high: the most relevant
+    problem as a one-line ``InputError`` naming the key (a string spacing or a zero batch size used to surface as a
+    traceback deep in training)."""
+    import jsonschema
+    from flare.runtime.bundle.manifest import json_where
+    from jsonschema.exceptions import best_match
+
+    err = best_match(jsonschema.Draft202012Validator(_schema()).iter_errors(cfg))
+    if err is not None:
+        where = json_where(err.absolute_path) or "config"
+        raise InputError(source, f"{where}: {err.message}")
+    lo, hi = cfg["hu_window"]
+    if not lo < hi:
+        raise InputError(source, f"hu_window: the low end {lo} must be below the high end {hi}")
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    return dict(json.loads(SCHEMA_FILE.read_text()))
 
 
 def pseudolabel_postprocess(cfg: dict[str, Any], source: str | Path = "<config>") -> str:

@@ -131,11 +131,25 @@ def _resolve(value: Any, base: Path, where: Path, what: str) -> str:
         if len(value) != 1:
             raise InputError(where, f"{what} lists {len(value)} channels; flare trains on one (CT)")
         value = value[0]
+    if not isinstance(value, str) or not value:
+        raise InputError(where, f"{what} must be a file path (a string), not {json.dumps(value)}")
     p = Path(value)
     full = p if p.is_absolute() else base / p
     if not full.is_file():
         raise InputError(full, f"file of {what} does not exist")
     return str(full.resolve())
+
+
+def _check_fields(entry: dict[str, Any], path: Path, where: str) -> None:
+    """``fold``: an integer >= 0; ``labels_present``: a list of FLARE ids (one-line ``InputError``)."""
+    fold = entry.get("fold")
+    if fold is not None and (type(fold) is not int or fold < 0):
+        raise InputError(path, f"{where}.fold must be an integer >= 0, not {json.dumps(fold)}")
+    present = entry.get("labels_present")
+    if present is not None and (not isinstance(present, list) or any(
+            type(i) is not int or not 0 <= i < L.NUM_FLARE_IDS for i in present)):
+        raise InputError(path, f"{where}.labels_present must list FLARE ids 0-{L.NUM_FLARE_IDS - 1}, "
+                               f"not {json.dumps(present)[:80]}")
 
 
 def load_datalist(path: str | Path, *, include_unlabelled: bool = False) -> dict[str, Any]:
@@ -156,6 +170,11 @@ def load_datalist(path: str | Path, *, include_unlabelled: bool = False) -> dict
     if not isinstance(doc, dict) or not isinstance(doc.get("training"), list) or not doc["training"]:
         raise InputError(path, "datalist has no 'training' entries")
     base = path.parent.resolve()
+    folds = doc.get("num_folds", 5)
+    if type(folds) is not int or folds < 1:
+        raise InputError(path, f"num_folds must be a positive integer, not {json.dumps(folds)}")
+    if doc.get("dataroot") is not None and not isinstance(doc["dataroot"], str):
+        raise InputError(path, f"dataroot must be a folder path (a string), not {json.dumps(doc['dataroot'])}")
     if doc.get("dataroot"):
         root = Path(doc["dataroot"])
         base = root if root.is_absolute() else (base / root).resolve()
@@ -169,11 +188,12 @@ def load_datalist(path: str | Path, *, include_unlabelled: bool = False) -> dict
             for key in PATH_KEYS:
                 if entry.get(key):
                     entry[key] = _resolve(entry[key], base, path, f"{list_name}[{n}].{key}")
+            _check_fields(entry, path, f"{list_name}[{n}]")
         doc[list_name] = entries
     labelled = [e for e in doc["training"] if e.get("label") or e.get("label_given")]
     unlabelled = [e for e in doc["training"] if not (e.get("label") or e.get("label_given"))] + doc["unlabeled"]
     if include_unlabelled:
-        doc["training"] = labelled + assign_folds(unlabelled, int(doc.get("num_folds", 5)))
+        doc["training"] = labelled + assign_folds(unlabelled, folds)
         doc["unlabeled"] = []
     else:
         doc["training"], doc["unlabeled"] = labelled, unlabelled

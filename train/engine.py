@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from flare.runtime.foundation import labels as L
+from flare.runtime.foundation.errors import InputError
 
 from .config import checkpoint_config, infer_roi, role_config
 from .distributed import Dist, barrier, gather, unwrap, wrap
@@ -391,9 +392,14 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     torch.manual_seed(seed)
     net = build_network(eff["network"]).to(d.device)
     if init_state is not None:
-        net.load_state_dict(init_state)
+        try:
+            net.load_state_dict(init_state)
+        except RuntimeError as exc:
+            raise InputError(out_folder, f"the initial weights do not fit this config's network "
+                                         f"({str(exc).splitlines()[0][:160]})") from None
     if not train_entries:
-        raise ValueError(f"{out_folder}: no training cases for {role} fold {fold} stage {stage}")
+        raise InputError(out_folder, f"no training cases for {role} fold {fold} stage {stage} (the datalist's "
+                                     "folds and labels leave it empty)")
     train_ds = train_dataset(train_entries, eff, cache_dir, train_label_key)
     val_entries = [{"image": e["image"], "label": original_label(e)} for e in val_entries if original_label(e)]
     cap = eff.get("validation", {}).get("max_cases")

@@ -457,7 +457,13 @@ def make_phantoms(out_dir: str | Path, cases: int, seed: int = 0, *, size: int =
     label subset. ``long_every = n > 0`` makes every n-th case (0, n, 2n, ...) a head-to-thigh scan: organ-like
     tissue far from the abdomen (heart, head, thighs) is where a network's remote false positives appear.
     """
+    from flare.runtime.foundation.errors import OutputError
+
     out = Path(out_dir)
+    if not str(out_dir).strip():
+        raise OutputError(None, "give an output folder for the phantoms")
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder")
     for sub in ("imagesTr", "labelsTr", "labelsFull"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     n_hold = min(max(1, cases // 10), cases - 1) if holdout is None else min(int(holdout), cases)

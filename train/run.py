@@ -28,7 +28,7 @@ import numpy as np
 from flare.runtime.bundle.card import CARD_FILE, ModelCard
 from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.atomic import write_text_atomic
-from flare.runtime.foundation.errors import InputError
+from flare.runtime.foundation.errors import InputError, OutputError
 
 from .config import load_config, role_config
 from .datalist import (
@@ -203,6 +203,8 @@ def run_all(datalist_or_dir: str | Path, out_dir: str | Path, config: str | Path
     full = full_cases(entries)
     if not full and not naive:
         raise InputError(doc["_path"], "no fully labelled case (all 13 organs) for stage 1")
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder")
     dist = setup(timeout_min=cfg["train"].get("dist_timeout_min"))
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)

@@ -288,7 +288,8 @@ def _validator(definition: str | None = None) -> Any:
     return strict(schema)
 
 
-def _where(path: Any) -> str:
+def json_where(path: Any) -> str:
+    """A jsonschema error path as the key it names, e.g. ``preprocessing.spacing_mm[2]``."""
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
@@ -299,7 +300,7 @@ def validate_bundle_json(raw: Any, bundle_json: Path) -> None:
     err = best_match(_validator().iter_errors(raw))
     if err is None:
         return
-    where = _where(err.absolute_path)
+    where = json_where(err.absolute_path)
     if err.validator == "required":
         missing = str(err.message).split("'")[1] if "'" in str(err.message) else str(err.message)
         raise BundleError(bundle_json, f"missing field {where + '.' if where else ''}{missing}")
@@ -316,7 +317,7 @@ def card_errors(raw: Any) -> str | None:
     err = best_match(_validator("card").iter_errors(raw))
     if err is None:
         return None
-    where = _where(err.absolute_path)
+    where = json_where(err.absolute_path)
     return f"{'field ' + where + ': ' if where else ''}{str(err.message)[:160]}"
 
 

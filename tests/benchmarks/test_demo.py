@@ -115,3 +115,26 @@ def test_stage2_is_fitted_to_the_time_left_at_the_rate_stage_1_ran() -> None:
     plan = stage2_planner(full, 0.0, results)  # no time left: the floor
     assert plan(full, {"seconds": {"stage1": 0.2 * stage1_steps}})["train"]["steps_per_epoch"] == 20
     assert results["budget"]["stage2_steps_fraction"] == 0.2
+
+
+def test_demo_refuses_before_any_work(tmp_path, monkeypatch) -> None:
+    """OUT a file, a bad --config, OUT/bundle someone else's, a default bundle folder that is not a bundle: one line,
+    exit 2, nothing made (a bad --config used to be found after the phantoms were written)."""
+    from flare.benchmarks.demo import app
+    from typer.testing import CliRunner
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "own" / "bundle").mkdir(parents=True)
+    (tmp_path / "own" / "bundle" / "notes.txt").write_text("mine")
+    (tmp_path / "cache" / "bundle").mkdir(parents=True)
+    (tmp_path / "cache" / "bundle" / "x.txt").write_text("not a bundle")
+    monkeypatch.setenv("FLARE_BUNDLE", str(tmp_path / "cache" / "bundle"))
+    for args, words in ((["--out", str(tmp_path / "afile")], "exists and is not a folder"),
+                        (["--out", str(tmp_path / "d1"), "--config", "nope"], "no such config"),
+                        (["--out", str(tmp_path / "own")], "not a flare bundle"),
+                        (["--out", str(tmp_path / "d2")], "not a flare bundle; not replacing it")):
+        res = CliRunner().invoke(app, args)
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and words in lines[0], (args, res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "cache", "own"]
+    assert [p.name for p in (tmp_path / "own").iterdir()] == ["bundle"]

@@ -171,7 +171,7 @@ def test_bad_checkpoints_leave_nothing(tiny_checkpoints: Path, tmp_path: Path) -
         export_bundle(ckpt, out, progress=False)
     assert "\n" not in str(err.value)
     torch.save({"not": "a checkpoint"}, ckpt / "fold1" / "model.pt")
-    with pytest.raises(InputError, match="cannot load checkpoint"):
+    with pytest.raises(InputError, match="not a flare checkpoint"):
         export_bundle(ckpt, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 

@@ -128,3 +128,52 @@ def test_refused_datalist_makes_no_output_folder(tmp_path: Path) -> None:
             res = CliRunner().invoke(app, [command, str(tmp_path / datalist), "-o", str(out)])
             assert res.exit_code == 2 and problem in res.output, (command, res.output)
             assert not out.exists(), f"flare-train {command} made {out.name} for a refused datalist"
+
+
+def test_cli_bad_values_are_one_line_errors(phantoms: Path, tmp_path: Path) -> None:
+    """Wrongly typed or out-of-range config and datalist values, unusable --init files, OUT a file: exit 2 and one
+    line naming the file and the key (each was a traceback)."""
+    good = json.loads((phantoms / "dataset.json").read_text())
+
+    def datalist(name: str, change) -> Path:
+        doc = json.loads(json.dumps(good))
+        change(doc)
+        path = phantoms / f"bad_{name}.json"  # beside the phantoms: the datalist's relative paths stay valid
+        path.write_text(json.dumps(doc))
+        return path
+
+    def config(name: str, text: str | bytes) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return path
+
+    tiny = load_config("tiny")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["fit", str(phantoms), "-c", str(config("s", json.dumps({**tiny, "spacing_mm": "abc"})))], "spacing_mm"),
+        (["fit", str(phantoms), "-c", str(config("b", json.dumps({**tiny, "train": {**tiny["train"],
+                                                                                    "batch_size": 0}})))],
+         "train.batch_size"),
+        (["fit", str(phantoms), "-c", str(config("u", b"\xff\xfe{"))], "cannot parse config"),
+        (["analyze", str(datalist("img", lambda d: d["training"][0].update(image=5)))], "must be a file path"),
+        (["analyze", str(datalist("nf", lambda d: d.update(num_folds=0)))], "num_folds"),
+        (["analyze", str(datalist("lp", lambda d: d["training"][0].update(labels_present="abc")))], "labels_present"),
+        (["analyze", str(datalist("fold", lambda d: d["training"][0].update(fold="x")))], ".fold must be"),
+        (["fit", str(phantoms), "--init", str(tmp_path / "none.pt"), "-o", str(tmp_path / "o1")],
+         "checkpoint does not exist"),
+        (["fit", str(phantoms), "--init", str(text), "-o", str(tmp_path / "o2")], "cannot load checkpoint"),
+        (["run", str(phantoms), "-o", str(tmp_path / "afile")], "exists and is not a folder"),
+        (["phantoms", str(tmp_path / "afile"), "-n", "1"], "exists and is not a folder"),
+    ]
+    for args, words in cases:
+        res = CliRunner().invoke(app, args)
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("flare-train: ")]
+        assert res.exit_code == 2 and len(errors) == 1 and words in errors[0], (args, res.output)
+        assert "Traceback" not in res.output
+    for args in (["fit", str(phantoms), "--threads", "0"], ["fit", str(phantoms), "--fold", "7"],
+                 ["phantoms", str(tmp_path / "p"), "--size", "20000"], ["phantoms", str(tmp_path / "p"), "--seed", "-1"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and "Invalid value" in res.output, (args, res.output)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
