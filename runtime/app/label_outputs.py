@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from flare.runtime.foundation.labels import LABELS, NUM_FLARE_IDS
 
-__all__ = ["itksnap_label_descriptions", "keep_only", "slicer_color_table", "write_label_tables", "write_masks"]
+__all__ = ["itksnap_label_descriptions", "keep_only", "mask_paths", "slicer_color_table", "write_label_tables",
+           "write_masks"]
 
 
 def keep_only(labels: np.ndarray, ids: Sequence[int]) -> np.ndarray:
@@ -28,14 +29,18 @@ def keep_only(labels: np.ndarray, ids: Sequence[int]) -> np.ndarray:
     return labels
 
 
+def mask_paths(folder: Path, ids: Sequence[int] | None = None) -> dict[int, Path]:
+    """The mask file of each label id in ``ids`` (default: all 14): ``folder/<TotalSegmentator name>.nii.gz``."""
+    return {label_id: folder / f"{LABELS[label_id].file}.nii.gz" for label_id in ids or range(1, NUM_FLARE_IDS)}
+
+
 def write_masks(folder: Path, labels: np.ndarray, like: object, ids: Sequence[int] | None = None) -> list[Path]:
     """One ``<TotalSegmentator name>.nii.gz`` per label id in ``ids`` (default: all 14) in ``folder`` (which exists),
     each a 0/1 uint8 map in the input's space, written atomically; returns the paths."""
     from flare.runtime.image.nifti import write_labels
 
     written = []
-    for label_id in ids or range(1, NUM_FLARE_IDS):
-        path = folder / f"{LABELS[label_id].file}.nii.gz"
+    for label_id, path in mask_paths(folder, ids).items():
         write_labels(path, (labels == label_id).view(np.uint8), like=like)  # type: ignore[arg-type]
         written.append(path)
     return written

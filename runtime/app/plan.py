@@ -137,8 +137,14 @@ def _safe(name: str) -> str:
     return cleaned or "case"
 
 
+def _real(path: Path) -> Path:
+    """``path`` with symlinks and ``..`` resolved; unlike ``Path.resolve`` a symlink loop is not an error here (it
+    is refused, with one line, where the file is read or written)."""
+    return Path(os.path.realpath(path))
+
+
 def _inside(path: Path, folders: Sequence[Path]) -> bool:
-    resolved = path.resolve()
+    resolved = _real(path)
     return any(resolved == f or f in resolved.parents for f in folders)
 
 
@@ -207,7 +213,7 @@ def _rel(folder: Path, root: Path) -> str:
 
 def _rel_name(folder: Path, root: Path) -> str:
     """A series folder's name; the INPUT folder's own (resolved) name when the series is the INPUT itself."""
-    return folder.resolve().name if folder.resolve() == root.resolve() else folder.name
+    return _real(folder).name if _real(folder) == _real(root) else folder.name
 
 
 def _is_dicom(path: Path) -> bool:
@@ -221,7 +227,8 @@ def _is_dicom(path: Path) -> bool:
 def _cases_of(path: Path, exclude: Sequence[Path], skipped: list[str]) -> tuple[list[Case], bool]:
     """The cases of one INPUT and whether the INPUT is itself one image (file mode is possible)."""
     if not path.exists():
-        raise InputError(path, "no such file or folder")
+        raise InputError(path, "a symbolic link to nothing (or a loop of links)" if os.path.islink(path)
+                         else "no such file or folder")
     if not path.is_dir():
         if not is_nifti_name(path) and _is_dicom(path):
             return [Case(_safe(_stem(path)), path, "dicom", None, "", path.name)], True
@@ -273,12 +280,12 @@ def discover(inputs: Sequence[Path], series: str | None = None, exclude: Iterabl
     """``(cases, file_mode, skipped)`` for the INPUT arguments; ``series`` keeps only that DICOM series."""
     if not inputs:
         raise InputError(None, "no INPUT given")
-    excluded = [p.resolve() for p in exclude]
+    excluded = [_real(p) for p in exclude]
     cases: list[Case] = []
     singles: list[bool] = []
     skipped: list[str] = []
     for path in inputs:
-        below = [e for e in excluded if path.resolve() in e.parents]  # outputs inside this input folder
+        below = [e for e in excluded if _real(path) in e.parents]  # outputs inside this input folder
         found, single = _cases_of(path, below, skipped)
         cases += found
         singles.append(single)
@@ -298,7 +305,7 @@ def default_output(input_path: Path, kind: str = "nifti") -> Path:
     ``study/ct_seg.nii.gz`` (beside the series, never inside it)."""
     if kind == "dicom" and not input_path.is_dir():
         input_path = input_path.parent
-    base = input_path if input_path.name not in ("", ".", "..") else input_path.resolve()
+    base = input_path if input_path.name not in ("", ".", "..") else _real(input_path)
     return base.with_name(_stem(base) + "_seg.nii.gz")
 
 
@@ -354,11 +361,13 @@ def _input_files(case: Case) -> list[Path]:
 
 
 def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Sequence[Path] = (),
-                    protect: Sequence[Path] = ()) -> None:
-    """No two outputs are the same file, and no output is an input or an existing file below a ``protect`` folder
-    (:func:`flare.runtime.app.output_guard.check_outputs`: resolved paths and device/inode). Folders are checked
-    (and created) separately."""
+                    protect: Sequence[Path] = (), subset: Sequence[int] | None = None) -> None:
+    """No two outputs (the mask files of ``--masks`` included) are the same file, no output is an input or an
+    existing file below a ``protect`` folder (:func:`flare.runtime.app.output_guard.check_outputs`: resolved paths and
+    device/inode), and no ``--masks`` folder is the path of an output file. Folders are created separately."""
+    from flare.runtime.app.label_outputs import mask_paths
     from flare.runtime.app.output_guard import check_outputs
+    from flare.runtime.foundation.labels import LABELS
 
     outputs: dict[str, Path | None] = {}
     for job in jobs:
@@ -367,8 +376,15 @@ def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Seque
                            ("preview", job.preview), ("report", job.report),
                            *((f"label table {i + 1}", t) for i, t in enumerate(job.tables))):
             outputs[prefix + role] = path
+        if job.masks is not None:
+            outputs.update({f"{prefix}{LABELS[i].file} mask": p for i, p in mask_paths(job.masks, subset).items()})
     outputs.update({f"summary{'' if i == 0 else i}": p for i, p in enumerate(extra)})
     check_outputs([*(p for c in cases for p in _input_files(c)), *protect], outputs, writable=False)
+    files = {Path(os.path.realpath(p)): role for role, p in outputs.items() if p is not None}
+    for job in jobs:  # an existing folder at an output's path was refused above; a new one must not be made there
+        clash = None if job.masks is None else files.get(Path(os.path.realpath(job.masks)))
+        if clash is not None:
+            raise OutputError(job.masks, f"the --masks folder is the path of the {clash} output")
 
 
 def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat | None = None,
@@ -404,7 +420,7 @@ def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat 
             if path is not None:
                 _check_file_target(path, what, suffixes)
         job = CaseJob(case, out, statistics, preview, report, masks, table_paths(out) if label_table else ())
-        _check_distinct([job], cases, protect=protect)
+        _check_distinct([job], cases, protect=protect, subset=subset)
         return Plan([job], False, out_fmt, folders=[masks] if masks is not None and not masks.is_dir() else [],
                     skipped=skipped, roi_subset=subset)
     if output is None:
@@ -434,7 +450,7 @@ def make_plan(inputs: Sequence[Path], *, output: Path | None, fmt: OutputFormat 
                     None if report is None else report / f"{c.name}_report.json",
                     None if masks is None else masks / c.name,
                     table_paths(output / f"{c.name}{fmt.suffix}") if label_table else ()) for c in cases]
-    _check_distinct(jobs, cases, [output / "summary.json"], protect)
+    _check_distinct(jobs, cases, [output / "summary.json"], protect, subset)
     return Plan(jobs, True, fmt, output, folders, skipped, subset)
 
 

@@ -106,3 +106,47 @@ def test_rtstruct_from_a_dicom_series(synthetic_bundle: Path, tmp_path: Path) ->
     # RTSTRUCT needs DICOM input: a NIfTI input is refused before any work
     proc = flare_run(data_path(CT), "-o", tmp_path / "x.rtstruct.dcm", "--bundle", synthetic_bundle)
     assert_clean_failure(proc, "x.rtstruct.dcm", "RTSTRUCT", "DICOM input")
+
+
+def test_masks_never_replace_an_input_or_another_output(tiny_bundle: Path, tmp_path: Path) -> None:
+    """--masks files are outputs like the others: onto the input CT, onto -o, onto a FIFO, a --masks folder at an
+    output's path, or (in a batch) one case's mask folder at another case's output or at summary.json: one line,
+    exit 2, before any work, nothing touched."""
+    import os
+    import shutil
+
+    d = tmp_path / "d"
+    d.mkdir()
+    ct = d / "liver.nii.gz"  # a CT that happens to carry a mask's name, in the folder given to --masks
+    shutil.copy(data_path(CT), ct)
+    before = ct.read_bytes()
+    fifo = tmp_path / "f"
+    fifo.mkdir()
+    os.mkfifo(fifo / "liver.nii.gz")
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for name in ("b.nii.gz", "b.nii.gz.nii.gz"):
+        (batch / name).symlink_to(data_path(CT))
+    batch2 = tmp_path / "batch2"
+    batch2.mkdir()
+    (batch2 / "summary.json.nii.gz").symlink_to(data_path(CT))
+    cases = [([ct, "-o", tmp_path / "seg.nii.gz", "--masks", d], "is the input"),
+             ([data_path(CT), "-o", tmp_path / "o" / "liver.nii.gz", "--masks", tmp_path / "o"], "same file"),
+             ([data_path(CT), "-o", tmp_path / "m.nii.gz", "--masks", fifo], "not a regular file"),
+             ([data_path(CT), "-o", tmp_path / "m2.nii.gz", "--masks", tmp_path / "m2.nii.gz"], "--masks folder is"),
+             ([batch, "-o", tmp_path / "segs", "--masks", tmp_path / "segs"], "--masks folder is"),
+             ([batch2, "-o", tmp_path / "segs2", "--masks", tmp_path / "segs2"], "--masks folder is")]
+    (tmp_path / "o").mkdir()
+    for args, words in cases:
+        proc = flare_run(*args, "--bundle", tiny_bundle, "--device", "cpu", "-q")
+        assert_clean_failure(proc, "flare-run: error:", words)
+    assert ct.read_bytes() == before and (fifo / "liver.nii.gz").is_fifo()
+    assert not any((tmp_path / n).exists() for n in ("seg.nii.gz", "m.nii.gz", "m2.nii.gz", "segs", "segs2"))
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_a_symlink_loop_is_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "a.nii.gz").symlink_to(tmp_path / "b.nii.gz")
+    (tmp_path / "b.nii.gz").symlink_to(tmp_path / "a.nii.gz")
+    proc = flare_run(tmp_path / "a.nii.gz", "-o", tmp_path / "o.nii.gz", "--bundle", tiny_bundle, "--device", "cpu")
+    assert_clean_failure(proc, "a.nii.gz", "symbolic link")
