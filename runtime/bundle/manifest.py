@@ -158,7 +158,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 HASH_CACHE_NAME = ".flare-sha256-cache.json"
-"""Per-bundle cache of model-file hashes, keyed by file version (inode, size, mtime_ns)."""
+"""Per-bundle cache of model-file hashes, keyed by file version (device, inode, size, mtime_ns, ctime_ns)."""
 
 
 def _hash_cache_file(root: Path) -> Path:
@@ -174,14 +174,14 @@ def _hash_cache_file(root: Path) -> Path:
 
 def _file_version(path: Path) -> list[int]:
     st = path.stat()
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]  # ctime: a restored mtime is seen
 
 
 def verify_files(root: Path, files: list[tuple[Path, str, str]],
                  check: Callable[[Path, str], None] | None = None) -> int:
     """Check each ``(path, expected sha256, what)``; a mismatch is a one-line BundleError. A file whose version
-    (inode, size, mtime_ns) matches the cache (:func:`_hash_cache_file`) with the expected hash is not read again;
-    hashes computed here are added to the cache (atomic write; an unwritable cache is only a slower next start).
+    (device, inode, size, mtime_ns, ctime_ns) matches the cache (:func:`_hash_cache_file`) with the expected hash is
+    not read again; hashes computed here are added to the cache (atomic write; an unwritable cache is only a slower next start).
     Returns the number of files actually hashed."""
     from flare.runtime.foundation.atomic import write_text_atomic
 

@@ -213,8 +213,10 @@ def _validate(path: Path, hdr: nib.Nifti1Header, file_size: int, compressed: boo
     if dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
         raise InputError(path, f"unsupported data type {dtype.name} (supported: "
                                f"{', '.join(d.name for d in SUPPORTED_DTYPES)})")
-    offset = int(hdr["vox_offset"])
-    offset = max(offset, hdr.template_dtype.itemsize + 4)
+    raw_offset = float(hdr["vox_offset"])
+    if not np.isfinite(raw_offset) or raw_offset < 0:
+        raise InputError(path, f"invalid vox_offset {raw_offset} in the header (where the voxel data start)")
+    offset = max(int(raw_offset), hdr.template_dtype.itemsize + 4)  # 0 or too low: right after the header
     needed = offset + n_vox * dtype.itemsize
     if compressed and needed > MAX_DEFLATE_RATIO * file_size:
         raise InputError(path, f"header claims {needed} bytes of data, impossible for a {file_size}-byte gzip "
@@ -412,6 +414,7 @@ def _image_like(labels: np.ndarray, like: LoadedImage) -> nib.Nifti1Image:
     hdr.set_data_shape(labels.shape)
     hdr.set_data_dtype(labels.dtype)
     hdr.set_slope_inter(None, None)
+    hdr["vox_offset"] = max(float(hdr["vox_offset"]), hdr.single_vox_offset)  # an input's may be too low
     klass = nib.Nifti2Image if isinstance(src, Nifti2Header) else nib.Nifti1Image
     img = klass(labels, like.affine, hdr)
     out = img.header

@@ -94,6 +94,17 @@ def test_hashes_cached_per_file_version_and_only_for_the_loaded_precision(tiny_b
     with pytest.raises(BundleError, match="sha256 mismatch"):
         verify_bundle(bundle, fp32)
     assert verify_bundle(bundle, {"fold0": "fp32"}) == 0  # fold1 not loaded: not checked
+    # changed in place with its modification time put back (touch -r): the inode's change time still tells
+    model = b / "fold0.fp32.onnx"
+    assert verify_bundle(bundle, {"fold0": "fp32"}) == 0
+    st = os.stat(model)
+    blob = bytearray(model.read_bytes())
+    blob[len(blob) // 2] ^= 0x55
+    model.write_bytes(bytes(blob))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(model).st_size == st.st_size and os.stat(model).st_ino == st.st_ino
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        verify_bundle(bundle, {"fold0": "fp32"})
     if os.geteuid() == 0:
         return  # root may write into a read-only folder: the fallback below cannot be seen
     # a read-only bundle folder: the cache goes under $XDG_CACHE_HOME/flare/sha256

@@ -381,3 +381,28 @@ def test_check_header_start_judges_from_the_first_bytes() -> None:
         check_header_start(raw[:2**16], "x", 2**16)
     with pytest.raises(InputError, match="^x: empty file$"):
         check_header_start(b"", "x", 0)
+
+
+def test_vox_offset_not_a_position_is_refused_and_too_low_is_read_and_written(tmp_path: Path) -> None:
+    """vox_offset NaN, infinite or negative: one line (a NaN was a ValueError traceback); below the header's end
+    (some writers leave 0 or less): the voxels are read right after the header, and the label map written with a
+    valid offset (nibabel refused to write the input's, after the whole run)."""
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+
+    def raw(name: str, offset: float) -> Path:
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape(data.shape)
+        hdr.set_data_dtype(np.int16)
+        hdr.set_sform(np.eye(4), code="scanner")
+        hdr["magic"] = b"n+1"
+        hdr["vox_offset"] = offset
+        path = tmp_path / f"{name}.nii.gz"
+        path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + data.tobytes(order="F")))
+        return path
+
+    for name, offset in (("nan", float("nan")), ("inf", float("inf")), ("neg", -100.0)):
+        assert "invalid vox_offset" in _one_line_input_error(raw(name, offset))
+    img = read_image(raw("low", 100.0))
+    assert np.array_equal(img.data, data)
+    write_labels(tmp_path / "out.nii.gz", (img.data % 3).astype(np.uint8), img)
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj), data % 3)
