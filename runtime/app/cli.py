@@ -23,6 +23,7 @@ from flare.runtime.app.process import exit_on_signals
 from flare.runtime.foundation.errors import FlareError, InputError
 from flare.runtime.inference.engine_names import CpuEngine
 from flare.runtime.inference.memory_plan import DEFAULT_BUDGET_MB
+from flare.runtime.inference.tiling import MAX_OVERLAP
 from flare.runtime.ops.postprocessing import Mode
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ def run(
                                              "gpu:N (CUDA device N).")] = "auto",
     folds: Annotated[int | None, typer.Option(min=1, help="Use the first N folds (default: all).",
                                               show_default=False)] = None,
-    overlap: Annotated[float | None, typer.Option(min=0.0, max=0.95,
+    overlap: Annotated[float | None, typer.Option(min=0.0, max=MAX_OVERLAP,
                        help="Tile overlap ratio; > 0 blends tiles with Gaussian weights (default: bundle's, 0).",
                        show_default=False)] = None,
     precision: Annotated[Precision | None, typer.Option(help="Model precision (default: fp16 on CUDA, int8 on the "

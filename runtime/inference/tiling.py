@@ -4,17 +4,40 @@ Per axis: ``interval = max(1, int(roi * (1 - overlap)))``, ``n = ceil((size - ro
 ``i * interval`` clipped to ``size - roi``. A volume smaller than the roi along an axis is padded with zeros,
 ``diff // 2`` before and the rest after. With overlap 0 (the paper's default) tiles do not overlap except the last
 one along an axis, which is shifted back to end at the volume's edge.
+
+The work is bounded before it starts: the overlap is at most :data:`MAX_OVERLAP`, and a plan of more than
+``FLARE_MAX_TILES`` tiles (default :data:`DEFAULT_MAX_TILES`) per network is refused with one line (an overlap of
+0.999 on a small volume is hundreds of thousands of tiles: hours of work from one request).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+from flare.runtime.foundation.errors import InputError
 
-__all__ = ["TilePlan", "ceil_to", "effective_roi", "importance_map", "plan_tiles"]
+__all__ = ["DEFAULT_MAX_TILES", "ENV_MAX_TILES", "MAX_OVERLAP", "TilePlan", "ceil_to", "effective_roi",
+           "importance_map", "max_tiles", "plan_tiles"]
+
+MAX_OVERLAP = 0.95
+"""The largest tile overlap ratio flare-run, the Python API and flare-serve accept."""
+ENV_MAX_TILES = "FLARE_MAX_TILES"
+DEFAULT_MAX_TILES = 20_000
+"""Tiles per network and image (a FLARE-size 1 mm crop in 224³ tiles at overlap 0.9 needs about 4,500)."""
+
+
+def max_tiles() -> int:
+    """``FLARE_MAX_TILES`` (a positive integer), else :data:`DEFAULT_MAX_TILES`."""
+    text = os.environ.get(ENV_MAX_TILES)
+    if not text:
+        return DEFAULT_MAX_TILES
+    if not text.strip().isdigit() or int(text) < 1:
+        raise InputError(None, f"{ENV_MAX_TILES}={text!r} is not a positive integer")
+    return int(text)
 
 
 def ceil_to(value: int, divisor: int) -> int:
@@ -63,6 +86,10 @@ def plan_tiles(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float = 0.
     padded = tuple(max(s, r) for s, r in zip(shape3, roi3))
     before = tuple((p - s) // 2 for p, s in zip(padded, shape3))
     per_axis = [_axis_starts(p, r, overlap) for p, r in zip(padded, roi3)]
+    n_tiles, limit = math.prod(len(a) for a in per_axis), max_tiles()
+    if n_tiles > limit:
+        raise InputError(None, f"tile overlap {overlap:g} makes {n_tiles:,} tiles of {'x'.join(map(str, roi3))} for "
+                               f"this image, more than the limit of {limit:,} ({ENV_MAX_TILES}); use a smaller overlap")
     starts = tuple(itertools.product(*per_axis))
     return TilePlan(shape3, padded, before, roi3, overlap, starts)  # type: ignore[arg-type]
 

@@ -29,6 +29,7 @@ from flare.runtime.inference.ensemble import infer_with_budget, planned_tiles
 from flare.runtime.inference.locate import LocateResult, locate, whole_box
 from flare.runtime.inference.memory_plan import MemoryPlan
 from flare.runtime.inference.sessions import FoldSessions
+from flare.runtime.inference.tiling import MAX_OVERLAP
 from flare.runtime.ops.finish import finish_labels
 from flare.runtime.ops.geometry import Box, crop, cropped_affine, resampled_affine, spacing_from_affine, uncrop
 from flare.runtime.ops.postprocessing import check_mode
@@ -192,8 +193,8 @@ class Segmenter:
 
     def _set_overlap(self, overlap: float | None) -> None:
         self.overlap = self.bundle.overlap if overlap is None else float(overlap)
-        if not 0.0 <= self.overlap < 1.0:
-            raise BundleError(None, f"overlap must lie in [0, 1), got {self.overlap}")
+        if not 0.0 <= self.overlap <= MAX_OVERLAP:
+            raise BundleError(None, f"overlap must lie in [0, {MAX_OVERLAP}], got {self.overlap}")
         self.blend = "gaussian" if self.overlap > 0 else self.bundle.blend
 
     def _set_postprocess(self, postprocess: str | None) -> None:

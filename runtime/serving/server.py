@@ -46,6 +46,8 @@ log = logging.getLogger("flare.runtime")
 
 EXIT_TIMEOUT_S = 20
 """Triton waits this long for in-flight requests on SIGTERM/SIGINT (the whole stop stays under 30 s)."""
+STOP_DEADLINE_S = 27
+"""After SIGTERM/SIGINT the process ends by this time even when a request is still computing."""
 START_ATTEMPTS = 3
 """Starts of Triton when the model fails to load (PyTriton's instance handshake times out on a busy machine)."""
 
@@ -153,6 +155,8 @@ def _number(value: Any, name: str, kind: type) -> Any:
     except (TypeError, ValueError):
         raise InputError(None, f"request parameter {name}={value!r} is not {'an integer' if kind is int else 'a number'}"
                          ) from None
+    if isinstance(value, bool):  # JSON true is no count of folds
+        raise InputError(None, f"request parameter {name}={value!r} is not {'an integer' if kind is int else 'a number'}")
     if kind is int and isinstance(value, float) and value != number:
         raise InputError(None, f"request parameter {name}={value!r} is not an integer")
     return number
@@ -332,15 +336,30 @@ def loopback_ports(n: int) -> list[int]:
             sock.close()
 
 
-def _stop_on_sigterm() -> list[int]:
+def _stop_on_sigterm(work: Path) -> list[int]:
     """SIGTERM does what Ctrl-C does (PyTriton's serve() stops Triton gracefully on KeyboardInterrupt); further
-    signals during the stop are ignored so that it completes. Returns the list the received signal goes into."""
+    signals during the stop are ignored so that it completes. Returns the list the received signal goes into.
+
+    The stop has a deadline (:data:`STOP_DEADLINE_S`): a request still computing when Triton's grace period ends
+    keeps PyTriton's shutdown waiting for it (an hour for a huge one); at the deadline the process removes its
+    working folder ``work`` and ends."""
+    import threading
+
     received: list[int] = []
+
+    def deadline() -> None:
+        print("flare-serve: stopped (a request still computing was abandoned)", file=sys.stderr, flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+        sys.stdout.flush()
+        os._exit(0)
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         received.append(signum)
+        timer = threading.Timer(STOP_DEADLINE_S, deadline)
+        timer.daemon = True
+        timer.start()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
@@ -407,7 +426,8 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
     loaded = load_bundle(bundle)
     models = load_models(loaded, per_instance, gpu_mem_budget, engine=engine)
     seg = models[0].segmenter
-    triton_log = None if verbose else Path(tempfile.mkdtemp(prefix="flare-serve-")) / "tritonserver.log"
+    work = Path(tempfile.mkdtemp(prefix="flare-serve-"))  # Triton's log and PyTriton's workspace
+    triton_log = None if verbose else work / "tritonserver.log"
     # Triton listens on loopback ports of its own; the public ports are the bounded fronts
     inner_http, inner_grpc, inner_metrics = loopback_ports(3)
     config = triton_mod.TritonConfig(http_address="127.0.0.1", http_port=inner_http, grpc_address="127.0.0.1",
@@ -420,10 +440,10 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
               HttpFront(host, metrics_port, inner_metrics, METRICS_MAX_BODY, "the metrics port")]
     where = "rerun with --verbose" if triton_log is None else f"Triton's log: {triton_log}"
     tensor, model_config = config_mod.Tensor, config_mod.ModelConfig
-    stop_signal = _stop_on_sigterm()
+    stop_signal = _stop_on_sigterm(work)
     try:
         for attempt in range(1, START_ATTEMPTS + 1):
-            with triton_mod.Triton(config=config) as triton:  # starts tritonserver; bind() loads the model
+            with triton_mod.Triton(config=config, workspace=work / f"pytriton-{attempt}") as triton:  # bind() loads it
                 try:
                     triton.bind(model_name=MODEL, infer_func=models,
                                 inputs=[tensor(name=INPUT, dtype=object, shape=(1,))],
@@ -463,8 +483,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
             front.stop()
     if not stop_signal:  # serve() also returns when tritonserver or the proxy model dies
         raise FlareError(None, f"the Triton server stopped unexpectedly ({where})")
-    if triton_log is not None:
-        shutil.rmtree(triton_log.parent, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     print("flare-serve: stopped", file=sys.stderr, flush=True)
 
 

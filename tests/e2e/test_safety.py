@@ -188,6 +188,19 @@ def test_limits_from_env_in_cli(tiny_bundle: Path, ct: Path, tmp_path: Path) -> 
     assert "FLARE_MAX_GRID_BYTES" in line
 
 
+def test_tile_count_is_bounded(tiny_bundle: Path, ct: Path, tmp_path: Path) -> None:
+    """A tile plan beyond FLARE_MAX_TILES is one line before the inference; the Python API refuses an overlap above
+    0.95 as the CLI does."""
+    from flare.runtime.pipeline.segmenter import Segmenter
+
+    line = error_line(flare_run(ct, "-o", tmp_path / "o.nii.gz", "--bundle", tiny_bundle, "-q", "--overlap", "0.95",
+                                env={"FLARE_MAX_TILES": "50"}))
+    assert "FLARE_MAX_TILES" in line and "tiles of" in line, line
+    assert not (tmp_path / "o.nii.gz").exists()
+    with pytest.raises(BundleError, match="overlap must lie in"):
+        Segmenter(tiny_bundle, device="cpu", overlap=0.999)
+
+
 def test_non_regular_inputs_refused_at_once(tmp_path: Path) -> None:
     from flare.runtime.image.nifti import read_image
 
