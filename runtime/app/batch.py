@@ -1,7 +1,8 @@
 """Run a :class:`~flare.runtime.app.plan.Plan`: one :class:`~flare.runtime.pipeline.segmenter.Segmenter` (models loaded once) for
 every case, the next case read in a background thread while the current one is segmented (a prefetch of depth 1),
 each case's outputs written by :mod:`flare.runtime.app.write`, a failing case recorded and skipped, and in folder mode ``OUT/summary.json``
-rewritten atomically after every case.
+rewritten atomically as cases finish — at most every :data:`SUMMARY_EVERY_S` seconds, and at the end or when the run is
+interrupted (rewriting it after each of thousands of quick cases made a batch quadratic in its size).
 
 Every case is read through the same header preflight as a single file (the Segmenter's limits, or, for a remote
 segmenter, the limits that need no bundle) before a voxel is decoded. The read-ahead thread is a daemon: a
@@ -102,6 +103,28 @@ def process_case(seg: Segmenter, job: CaseJob, img: LoadedImage, fmt: OutputForm
     return result.report
 
 
+SUMMARY_EVERY_S = 5.0
+
+
+class _Summary:
+    """``OUT/summary.json`` kept up to date without rewriting it after every case: :meth:`update` writes when
+    :data:`SUMMARY_EVERY_S` have passed since the last write (or when every case is done), :meth:`flush` always."""
+
+    def __init__(self, plan: Plan, extra: dict[str, Any]) -> None:
+        self.plan, self.extra, self.last = plan, extra, time.monotonic()
+        self.results: list[CaseResult] | None = None  # not written yet
+
+    def update(self, results: list[CaseResult]) -> None:
+        self.results = results
+        if len(results) == len(self.plan.jobs) or time.monotonic() - self.last >= SUMMARY_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.results is not None:
+            write_summary(self.plan, self.results, self.extra)
+            self.results, self.last = None, time.monotonic()
+
+
 def write_summary(plan: Plan, results: list[CaseResult], extra: dict[str, Any]) -> None:
     """``OUT/summary.json`` (folder mode only), atomically."""
     if plan.summary_path is None:
@@ -162,15 +185,19 @@ def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], Stage
         return _run_concurrently(plan, seg, concurrency, preflight, on_done, extra)
     results: list[CaseResult] = []
     jobs = plan.jobs
+    summary = _Summary(plan, extra)
     upcoming: Future | None = _read_ahead(jobs[0], preflight) if jobs else None
-    for i, job in enumerate(jobs):
-        current = upcoming
-        upcoming = _read_ahead(jobs[i + 1], preflight) if i + 1 < len(jobs) else None  # overlaps this case
-        assert current is not None
-        result = _run_job(seg, plan, job, current.result, hooks_for(job))
-        results.append(result)
-        on_done(result)
-        write_summary(plan, results, extra)
+    try:
+        for i, job in enumerate(jobs):
+            current = upcoming
+            upcoming = _read_ahead(jobs[i + 1], preflight) if i + 1 < len(jobs) else None  # overlaps this case
+            assert current is not None
+            result = _run_job(seg, plan, job, current.result, hooks_for(job))
+            results.append(result)
+            on_done(result)
+            summary.update(list(results))
+    finally:  # an interruption keeps what was done
+        summary.flush()
     return results
 
 
@@ -179,14 +206,16 @@ def _run_concurrently(plan: Plan, seg: Segmenter, concurrency: int, preflight: P
     from concurrent.futures import as_completed
 
     done: dict[int, CaseResult] = {}
+    summary = _Summary(plan, extra)
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="flare-case")
     try:
         futures = {pool.submit(_run_job, seg, plan, job, lambda job=job: _read(job, preflight), None): i  # type: ignore[misc]
                    for i, job in enumerate(plan.jobs)}
         for future in as_completed(futures):
             done[futures[future]] = future.result()
-            write_summary(plan, [done[i] for i in sorted(done)], extra)
+            summary.update([done[i] for i in sorted(done)])
             on_done(done[futures[future]])
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        summary.flush()
     return [done[i] for i in sorted(done)]

@@ -133,7 +133,8 @@ def _run_plan(plan: Plan, seg: Segmenter, quiet: bool, concurrency: int = 1) -> 
         typer.echo(f"flare-run: {len(results) - len(failed)} of {len(results)} cases written to {plan.out_dir}; "
                    f"summary: {plan.summary_path}", err=True)
     if failed:
-        names = ", ".join(r.name for r in failed)
+        names = ", ".join(r.name for r in failed[:10]) + (f" and {len(failed) - 10} more (summary.json lists them)"
+                                                           if len(failed) > 10 else "")
         typer.echo(f"flare-run: {len(failed)} case(s) failed: {names}", err=True)
         return EXIT_SOME_FAILED
     return EXIT_OK

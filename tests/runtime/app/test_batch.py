@@ -299,3 +299,30 @@ def test_plan_names_and_paths(tmp_path: Path) -> None:
         make_plan([root], output=out, statistics=tmp_path / "s.json")
     with pytest.raises(OutputError, match="does not match"):
         make_plan([root / "solo.nii"], output=tmp_path / "x.nii.gz", fmt=OutputFormat.dicom_seg)
+
+
+def test_many_quick_failures_write_the_summary_a_few_times(tiny_bundle: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 junk files: every one recorded, summary.json written a few times (not once per case: that made a
+    batch quadratic, 36 s for 2,000 junk files), the closing line short."""
+    import flare.runtime.foundation.atomic as atomic
+    from flare.runtime.app.batch import run_plan
+    from flare.runtime.app.plan import make_plan
+    from flare.runtime.pipeline.segmenter import Segmenter
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(400):
+        (junk / f"j{i:03d}.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI " + bytes([i % 256]))
+    writes: list[str] = []
+    real = atomic.write_text_atomic
+    monkeypatch.setattr(atomic, "write_text_atomic", lambda p, text: (writes.append(str(p)), real(p, text))[1])
+    plan = make_plan([junk], output=tmp_path / "out")
+    plan.create_folders()
+    results = run_plan(plan, Segmenter(tiny_bundle, device="cpu"))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert len(results) == 400 and summary["failed"] == 400 and summary["pending"] == 0
+    assert 1 <= writes.count(str(tmp_path / "out" / "summary.json")) <= 20
+    proc = flare_run(junk, "-o", tmp_path / "out2", "--bundle", tiny_bundle, "--device", "cpu", "-q")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 3 and last.startswith("flare-run: 400 case(s) failed: j000, ") and "390 more" in last
