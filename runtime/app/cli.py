@@ -265,7 +265,11 @@ def run(
         except MemoryError:
             raise _fail("out of memory while loading the bundle") from None
     with exit_on_signals("flare-run"):
-        code = _run_plan(plan, seg, quiet or server is not None, concurrency)  # type: ignore[arg-type]  # remote
+        try:
+            code = _run_plan(plan, seg, quiet or server is not None, concurrency)  # type: ignore[arg-type]  # remote
+        except BaseException:  # interrupted: the folders this run made and left empty go too
+            plan.remove_empty_folders()
+            raise
     raise typer.Exit(code)
 
 

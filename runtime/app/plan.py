@@ -117,6 +117,14 @@ class Plan:
             except OSError as err:
                 raise OutputError(folder, f"cannot create the folder: {err.strerror or err}") from None
 
+    def remove_empty_folders(self) -> None:
+        """Remove the folders :meth:`create_folders` made that are still empty (an interrupted run), deepest first."""
+        for folder in reversed(self.folders):
+            try:
+                folder.rmdir()  # only an empty folder
+            except OSError:
+                pass
+
 
 # ------------------------------------------------------------------------------------------------ discovery
 def is_nifti_name(path: Path) -> bool:

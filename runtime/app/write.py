@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flare.runtime.foundation.atomic import write_bytes_atomic, write_text_atomic
+from flare.runtime.foundation.lifecycle import pause_point
 from flare.runtime.pipeline.result import SegmentResult
 
 __all__ = ["Outputs", "write_result"]
@@ -38,8 +39,36 @@ class Outputs:
     tables: tuple[Path, ...] = ()  # label tables for viewers (3D Slicer colour table, ITK-SNAP labels)
 
 
+def _paths(out: Outputs) -> list[Path]:
+    """Every file :func:`write_result` writes for ``out``."""
+    from flare.runtime.app.label_outputs import mask_paths
+
+    masks = [] if out.masks is None else list(mask_paths(out.masks, out.roi_subset).values())
+    return [p for p in (out.labels, out.statistics, out.preview, out.report, *out.tables, *masks) if p is not None]
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def write_result(result: SegmentResult, out: Outputs) -> None:
-    """Write ``result`` to ``out``; sets the report's ``write`` stage and ``output``."""
+    """Write ``result`` to ``out``; sets the report's ``write`` stage and ``output``. All or nothing: when the
+    writing stops part-way (Ctrl-C, SIGTERM, a full disk), the files it already wrote for this case are removed."""
+    before = {p: _version(p) for p in _paths(out)}
+    try:
+        _write_result(result, out)
+    except BaseException:
+        for path, version in before.items():
+            if _version(path) != version:  # written by this call (a new file, or replaced by the atomic rename)
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _write_result(result: SegmentResult, out: Outputs) -> None:
     from flare.runtime.pipeline.segmenter import rss_peak_mb
 
     img, labels, report = result.image, result.labels, result.report
@@ -76,6 +105,7 @@ def write_result(result: SegmentResult, out: Outputs) -> None:
         from flare.runtime.image.nifti import write_labels
 
         write_labels(out.labels, labels, like=img)
+    pause_point("write:labels")  # test hook (FLARE_TEST_PAUSE_AT): the label map is written, the rest is not
     if out.masks is not None:
         from flare.runtime.app.label_outputs import write_masks
 

@@ -308,11 +308,12 @@ def test_report_rss_is_the_childs_own_peak(tiny_bundle: Path, ct: Path, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ signals / stderr
-@pytest.mark.parametrize("point", ["before-rename", "stage:infer"])
+@pytest.mark.parametrize("point", ["before-rename", "stage:infer", "write:labels"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_signal_cleans_up(tiny_bundle: Path, ct: Path, tmp_path: Path, point: str, sig: int) -> None:
     """The run pauses at a test hook (after writing a marker file), the signal arrives there: no output, no temp
-    file, exit 128 + signal (130 for SIGINT), one line."""
+    file, exit 128 + signal (130 for SIGINT), one line. At ``write:labels`` the label map is already written and the
+    masks, statistics and report are not: all or nothing, the label map goes too."""
     import time
 
     out_dir = tmp_path / "out"
@@ -322,7 +323,8 @@ def test_signal_cleans_up(tiny_bundle: Path, ct: Path, tmp_path: Path, point: st
            "FLARE_TEST_PAUSE_MARKER": str(marker)}
     # SIGINT at its default in the child: a test run started in the background by a non-interactive shell (as `cmd &`)
     # inherits SIGINT ignored, and Python then keeps it ignored (as a background job should), so nothing would arrive
-    proc = subprocess.Popen([*RUN, str(ct), "-o", str(out_dir / "seg.nii.gz"), "-q"], env=env,
+    proc = subprocess.Popen([*RUN, str(ct), "-o", str(out_dir / "seg.nii.gz"), "-q", "--statistics", "--report",
+                             str(out_dir / "r.json"), "--masks", str(out_dir / "m")], env=env,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 (only resets one signal)
     while not marker.exists() and proc.poll() is None:
