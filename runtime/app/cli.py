@@ -140,13 +140,18 @@ def _run_plan(plan: Plan, seg: Segmenter, quiet: bool, concurrency: int = 1) -> 
     return EXIT_OK
 
 
-def _note_default_precision(seg: Segmenter | RemoteSegmenter) -> None:
+def _note_precision(seg: Segmenter | RemoteSegmenter, asked: str | None) -> None:
     """One line on stderr when the CPU default picked the bundle's int8 models (so a user comparing with an fp32
-    run knows why the numbers differ slightly)."""
+    run knows why the numbers differ slightly), or when the precision asked for is not the one running (a bundle
+    without fp16 models runs fp32)."""
     engines = getattr(seg, "engines", None)
-    if engines and engines[0].precision == "int8":
+    running = engines[0].precision if engines else None
+    if asked is None and running == "int8":
         typer.echo("flare-run: note: using the bundle's int8 models on the CPU (verified against fp32 at export; "
                    "--precision fp32 for the fp32 models)", err=True)
+    elif asked is not None and running is not None and running != asked:
+        typer.echo(f"flare-run: note: --precision {asked}: the bundle has no {asked} models; running {running}",
+                   err=True)
 
 
 @app.command()
@@ -258,8 +263,8 @@ def run(
                                 postprocess=None if postprocess is None else postprocess.value,
                                 cudnn_algo_search=cudnn_algo_search.upper(), engine=engine.value)
             plan.create_folders()
-            if precision is None and not quiet:
-                _note_default_precision(seg)
+            if not quiet:
+                _note_precision(seg, None if precision is None else precision.value)
         except FlareError as err:
             raise _fail(str(err)) from None
         except MemoryError:

@@ -535,8 +535,11 @@ def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int,
                 raise InputError(file, f"not enough memory for {len(members)} slices of {rows}x{columns}")
         r = rescale[k]
         if r is None:
-            with _quiet():
-                volume[k] = apply_modality_lut(pixels, ds)
+            try:
+                with _quiet():
+                    volume[k] = apply_modality_lut(pixels, ds)
+            except Exception as err:  # noqa: BLE001 - a damaged Modality LUT (short LUTData, bad descriptor)
+                raise InputError(file, f"cannot apply the Modality LUT ({_first_line(err)})") from None
         elif scaled:
             np.multiply(pixels, np.float32(r[0]), out=volume[k], dtype=np.float32)
             volume[k] += np.float32(r[1])

@@ -39,7 +39,8 @@ def _split_url(url: str) -> tuple[str, bool]:
     ssl = url.startswith("https://")
     for scheme in ("http://", "https://"):
         url = url.removeprefix(scheme)
-    if not url or "/" in url:
+    host, _, port = url.rpartition(":")
+    if not url or "/" in url or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise RemoteError(None, f"--server {url!r}: give HOST:PORT, e.g. 127.0.0.1:8000")
     return url, ssl
 

@@ -305,9 +305,9 @@ def test_many_quick_failures_write_the_summary_a_few_times(tiny_bundle: Path, tm
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """400 junk files: every one recorded, summary.json written a few times (not once per case: that made a
     batch quadratic, 36 s for 2,000 junk files), the closing line short."""
-    import flare.runtime.foundation.atomic as atomic
     from flare.runtime.app.batch import run_plan
     from flare.runtime.app.plan import make_plan
+    from flare.runtime.foundation import atomic
     from flare.runtime.pipeline.segmenter import Segmenter
 
     junk = tmp_path / "junk"

@@ -140,6 +140,16 @@ def test_run_writes_labels_and_report(tiny_bundle: Path, tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "seg.nii.gz"]  # no temp files left
 
 
+def test_precision_the_bundle_lacks_is_said(tiny_bundle: Path, tmp_path: Path) -> None:
+    """--precision fp16 of an fp32-only bundle runs fp32 (as before) and now says so; int8 is refused."""
+    ct, out = data_path("ts_abdomen_ct_3mm.nii.gz"), tmp_path / "seg.nii.gz"
+    proc = flare_run(ct, "-o", out, "--bundle", tiny_bundle, "--device", "cpu", "--precision", "fp16")
+    assert proc.returncode == 0 and out.is_file(), proc.stderr
+    assert "flare-run: note: --precision fp16: the bundle has no fp16 models; running fp32" in proc.stderr
+    assert "note" not in flare_run(ct, "-o", out, "--bundle", tiny_bundle, "--device", "cpu", "--precision",
+                                   "fp32").stderr
+
+
 def test_postprocess_option(tiny_bundle: Path, tmp_path: Path) -> None:
     ct = data_path("ts_abdomen_ct_3mm.nii.gz")
     out, rep = tmp_path / "seg.nii.gz", tmp_path / "report.json"

@@ -518,3 +518,27 @@ def test_dicom_modules_import_pydicom_lazily():
             "assert not loaded, loaded")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_damaged_modality_lut_names_the_file(small_ct, tmp_path):
+    """A Modality LUT whose descriptor promises more entries than its data holds: one line naming the slice
+    (it was "error: unpack requires a buffer of 131072 bytes", without a file)."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    data, affine = small_ct
+    files = write_ct_series(tmp_path, data, affine, rng=np.random.default_rng(5), intercept=0.0)
+    ds = pydicom.dcmread(files[3])
+    for key in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+        if key in ds:
+            delattr(ds, key)
+    lut = Dataset()
+    lut.LUTDescriptor = [0, -32768, 16]
+    lut.LUTData = b"\0" * 20
+    lut.ModalityLUTType = "HU"
+    ds.ModalityLUTSequence = Sequence([lut])
+    ds.save_as(files[3])
+    with pytest.raises(InputError) as info:
+        read_dicom(tmp_path)
+    _one_line_error(info, files[3].name)

@@ -119,6 +119,10 @@ def test_connection_refused_is_one_line_exit_2(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"flare-run: error: 127.0.0.1:{port}: cannot reach the flare server")
     assert not out.exists()
+    for bad in ("a:b", "::::", "host:0", "host:99999", "127.0.0.1"):  # tritonclient printed an ignored exception too
+        proc = _flare_run(ct, out, bad)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"flare-run: error: --server {bad!r}: give HOST:PORT, e.g. 127.0.0.1:8000"], proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ the server
