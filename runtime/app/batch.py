@@ -143,6 +143,21 @@ def write_summary(plan: Plan, results: list[CaseResult], extra: dict[str, Any]) 
                                               f"{len(plan.jobs) - len(results)} case(s) not run") from None
 
 
+def _interrupt_in(err: BaseException) -> BaseException | None:
+    """A ``KeyboardInterrupt`` or termination signal that ``err`` was raised from (Python's class creation turns
+    one raised during an import into ``RuntimeError: Error calling __set_name__``), else None."""
+    from flare.runtime.app.process import Terminated
+
+    seen: BaseException | None = err
+    for _ in range(16):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is None:
+            return None
+        if isinstance(seen, (KeyboardInterrupt, Terminated)):
+            return seen
+    return None
+
+
 def _error_line(err: BaseException) -> str:
     if isinstance(err, FlareError):
         return str(err)
@@ -165,6 +180,9 @@ def _run_job(seg: Segmenter, plan: Plan, job: CaseJob, loaded: Callable[[], tupl
         result.preview = None if job.preview is None else str(job.preview)
         result.report = None if job.report is None else str(job.report)
     except Exception as err:  # noqa: BLE001 - one case's failure (MemoryError too) must not stop the others
+        interrupt = _interrupt_in(err)
+        if interrupt is not None:  # Ctrl-C inside a library that wrapped it (a lazy import): still an interruption
+            raise interrupt from None
         result.status, result.error = "failed", _error_line(err)
     result.seconds = round(time.perf_counter() - t0, 3)
     return result

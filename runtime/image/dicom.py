@@ -541,8 +541,12 @@ def _read_pixels(members: list[tuple[Path, Dataset]], rows: int, columns: int,
             except Exception as err:  # noqa: BLE001 - a damaged Modality LUT (short LUTData, bad descriptor)
                 raise InputError(file, f"cannot apply the Modality LUT ({_first_line(err)})") from None
         elif scaled:
-            np.multiply(pixels, np.float32(r[0]), out=volume[k], dtype=np.float32)
-            volume[k] += np.float32(r[1])
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not printed
+                np.multiply(pixels, np.float32(r[0]), out=volume[k], dtype=np.float32)
+                volume[k] += np.float32(r[1])
+            if np.isinf(volume[k]).any():
+                raise InputError(file, f"RescaleSlope {r[0]:g} and RescaleIntercept {r[1]:g} take pixel values beyond "
+                                       "float32 (corrupt header?)")
         else:
             volume[k] = pixels
         del ds, pixels

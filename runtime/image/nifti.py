@@ -269,9 +269,13 @@ def _apply_scaling(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> np.nd
     if scaling is None:
         return data
     slope, inter = scaling
-    out = np.multiply(data, np.float32(slope), dtype=np.float32)
-    if inter:
-        out += np.float32(inter)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not printed as a warning
+        out = np.multiply(data, np.float32(slope), dtype=np.float32)
+        if inter:
+            out += np.float32(inter)
+    if np.isinf(out).any() and not (data.dtype.kind == "f" and np.isinf(data).any()):
+        raise InputError(path, f"scl_slope {slope:g} and scl_inter {inter:g} take voxel values beyond float32 "
+                               "(corrupt header?)")
     return out
 
 

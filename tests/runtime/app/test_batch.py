@@ -326,3 +326,26 @@ def test_many_quick_failures_write_the_summary_a_few_times(tiny_bundle: Path, tm
     proc = flare_run(junk, "-o", tmp_path / "out2", "--bundle", tiny_bundle, "--device", "cpu", "-q")
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 3 and last.startswith("flare-run: 400 case(s) failed: j000, ") and "390 more" in last
+
+
+def test_an_interrupt_wrapped_by_a_library_still_interrupts(tmp_path: Path) -> None:
+    """Ctrl-C during a lazy import surfaces as RuntimeError('Error calling __set_name__ …') from KeyboardInterrupt:
+    the run stops as interrupted (exit 130), it is not recorded as a failed case (it was: exit 2)."""
+    from flare.runtime.app.batch import _run_job
+    from flare.runtime.app.plan import make_plan
+
+    plan = make_plan([data_path(ABDOMEN)], output=tmp_path / "seg.nii.gz")
+
+    def loaded():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ctrl_c:
+            raise RuntimeError("Error calling __set_name__ on 'x'") from ctrl_c
+
+    with pytest.raises(KeyboardInterrupt):
+        _run_job(None, plan, plan.jobs[0], loaded, None)  # type: ignore[arg-type]
+
+    def broken():
+        raise ValueError("a real failure")
+
+    assert _run_job(None, plan, plan.jobs[0], broken, None).status == "failed"  # type: ignore[arg-type]

@@ -406,3 +406,12 @@ def test_vox_offset_not_a_position_is_refused_and_too_low_is_read_and_written(tm
     assert np.array_equal(img.data, data)
     write_labels(tmp_path / "out.nii.gz", (img.data % 3).astype(np.uint8), img)
     assert np.array_equal(np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj), data % 3)
+
+
+def test_scaling_beyond_float32_is_refused(tmp_path: Path) -> None:
+    """scl_slope 1e38 on int16 voxels: one line (numpy printed overflow warnings and the voxels became inf)."""
+    data = np.full((4, 5, 6), 1000, dtype=np.int16)
+    src = _raw_nifti(tmp_path / "big.nii.gz", data, gz=True, scl_slope=1e38, scl_inter=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning may escape
+        assert "beyond float32" in _one_line_input_error(src)
