@@ -21,7 +21,7 @@ import typer
 from flare.runtime.app.plan import BESIDE_OUTPUT, NIFTI_SUFFIXES, OutputFormat, Plan
 from flare.runtime.app.process import exit_on_signals
 from flare.runtime.foundation.errors import FlareError, InputError
-from flare.runtime.inference.engine_names import CpuEngine
+from flare.runtime.inference.engine_names import CpuEngine, CudnnAlgoSearch
 from flare.runtime.inference.memory_plan import DEFAULT_BUDGET_MB
 from flare.runtime.inference.tiling import MAX_OVERLAP
 from flare.runtime.ops.postprocessing import Mode
@@ -183,13 +183,14 @@ def run(
     engine: Annotated[CpuEngine, typer.Option(help="CPU engine: onnxruntime, or openvino (fp32 only; faster on "
                       "small networks such as the cpu profile's; extra 'openvino'; implies --device cpu).")
                       ] = CpuEngine.onnxruntime,
-    gpu_mem_budget: Annotated[float, typer.Option(min=500.0,
+    gpu_mem_budget: Annotated[float, typer.Option(min=500.0, max=10_000_000.0,
                               help="GPU memory budget in MB (the process's whole NVML footprint): picks the tile "
                                    "size; OOM retries smaller, then CPU.")
                               ] = DEFAULT_BUDGET_MB,
-    cudnn_algo_search: Annotated[str, typer.Option(help="CUDA: cuDNN convolution algorithm search, HEURISTIC "
-                                 "(fast start) or EXHAUSTIVE (benchmarks each conv on the first tile).")
-                                 ] = "HEURISTIC",
+    cudnn_algo_search: Annotated[CudnnAlgoSearch, typer.Option(case_sensitive=False,
+                                 help="CUDA: cuDNN convolution algorithm search, HEURISTIC (fast start) or "
+                                      "EXHAUSTIVE (benchmarks each conv on the first tile).")
+                                 ] = CudnnAlgoSearch.HEURISTIC,
     postprocess: Annotated[Mode | None, typer.Option(
                            help="Clean-up rules: paper (tumor dropped when its total is under 100 mm³; liver, kidneys, "
                                 "spleen, pancreas, aorta each keep their largest run of z slices) or strict (largest "
@@ -261,7 +262,7 @@ def run(
                 seg = Segmenter(bundle or default_bundle_dir(), device=device, folds=folds, overlap=overlap,
                                 precision=None if precision is None else precision.value, gpu_mem_budget=gpu_mem_budget,
                                 postprocess=None if postprocess is None else postprocess.value,
-                                cudnn_algo_search=cudnn_algo_search.upper(), engine=engine.value)
+                                cudnn_algo_search=cudnn_algo_search.value, engine=engine.value)
             plan.create_folders()
             if not quiet:
                 _note_precision(seg, None if precision is None else precision.value)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from flare.runtime.bundle.manifest import ModelSpec
 from flare.runtime.inference.device import cupy, cupy_status, ort
+from flare.runtime.inference.engine_names import ALGO_SEARCH
 from flare.runtime.inference.engines.base import EngineError, check_finite, model_file, session_options
 from flare.runtime.inference.engines.contract import check_model_contract
 
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 CUDA_EP = "CUDAExecutionProvider"
-ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 def check_provider(name: str, path: Path | None = None) -> None:

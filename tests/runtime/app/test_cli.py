@@ -201,3 +201,15 @@ def test_device_names() -> None:
     for bad in ("cpu:1", "cuda:", "cuda:-1", "auto:0", "mps"):
         with pytest.raises(FlareError, match="unknown device"):
             parse_device(bad)
+
+
+def test_gpu_options_are_checked_on_any_device(tiny_bundle: Path, tmp_path: Path) -> None:
+    """--cudnn-algo-search and --gpu-mem-budget are validated before anything runs, also on a CPU machine (a bogus
+    search and an infinite budget were accepted and ignored)."""
+    ct = data_path("ts_abdomen_ct_3mm.nii.gz")
+    for args in (["--cudnn-algo-search", "bogus"], ["--gpu-mem-budget", "inf"]):
+        proc = flare_run(ct, "-o", tmp_path / "o.nii.gz", "--bundle", tiny_bundle, "--device", "cpu", *args)
+        assert proc.returncode == 2 and "Invalid value" in proc.stderr, (args, proc.stderr)
+    proc = flare_run(ct, "-o", tmp_path / "o.nii.gz", "--bundle", tiny_bundle, "--device", "cpu",
+                     "--cudnn-algo-search", "exhaustive", "-q")
+    assert proc.returncode == 0, proc.stderr
