@@ -80,7 +80,7 @@ def check_config(cfg: dict[str, Any], source: str | Path = "<config>") -> None:
     if err is not None:
         where = json_where(err.absolute_path) or "config"
         raise InputError(source, f"{where}: {err.message}")
-    lo, hi = cfg["hu_window"]
+    lo, hi = cfg.get("hu_window", (0.0, 1.0))
     if not lo < hi:
         raise InputError(source, f"hu_window: the low end {lo} must be below the high end {hi}")
 
