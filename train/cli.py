@@ -8,6 +8,7 @@ multi-node DistributedDataParallel (``torchrun --standalone --nproc_per_node 8 -
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -37,9 +38,15 @@ def _fail(err: BaseException) -> NoReturn:
         if cause is None or isinstance(cause, FlareError):
             break
         cause = cause.__cause__ or cause.__context__
-    if not isinstance(cause, FlareError):
+    if isinstance(cause, FlareError):
+        print(f"flare-train: {cause}", file=sys.stderr)
+        raise typer.Exit(2)
+    # a DataLoader worker's error comes back as a RuntimeError holding the worker's traceback as text
+    last = str(err).strip().splitlines()[-1:] if isinstance(err, RuntimeError) else []
+    found = re.fullmatch(r"flare\.runtime\.foundation\.errors\.\w*Error: (.+)", last[0]) if last else None
+    if found is None:
         raise err
-    print(f"flare-train: {cause}", file=sys.stderr)
+    print(f"flare-train: {found.group(1)}", file=sys.stderr)
     raise typer.Exit(2)
 
 

@@ -58,11 +58,12 @@ def load_config(name_or_path: str | Path | dict[str, Any], overrides: dict[str, 
         if not isinstance(cfg, dict):
             raise InputError(source, "a config is a JSON object")
     if overrides:
+        check_config(cfg, source)  # the file's own values first: a bad override is then named as one
         cfg = deep_merge(cfg, overrides)
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise InputError(source, f"config lacks {', '.join(missing)}")
-    check_config(cfg, source)
+    check_config(cfg, f"{source} with overrides" if overrides else source)
     _check_tiles(cfg, source)
     pseudolabel_postprocess(cfg, source)
     return cfg

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from flare.runtime.foundation import labels as L
 from flare.runtime.foundation.errors import InputError
 from monai.transforms import MapTransform  # this module is only imported by torch-side code
 
+_LOG = logging.getLogger("flare.train")
 #: FLARE id -> 1 for the 13 organs, 0 for background and tumour (the locator's organ union)
 ORGAN_UNION_LUT = np.array([0] + [1] * 13 + [0], dtype=np.uint8)
 IDENTITY_LUT = np.arange(L.NUM_FLARE_IDS, dtype=np.uint8)
@@ -92,16 +94,18 @@ def _source(x: Any) -> str | None:
     return None if name is None else str(name)
 
 
-def _map_labels(lut: np.ndarray):
-    """Label ids -> ``lut[id]`` as uint8, slab by slab (a whole-volume int64 index would cost 8 bytes a voxel)."""
+def _map_labels(lut: np.ndarray, check: bool = False):
+    """Label ids -> ``lut[id]`` as uint8, slab by slab (a whole-volume int64 index would cost 8 bytes a voxel);
+    ``check``: first the values' range (ids outside the table would index past it; once per case, at preprocessing)."""
     import torch
 
     table = torch.as_tensor(lut)
 
     def apply(x: Any) -> Any:
-        from .datalist import check_label_values
+        if check:
+            from .datalist import check_label_values
 
-        check_label_values(_source(x) or "label", np.asarray(x))  # ids outside the table would index past it
+            check_label_values(_source(x) or "label", np.asarray(x), whole=False)
         x = torch.as_tensor(x)
         out = torch.empty(x.shape, dtype=torch.uint8)
         for z in range(0, x.shape[-1], 16):
@@ -126,9 +130,10 @@ def _keep_affine(item: dict[str, Any]) -> dict[str, Any]:
 
 
 class SameGridd(MapTransform):
-    """Image and label on one voxel grid, checked right after loading (before any resampling): the same shape, and
-    grid corners no more than half a voxel apart in the world. Otherwise the label would be resampled along and
-    train the network on misaligned voxels."""
+    """Image and label on one voxel grid, checked after both are turned to RAS (``Orientationd``: a label stored
+    in another axis order or direction is fine): the same shape, or the case is refused (the label would be
+    resampled along and train the network on misaligned voxels). Grids more than half a voxel apart in the world
+    (the headers disagree on the origin or spacing) only warn, as nnU-Net does: training pairs voxels by index."""
 
     def __init__(self) -> None:
         super().__init__(["image", "label"])
@@ -136,17 +141,20 @@ class SameGridd(MapTransform):
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         img, lab = data["image"], data["label"]
         where = _source(lab) or "label"
+        if lab.ndim != 4:
+            raise InputError(where, f"a label map must be one 3-D volume; this one has shape {tuple(lab.shape[1:])}")
         if tuple(img.shape[1:]) != tuple(lab.shape[1:]):
             raise InputError(where, f"label grid {tuple(lab.shape[1:])} differs from its image's "
                                     f"{tuple(img.shape[1:])} ({_source(img)})")
         corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[1] - 1) for j in (0, img.shape[2] - 1)
                             for k in (0, img.shape[3] - 1)]).T
         a, b = (np.asarray(t.affine, dtype=np.float64) for t in (img, lab))
-        apart = float(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0).max())
-        half_voxel = 0.5 * float(np.linalg.norm(a[:3, :3], axis=0).min())
-        if apart > half_voxel:
-            raise InputError(where, f"label is {apart:.1f} mm away from its image's grid ({_source(img)}): the "
-                                    "headers place them differently")
+        apart = (a @ corners - b @ corners)[:3]
+        in_voxels = np.abs(np.linalg.solve(a[:3, :3], apart)).max()
+        if in_voxels > 0.5:
+            _LOG.warning("%s: label lies %.1f mm (%.1f voxels) away from its image's grid (%s): the headers place them "
+                         "differently; trained voxel for voxel", where,
+                         float(np.linalg.norm(apart, axis=0).max()), float(in_voxels), _source(img))
         return data
 
 
@@ -211,15 +219,15 @@ def preprocess_transform(eff: dict[str, Any], *, with_label: bool = True, label_
     steps: list[Any] = [
         T.LoadImaged(keys=keys, image_only=True),
         T.EnsureChannelFirstd(keys=keys),
-        *([SameGridd()] if with_label else []),
         T.Orientationd(keys=keys, axcodes="RAS"),
+        *([SameGridd()] if with_label else []),
         ResampleToSpacingd(keys=keys, spacing=[float(v) for v in eff["spacing_mm"]]),
         T.EnsureTyped(keys="image", dtype=np.float32, track_meta=True),
         T.Lambdad(keys="image", func=_scale_intensity(lo, hi)),
         T.Lambda(_keep_affine),
     ]
     if with_label:
-        steps.append(T.Lambdad(keys="label", func=_map_labels(_label_lut(eff, label_space))))
+        steps.append(T.Lambdad(keys="label", func=_map_labels(_label_lut(eff, label_space), check=True)))
         if indices:
             dc = data_config(eff)
             cap = int(dc["max_samples_per_class"])
@@ -293,7 +301,7 @@ def cache_folder(eff: dict[str, Any], root: str | Path, kind: str) -> Path:
     """``root/<kind>-<hash of the preprocessing settings>``: a new folder whenever the preprocessing changes."""
     dc = data_config(eff)
     key = {"spacing_mm": eff["spacing_mm"], "hu_window": eff["hu_window"], "labels": eff.get("labels"),
-           "kind": kind, "max_samples_per_class": dc["max_samples_per_class"], "version": 2}
+           "kind": kind, "max_samples_per_class": dc["max_samples_per_class"], "version": 3}
     if dc["background_min_hu"] is not None:  # absent when unset: existing caches stay valid
         key["background_min_hu"] = dc["background_min_hu"]
     return Path(root) / f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"

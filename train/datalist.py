@@ -69,9 +69,9 @@ def _label_ids_of(path: str, mtime_ns: int, size: int) -> frozenset[int]:
     return frozenset(int(i) for i in ids if i != 0)
 
 
-def check_label_values(path: str | Path, arr: np.ndarray) -> None:
-    """Every voxel a FLARE id (an integer 0-14; float files must hold whole numbers), checked before anything is
-    allocated from the values (one-line ``InputError``)."""
+def check_label_values(path: str | Path, arr: np.ndarray, whole: bool = True) -> None:
+    """Every voxel a FLARE id (an integer 0-14; float files must hold whole numbers; ``whole=False`` skips that last,
+    costlier check), checked before anything is allocated from the values (one-line ``InputError``)."""
     if arr.dtype.kind not in "uif":
         raise InputError(path, f"label voxels are {arr.dtype}; a label map holds integers 0-{L.NUM_FLARE_IDS - 1}")
     if arr.size == 0:
@@ -82,7 +82,7 @@ def check_label_values(path: str | Path, arr: np.ndarray) -> None:
     if lo < 0 or hi > L.NUM_FLARE_IDS - 1:
         raise InputError(path, f"label values run from {lo:g} to {hi:g}; FLARE ids are 0-{L.NUM_FLARE_IDS - 1} "
                                "(relabel the file: flare-train uses the FLARE23 label ids)")
-    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+    if whole and arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
         raise InputError(path, "label map holds fractional values; a label map holds whole FLARE ids")
 
 

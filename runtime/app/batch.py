@@ -212,8 +212,8 @@ def run_plan(plan: Plan, seg: Segmenter, *, hooks_for: Callable[[CaseJob], Stage
             assert current is not None
             result = _run_job(seg, plan, job, current.result, hooks_for(job))
             results.append(result)
+            summary.update(list(results))  # before on_done: an interruption there keeps this case in the summary
             on_done(result)
-            summary.update(list(results))
     finally:  # an interruption keeps what was done
         summary.flush()
     return results

@@ -140,6 +140,11 @@ def _run_plan(plan: Plan, seg: Segmenter, quiet: bool, concurrency: int = 1) -> 
     return EXIT_OK
 
 
+def _bundle_folder(bundle: Path) -> Path:
+    """The bundle's folder, also when ``--bundle`` names its ``bundle.json``: every file there is read by the run."""
+    return bundle.parent if bundle.name == "bundle.json" else bundle
+
+
 def _note_precision(seg: Segmenter | RemoteSegmenter, asked: str | None) -> None:
     """One line on stderr when the CPU default picked the bundle's int8 models (so a user comparing with an fp32
     run knows why the numbers differ slightly), or when the precision asked for is not the one running (a bundle
@@ -244,7 +249,7 @@ def run(
             plan = make_plan([*(input_opt or []), *(inputs or [])], output=output, fmt=fmt, series=series,
                              statistics=statistics, preview=preview, report=report, masks=masks,
                              label_table=label_table, roi_subset=roi_subset,
-                             protect=() if server is not None else [bundle or default_bundle_dir()])
+                             protect=() if server is not None else [_bundle_folder(bundle or default_bundle_dir())])
             _check_extras(plan)
             from flare.runtime.pipeline.limits import preflight
             from flare.runtime.pipeline.segmenter import Segmenter

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from flare.runtime.foundation.labels import MERGED_TUMOR
 from flare.runtime.inference.device import Array, host_empty, is_device_array, to_device, to_host, to_host_into
-from flare.runtime.inference.tiling import TilePlan, effective_roi, importance_map, plan_tiles
+from flare.runtime.inference.tiling import TilePlan, effective_roi, importance_map, max_tiles, plan_tiles
 
 __all__ = [
     "EnsembleResult",
@@ -620,8 +620,9 @@ def _grouped(volume: Array, engines: Sequence[Any], roi: Sequence[int], xp: Modu
 
 
 def planned_tiles(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float, divisor: int = 16) -> int:
-    """Number of tiles one fold needs for ``shape`` (for progress totals)."""
-    return plan_tiles(shape, effective_roi(shape, roi, divisor), overlap).n_tiles
+    """Number of tiles one fold needs for ``shape`` in ``roi`` tiles (the progress total), at most ``FLARE_MAX_TILES``
+    (:func:`flare.runtime.inference.tiling.max_tiles`; more is a one-line ``InputError``: the gate before inference)."""
+    return plan_tiles(shape, effective_roi(shape, roi, divisor), overlap, limit=max_tiles()).n_tiles
 
 
 def infer_with_budget(volume: Array, engines: Sequence[Any], bundle_roi: Sequence[int], xp: ModuleType = np, *,

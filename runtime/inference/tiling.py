@@ -5,9 +5,11 @@ Per axis: ``interval = max(1, int(roi * (1 - overlap)))``, ``n = ceil((size - ro
 ``diff // 2`` before and the rest after. With overlap 0 (the paper's default) tiles do not overlap except the last
 one along an axis, which is shifted back to end at the volume's edge.
 
-The work is bounded before it starts: the overlap is at most :data:`MAX_OVERLAP`, and a plan of more than
-``FLARE_MAX_TILES`` tiles (default :data:`DEFAULT_MAX_TILES`) per network is refused with one line (an overlap of
-0.999 on a small volume is hundreds of thousands of tiles: hours of work from one request).
+The work is bounded before it starts: the overlap is at most :data:`MAX_OVERLAP`, and when the crop is known the
+plan in the bundle's own tiles may hold at most ``FLARE_MAX_TILES`` tiles per network (default
+:data:`DEFAULT_MAX_TILES`; ``plan_tiles(..., limit=max_tiles())``, one line otherwise): an overlap of 0.999 on a small
+volume is hundreds of thousands of tiles, hours of work from one request. Smaller tiles chosen for a GPU memory budget
+are not counted against it (the limit gates the request, not the memory fallback's choice).
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ def _axis_starts(size: int, roi: int, overlap: float) -> list[int]:
     return sorted({min(i * interval, size - roi) for i in range(n)})
 
 
-def plan_tiles(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float = 0.0) -> TilePlan:
-    """Tile plan for a volume of ``shape`` (3 spatial dims) with tiles of ``roi``."""
+def plan_tiles(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float = 0.0, *,
+               limit: int | None = None) -> TilePlan:
+    """Tile plan for a volume of ``shape`` (3 spatial dims) with tiles of ``roi``; with ``limit``, more tiles than
+    that is a one-line ``InputError``."""
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
     shape3 = tuple(int(s) for s in shape)
@@ -86,8 +90,8 @@ def plan_tiles(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float = 0.
     padded = tuple(max(s, r) for s, r in zip(shape3, roi3))
     before = tuple((p - s) // 2 for p, s in zip(padded, shape3))
     per_axis = [_axis_starts(p, r, overlap) for p, r in zip(padded, roi3)]
-    n_tiles, limit = math.prod(len(a) for a in per_axis), max_tiles()
-    if n_tiles > limit:
+    n_tiles = math.prod(len(a) for a in per_axis)
+    if limit is not None and n_tiles > limit:
         raise InputError(None, f"tile overlap {overlap:g} makes {n_tiles:,} tiles of {'x'.join(map(str, roi3))} for "
                                f"this image, more than the limit of {limit:,} ({ENV_MAX_TILES}); use a smaller overlap")
     starts = tuple(itertools.product(*per_axis))

@@ -336,35 +336,42 @@ def loopback_ports(n: int) -> list[int]:
             sock.close()
 
 
-def _stop_on_sigterm(work: Path) -> list[int]:
+class _StopOnSignal:
     """SIGTERM does what Ctrl-C does (PyTriton's serve() stops Triton gracefully on KeyboardInterrupt); further
-    signals during the stop are ignored so that it completes. Returns the list the received signal goes into.
+    signals during the stop are ignored so that it completes; ``received`` holds the signal.
 
     The stop has a deadline (:data:`STOP_DEADLINE_S`): a request still computing when Triton's grace period ends
     keeps PyTriton's shutdown waiting for it (an hour for a huge one); at the deadline the process removes its
-    working folder ``work`` and ends."""
-    import threading
+    working folder ``work`` and ends. :meth:`disarm` (when serve() returns, however) cancels the deadline and puts
+    the previous handlers back."""
 
-    received: list[int] = []
+    def __init__(self, work: Path) -> None:
+        import threading
 
-    def deadline() -> None:
-        print("flare-serve: stopped (a request still computing was abandoned)", file=sys.stderr, flush=True)
-        shutil.rmtree(work, ignore_errors=True)
+        self.work = work
+        self.received: list[int] = []
+        self.timer = threading.Timer(STOP_DEADLINE_S, self._deadline)
+        self.timer.daemon = True
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _deadline(self) -> None:
+        print(f"flare-serve: the stop did not finish within {STOP_DEADLINE_S} s (a request still computing?); "
+              "ending the process", file=sys.stderr, flush=True)
+        shutil.rmtree(self.work, ignore_errors=True)
         sys.stdout.flush()
         os._exit(0)
 
-    def handler(signum: int, frame: Any) -> None:
+    def _handler(self, signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        received.append(signum)
-        timer = threading.Timer(STOP_DEADLINE_S, deadline)
-        timer.daemon = True
-        timer.start()
+        self.received.append(signum)
+        self.timer.start()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return received
+    def disarm(self) -> None:
+        self.timer.cancel()
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def parse_devices(text: str) -> list[int]:
@@ -440,7 +447,7 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
               HttpFront(host, metrics_port, inner_metrics, METRICS_MAX_BODY, "the metrics port")]
     where = "rerun with --verbose" if triton_log is None else f"Triton's log: {triton_log}"
     tensor, model_config = config_mod.Tensor, config_mod.ModelConfig
-    stop_signal = _stop_on_sigterm(work)
+    stop = _StopOnSignal(work)
     try:
         for attempt in range(1, START_ATTEMPTS + 1):
             with triton_mod.Triton(config=config, workspace=work / f"pytriton-{attempt}") as triton:  # bind() loads it
@@ -479,9 +486,10 @@ def serve(bundle: Path, *, device: str = "auto", host: str = "127.0.0.1", http_p
         raise FlareError(None, f"Triton failed ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}); "
                                f"{where}") from None
     finally:
+        stop.disarm()  # the stop has finished (or failed): no deadline, the caller's signal handlers again
         for front in fronts:
             front.stop()
-    if not stop_signal:  # serve() also returns when tritonserver or the proxy model dies
+    if not stop.received:  # serve() also returns when tritonserver or the proxy model dies
         raise FlareError(None, f"the Triton server stopped unexpectedly ({where})")
     shutil.rmtree(work, ignore_errors=True)
     print("flare-serve: stopped", file=sys.stderr, flush=True)

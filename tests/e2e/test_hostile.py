@@ -347,7 +347,7 @@ def test_sigterm_does_not_wait_for_the_read_ahead(tiny_bundle: Path, ct: Path, t
                              str(tmp_path / "out"), "-q"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):
-            if marker.exists() and (tmp_path / "out" / "summary.json").exists():
+            if marker.exists() and (tmp_path / "out" / "ct.nii.gz").exists():  # the first case is written
                 break
             if proc.poll() is not None:
                 break
@@ -360,6 +360,8 @@ def test_sigterm_does_not_wait_for_the_read_ahead(tiny_bundle: Path, ct: Path, t
             proc.kill()
     assert proc.returncode == 143, err
     assert "terminated by SIGTERM" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())  # written on the way out
+    assert summary["ok"] == 1 and summary["pending"] == 1, summary
 
 
 def test_statistics_count_in_slabs(tmp_path: Path) -> None:

@@ -103,17 +103,19 @@ def test_cli_refuses_clobbering(tiny_bundle: Path, ct: Path, tmp_path: Path, whi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "dir.json", "hard.nii.gz", "sym.json", "x"]
 
 
-@pytest.mark.parametrize("how", ["--bundle", "FLARE_BUNDLE"])
+@pytest.mark.parametrize("how", ["--bundle", "FLARE_BUNDLE", "--bundle bundle.json"])
 def test_cli_refuses_overwriting_a_bundle_file(tiny_bundle: Path, ct: Path, tmp_path: Path, how: str) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
+    (bundle / "notes.json").write_text("{}")  # a file of the bundle folder the manifest does not name
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
-    where = ["--bundle", bundle] if how == "--bundle" else []
+    where = {"--bundle": ["--bundle", bundle], "FLARE_BUNDLE": [],
+             "--bundle bundle.json": ["--bundle", bundle / "bundle.json"]}[how]
     env = {"FLARE_BUNDLE": str(bundle)} if how == "FLARE_BUNDLE" else None
-    for option in ("--report", "--statistics"):
-        line = error_line(flare_run(ct, "-o", tmp_path / "seg.nii.gz", option, bundle / "bundle.json", *where, "-q",
+    for option, target in (("--report", "bundle.json"), ("--statistics", "bundle.json"), ("--report", "notes.json")):
+        line = error_line(flare_run(ct, "-o", tmp_path / "seg.nii.gz", option, bundle / target, *where, "-q",
                                     env=env))
-        assert str(bundle / "bundle.json") in line and "input folder" in line, line
+        assert str(bundle / target) in line and ("input folder" in line or "is the input" in line), line
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before and not (tmp_path / "seg.nii.gz").exists()
 
 

@@ -177,3 +177,28 @@ def test_cli_bad_values_are_one_line_errors(phantoms: Path, tmp_path: Path) -> N
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 2 and "Invalid value" in res.output, (args, res.output)
     assert not (tmp_path / "p").exists() and not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_user_error_in_a_dataloader_worker_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    """With loader workers (flare23 uses 4) an InputError comes back as a RuntimeError holding the worker's
+    traceback as text; flare-train still prints one line and exits 2 (it printed the whole traceback)."""
+    import typer
+    from flare.runtime.foundation.errors import InputError
+    from flare.train.cli import _fail
+    from torch.utils.data import DataLoader, Dataset
+
+    class Refusing(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> None:
+            raise InputError("/data/l.nii.gz", "label grid (1, 2, 3) differs from its image's (3, 2, 1)")
+
+    with pytest.raises(RuntimeError) as raised:
+        next(iter(DataLoader(Refusing(), num_workers=1)))
+    with pytest.raises(typer.Exit) as exited:
+        _fail(raised.value)
+    assert exited.value.exit_code == 2
+    assert capsys.readouterr().err == "flare-train: /data/l.nii.gz: label grid (1, 2, 3) differs from its image's (3, 2, 1)\n"
+    with pytest.raises(ValueError):  # anything else is not a user error: it propagates as it is
+        _fail(ValueError("a bug"))
