@@ -388,9 +388,12 @@ def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Seque
             outputs.update({f"{prefix}{LABELS[i].file} mask": p for i, p in mask_paths(job.masks, subset).items()})
     outputs.update({f"summary{'' if i == 0 else i}": p for i, p in enumerate(extra)})
     check_outputs([*(p for c in cases for p in _input_files(c)), *protect], outputs, writable=False)
-    files = {Path(os.path.realpath(p)): role for role, p in outputs.items() if p is not None}
-    for job in jobs:  # an existing folder at an output's path was refused above; a new one must not be made there
-        clash = None if job.masks is None else files.get(Path(os.path.realpath(job.masks)))
+    masked = [job for job in jobs if job.masks is not None]
+    if not masked:
+        return
+    files = {_real(p): role for role, p in outputs.items() if p is not None}
+    for job in masked:  # an existing folder at an output's path was refused above; a new one must not be made there
+        clash = files.get(_real(job.masks))  # type: ignore[arg-type]
         if clash is not None:
             raise OutputError(job.masks, f"the --masks folder is the path of the {clash} output")
 
