@@ -73,43 +73,42 @@ def bench(
                      "--repeats runs); writes OUTPUT/proxy-<case>.json. See benchmarks/proxy.py.")] = None,
 ) -> None:
     """Run the benchmark and write OUTPUT/report.md, OUTPUT/report.json and OUTPUT/memory_*.png."""
+    from flare.runtime.app.process import exit_on_signals
     from flare.runtime.bundle.manifest import default_bundle_dir
     from flare.runtime.foundation.errors import OutputError
 
     from .cases import resolve_cases
     from .harness import run_benchmark
-    try:
-        if output.exists() and not output.is_dir():
-            raise OutputError(output, "output must be a folder")
-        if not output.parent.is_dir():
-            raise OutputError(output, f"parent folder {output.parent} does not exist")
-        if proxy is not None:
-            from .proxy import main as run_proxy
+    with exit_on_signals("flare-bench"):  # Ctrl-C: one line, exit 130
+        try:
+            if output.exists() and not output.is_dir():
+                raise OutputError(output, "output must be a folder")
+            if not output.parent.is_dir():
+                raise OutputError(output, f"parent folder {output.parent} does not exist")
+            if proxy is not None:
+                from .proxy import main as run_proxy
 
-            run_proxy(proxy, repeats, output / f"proxy-{proxy}.json")
-            return
-        if server is not None:
-            from .serve_load import run_load, write_load_report
+                run_proxy(proxy, repeats, output / f"proxy-{proxy}.json")
+                return
+            if server is not None:
+                from .serve_load import run_load, write_load_report
 
-            load = run_load(server, resolve_cases(cases, cache), requests, concurrency,
-                            command=shlex.join(["flare-bench"] + sys.argv[1:]))
-            md = write_load_report(load, output)
-            if not quiet:
-                typer.echo(md.read_text(), err=True)
-            return
-        report = run_benchmark(bundle or default_bundle_dir(), cases, reference=reference, out_dir=output,
-                               repeats=repeats, device=device.value, cold=cold, reference_repeats=reference_repeats,
-                               reference_mode=reference_mode.value, reference_cases=reference_cases,
-                               reference_folds=reference_folds, checkpoints=checkpoints, cache_dir=cache,
-                               quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]), runs_log=runs_log,
-                               precisions=[p.value for p in precision or []], folds=folds,
-                               engines=[e.value for e in engine or []])
-    except FlareError as err:
-        typer.echo(f"flare-bench: error: {err}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("flare-bench: interrupted", err=True)
-        raise typer.Exit(130) from None
+                load = run_load(server, resolve_cases(cases, cache), requests, concurrency,
+                                command=shlex.join(["flare-bench"] + sys.argv[1:]))
+                md = write_load_report(load, output)
+                if not quiet:
+                    typer.echo(md.read_text(), err=True)
+                return
+            report = run_benchmark(bundle or default_bundle_dir(), cases, reference=reference, out_dir=output,
+                                   repeats=repeats, device=device.value, cold=cold, reference_repeats=reference_repeats,
+                                   reference_mode=reference_mode.value, reference_cases=reference_cases,
+                                   reference_folds=reference_folds, checkpoints=checkpoints, cache_dir=cache,
+                                   quiet=quiet, command=shlex.join(["flare-bench"] + sys.argv[1:]), runs_log=runs_log,
+                                   precisions=[p.value for p in precision or []], folds=folds,
+                                   engines=[e.value for e in engine or []])
+        except FlareError as err:
+            typer.echo(f"flare-bench: error: {err}", err=True)
+            raise typer.Exit(2) from None
     if not quiet:
         typer.echo(f"wrote {output / 'report.md'} ({len(report['cases'])} case(s))", err=True)
     from .report import run_errors
