@@ -12,6 +12,7 @@ import importlib
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -31,13 +32,16 @@ class LazyModule:
     """A module imported on first attribute access (``ort = lazy_import("onnxruntime", extra="cpu")`` at module
     level costs nothing until ``ort.InferenceSession`` is touched)."""
 
-    def __init__(self, name: str, extra: str | None = None, hint: str | None = None) -> None:
-        self._name, self._extra, self._hint = name, extra, hint
+    def __init__(self, name: str, extra: str | None = None, hint: str | None = None,
+                 before: Callable[[], None] | None = None) -> None:
+        self._name, self._extra, self._hint, self._before = name, extra, hint, before
         self._module: ModuleType | None = None
 
     def load(self) -> ModuleType:
         """The imported module, or a one-line :class:`DependencyError` naming what to install."""
         if self._module is None:
+            if self._before is not None and self._name not in sys.modules:
+                self._before()
             self._module = _import(self._name, self._extra, self._hint)
         return self._module
 
@@ -83,7 +87,9 @@ def _import_locked(name: str, extra: str | None, hint: str | None) -> ModuleType
     return module
 
 
-def lazy_import(name: str, extra: str | None = None, *, hint: str | None = None) -> LazyModule:
+def lazy_import(name: str, extra: str | None = None, *, hint: str | None = None,
+                before: Callable[[], None] | None = None) -> LazyModule:
     """A :class:`LazyModule` for ``name``; ``extra`` is the flare-seg extra that provides it (named in the error),
-    ``hint`` replaces the whole install advice."""
-    return LazyModule(name, extra, hint)
+    ``hint`` replaces the whole install advice, ``before`` runs once just before the first import (environment
+    a package reads at import time)."""
+    return LazyModule(name, extra, hint, before)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -51,8 +52,25 @@ class DeviceError(FlareError):
     """The asked-for device cannot be used."""
 
 
+def _telemetry_off_where_unwritable() -> None:
+    """ONNX Runtime (1.32) keeps a telemetry device id under ``$XDG_CACHE_HOME`` (else ``~/.cache``)
+    ``/Microsoft/DeveloperTools`` and prints a warning on import when it cannot write there (a service account
+    without a writable home, a read-only container). There, and only there, its telemetry is switched off for this
+    process (``ORT_DISABLE_TELEMETRY=1``), which is what keeps that line out of every run; a value the user set wins."""
+    if "ORT_DISABLE_TELEMETRY" in os.environ:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or (os.path.join(os.environ["HOME"], ".cache")
+                                                if os.environ.get("HOME") else None)
+    path = os.path.join(base, "Microsoft", "DeveloperTools") if base else None
+    while path and not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        path = None if parent == path else parent
+    if not (path and os.path.isdir(path) and os.access(path, os.W_OK)):
+        os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+
 ort = lazy_import("onnxruntime", hint="pip install 'flare-seg[cpu]' (or 'flare-seg[gpu]' for onnxruntime-gpu; "
-                                      "never both)")
+                                      "never both)", before=_telemetry_off_where_unwritable)
 cupy = lazy_import("cupy", "gpu")
 
 
