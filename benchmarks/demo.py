@@ -76,17 +76,18 @@ def install_default_bundle(bundle: Path, target: Path) -> Path:
 DEMO_TRAIN_CASES = 40
 #: held-out phantoms of the demo (seed :data:`flare.benchmarks.proof.HELDOUT_SEED`)
 DEMO_TEST_CASES = 12
-#: The demo's time on the idle 2-core box it was sized on (2026-12-05, `demo` config, 72^3 tiles): seconds of
-#: the parts that scale with the number of training steps (locator, stage 1, stage 2) and of those that do not
-#: (phantoms, pseudo-labels, export, flare-run on the held-out set, benchmark), and one probe step (two 32^3 crops,
-#: forward + backward, 2 torch threads) there. :func:`budget_fraction` scales the steps to a time budget from them.
-IDLE_STEPS_S = 372.0
-IDLE_FIXED_S = 110.0
-IDLE_PROBE_S = 0.16
+#: The demo's time on the idle 2-core box it was sized on (2026-12-06, Intel Xeon with AVX-512 under KVM, `demo`
+#: config of stage 1 1000 + stage 2 1300 steps; train/results/RESULTS.md): seconds of the parts that scale with
+#: the number of training steps (locator, stage 1, stage 2) and of those that do not (phantoms, pseudo-labels,
+#: export, flare-run on the held-out set, benchmark), and one probe step (two 32^3 crops, forward + backward,
+#: 2 torch threads) there. :func:`budget_fraction` scales the steps to a time budget from them.
+IDLE_STEPS_S = 335.0
+IDLE_FIXED_S = 70.0
+IDLE_PROBE_S = 0.102
 #: after stage 2 on the idle box: export, flare-run on the held-out set and the real CT, benchmark (seconds), and
-#: one stage-1 training step there (158 s / 800 steps)
-IDLE_AFTER_S = 20.0
-IDLE_STAGE1_STEP_S = 0.2
+#: one stage-1 training step there (134 s / 1000 steps)
+IDLE_AFTER_S = 15.0
+IDLE_STAGE1_STEP_S = 0.134
 
 
 def probe_step_seconds(cfg: dict[str, Any], repeats: int = 4) -> float:

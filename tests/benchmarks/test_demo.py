@@ -100,11 +100,12 @@ def test_fit_to_budget_probes_this_machine_and_records_the_decision() -> None:
 def test_stage2_is_fitted_to_the_time_left_at_the_rate_stage_1_ran() -> None:
     """Before stage 2 the demo re-plans from how fast stage 1 actually trained: the load may have changed since
     the probe. Enough time: every step; half the time: about half; never below a fifth."""
-    from flare.benchmarks.demo import IDLE_AFTER_S, stage2_fraction, stage2_planner
+    from flare.benchmarks.demo import IDLE_AFTER_S, IDLE_STAGE1_STEP_S, stage2_fraction, stage2_planner
     from flare.train.config import load_config
 
-    assert stage2_fraction(400.0, 0.2, 1000) == 1.0  # 200 s of steps + 20 s after: fits
-    assert stage2_fraction(120.0, 0.2, 1000) == pytest.approx((120 - IDLE_AFTER_S) / 200)
+    assert stage2_fraction(400.0, 0.2, 1000) == 1.0  # 200 s of steps + the part after: fits
+    idle_s = 1000 * IDLE_STAGE1_STEP_S  # at the idle box's rate the part after takes IDLE_AFTER_S
+    assert stage2_fraction(0.6 * idle_s, IDLE_STAGE1_STEP_S, 1000) == pytest.approx((0.6 * idle_s - IDLE_AFTER_S) / idle_s)
     assert stage2_fraction(10.0, 0.6, 1000) == 0.2
     full = load_config("demo")
     results: dict = {"budget": {"steps_fraction": 0.2}}
