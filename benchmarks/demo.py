@@ -184,7 +184,7 @@ def demo(
     folds: Annotated[int, typer.Option(min=1, help="Folds (1: one model trained on every case).")] = 1,
     config: Annotated[str | None, typer.Option(help="Training config, named or a JSON file (default: demo, or proof "
                                                     "with --proof).")] = None,
-    minutes: Annotated[float, typer.Option(min=0, help="Time budget of the demo (not of the install): on a busy CPU "
+    minutes: Annotated[float, typer.Option(min=0, help="Time budget of the demo (not of the install): on a slower or busy CPU "
                                                        "the demo config trains fewer steps to finish in about this "
                                                        "time, and says so; 0 trains every step. Not for --config or "
                                                        "--proof.")] = 8.5,
@@ -325,8 +325,9 @@ def fit_to_budget(cfg: dict[str, Any], minutes: float, results: dict[str, Any]) 
                          "steps_fraction": round(fraction, 3)}
     if fraction >= 1.0:
         return cfg
-    _say(f"busy CPU: a training step takes {slow:.1f}x as long as on the idle box the demo was sized on; training "
-         f"{fraction:.0%} of its steps to end in about {minutes:g} min (lower Dice; --minutes 0 trains them all)")
+    _say(f"slower or busy CPU: a training step takes {slow:.1f}x as long as on the idle box the demo was sized on; "
+         f"training {fraction:.0%} of its steps to end in about {minutes:g} min (lower Dice; --minutes 0 trains them "
+         "all)")
     return scale_steps(cfg, fraction)
 
 
@@ -348,8 +349,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     budget = r.get("budget") or {}
     first, second = budget.get("steps_fraction", 1.0), budget.get("stage2_steps_fraction", 1.0)
     if min(first, second) < 1.0:
-        lines.append(f"busy CPU: trained {first:.0%} of the locator's and stage 1's steps and {second:.0%} of stage "
-                     f"2's to end in time (lower Dice); --minutes 0 trains them all")
+        lines.append(f"slower or busy CPU: trained {first:.0%} of the locator's and stage 1's steps and {second:.0%} "
+                     "of stage 2's to end in time (lower Dice); --minutes 0 trains them all")
     lines.append(f"total {summary['seconds']['total']:.0f} s (load average at start {load[0] if load else 'n/a'} on "
                  f"{os.cpu_count()} CPUs); numbers: {summary['out']}/demo.json")
     if "bench_report" in r:
