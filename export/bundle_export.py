@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from flare.runtime.bundle.manifest import (
     write_bundle_json,
 )
 from flare.runtime.foundation.errors import BundleError, InputError, OutputError
+from flare.runtime.foundation.files import is_within
 from flare.runtime.foundation.lifecycle import pause_point
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, optimise_if_helpful
@@ -240,9 +240,8 @@ def check_target(out: Path, reads: Sequence[Path] = ()) -> None:
         raise OutputError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not is_flare_bundle(out):
         raise OutputError(out, "folder is not empty and is not a flare bundle: refusing to overwrite it")
-    real = Path(os.path.realpath(out))
     for src in reads:
-        if real == Path(os.path.realpath(src)) or real in Path(os.path.realpath(src)).parents:
+        if is_within(src, out):
             raise OutputError(out, f"holds {src}, which this export reads; replacing the bundle would delete it "
                                    "(write the bundle elsewhere)")
     if not out.parent.is_dir():

@@ -22,13 +22,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from flare.runtime.foundation.errors import OutputError
+from flare.runtime.foundation.files import real_path
 
 __all__ = ["check_outputs", "same_file"]
 
 
 def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
     """(resolved path, (device, inode) when the path exists)."""
-    resolved = Path(os.path.realpath(path))
+    resolved = real_path(path)
     try:
         st = os.stat(path)
     except OSError:

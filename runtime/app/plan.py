@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flare.runtime.foundation.errors import InputError, OutputError
+from flare.runtime.foundation.files import real_path
 
 if TYPE_CHECKING:
     from flare.runtime.image.model import LoadedImage
@@ -145,14 +146,8 @@ def _safe(name: str) -> str:
     return cleaned or "case"
 
 
-def _real(path: Path) -> Path:
-    """``path`` with symlinks and ``..`` resolved; unlike ``Path.resolve`` a symlink loop is not an error here (it
-    is refused, with one line, where the file is read or written)."""
-    return Path(os.path.realpath(path))
-
-
 def _inside(path: Path, folders: Sequence[Path]) -> bool:
-    resolved = _real(path)
+    resolved = real_path(path)
     return any(resolved == f or f in resolved.parents for f in folders)
 
 
@@ -221,7 +216,7 @@ def _rel(folder: Path, root: Path) -> str:
 
 def _rel_name(folder: Path, root: Path) -> str:
     """A series folder's name; the INPUT folder's own (resolved) name when the series is the INPUT itself."""
-    return _real(folder).name if _real(folder) == _real(root) else folder.name
+    return real_path(folder).name if real_path(folder) == real_path(root) else folder.name
 
 
 def _is_dicom(path: Path) -> bool:
@@ -288,12 +283,12 @@ def discover(inputs: Sequence[Path], series: str | None = None, exclude: Iterabl
     """``(cases, file_mode, skipped)`` for the INPUT arguments; ``series`` keeps only that DICOM series."""
     if not inputs:
         raise InputError(None, "no INPUT given")
-    excluded = [_real(p) for p in exclude]
+    excluded = [real_path(p) for p in exclude]
     cases: list[Case] = []
     singles: list[bool] = []
     skipped: list[str] = []
     for path in inputs:
-        below = [e for e in excluded if _real(path) in e.parents]  # outputs inside this input folder
+        below = [e for e in excluded if real_path(path) in e.parents]  # outputs inside this input folder
         found, single = _cases_of(path, below, skipped)
         cases += found
         singles.append(single)
@@ -313,7 +308,7 @@ def default_output(input_path: Path, kind: str = "nifti") -> Path:
     ``study/ct_seg.nii.gz`` (beside the series, never inside it)."""
     if kind == "dicom" and not input_path.is_dir():
         input_path = input_path.parent
-    base = input_path if input_path.name not in ("", ".", "..") else _real(input_path)
+    base = input_path if input_path.name not in ("", ".", "..") else real_path(input_path)
     return base.with_name(_stem(base) + "_seg.nii.gz")
 
 
@@ -391,9 +386,9 @@ def _check_distinct(jobs: Sequence[CaseJob], cases: Sequence[Case], extra: Seque
     masked = [job for job in jobs if job.masks is not None]
     if not masked:
         return
-    files = {_real(p): role for role, p in outputs.items() if p is not None}
+    files = {real_path(p): role for role, p in outputs.items() if p is not None}
     for job in masked:  # an existing folder at an output's path was refused above; a new one must not be made there
-        clash = files.get(_real(job.masks))  # type: ignore[arg-type]
+        clash = files.get(real_path(job.masks))  # type: ignore[arg-type]
         if clash is not None:
             raise OutputError(job.masks, f"the --masks folder is the path of the {clash} output")
 

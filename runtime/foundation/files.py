@@ -4,6 +4,8 @@
 before anything else, so a FIFO, device or socket is never opened (opening a FIFO without a writer blocks forever);
 symbolic links are followed to files, not to folders (as ``os.walk``: no loops); hidden entries (``.name``) are skipped; a folder or
 file that cannot be read is not dropped but returned as a :class:`Problem` (the callers turn it into a failed case).
+:func:`real_path` and :func:`is_within` are the one way paths are compared (inputs against outputs, a bundle against
+what an export reads).
 """
 
 from __future__ import annotations
@@ -14,7 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Problem", "Walk", "kind_of", "walk"]
+__all__ = ["Problem", "Walk", "is_within", "kind_of", "real_path", "walk"]
+
+
+def real_path(path: str | Path) -> Path:
+    """``path`` with symlinks and ``..`` resolved; unlike ``Path.resolve`` a symlink loop is not an error here (it is
+    refused, with one line, where the file is read or written)."""
+    return Path(os.path.realpath(path))
+
+
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or below it, symlinks resolved."""
+    inner, outer = real_path(path), real_path(folder)
+    return inner == outer or outer in inner.parents
 
 
 @dataclass(frozen=True)
