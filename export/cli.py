@@ -95,5 +95,7 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m: through the console script's funnel (extras, signal exits)
+    from flare.runtime.app.entrypoints import launch
+
+    launch("flare-export")

@@ -333,5 +333,7 @@ def main() -> None:
     app(args=ts_argv(sys.argv[1:]))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m: through the console script's funnel (extras, signal exits)
+    from flare.runtime.app.entrypoints import launch
+
+    launch("flare-run")

@@ -10,6 +10,7 @@ This module imports nothing heavy: it must work on the smallest install.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from functools import partial
 from importlib import import_module
 from importlib.util import find_spec
 from itertools import pairwise
+from typing import NoReturn
 
 from flare.runtime.foundation.version import DIST, version
 
-__all__ = ["COMMANDS", "HELP_FLAGS", "Command", "missing_modules", "need"]
+__all__ = ["COMMANDS", "HELP_FLAGS", "SIGNAL_EXIT_CODES", "Command", "end_now", "launch", "missing_modules", "need", "run_main"]
 
 HELP_FLAGS = frozenset({"--help"})
 
@@ -105,7 +107,7 @@ def launch(name: str, argv: Sequence[str] | None = None) -> None:
     cmd = COMMANDS[name]
     message = need(cmd.requirements(args))
     if message is None:
-        import_module(cmd.target).main()
+        run_main(name, cmd.target)
         return
     if HELP_FLAGS.intersection(args):  # the help needs only typer: show it, then what to install to run the command
         show_help(cmd.target, args)
@@ -113,6 +115,46 @@ def launch(name: str, argv: Sequence[str] | None = None) -> None:
         raise SystemExit(0)
     print(f"{name}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+#: exit codes of a command ended by a signal: 128 + SIGHUP, SIGINT, SIGTERM (flare.runtime.app.process)
+SIGNAL_EXIT_CODES = frozenset({129, 130, 143})
+
+
+def run_main(name: str, target: str) -> None:
+    """Run ``target``'s ``main()``; a run that a signal ended leaves through :func:`end_now`.
+
+    By the time a command exits 130/143/129 its own ``finally`` blocks have removed partial output and printed the
+    one line. What is left is the interpreter's shutdown, which CPython up to 3.13 does while other threads may still
+    be inside native code (the read-ahead of the next case, a session being built, a kernel's thread pool); a thread
+    that comes back from native code then is stopped with ``pthread_exit``, and where that unwinds through a C++
+    destructor the process aborts (SIGABRT, exit 134 instead of 130: seen twice in about 200 random Ctrl-Cs of
+    ``flare-run``). Nothing a stopped run still needs happens in that shutdown, so it is skipped. Ctrl-C before the
+    command's own handling (while its modules import) gets the same one line and 130, not a traceback."""
+    try:
+        import_module(target).main()
+    except KeyboardInterrupt:
+        end_now(130, f"{name}: interrupted")
+    except SystemExit as done:
+        if done.code in SIGNAL_EXIT_CODES:
+            end_now(int(done.code))  # type: ignore[arg-type]  # an int, checked above
+        raise
+
+
+def end_now(code: int, line: str | None = None) -> NoReturn:
+    """Print ``line`` (if any) on stderr, flush stdout, stderr and the logging handlers, and end the process with
+    ``code`` at once (``os._exit``: no interpreter shutdown, no atexit handlers)."""
+    import logging
+    import os
+
+    if line is not None:
+        with contextlib.suppress(Exception):
+            print(line, file=sys.stderr)
+    logging.shutdown()  # flushes and closes every handler (a training log file, say)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def show_help(target: str, args: Sequence[str]) -> None:

@@ -111,3 +111,50 @@ def test_help_without_the_extra(name: str, args: list[str], extra: str) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"{name}: note: to run it, this command needs the extra"), lines
     assert f"[{extra}" in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------------------ how a stopped run ends
+COMMAND = """
+import atexit, pathlib, sys, time
+atexit.register(lambda: pathlib.Path({marker!r}).write_text("shutdown ran"))
+def main():
+    print("work so far", end="")  # buffered: must still reach stdout
+    {ending}
+"""
+
+
+def run_command(tmp_path, ending: str) -> tuple[subprocess.CompletedProcess, bool]:
+    """A command module whose main() ends with ``ending``, run through the console-script funnel in a fresh
+    interpreter; returns the process and whether the interpreter's shutdown (an atexit handler) ran."""
+    marker = tmp_path / "atexit"
+    (tmp_path / "fake_command.py").write_text(COMMAND.format(marker=str(marker), ending=ending))
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from flare.runtime.app import entrypoints; "
+            "entrypoints.run_main('flare-x', 'fake_command')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    return proc, marker.exists()
+
+
+@pytest.mark.parametrize("code", [130, 143, 129])
+def test_a_signal_exit_skips_the_interpreter_shutdown(tmp_path, code: int) -> None:
+    """A command that a signal ended (its own clean-up done, its one line printed) leaves with os._exit: the exit code
+    stays, printed output is flushed, and no shutdown runs in which a thread still inside native code could abort the
+    process (exit 134)."""
+    proc, shutdown_ran = run_command(tmp_path, f"sys.stderr.write('flare-x: interrupted\\n'); raise SystemExit({code})")
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "work so far" and proc.stderr == "flare-x: interrupted\n"
+    assert not shutdown_ran
+
+
+def test_ctrl_c_outside_the_command_is_one_line(tmp_path) -> None:
+    """Ctrl-C that reaches the funnel (while a command's modules import, before its own handling): one line, 130."""
+    proc, shutdown_ran = run_command(tmp_path, "raise KeyboardInterrupt")
+    assert proc.returncode == 130
+    assert proc.stderr == "flare-x: interrupted\n" and "Traceback" not in proc.stderr
+    assert not shutdown_ran
+
+
+@pytest.mark.parametrize(("ending", "code"), [("raise SystemExit(2)", 2), ("return", 0), ("raise SystemExit(3)", 3)])
+def test_other_exits_shut_down_normally(tmp_path, ending: str, code: int) -> None:
+    proc, shutdown_ran = run_command(tmp_path, ending)
+    assert proc.returncode == code and proc.stdout == "work so far"
+    assert shutdown_ran
