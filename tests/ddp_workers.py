@@ -31,7 +31,8 @@ def step_worker(rank: int, world: int, port: int, out: str) -> None:
     batches = iter([{"image": torch.rand(1, 1, 16, 16, 16, generator=gen),
                      "label": torch.randint(0, 13, (1, 1, 16, 16, 16), generator=gen)} for _ in range(2)])
     loss = train_steps(model, batches, make_loss({**eff, "network": spec}), opt, sched,
-                       torch.amp.GradScaler("cuda", enabled=False), d.device, 2, amp=False)
+                       torch.amp.GradScaler("cuda", enabled=False), d.device, 2,
+                       {**eff, "train": {**eff["train"], "amp": False}})
     flat = torch.cat([p.detach().flatten() for p in unwrap(model).parameters()])
     torch.save({"flat": flat, "loss": loss}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()

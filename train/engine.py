@@ -133,10 +133,23 @@ def make_optimizer(net: Any, eff: dict[str, Any], total_steps: int, warmup_steps
     return opt, sched
 
 
+def autocast(device: Any, eff: dict[str, Any]) -> Any:
+    """The forward pass's mixed precision: on CUDA fp16 autocast when ``train.amp`` (the paper's AMP), on the CPU
+    bf16 autocast when ``train.cpu_bf16`` (not in the paper; off by default), else none. The loss is computed in fp32
+    either way."""
+    import torch
+
+    tr = eff["train"]
+    if device.type == "cuda":
+        return torch.autocast("cuda", enabled=bool(tr.get("amp")))
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=device.type == "cpu" and bool(tr.get("cpu_bf16")))
+
+
 def train_steps(net: Any, batches: Iterator[Any], loss_fn: Any, opt: Any, sched: Any, scaler: Any, device: Any,
-                steps: int, amp: bool, grad_clip: float | None = None) -> float:
-    """Run ``steps`` optimisation steps; returns the mean loss. ``grad_clip``: the largest global gradient norm
-    (``torch.nn.utils.clip_grad_norm_`` on the unscaled gradients; None: no clipping, the paper's recipe)."""
+                steps: int, eff: dict[str, Any], grad_clip: float | None = None) -> float:
+    """Run ``steps`` optimisation steps; returns the mean loss. Mixed precision as :func:`autocast` says for
+    ``eff``; ``grad_clip``: the largest global gradient norm (``torch.nn.utils.clip_grad_norm_`` on the unscaled
+    gradients; None: no clipping, the paper's recipe)."""
     import torch
 
     net.train()
@@ -145,7 +158,7 @@ def train_steps(net: Any, batches: Iterator[Any], loss_fn: Any, opt: Any, sched:
         batch = next(batches)
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True).float()
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with autocast(device, eff):
             out: Any = net(x)
         outs = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
         loss = loss_fn(outs, y)
@@ -170,7 +183,7 @@ def predict_logits(net: Any, image: Any, eff: dict[str, Any], device: Any) -> An
     val = eff.get("validation", {})
     x = torch.as_tensor(image, dtype=torch.float32)[None]
     net.eval()
-    with torch.no_grad(), torch.autocast(device.type, enabled=bool(eff["train"].get("amp")) and device.type == "cuda"):
+    with torch.no_grad(), autocast(device, eff):
         out: Any = sliding_window_inference(x.to(device), roi_size=infer_roi(eff),
                                        sw_batch_size=int(val.get("sw_batch_size", 1)), predictor=net,
                                        overlap=float(val.get("overlap", 0.0)), mode=val.get("mode", "constant"),
@@ -437,7 +450,7 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     val_every = int(tr.get("val_every", 1))
     snapshots = {int(e) for e in stage2.get("snapshot_epochs", tr.get("snapshot_epochs")) or []}
     for epoch in range(start, epochs):
-        losses.append(train_steps(model, batches, loss_fn, opt, sched, scaler, d.device, steps, amp,
+        losses.append(train_steps(model, batches, loss_fn, opt, sched, scaler, d.device, steps, eff,
                                   tr.get("grad_clip")))
         scalars = {"train/loss": losses[-1], "train/lr": float(sched.get_last_lr()[0])}
         msg = f"{out_folder.name} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}"

@@ -21,7 +21,7 @@ def _step(grad_clip: float | None) -> tuple[float, float]:
     batches = iter([{"image": torch.rand(1, 1, 16, 16, 16, generator=gen),
                      "label": torch.randint(0, 13, (1, 1, 16, 16, 16), generator=gen)}])
     loss = train_steps(net, batches, make_loss({**eff, "network": spec}), opt, sched,
-                       torch.amp.GradScaler("cuda", enabled=False), torch.device("cpu"), 1, amp=False,
+                       torch.amp.GradScaler("cuda", enabled=False), torch.device("cpu"), 1, eff,
                        grad_clip=grad_clip)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in net.parameters()
                                                  if p.grad is not None]))

@@ -24,11 +24,11 @@ def test_flare23_step_224_amp() -> None:
                      "label": torch.randint(0, 13, (1, 1, 224, 224, 224), generator=gen)} for _ in range(3)])
     scaler = torch.amp.GradScaler("cuda")
     loss_fn = make_loss(eff)
-    train_steps(net, batches, loss_fn, opt, sched, scaler, dev, 1, amp=True)  # warm-up
+    train_steps(net, batches, loss_fn, opt, sched, scaler, dev, 1, {**eff, "train": {**eff["train"], "amp": True}})  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    loss = train_steps(net, batches, loss_fn, opt, sched, scaler, dev, 2, amp=True)
+    loss = train_steps(net, batches, loss_fn, opt, sched, scaler, dev, 2, {**eff, "train": {**eff["train"], "amp": True}})
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - t) / 2
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
