@@ -158,3 +158,16 @@ def test_other_exits_shut_down_normally(tmp_path, ending: str, code: int) -> Non
     proc, shutdown_ran = run_command(tmp_path, ending)
     assert proc.returncode == code and proc.stdout == "work so far"
     assert shutdown_ran
+
+
+def test_ctrl_c_after_the_command_finished_is_ignored(tmp_path) -> None:
+    """The command is done (exit 0); a Ctrl-C arrives while the interpreter waits for a thread at shutdown: the exit
+    stays 0, with no KeyboardInterrupt traceback."""
+    ending = ("import os, signal, threading\n"
+              "    def late():\n"
+              "        time.sleep(0.3); os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3)\n"
+              "    threading.Thread(target=late).start()\n"
+              "    return")
+    proc, shutdown_ran = run_command(tmp_path, ending)
+    assert proc.returncode == 0 and shutdown_ran
+    assert "KeyboardInterrupt" not in proc.stderr and proc.stderr == "", proc.stderr
