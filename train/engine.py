@@ -133,16 +133,19 @@ def make_optimizer(net: Any, eff: dict[str, Any], total_steps: int, warmup_steps
     return opt, sched
 
 
+def cuda_amp(device: Any, eff: dict[str, Any]) -> bool:
+    """Whether training on ``device`` uses the paper's fp16 AMP (``train.amp``, CUDA only; its gradient scaler too)."""
+    return device.type == "cuda" and bool(eff["train"].get("amp"))
+
+
 def autocast(device: Any, eff: dict[str, Any]) -> Any:
-    """The forward pass's mixed precision: on CUDA fp16 autocast when ``train.amp`` (the paper's AMP), on the CPU
-    bf16 autocast when ``train.cpu_bf16`` (not in the paper; off by default), else none. The loss is computed in fp32
-    either way."""
+    """The forward pass's mixed precision: on CUDA fp16 autocast as :func:`cuda_amp` says, on the CPU bf16 autocast
+    when ``train.cpu_bf16`` (not in the paper; off by default), else none. The loss is computed in fp32 either way."""
     import torch
 
-    tr = eff["train"]
     if device.type == "cuda":
-        return torch.autocast("cuda", enabled=bool(tr.get("amp")))
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=device.type == "cpu" and bool(tr.get("cpu_bf16")))
+        return torch.autocast("cuda", enabled=cuda_amp(device, eff))
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=device.type == "cpu" and bool(eff["train"].get("cpu_bf16")))
 
 
 def train_steps(net: Any, batches: Iterator[Any], loss_fn: Any, opt: Any, sched: Any, scaler: Any, device: Any,
@@ -429,8 +432,7 @@ def fit(cfg: dict[str, Any], role: str, train_entries: list[dict[str, Any]], val
     per_rank = -(-len(train_ds) // d.world)
     steps = int(tr.get("steps_per_epoch") or max(1, per_rank // int(tr.get("batch_size", 1))))
     opt, sched = make_optimizer(net, eff, epochs * steps, int(tr.get("warmup_epochs", 0)) * steps)
-    amp = bool(tr.get("amp")) and d.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda_amp(d.device, eff))
     start, best, best_epoch, losses, best_per_class, val_here = 0, -math.inf, -1, [], {}, 0
     last = out_folder / "last.pt"
     if resume and last.is_file():

@@ -128,8 +128,8 @@ def run_main(name: str, target: str) -> None:
     one line. What is left is the interpreter's shutdown, which CPython up to 3.13 does while other threads may still
     be inside native code (the read-ahead of the next case, a session being built, a kernel's thread pool); a thread
     that comes back from native code then is stopped with ``pthread_exit``, and where that unwinds through a C++
-    destructor the process aborts (SIGABRT, exit 134 instead of 130: seen twice in about 200 random Ctrl-Cs of
-    ``flare-run``). Nothing a stopped run still needs happens in that shutdown, so it is skipped. Ctrl-C before the
+    destructor the process aborts (SIGABRT; exit 134 instead of 130 was seen twice in about 200 random Ctrl-Cs of
+    ``flare-run``, the likely cause). Nothing a stopped run still needs happens in that shutdown, so it is skipped. Ctrl-C before the
     command's own handling (while its modules import) gets the same one line and 130, not a traceback.
 
     A command that finished (any other exit) shuts down as usual, with Ctrl-C ignored from then on: its work is done
