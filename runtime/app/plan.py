@@ -216,7 +216,8 @@ def _rel(folder: Path, root: Path) -> str:
 
 def _rel_name(folder: Path, root: Path) -> str:
     """A series folder's name; the INPUT folder's own (resolved) name when the series is the INPUT itself."""
-    return real_path(folder).name if real_path(folder) == real_path(root) else folder.name
+    real = real_path(folder)
+    return real.name if real == real_path(root) else folder.name
 
 
 def _is_dicom(path: Path) -> bool:
@@ -288,7 +289,8 @@ def discover(inputs: Sequence[Path], series: str | None = None, exclude: Iterabl
     singles: list[bool] = []
     skipped: list[str] = []
     for path in inputs:
-        below = [e for e in excluded if real_path(path) in e.parents]  # outputs inside this input folder
+        real = real_path(path)
+        below = [e for e in excluded if real in e.parents]  # outputs inside this input folder
         found, single = _cases_of(path, below, skipped)
         cases += found
         singles.append(single)
